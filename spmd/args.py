@@ -1,0 +1,213 @@
+"""RunArgs (the command line) and ModelArgs (the checkpoint's config.json), with every check.
+
+Checks raise `UsageError` with the numbers in the message; rank 0 runs them and the message
+reaches every rank (see `world.on_root`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from .world import UsageError
+
+ENGINES = ("hf", "native", "deepspeed")
+FP8_BLOCK = 128
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print and exit on every rank; report once instead
+        raise UsageError(message)
+
+
+@dataclass(frozen=True)
+class RunArgs:
+    checkpoint: Path
+    prompts: Path
+    output: Path
+    trace_dir: Path | None
+    engine: str
+    group_size: int
+    max_new_tokens: int
+    dtype: str
+    device: str
+    dispatch: str
+    dispatch_size: int
+    batch_size: int
+    temperature: float
+    top_p: float
+    seed: int
+    chat: bool
+    local_debug: bool
+    progress: bool
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m mpi4py -m spmd", description="SPMD DeepSeek-V3 inference over MPI ranks.")
+    p.add_argument("--checkpoint", type=Path, required=True, help="HF-layout checkpoint directory")
+    p.add_argument("--prompts", type=Path, required=True, help=".txt (one per line) or .jsonl {id, prompt}")
+    p.add_argument("--output", type=Path, required=True, help="output JSONL (written atomically by rank 0)")
+    p.add_argument("--trace-dir", type=Path, default=None, help="per-rank HDF5 traces + merged.h5")
+    p.add_argument("--engine", choices=ENGINES, default="native")
+    p.add_argument("--group-size", type=int, default=1, help="ranks per model group (TP x EP)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dispatch", choices=("static", "dynamic"), default="static")
+    p.add_argument("--dispatch-size", type=int, default=4, help="prompts per chunk (dynamic dispatch)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate batch")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (per prompt: seed + prompt index)")
+    p.add_argument("--no-chat-template", dest="chat", action="store_false", help="tokenize prompts raw")
+    p.add_argument("--local-debug", action="store_true", help="CPU, gloo, no DeepSpeed/NCCL setup")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> RunArgs:
+    ns = parser().parse_args(argv)
+    if ns.local_debug:
+        ns.device = "cpu"
+    args = RunArgs(**{f.name: getattr(ns, f.name) for f in fields(RunArgs)})
+    check_run_args(args)
+    return args
+
+
+def check_run_args(a: RunArgs) -> None:
+    """Checks that need no file system."""
+    for name in ("group_size", "max_new_tokens", "dispatch_size", "batch_size"):
+        if getattr(a, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')}={getattr(a, name)} must be >= 1")
+    if a.temperature < 0 or not 0 < a.top_p <= 1:
+        raise UsageError(f"--temperature={a.temperature} must be >= 0 and --top-p={a.top_p} in (0, 1]")
+    if a.local_debug and a.engine == "deepspeed":
+        raise UsageError("--local-debug skips DeepSpeed setup: use --engine native or hf")
+
+
+def check_paths(a: RunArgs) -> None:
+    """Checks on the file system (rank 0 only)."""
+    if not a.checkpoint.is_dir():
+        raise UsageError(f"checkpoint directory {a.checkpoint} does not exist")
+    for name in ("config.json", "model.safetensors.index.json"):
+        if not (a.checkpoint / name).is_file():
+            raise UsageError(f"checkpoint {a.checkpoint} has no {name}")
+    if not a.prompts.is_file():
+        raise UsageError(f"prompt file {a.prompts} does not exist")
+    out_dir = a.output.parent
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"output directory {out_dir} is not a directory")
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """The DeepSeek-V3 config fields the engines use (names as in the model code, not the HF file)."""
+
+    vocab_size: int
+    dim: int
+    inter_dim: int
+    moe_inter_dim: int
+    n_layers: int
+    n_dense_layers: int
+    n_heads: int
+    n_routed_experts: int
+    n_shared_experts: int
+    n_activated_experts: int
+    n_expert_groups: int
+    n_limited_groups: int
+    route_scale: float
+    q_lora_rank: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    max_seq_len: int
+    rope_theta: float
+    rope_factor: float
+    original_seq_len: int
+    beta_fast: float
+    beta_slow: float
+    mscale: float
+    mscale_all_dim: float
+    norm_eps: float
+    bos_token_id: int
+    eos_token_id: int
+    n_mtp_layers: int
+    fp8: bool
+    scale_fmt: str | None
+    raw: dict = field(repr=False, compare=False, default_factory=dict)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Path) -> "ModelArgs":
+        try:
+            cfg = json.loads((Path(ckpt) / "config.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UsageError(f"cannot read {Path(ckpt) / 'config.json'}: {exc}") from None
+        return cls.from_config(cfg)
+
+    @classmethod
+    def from_config(cls, c: dict) -> "ModelArgs":
+        if c.get("model_type") != "deepseek_v3":
+            raise UsageError(f"config model_type={c.get('model_type')!r}, expected 'deepseek_v3'")
+        try:
+            return _model_args(cls, c)
+        except KeyError as exc:
+            raise UsageError(f"config.json lacks field {exc}") from None
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+def _model_args(cls, c: dict) -> ModelArgs:
+    rope = c.get("rope_scaling") or c.get("rope_parameters") or {}
+    q = c.get("quantization_config") or {}
+    eos = c["eos_token_id"]
+    return cls(
+        vocab_size=c["vocab_size"], dim=c["hidden_size"], inter_dim=c["intermediate_size"],
+        moe_inter_dim=c["moe_intermediate_size"], n_layers=c["num_hidden_layers"],
+        n_dense_layers=c["first_k_dense_replace"], n_heads=c["num_attention_heads"],
+        n_routed_experts=c["n_routed_experts"], n_shared_experts=c["n_shared_experts"],
+        n_activated_experts=c["num_experts_per_tok"], n_expert_groups=c.get("n_group") or 1,
+        n_limited_groups=c.get("topk_group") or 1, route_scale=c["routed_scaling_factor"],
+        q_lora_rank=c.get("q_lora_rank") or 0, kv_lora_rank=c["kv_lora_rank"],
+        qk_nope_head_dim=c["qk_nope_head_dim"], qk_rope_head_dim=c["qk_rope_head_dim"],
+        v_head_dim=c["v_head_dim"], max_seq_len=c["max_position_embeddings"],
+        rope_theta=c.get("rope_theta", rope.get("rope_theta", 10000.0)),
+        rope_factor=rope.get("factor", 1.0),
+        original_seq_len=rope.get("original_max_position_embeddings", c["max_position_embeddings"]),
+        beta_fast=rope.get("beta_fast", 32), beta_slow=rope.get("beta_slow", 1),
+        mscale=rope.get("mscale", 1.0), mscale_all_dim=rope.get("mscale_all_dim", 0.0),
+        norm_eps=c.get("rms_norm_eps", 1e-6), bos_token_id=c.get("bos_token_id", 0),
+        eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        n_mtp_layers=c.get("num_nextn_predict_layers", 0),
+        fp8=q.get("quant_method") == "fp8", scale_fmt=q.get("scale_fmt"), raw=c)
+
+
+def check_model_topology(m: ModelArgs, group_size: int, engine: str) -> None:
+    """Divisibility of heads, experts, vocab and FP8 blocks by the model-group size."""
+    g = group_size
+    if engine == "hf" and g != 1:
+        raise UsageError(f"--engine hf replicates the whole model: it needs --group-size 1, got {g}")
+    checks = [("n_heads", m.n_heads), ("n_routed_experts", m.n_routed_experts), ("vocab_size", m.vocab_size),
+              ("intermediate_size", m.inter_dim), ("shared expert intermediate",
+                                                   m.moe_inter_dim * m.n_shared_experts)]
+    for name, n in checks:
+        if n % g:
+            raise UsageError(f"{name}={n} not divisible by group size {g}")
+    if m.fp8:
+        _check_fp8_blocks(m, g)
+
+
+def _check_fp8_blocks(m: ModelArgs, g: int) -> None:
+    """Each rank's slice of an FP8 weight must start and end on a 128-row/column block."""
+    shared = m.moe_inter_dim * m.n_shared_experts
+    per_rank = {"q_b_proj/q_proj rows": m.n_heads // g * m.qk_head_dim,
+                "kv_b_proj rows": m.n_heads // g * (m.qk_nope_head_dim + m.v_head_dim),
+                "o_proj columns": m.n_heads // g * m.v_head_dim,
+                "dense MLP rows": m.inter_dim // g, "shared expert rows": shared // g}
+    for name, n in per_rank.items():
+        if g > 1 and n % FP8_BLOCK:
+            raise UsageError(f"FP8 {name} per rank = {n} at group size {g} is not a multiple of the "
+                             f"{FP8_BLOCK}-wide scale block")

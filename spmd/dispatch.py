@@ -1,0 +1,149 @@
+"""Work distribution over MPI: static scatter, dynamic dispatch, progress, ordered gather.
+
+A work item is `(index, token_ids)`. Every rank of a model group must see the same items in the
+same order (they run one model together), so items go to group leaders and are broadcast inside
+the group. Results come back as dicts carrying their `index`; rank 0 restores input order.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterator
+
+from mpi4py import MPI
+
+from .world import World
+
+TAG_REQUEST, TAG_WORK, TAG_PROGRESS = 11, 12, 13
+Item = tuple[int, list[int]]
+
+
+def balance(lengths: list[int], n_bins: int) -> list[list[int]]:
+    """Length-balanced assignment: longest first, each to the least-loaded bin (ties: lowest bin)."""
+    bins: list[list[int]] = [[] for _ in range(n_bins)]
+    load = [0] * n_bins
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        b = min(range(n_bins), key=lambda b: (load[b], b))
+        bins[b].append(i)
+        load[b] += lengths[i]
+    return [sorted(b) for b in bins]
+
+
+def scatter_static(world: World, items: list[Item] | None) -> list[Item]:
+    """Rank 0 splits the items over the replicas by length; every rank gets its replica's share."""
+    per_rank = None
+    if world.rank == 0:
+        shares = balance([len(ids) for _, ids in items], world.n_replicas)
+        per_rank = [[items[i] for i in shares[r // world.group_size]] for r in range(world.size)]
+    return world.comm.scatter(per_rank, root=0)
+
+
+class _Server(threading.Thread):
+    """Rank 0's dispatcher: hands the next chunk to any leader that asks, until all are told to stop."""
+
+    def __init__(self, comm, items: list[Item], chunk: int, n_remote: int):
+        super().__init__(name="spmd-dispatch", daemon=True)
+        self.comm, self.chunk, self.n_remote = comm, chunk, n_remote
+        self.items, self.pos, self.lock = items, 0, threading.Lock()
+
+    def take(self) -> list[Item]:
+        with self.lock:
+            out = self.items[self.pos:self.pos + self.chunk]
+            self.pos += len(out)
+            return out
+
+    def run(self) -> None:
+        stopped, status = 0, MPI.Status()
+        while stopped < self.n_remote:
+            self.comm.recv(source=MPI.ANY_SOURCE, tag=TAG_REQUEST, status=status)
+            work = self.take()
+            self.comm.send(work, dest=status.Get_source(), tag=TAG_WORK)
+            stopped += not work
+
+
+def iter_dynamic(world: World, items: list[Item] | None, chunk: int, timers=None) -> Iterator[list[Item]]:
+    """Chunks of `chunk` items, handed to model groups as they ask for more; ends with an empty chunk."""
+    if world.n_replicas > 1 and MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+        raise RuntimeError("dynamic dispatch needs MPI_THREAD_MULTIPLE (rank 0 serves chunks from a thread)")
+    server = None
+    if world.rank == 0:
+        server = _Server(world.comm, items, chunk, world.n_replicas - 1)
+        server.start()
+    while True:
+        work = None
+        if world.is_leader:
+            with _waiting(timers, "dispatch.request"):
+                if server is not None:
+                    work = server.take()
+                else:
+                    world.comm.send(None, dest=0, tag=TAG_REQUEST)
+                    work = world.comm.recv(source=0, tag=TAG_WORK)
+        with _waiting(timers, "dispatch.group_bcast"):
+            work = world.group_comm.bcast(work, root=0)
+        if not work:
+            break
+        yield work
+    if server is not None:
+        server.join()
+
+
+def iter_static(world: World, items: list[Item] | None, batch: int) -> Iterator[list[Item]]:
+    """This replica's share, in batches of similar length (sorted longest first to limit padding)."""
+    mine = scatter_static(world, items)
+    mine = sorted(mine, key=lambda it: (-len(it[1]), it[0]))
+    for i in range(0, len(mine), batch):
+        yield mine[i:i + batch]
+
+
+class Progress:
+    """Prompts done, summed on rank 0 (tqdm bar there); leaders report with non-blocking sends."""
+
+    def __init__(self, world: World, total: int, enabled: bool = True):
+        self.world, self.total, self.done, self.pending = world, total, 0, []
+        self.bar = None
+        if world.rank == 0 and enabled:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, unit="prompt", desc="prompts", dynamic_ncols=True)
+
+    def update(self, n: int) -> None:
+        if not self.world.is_leader:
+            return
+        if self.world.rank == 0:
+            self._count(n)
+            self._poll()
+        else:
+            self.pending.append(self.world.comm.isend(n, dest=0, tag=TAG_PROGRESS))
+
+    def _count(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def _poll(self, block: bool = False) -> None:
+        comm = self.world.comm
+        while self.done < self.total and (block or comm.iprobe(source=MPI.ANY_SOURCE, tag=TAG_PROGRESS)):
+            self._count(comm.recv(source=MPI.ANY_SOURCE, tag=TAG_PROGRESS))
+
+    def close(self) -> None:
+        """Rank 0 waits for every report; leaders complete their sends."""
+        if self.world.rank == 0:
+            self._poll(block=True)
+            if self.bar is not None:
+                self.bar.close()
+        MPI.Request.waitall(self.pending)
+
+
+def gather_results(world: World, results: list[dict], n_items: int | None = None) -> list[dict] | None:
+    """Leaders' results to rank 0, in input order; rank 0 checks that every index came back once."""
+    parts = world.comm.gather(results if world.is_leader else [], root=0)
+    if world.rank != 0:
+        return None
+    out = sorted((r for part in parts for r in part), key=lambda r: r["index"])
+    idx = [r["index"] for r in out]
+    if n_items is not None and idx != list(range(n_items)):
+        raise RuntimeError(f"gather got {len(idx)} results for {n_items} prompts (lost or duplicated)")
+    return out
+
+
+def _waiting(timers, name: str):
+    return timers.wait(name) if timers is not None else contextlib.nullcontext()

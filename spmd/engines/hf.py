@@ -1,0 +1,64 @@
+"""Reference engine: transformers' DeepseekV3ForCausalLM, the whole model on every rank (data parallel)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def load_hf(checkpoint: Path, dtype: str = "fp32", device: str = "cpu", log: bool = True):
+    """transformers' model on one device, eval mode; the MTP layer(s) after the last layer are skipped."""
+    from transformers import DeepseekV3ForCausalLM
+
+    cfg = json.loads((Path(checkpoint) / "config.json").read_text())
+    first, n_mtp = cfg["num_hidden_layers"], cfg.get("num_nextn_predict_layers", 0)
+    skip = [rf"model\.layers\.{i}\..*" for i in range(first, first + n_mtp)]
+    if skip and log:
+        print(f"hf: skipping MTP layer(s) model.layers.{first}..{first + n_mtp - 1} "
+              f"(num_nextn_predict_layers={n_mtp})", file=sys.stderr)
+    # transformers ignores only model.layers.61 (the real checkpoint's MTP layer) by itself
+    cls = type("DeepseekV3ForCausalLM", (DeepseekV3ForCausalLM,),
+               {"_keys_to_ignore_on_load_unexpected": [*DeepseekV3ForCausalLM._keys_to_ignore_on_load_unexpected,
+                                                        *skip]})
+    model = cls.from_pretrained(str(checkpoint), dtype=DTYPES[dtype], device_map=device)
+    return model.eval()
+
+
+class HFEngine:
+    """A `generate.Stepper` over transformers' model with its own DynamicCache."""
+
+    def __init__(self, world, args, margs, timers):
+        self.device = torch.device(world.device)
+        self.timers = timers
+        with timers.io("load.hf.from_pretrained"):
+            self.model = load_hf(args.checkpoint, args.dtype, world.device, log=world.rank == 0)
+        self.cache = self.mask = self.pos = None
+
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config)
+        self.mask = mask.long()
+        pos = (self.mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): real tokens at 0..len-1, as HF generate
+        self.pos = pos[:, -1:]
+        with self.timers.compute("hf.forward"):
+            out = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=pos,
+                             past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        self.pos = self.pos + 1
+        with self.timers.compute("hf.forward"):
+            out = self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.pos,
+                             past_key_values=self.cache, use_cache=True)
+        return out.logits[:, -1].float()
+
+    def release(self) -> None:
+        self.cache = self.mask = self.pos = None

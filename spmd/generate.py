@@ -1,0 +1,105 @@
+"""Prefill / decode / generate on token ids, for any engine that implements `Stepper`.
+
+Greedy (temperature 0) or seeded sampling: each prompt draws from its own generator seeded with
+`seed + prompt index`, so a prompt's tokens do not depend on which batch or replica served it, and
+every rank of a model group (same logits, same generator) picks the same token.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class GenConfig:
+    max_new_tokens: int
+    eos_id: int
+    pad_id: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+class Stepper(Protocol):
+    """What an engine provides: one forward over a padded batch, then one token per row per step."""
+
+    device: torch.device
+
+    def prefill(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) left-padded ids and (B, T) bool mask → (B, V) float32 logits at the last position."""
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B,) ids → (B, V) float32 logits; appends to the cache made by prefill."""
+
+    def release(self) -> None:
+        """Drop the batch's KV cache."""
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids with pads on the left, and the (B, T) bool mask of real tokens."""
+    t = max(len(s) for s in seqs)
+    tokens = torch.full((len(seqs), t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), t), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        tokens[i, t - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, t - len(s):] = True
+    return tokens.to(device), mask.to(device)
+
+
+def sample(logits: torch.Tensor, cfg: GenConfig, gens: list[torch.Generator] | None) -> torch.Tensor:
+    """(B, V) logits → (B,) next ids: argmax, or top-p sampling with one generator per row."""
+    if cfg.temperature == 0 or gens is None:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)
+    if cfg.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > cfg.top_p  # keep the smallest prefix reaching top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(gens)])
+
+
+def _generators(indices: list[int], cfg: GenConfig, device) -> list[torch.Generator] | None:
+    if cfg.temperature == 0:
+        return None
+    return [torch.Generator(device=device).manual_seed(cfg.seed + i) for i in indices]
+
+
+def generate(stepper: Stepper, batch: list[tuple[int, list[int]]], cfg: GenConfig, timers=None) -> list[dict]:
+    """Generate for a batch of (index, prompt ids); one result dict per row, in batch order.
+
+    ttft_s: batch start → first token of the row; latency_s: batch start → the row's last token.
+    A row stops after EOS (included in its tokens) or max_new_tokens.
+    """
+    t0 = time.perf_counter()
+    indices = [i for i, _ in batch]
+    tokens, mask = left_pad([ids for _, ids in batch], cfg.pad_id, stepper.device)
+    gens = _generators(indices, cfg, stepper.device)
+    _phase(timers, "prefill", 0)
+    nxt = sample(stepper.prefill(tokens, mask), cfg, gens).tolist()
+    ttft = time.perf_counter() - t0
+    out: list[list[int]] = [[] for _ in batch]
+    finish = [0.0] * len(batch)
+    for step in range(cfg.max_new_tokens):
+        now = time.perf_counter() - t0
+        for r, tok in enumerate(nxt):
+            if not finish[r]:
+                out[r].append(tok)
+                if tok == cfg.eos_id or len(out[r]) == cfg.max_new_tokens:
+                    finish[r] = now
+        if all(finish):
+            break
+        _phase(timers, "decode", step + 1)
+        feed = torch.tensor([cfg.pad_id if finish[r] else t for r, t in enumerate(nxt)], device=stepper.device)
+        nxt = sample(stepper.decode(feed), cfg, gens).tolist()
+    stepper.release()
+    return [{"index": i, "tokens": o, "ttft_s": ttft, "latency_s": f} for i, o, f in zip(indices, out, finish)]
+
+
+def _phase(timers, phase: str, step: int) -> None:
+    if timers is not None:
+        timers.set_phase(phase, step)
+

@@ -1,0 +1,185 @@
+"""Ranks, model groups and the torch.distributed bootstrap, from MPI.
+
+World = n_replicas × group_size ranks. Ranks g*G .. g*G+G-1 form model group g (one copy of the
+model, sharded over those ranks); the G ranks with the same group_rank across replicas are never
+needed together, so only the model groups and the replica leaders get communicators.
+
+Nothing else in the project reads RANK/LOCAL_RANK/SLURM_*: they are read (or exported) here once
+and travel in the frozen `World`.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from mpi4py import MPI
+
+
+class UsageError(Exception):
+    """Bad input or topology: reported once by rank 0, every rank exits non-zero."""
+
+
+@dataclass(frozen=True)
+class World:
+    """Frozen topology of one run, passed to every constructor that needs it."""
+
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    hostname: str
+    group_size: int              # G: ranks per model group
+    replica: int                 # which model group this rank belongs to
+    group_rank: int              # rank inside the model group
+    comm: Any                    # MPI.COMM_WORLD
+    group_comm: Any              # MPI communicator of this model group
+    leaders_comm: Any            # MPI communicator of group leaders (MPI.COMM_NULL on other ranks)
+    tp_group: Any                # torch.distributed group of this model group (None when G == 1)
+    backend: str                 # "gloo" | "nccl"
+    device: str                  # "cpu" | "cuda:N"
+
+    @property
+    def n_replicas(self) -> int:
+        return self.size // self.group_size
+
+    @property
+    def is_leader(self) -> bool:
+        return self.group_rank == 0
+
+    def group_ranks(self, replica: int) -> list[int]:
+        return list(range(replica * self.group_size, (replica + 1) * self.group_size))
+
+
+def on_root(comm, fn: Callable[[], Any], share: bool = True) -> Any:
+    """Run fn on rank 0 only; a UsageError there is raised on every rank.
+
+    With share=True the result is broadcast; with share=False it stays on rank 0 (others get None).
+    """
+    result, error = None, None
+    if comm.rank == 0:
+        try:
+            result = fn()
+        except UsageError as exc:
+            error = str(exc)
+    error = comm.bcast(error, root=0)
+    if error is not None:
+        raise UsageError(error)
+    return comm.bcast(result, root=0) if share else result
+
+
+def exit_on_usage_error(comm, exc: UsageError, code: int = 2) -> None:
+    """Every rank got the same error: rank 0 prints it once, all finalize and exit with `code`."""
+    if comm.rank == 0:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+    comm.Barrier()
+    MPI.Finalize()  # finalized before exit, so mpi4py does not turn the exit into MPI_Abort
+    sys.exit(code)
+
+
+def _local_topology(comm) -> tuple[int, int]:
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
+    try:
+        return node.rank, node.size
+    finally:
+        node.Free()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _master_address() -> str:
+    """An address of this host that the other hosts can reach (the FQDN's address, else loopback)."""
+    try:
+        addr = socket.gethostbyname(socket.getfqdn())
+    except OSError:
+        addr = "127.0.0.1"
+    return addr
+
+
+def export_dist_env(comm, local_rank: int, local_size: int) -> tuple[str, int]:
+    """Export RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_SIZE/MASTER_ADDR/MASTER_PORT before any torch/DeepSpeed init."""
+    if comm.rank == 0:  # a MASTER_ADDR set by the user or the batch script wins
+        addr, port = os.environ.get("MASTER_ADDR") or _master_address(), _free_port()
+    else:
+        addr, port = None, None
+    addr, port = comm.bcast((addr, port), root=0)
+    if comm.size > 1 and len(set(comm.allgather(socket.gethostname()))) > 1 and addr.startswith("127."):
+        raise UsageError(f"rank 0's host {socket.gethostname()} resolves to {addr}; ranks on other hosts "
+                         "cannot reach it: set MASTER_ADDR to an address of rank 0's host")
+    os.environ.update(RANK=str(comm.rank), WORLD_SIZE=str(comm.size), LOCAL_RANK=str(local_rank),
+                      LOCAL_SIZE=str(local_size), MASTER_ADDR=addr, MASTER_PORT=str(port))
+    return addr, port
+
+
+def check_world_size(size: int, group_size: int) -> None:
+    """The world must be a whole number of model groups."""
+    if group_size < 1:
+        raise UsageError(f"--group-size={group_size} must be >= 1")
+    if size % group_size:
+        raise UsageError(f"--group-size={group_size} does not divide the world size {size} "
+                         f"(world = n_replicas x group_size)")
+
+
+def check_topology(size: int, group_size: int, local_size: int, device: str, n_gpus: int) -> None:
+    """Topology checks with the numbers in the message."""
+    check_world_size(size, group_size)
+    if device == "cuda" and local_size > n_gpus:
+        raise UsageError(f"{local_size} ranks on this node but only {n_gpus} CUDA devices visible")
+
+
+def make_world(group_size: int, device: str = "cpu", comm=None) -> World:
+    """Discover ranks over MPI, bind a GPU, init torch.distributed and the model-group communicators."""
+    import torch
+    import torch.distributed as dist
+
+    comm = comm or MPI.COMM_WORLD
+    local_rank, local_size = _local_topology(comm)
+    n_gpus = torch.cuda.device_count() if device == "cuda" else 0
+    on_root(comm, lambda: check_topology(comm.size, group_size, local_size, device, n_gpus))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+    dev = f"cuda:{local_rank}" if device == "cuda" else "cpu"
+    backend = "nccl" if device == "cuda" else "gloo"
+    addr, port = export_dist_env(comm, local_rank, local_size)
+    replica, group_rank = divmod(comm.rank, group_size)
+    if not dist.is_initialized():
+        kw = {"device_id": torch.device(dev)} if device == "cuda" else {}
+        dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=comm.rank,
+                                world_size=comm.size, **kw)
+    tp_group = None
+    for g in range(comm.size // group_size):  # every rank creates every group, in the same order
+        ranks = list(range(g * group_size, (g + 1) * group_size))
+        pg = dist.new_group(ranks) if group_size > 1 else None
+        if g == replica:
+            tp_group = pg
+    group_comm = comm.Split(color=replica, key=comm.rank)
+    leaders_comm = comm.Split(color=0 if group_rank == 0 else MPI.UNDEFINED, key=comm.rank)
+    return World(rank=comm.rank, size=comm.size, local_rank=local_rank, local_size=local_size,
+                 hostname=socket.gethostname(), group_size=group_size, replica=replica,
+                 group_rank=group_rank, comm=comm, group_comm=group_comm, leaders_comm=leaders_comm,
+                 tp_group=tp_group, backend=backend, device=dev)
+
+
+def shutdown(world: World) -> None:
+    """Free the communicators and tear torch.distributed down cleanly."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for c in (world.group_comm, world.leaders_comm):
+        if c != MPI.COMM_NULL:
+            c.Free()
+
+
+def topology(world: World) -> dict:
+    """The topology as plain data, for trace metadata and outputs."""
+    return {"world_size": world.size, "group_size": world.group_size, "n_replicas": world.n_replicas,
+            "rank": world.rank, "replica": world.replica, "group_rank": world.group_rank,
+            "local_rank": world.local_rank, "local_size": world.local_size,
+            "hostname": world.hostname, "backend": world.backend, "device": world.device}

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny synthetic checkpoints (written once, reused), the repo root, MPI helpers."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS20 = ROOT / "inputs" / "prompts" / "validation20.jsonl"
+
+
+def checkpoint_dir(config: str = "tiny", weights: str = "bf16") -> Path:
+    """A synthetic checkpoint under $SPMD_CKPT (default build/checkpoints), written if missing.
+
+    Under MPI, rank 0 writes and the others wait at a barrier, so every rank sees the same files.
+    """
+    base = Path(os.environ.get("SPMD_CKPT", ROOT / "build" / "checkpoints"))
+    out = base / f"{config}-{weights}"
+    comm = _mpi_comm()
+    if comm is None or comm.rank == 0:
+        if not (out / "config.json").is_file():
+            from spmd.synth import write_checkpoint
+            write_checkpoint(ROOT / "inputs" / "models" / f"{config}.json", out, weights=weights, seed=0)
+    if comm is not None:
+        comm.Barrier()
+    return out
+
+
+def _mpi_comm():
+    if "mpi4py.MPI" not in sys.modules:
+        return None
+    from mpi4py import MPI
+    return MPI.COMM_WORLD
+
+
+@pytest.fixture(scope="session")
+def tiny_bf16() -> Path:
+    return checkpoint_dir("tiny", "bf16")
+
+
+@pytest.fixture(scope="session")
+def tiny_fp8() -> Path:
+    return checkpoint_dir("tiny", "fp8")
+
+
+def spmd_env() -> dict:
+    """The environment launch/env.sh sets, for subprocess launches from tests."""
+    # drop what an MPI singleton in this process may have set: the child mpirun starts its own job
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PMIX_", "PRTE_", "OMPI_"))}
+    out = subprocess.run(["bash", "-c", f". {ROOT}/launch/env.sh && env -0"], capture_output=True,
+                         check=True, env=base)
+    return dict(kv.split("=", 1) for kv in out.stdout.decode().split("\0") if "=" in kv)
+
+
+def mpirun(n: int, args: list[str], timeout: float = 300, env_extra: dict | None = None):
+    """`mpirun -n N python -m mpi4py -m spmd ARGS` as a subprocess; returns CompletedProcess."""
+    env = spmd_env()
+    env.update(env_extra or {})
+    cmd = ["mpirun", "-n", str(n), sys.executable, "-m", "mpi4py", "-m", "spmd", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)

@@ -1,0 +1,119 @@
+"""Serial: command line, model config checks, prompt file validation, atomic outputs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from spmd import args as A
+from spmd import prompts as P
+from spmd.world import UsageError, check_topology
+
+BASE = ["--checkpoint", "c", "--prompts", "p.jsonl", "--output", "o.jsonl"]
+
+
+def test_parse_defaults_and_local_debug():
+    a = A.parse_args(BASE + ["--device", "cuda", "--local-debug", "--engine", "hf"])
+    assert a.device == "cpu" and a.engine == "hf" and a.chat and a.group_size == 1
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--group-size", "0"], "--group-size=0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens=0"),
+    (["--top-p", "0"], "--top-p=0"),
+    (["--engine", "nope"], "invalid choice"),
+    (["--local-debug", "--engine", "deepspeed"], "--local-debug"),
+])
+def test_bad_arguments_raise_usage_error(extra, msg):
+    with pytest.raises(UsageError, match=msg):
+        A.parse_args(BASE + extra)
+
+
+def test_topology_messages_carry_numbers():
+    with pytest.raises(UsageError, match="--group-size=3 does not divide the world size 4"):
+        check_topology(4, 3, 4, "cpu", 0)
+    with pytest.raises(UsageError, match="4 ranks on this node but only 2 CUDA devices"):
+        check_topology(4, 2, 4, "cuda", 2)
+    check_topology(4, 2, 4, "cpu", 0)
+
+
+def test_model_args_of_the_real_config():
+    cfg = json.loads((A.Path(__file__).parents[1] / "inputs/models/v3.1-671b.json").read_text())
+    m = A.ModelArgs.from_config(cfg)
+    assert (m.dim, m.n_layers, m.n_dense_layers, m.n_heads, m.n_routed_experts) == (7168, 61, 3, 128, 256)
+    assert (m.kv_lora_rank, m.qk_rope_head_dim, m.rope_factor, m.fp8, m.scale_fmt) == (512, 64, 40, True, "ue8m0")
+    A.check_model_topology(m, 16, "native")
+    with pytest.raises(UsageError, match="n_heads=128 not divisible by group size 48"):
+        A.check_model_topology(m, 48, "native")
+    with pytest.raises(UsageError, match="needs --group-size 1"):
+        A.check_model_topology(m, 2, "hf")
+
+
+def test_fp8_block_check_names_the_tensor():
+    cfg = json.loads((A.Path(__file__).parents[1] / "inputs/models/v3.1-671b.json").read_text())
+    m = A.ModelArgs.from_config(cfg)
+    with pytest.raises(UsageError, match="FP8 dense MLP rows per rank = 576 at group size 32"):
+        A.check_model_topology(m, 32, "native")
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(UsageError, match="cannot read"):
+        A.ModelArgs.from_checkpoint(tmp_path)
+    with pytest.raises(UsageError, match="model_type='llama'"):
+        A.ModelArgs.from_config({"model_type": "llama"})
+    cfg = json.loads((A.Path(__file__).parents[1] / "inputs/models/tiny.json").read_text())
+    del cfg["vocab_size"]
+    with pytest.raises(UsageError, match="lacks field 'vocab_size'"):
+        A.ModelArgs.from_config(cfg)
+
+
+def test_read_prompts_jsonl_and_txt(tmp_path):
+    j = tmp_path / "p.jsonl"
+    j.write_text('{"id": "a", "prompt": "x"}\n\n{"id": "b", "prompt": "héllo 世界"}\n', encoding="utf-8")
+    assert [(p.index, p.id, p.text) for p in P.read_prompts(j)] == [(0, "a", "x"), (1, "b", "héllo 世界")]
+    t = tmp_path / "p.txt"
+    t.write_text("one\n\n two \n")
+    assert [p.text for p in P.read_prompts(t)] == ["one", " two "]
+
+
+@pytest.mark.parametrize("content,msg", [
+    (b"", "has no prompts"),
+    (b"\n  \n", "has no prompts"),
+    (b'{"id": "a", "prompt": "x"}\n\xff\xfe\n', "not UTF-8 \\(line 2"),
+    (b'{"id": "a", "prompt": "x"}\n{oops}\n', "p.jsonl:2: invalid JSON"),
+    (b'{"id": "a"}\n', "non-empty string"),
+    (b'{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n', "duplicate ids: a"),
+])
+def test_bad_prompt_files(tmp_path, content, msg):
+    f = tmp_path / "p.jsonl"
+    f.write_bytes(content)
+    with pytest.raises(UsageError, match=msg):
+        P.read_prompts(f)
+
+
+def test_missing_prompt_file(tmp_path):
+    with pytest.raises(UsageError, match="cannot read prompt file"):
+        P.read_prompts(tmp_path / "none.jsonl")
+
+
+def test_context_check_names_prompt():
+    ps = [P.Prompt(0, "long", "...")]
+    with pytest.raises(UsageError, match="prompt 'long' has 100 tokens \\+ 32 new tokens > the model's context of 128"):
+        P.check_context(ps, [[1] * 100], 32, 128)
+    P.check_context(ps, [[1] * 96], 32, 128)
+
+
+def test_write_jsonl_is_atomic(tmp_path):
+    out = tmp_path / "sub" / "o.jsonl"
+    P.write_jsonl(out, [{"a": 1}, {"b": "ü"}])
+    assert out.read_text(encoding="utf-8").splitlines() == ['{"a": 1}', '{"b": "ü"}']
+    assert sorted(x.name for x in out.parent.iterdir()) == ["o.jsonl"]  # no temp file left
+
+
+def test_tokenizer_encode_decode(tiny_bf16):
+    tok = P.load_tokenizer(tiny_bf16)
+    ps = [P.Prompt(0, "a", "Hello world"), P.Prompt(1, "b", "Привет, 世界")]
+    chat, raw = P.encode(tok, ps, chat=True), P.encode(tok, ps, chat=False)
+    assert all(len(c) > len(r) for c, r in zip(chat, raw))  # template adds role tokens
+    assert P.decode(tok, raw[1]) == "Привет, 世界"
+    assert P.decode(tok, raw[0] + [len(tok) + 5]) == "Hello world"  # embedding-padding ids dropped

@@ -1,0 +1,77 @@
+"""Serial: the generate loop on a mock stepper, sampling, and the length-balanced assignment."""
+from __future__ import annotations
+
+import torch
+
+from spmd.dispatch import balance
+from spmd.generate import GenConfig, generate, left_pad, sample
+
+V = 11
+
+
+class CountingStepper:
+    """Next token = (last token + 1) % V: a model whose output is known in advance."""
+
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.calls = []
+
+    def _logits(self, last: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot((last + 1) % V, V).float()
+
+    def prefill(self, tokens, mask):
+        self.calls.append(("prefill", tokens.clone(), mask.clone()))
+        return self._logits(tokens[:, -1])
+
+    def decode(self, tokens):
+        self.calls.append(("decode", tokens.clone()))
+        return self._logits(tokens)
+
+    def release(self):
+        self.calls.append(("release",))
+
+
+def test_left_pad():
+    t, m = left_pad([[5, 6, 7], [8]], 0, "cpu")
+    assert t.tolist() == [[5, 6, 7], [0, 0, 8]] and m.tolist() == [[True] * 3, [False, False, True]]
+
+
+def test_generate_stops_per_row_on_eos_and_max_tokens():
+    s = CountingStepper()
+    cfg = GenConfig(max_new_tokens=5, eos_id=3, pad_id=0)
+    out = generate(s, [(7, [1]), (9, [8, 9])], cfg)
+    assert [r["index"] for r in out] == [7, 9]
+    assert out[0]["tokens"] == [2, 3]                  # EOS included, then the row stops
+    assert out[1]["tokens"] == [10, 0, 1, 2, 3]        # wraps; EOS on the last allowed step
+    decoded = [c[1].tolist() for c in s.calls if c[0] == "decode"]
+    assert decoded[1][0] == 0                          # a finished row is fed the pad id
+    assert s.calls[-1] == ("release",)
+    assert all(0 < r["ttft_s"] <= r["latency_s"] for r in out)
+
+
+def test_sampling_is_seeded_per_prompt_not_per_batch():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    cfg = GenConfig(4, 1, 0, temperature=1.0, top_p=0.9, seed=5)
+    gens = lambda idx: [torch.Generator().manual_seed(cfg.seed + i) for i in idx]  # noqa: E731
+    full = sample(logits, cfg, gens([0, 1, 2]))
+    alone = sample(logits[1:2], cfg, gens([1]))
+    assert full[1] == alone[0]
+    assert torch.equal(sample(logits, GenConfig(4, 1, 0), None), logits.argmax(-1))
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.05, 0.05]]))
+    cfg = GenConfig(1, 9, 0, temperature=1.0, top_p=0.5)
+    draws = {sample(logits, cfg, [torch.Generator().manual_seed(s)]).item() for s in range(50)}
+    assert draws == {0}
+
+
+def test_balance_is_complete_and_balanced():
+    lengths = [50, 10, 40, 30, 20, 5, 5, 60]
+    for n in (1, 2, 3, 5, 8, 11):
+        bins = balance(lengths, n)
+        assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+        loads = [sum(lengths[i] for i in b) for b in bins]
+        if n <= len(lengths):
+            assert max(loads) - min(loads) <= max(lengths)

@@ -1,0 +1,99 @@
+"""pytest-mpi (1 and 2 ranks): world and groups, scatter/gather order, static vs dynamic dispatch."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from mpi4py import MPI
+
+from spmd import dispatch
+from spmd.world import UsageError, make_world, on_root, shutdown
+
+pytestmark = pytest.mark.mpi(min_size=1)
+
+
+def _group_sizes(size: int) -> list[int]:
+    return [g for g in range(1, size + 1) if size % g == 0]
+
+
+@pytest.fixture(scope="module")
+def worlds():
+    owned = not dist.is_initialized()
+    ws = {g: make_world(g, "cpu") for g in _group_sizes(MPI.COMM_WORLD.size)}
+    yield ws
+    if owned:
+        shutdown(ws[1])
+
+
+def test_world_layout_and_group_collective(worlds):
+    for g, w in worlds.items():
+        assert (w.size, w.group_size, w.n_replicas) == (MPI.COMM_WORLD.size, g, w.size // g)
+        assert w.replica == w.rank // g and w.group_rank == w.rank % g
+        assert w.group_comm.size == g and w.is_leader == (w.group_rank == 0)
+        assert 0 <= w.local_rank < w.local_size
+        t = torch.tensor([float(w.rank)])
+        if w.tp_group is not None:
+            dist.all_reduce(t, group=w.tp_group)
+        assert t.item() == sum(w.group_ranks(w.replica))
+        leaders = w.comm.allgather(w.is_leader)
+        assert sum(leaders) == w.n_replicas
+
+
+def test_on_root_shares_result_and_error():
+    comm = MPI.COMM_WORLD
+    assert on_root(comm, lambda: comm.rank + 41) == 41
+    assert on_root(comm, lambda: "mine", share=False) == ("mine" if comm.rank == 0 else None)
+    with pytest.raises(UsageError, match="bad on root"):
+        on_root(comm, lambda: (_ for _ in ()).throw(UsageError("bad on root")))
+
+
+def _items(n: int):
+    return [(i, list(range(1 + (i * 7) % 13))) for i in range(n)]
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 23])
+def test_static_scatter_gather_keeps_order_and_count(worlds, n):
+    for w in worlds.values():
+        items = _items(n) if w.rank == 0 else None
+        mine = dispatch.scatter_static(w, items)
+        same = w.group_comm.allgather([i for i, _ in mine])
+        assert all(s == same[0] for s in same)  # every rank of a group holds the same share
+        res = [{"index": i, "tokens": ids[-1:], "replica": w.replica} for i, ids in mine]
+        out = dispatch.gather_results(w, res, n)
+        if w.rank == 0:
+            assert [r["index"] for r in out] == list(range(n))
+            assert all(r["tokens"] == _items(n)[r["index"]][1][-1:] for r in out)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 50])
+def test_dynamic_dispatch_hands_out_everything_once(worlds, chunk):
+    n = 17
+    for w in worlds.values():
+        items = _items(n) if w.rank == 0 else None
+        got = [i for work in dispatch.iter_dynamic(w, items, chunk) for i, _ in work]
+        per_group = w.group_comm.allgather(got)
+        assert all(p == per_group[0] for p in per_group)
+        res = [{"index": i} for i in got]
+        out = dispatch.gather_results(w, res, n)  # raises on a lost or duplicated prompt
+        if w.rank == 0:
+            assert [r["index"] for r in out] == list(range(n))
+
+
+def test_progress_counts_every_leader(worlds):
+    w = worlds[1]
+    p = dispatch.Progress(w, total=3 * w.n_replicas, enabled=False)
+    for _ in range(3):
+        p.update(1)
+    p.close()
+    if w.rank == 0:
+        assert p.done == 3 * w.n_replicas
+
+
+def test_gather_detects_a_lost_prompt(worlds):
+    w = worlds[1]
+    res = [{"index": w.rank}] if w.rank != 0 else []
+    if w.rank == 0:
+        with pytest.raises(RuntimeError, match="lost or duplicated"):
+            dispatch.gather_results(w, res, w.size)
+    else:
+        dispatch.gather_results(w, res, w.size)

@@ -1,0 +1,1 @@
+"""Correctness against the Hugging Face transformers reference."""

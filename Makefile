@@ -1,4 +1,5 @@
-# make run   : install if needed, write the tiny synthetic checkpoint, 2 MPI ranks on CPU, 20 prompts
+# make run   : install if needed, write the tiny synthetic checkpoint, 2 MPI ranks on CPU (one model group
+#              of 2: tensor + expert parallel), the 20 prompts
 # make test  : install if needed; serial tests, then pytest-mpi on 1 and 2 ranks
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
@@ -10,7 +11,7 @@ NP ?= 2
 ENV := . launch/env.sh &&
 MPIRUN := $(ENV) mpirun
 
-.PHONY: install run test test-serial test-mpi checkpoints clean
+.PHONY: install run test test-serial test-mpi checkpoints gpu-native clean
 
 install: $(STAMP)
 
@@ -22,15 +23,18 @@ $(STAMP): requirements.txt
 	$(ENV) python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load(verbose=False)" >/dev/null
 	touch $@
 
-$(CKPT)/tiny-%/config.json: $(STAMP) spmd/synth.py inputs/models/tiny.json
-	$(ENV) python -m spmd.synth --config inputs/models/tiny.json --out $(CKPT)/tiny-$* --weights $* --seed 0
+$(CKPT)/%-bf16/config.json: inputs/models/%.json spmd/synth.py | $(STAMP)
+	$(ENV) python -m spmd.synth --config $< --out $(@D) --weights bf16 --seed 0 --overwrite
 
-checkpoints: $(CKPT)/tiny-bf16/config.json $(CKPT)/tiny-fp8/config.json
+$(CKPT)/%-fp8/config.json: inputs/models/%.json spmd/synth.py | $(STAMP)
+	$(ENV) python -m spmd.synth --config $< --out $(@D) --weights fp8 --seed 0 --overwrite
+
+checkpoints: $(CKPT)/tiny-bf16/config.json $(CKPT)/tiny-fp8/config.json $(CKPT)/tiny-noqlora-bf16/config.json
 
 run: $(STAMP) $(CKPT)/tiny-bf16/config.json
 	$(MPIRUN) -n $(NP) python -m mpi4py -m spmd --checkpoint $(CKPT)/tiny-bf16 \
 	  --prompts inputs/prompts/validation20.jsonl --output outputs/local.jsonl \
-	  --trace-dir traces/runs/local --engine hf --group-size 1 --dtype fp32 --max-new-tokens 32
+	  --trace-dir traces/runs/local --engine native --group-size 2 --dtype fp32 --max-new-tokens 32
 	$(ENV) python -m traces.report traces/runs/local
 
 test: $(STAMP) checkpoints test-serial test-mpi
@@ -41,6 +45,11 @@ test-serial: $(STAMP) checkpoints
 test-mpi: $(STAMP) checkpoints
 	$(MPIRUN) -n 1 env SPMD_CKPT=$(CKPT) python -m pytest -q -p no:cacheprovider --with-mpi -m mpi tests
 	$(MPIRUN) -n 2 env SPMD_CKPT=$(CKPT) python -m pytest -q -p no:cacheprovider --with-mpi -m mpi tests
+
+# On a GPU machine with the project's stack in its python3 (no .venv there): native vs transformers,
+# 1 and 2 GPUs, tiny and full-width slice checkpoints; writes traces/gpu/native-<gpu>-<date>.json
+gpu-native:
+	. launch/env.sh && python3 -m validation.gpu_native --configs tiny,slice --max-gpus 2 --out traces/gpu
 
 clean:
 	rm -rf build outputs traces/runs .pytest_cache

@@ -38,7 +38,7 @@ def run(comm, argv) -> None:
     timers = Timers(world.rank, world.device, enabled=args.trace_dir is not None)
     timers.align(comm)
     timers.set_phase("load")
-    with timers.io("prompts.read_tokenize"):
+    with (timers.io if world.rank == 0 else timers.wait)("prompts.read_tokenize"):  # others wait for rank 0
         text = W.on_root(comm, lambda: read_and_tokenize(args, margs), share=False)
     n = comm.bcast(len(text[0]) if world.rank == 0 else None, root=0)
     engine = build_engine(args.engine, world, args, margs, timers)
@@ -48,7 +48,7 @@ def run(comm, argv) -> None:
         timers.set_phase("other")
         with timers.io("outputs.write"):
             P.write_jsonl(args.output, P.output_rows(prompts, ids, results, tokenizer))
-    write_traces(world, args, margs, timers)
+    write_traces(world, args, margs, timers, engine)
     W.shutdown(world)
 
 
@@ -82,17 +82,25 @@ def serve(world: W.World, engine, args: A.RunArgs, margs: A.ModelArgs, text, n: 
     return results
 
 
-def write_traces(world: W.World, args: A.RunArgs, margs: A.ModelArgs, timers) -> None:
+def write_traces(world: W.World, args: A.RunArgs, margs: A.ModelArgs, timers, engine) -> None:
     """Every rank writes its HDF5 file; rank 0 merges them once all are on disk."""
     if args.trace_dir is None:
         return
     meta = run_metadata(W.topology(world))
-    meta.update(config=margs.raw, args={k: str(v) for k, v in asdict(args).items()}, engine=args.engine)
+    meta.update(config=margs.raw, args={k: str(v) for k, v in asdict(args).items()}, engine=args.engine,
+                engine_info=getattr(engine, "info", {}), gpu_peak_bytes=_gpu_peak_bytes(world))
     timers.write(args.trace_dir, meta)
     world.comm.Barrier()
     if world.rank == 0:
         from traces.merge import merge
         merge(args.trace_dir)
+
+
+def _gpu_peak_bytes(world: W.World) -> int:
+    """Peak bytes allocated by PyTorch on this rank's GPU (0 on CPU)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated(world.device) if world.device.startswith("cuda") else 0
 
 
 if __name__ == "__main__":

@@ -70,6 +70,25 @@ def on_root(comm, fn: Callable[[], Any], share: bool = True) -> Any:
     return comm.bcast(result, root=0) if share else result
 
 
+def agree(comm, fn: Callable[[], Any]) -> Any:
+    """Run fn on every rank; if it raised UsageError on any rank, raise it on all (lowest failing rank's).
+
+    For checks whose outcome can differ by rank (each rank reads different slices): no rank may be
+    left waiting in a collective for a rank that gave up.
+    """
+    result, error = None, None
+    try:
+        result = fn()
+    except UsageError as exc:
+        error = str(exc)
+    errors = comm.allgather(error)
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if failed:
+        r, e = failed[0]
+        raise UsageError(e if comm.size == 1 else f"rank {r}: {e}")
+    return result
+
+
 def exit_on_usage_error(comm, exc: UsageError, code: int = 2) -> None:
     """Every rank got the same error: rank 0 prints it once, all finalize and exit with `code`."""
     if comm.rank == 0:

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny synthetic checkpoints (written once, reused), the repo root, MPI helpers."""
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -29,6 +30,16 @@ def checkpoint_dir(config: str = "tiny", weights: str = "bf16") -> Path:
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def hf_reference(ckpt: Path, n_new: int) -> tuple[tuple[int, ...], ...]:
+    """transformers greedy completions of the 20 chat-templated prompts (fp32, one prompt at a time)."""
+    from spmd.prompts import encode, load_tokenizer, read_prompts
+    from validation.reference import hf_generate, load_hf
+
+    ids = encode(load_tokenizer(ckpt), read_prompts(PROMPTS20), chat=True)
+    return tuple(map(tuple, hf_generate(load_hf(ckpt, log=False), ids, n_new, eos_id=1)))
+
+
 def _mpi_comm():
     if "mpi4py.MPI" not in sys.modules:
         return None
@@ -44,6 +55,11 @@ def tiny_bf16() -> Path:
 @pytest.fixture(scope="session")
 def tiny_fp8() -> Path:
     return checkpoint_dir("tiny", "fp8")
+
+
+@pytest.fixture(scope="session")
+def noqlora_bf16() -> Path:
+    return checkpoint_dir("tiny-noqlora", "bf16")
 
 
 def spmd_env() -> dict:

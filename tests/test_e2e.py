@@ -7,7 +7,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from conftest import PROMPTS20, mpirun
+from conftest import PROMPTS20, hf_reference, mpirun
 
 N_NEW = 32
 
@@ -24,13 +24,7 @@ def _tokens(path: Path) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def reference(tiny_bf16):
-    """transformers greedy completions of the 20 chat-templated prompts (fp32, one at a time)."""
-    from spmd.prompts import encode, load_tokenizer, read_prompts
-    from validation.reference import hf_generate, load_hf
-
-    tok = load_tokenizer(tiny_bf16)
-    ids = encode(tok, read_prompts(PROMPTS20), chat=True)
-    return hf_generate(load_hf(tiny_bf16), ids, N_NEW, eos_id=1)
+    return [list(t) for t in hf_reference(tiny_bf16, N_NEW)]
 
 
 @pytest.fixture(scope="module")

@@ -9,4 +9,7 @@ def build_engine(name: str, world, args, margs, timers):
     if name == "hf":
         from .hf import HFEngine
         return HFEngine(world, args, margs, timers)
-    raise UsageError(f"--engine {name} is not available in this build (available: hf)")
+    if name == "native":
+        from .native import NativeEngine
+        return NativeEngine(world, args, margs, timers)
+    raise UsageError(f"--engine {name} is not available in this build (available: hf, native)")

@@ -24,8 +24,10 @@ def load_hf(checkpoint: Path, dtype: str = "fp32", device: str = "cpu", log: boo
     cls = type("DeepseekV3ForCausalLM", (DeepseekV3ForCausalLM,),
                {"_keys_to_ignore_on_load_unexpected": [*DeepseekV3ForCausalLM._keys_to_ignore_on_load_unexpected,
                                                         *skip]})
-    model = cls.from_pretrained(str(checkpoint), dtype=DTYPES[dtype], device_map=device)
-    return model.eval()
+    # built on the CPU, then moved: transformers fuses the per-expert tensors while loading, and on the GPU
+    # that needs a second copy of every MoE layer (the full-width slice does not fit an 80 GB card so)
+    model = cls.from_pretrained(str(checkpoint), dtype=DTYPES[dtype], device_map="cpu")
+    return model.to(device).eval()
 
 
 class HFEngine:

@@ -1,0 +1,337 @@
+"""HF-layout checkpoint loader: each rank reads only its slices (safetensors get_slice), FP8 dequantized.
+
+Contract with the model (spmd/model.py, spmd/parallel.py):
+- state_dict() names equal the checkpoint names; a rank's model holds only its local routed experts,
+  named with their global index, so loading is by name with no renaming table.
+- A module owning ``weight`` may set ``shard_dim``: 0 (rows split), 1 (columns split) or None (replicated).
+  Rank r of G holds the contiguous slice ``local_slice(n, r, G)`` of that dim; other tensors are whole.
+- The model is built on the meta device; ``load`` allocates it on ``device``, fills every parameter and
+  persistent buffer, then calls ``model.init_buffers(device)`` when the model has it (rope tables).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from spmd.args import ModelArgs
+from spmd.parallel import local_slice
+from spmd.world import UsageError
+
+INDEX = "model.safetensors.index.json"
+FP8_BLOCK = 128
+SCALE_SUFFIX = ".weight_scale_inv"
+FP32_NAMES = ("e_score_correction_bias",)  # routing bias stays fp32 whatever the compute dtype
+PLAIN_DTYPES = (torch.bfloat16, torch.float32)  # stored dtypes of unquantized tensors
+SCALE_DTYPES = (torch.float32, torch.float8_e8m0fnu)  # ue8m0 scales may come as e8m0 tensors
+# safetensors header dtype strings -> torch dtypes (unknown ones are kept as strings for the messages)
+ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+             "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
+             "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+             "BOOL": torch.bool}
+EXPERT_RE = re.compile(r"^(.*\.experts\.)\d+\.")
+LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+MAX_LISTED = 5  # names shown in a warning or error listing
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One model tensor to fill: name, this rank's shape, split dim (None = whole), target dtype."""
+
+    name: str
+    local_shape: tuple[int, ...]
+    shard_dim: int | None
+    dtype: torch.dtype
+
+    def full_shape(self, size: int) -> tuple[int, ...]:
+        """Shape of the whole tensor in the checkpoint when split over `size` ranks."""
+        shape = list(self.local_shape)
+        if self.shard_dim is not None:
+            shape[self.shard_dim] *= size
+        return tuple(shape)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A checkpoint tensor as its shard header describes it."""
+
+    file: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype | str
+
+
+@dataclass(frozen=True)
+class LoadStats:
+    """bytes_read: slice bytes this rank read; n_tensors: model tensors filled; skipped: checkpoint tensors not read."""
+
+    bytes_read: int
+    seconds: float
+    n_tensors: int
+    skipped: int
+
+
+def plan(model: torch.nn.Module, rank: int, size: int, dtype: torch.dtype | None = None) -> list[Entry]:
+    """Entries for every parameter and persistent buffer of `model` (target dtype: `dtype`, else its own)."""
+    if not 0 <= rank < size:
+        raise UsageError(f"rank {rank} outside model group of size {size}")
+    entries = []
+    for name, t in model.state_dict(keep_vars=True).items():
+        owner, _, leaf = name.rpartition(".")
+        shard = getattr(model.get_submodule(owner), "shard_dim", None) if leaf == "weight" else None
+        if shard is not None and not 0 <= shard < t.dim():
+            raise UsageError(f"{name}: shard_dim={shard} but the tensor has {t.dim()} dims")
+        target = t.dtype
+        if t.dtype.is_floating_point:
+            target = torch.float32 if leaf in FP32_NAMES else (dtype or t.dtype)
+        entries.append(Entry(name, tuple(t.shape), shard, target))
+    return entries
+
+
+def _read_header(path: Path) -> dict:
+    """The JSON header of a safetensors file, checked against the file size (truncation, corruption)."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        raw = f.read(8)
+        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+        if not 0 < n <= size - 8:
+            raise UsageError(f"shard {path.name} is truncated or corrupt: {size} bytes, header length "
+                             f"{n} does not fit ({path.parent})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UsageError(f"shard {path.name} is corrupt: unreadable header ({exc}) ({path.parent})") from None
+    header.pop("__metadata__", None)
+    need = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    if size - 8 - n < need:
+        raise UsageError(f"shard {path.name} is truncated: its header needs {need} data bytes, the file "
+                         f"has {size - 8 - n} ({size} bytes in all) ({path.parent})")
+    return header
+
+
+class CheckpointIndex:
+    """The index of an HF checkpoint: name -> TensorInfo from every shard's header; opens shards on demand."""
+
+    def __init__(self, root: Path, infos: dict[str, TensorInfo]):
+        self.root = root
+        self.infos = infos
+
+    @classmethod
+    def open(cls, root: str | Path) -> "CheckpointIndex":
+        root = Path(root)
+        try:
+            weight_map = json.loads((root / INDEX).read_text())["weight_map"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise UsageError(f"cannot read {root / INDEX}: {exc!r}") from None
+        by_file: dict[str, list[str]] = {}
+        for name, file in weight_map.items():
+            by_file.setdefault(file, []).append(name)
+        infos = {}
+        for file, names in sorted(by_file.items()):
+            infos.update(_shard_infos(root, file, names))
+        return cls(root, infos)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.infos
+
+    def __getitem__(self, name: str) -> TensorInfo:
+        return self.infos[name]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.infos)
+
+    def shard(self, file: str):
+        """safe_open context for one shard file (tensors come out on the CPU)."""
+        return safe_open(str(self.root / file), framework="pt", device="cpu")
+
+
+def _shard_infos(root: Path, file: str, names: list[str]) -> dict[str, TensorInfo]:
+    """TensorInfo of each indexed name of one shard file; errors name the file and the missing tensors."""
+    path = root / file
+    if not path.is_file():
+        raise UsageError(f"shard {file} listed in {INDEX} ({len(names)} tensors, e.g. {names[0]}) "
+                         f"does not exist in {root}")
+    header = _read_header(path)
+    absent = [n for n in names if n not in header]
+    if absent:
+        raise UsageError(f"{INDEX} maps {len(absent)} tensors to {file}, which does not hold them: "
+                         f"{', '.join(absent[:MAX_LISTED])} ({root})")
+    return {n: TensorInfo(file, tuple(header[n]["shape"]), ST_DTYPES.get(header[n]["dtype"], header[n]["dtype"]))
+            for n in names}
+
+
+def scale_name(weight_name: str) -> str:
+    return weight_name.removesuffix(".weight") + SCALE_SUFFIX
+
+
+def _scale_grid(shape: tuple[int, ...]) -> tuple[int, int]:
+    return math.ceil(shape[0] / FP8_BLOCK), math.ceil(shape[1] / FP8_BLOCK)
+
+
+def _check_entry(index: CheckpointIndex, e: Entry, size: int, fp8: bool) -> None:
+    """Shape and stored dtype of one entry (and of its FP8 scale); errors name the tensor and the numbers."""
+    if e.name not in index:
+        raise UsageError(f"{e.name}: not in the checkpoint ({index.root / INDEX}); the model expects "
+                         f"shape {list(e.full_shape(size))}")
+    info = index[e.name]
+    if info.shape != e.full_shape(size):
+        split = "" if e.shard_dim is None else f" = local {list(e.local_shape)} x {size} ranks along dim {e.shard_dim}"
+        raise UsageError(f"{e.name}: checkpoint shape {list(info.shape)} ({info.file}), the model expects "
+                         f"{list(e.full_shape(size))}{split}")
+    if not e.dtype.is_floating_point:
+        if info.dtype != e.dtype:
+            raise UsageError(f"{e.name}: stored dtype {info.dtype} ({info.file}), the model expects {e.dtype}")
+        return
+    if e.dtype.itemsize == 1:
+        raise UsageError(f"{e.name}: the model holds it as {e.dtype}; this loader fills bf16/fp16/fp32 only")
+    if info.dtype == torch.float8_e4m3fn:
+        _check_fp8(index, e.name, info, fp8)
+    elif info.dtype not in PLAIN_DTYPES:
+        raise UsageError(f"{e.name}: stored dtype {info.dtype} ({info.file}), expected "
+                         f"{' or '.join(str(d) for d in PLAIN_DTYPES)}" + (" or float8_e4m3fn" if fp8 else ""))
+
+
+def _check_fp8(index: CheckpointIndex, name: str, info: TensorInfo, fp8: bool) -> None:
+    """An FP8 weight needs an fp8 config and a float32/e8m0 scale of shape [ceil(out/128), ceil(in/128)]."""
+    if not fp8:
+        raise UsageError(f"{name}: stored as float8_e4m3fn ({info.file}) but config.json has no fp8 "
+                         f"quantization_config")
+    if len(info.shape) != 2:
+        raise UsageError(f"{name}: float8_e4m3fn tensor of shape {list(info.shape)}, expected a 2-D weight")
+    scale = scale_name(name)
+    if scale not in index:
+        raise UsageError(f"{name}: float8_e4m3fn weight without {scale} in {INDEX}")
+    s = index[scale]
+    if s.shape != _scale_grid(info.shape) or s.dtype not in SCALE_DTYPES:
+        raise UsageError(f"{scale}: shape {list(s.shape)} dtype {s.dtype} ({s.file}), expected "
+                         f"{list(_scale_grid(info.shape))} float32 or float8_e8m0fnu for weight "
+                         f"{list(info.shape)} in {FP8_BLOCK}x{FP8_BLOCK} blocks")
+
+
+def _index(dim: int | None, sl: slice) -> tuple[slice, ...]:
+    return () if dim is None else (slice(None),) * dim + (sl,)
+
+
+def _read(f, name: str, idx: tuple[slice, ...], timers) -> tuple[torch.Tensor, int]:
+    """One tensor (or its slice `idx`) from an open shard, timed as one io event -> (tensor, bytes)."""
+    part = f.get_slice(name)
+    shape = list(part.get_shape())
+    for d, sl in enumerate(idx):
+        shape[d] = len(range(*sl.indices(shape[d])))
+    nbytes = math.prod(shape) * ST_DTYPES[part.get_dtype()].itemsize
+    with timers.io("load.read", nbytes=nbytes) if timers is not None else nullcontext():
+        t = part[idx] if idx else f.get_tensor(name)
+    return t, nbytes
+
+
+def dequantize_slice(q: torch.Tensor, scale: torch.Tensor, row0: int, col0: int) -> torch.Tensor:
+    """fp32 W of an FP8 slice: `scale` holds the 128-blocks covering it; (row0, col0) = its offset in them."""
+    rows, cols = q.shape
+    full = scale.float().repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)
+    return q.float() * full[row0:row0 + rows, col0:col0 + cols]
+
+
+def _read_fp8(index: CheckpointIndex, f, e: Entry, sl: slice, device, timers) -> tuple[torch.Tensor, int]:
+    """This rank's slice of an FP8 weight and the scale blocks covering it, dequantized (fp32 on device)."""
+    q, nbytes = _read(f, e.name, _index(e.shard_dim, sl), timers)
+    scale_idx, offset = (), 0  # not split: the whole scale
+    if e.shard_dim is not None:
+        blocks = slice(sl.start // FP8_BLOCK, math.ceil(sl.stop / FP8_BLOCK))
+        scale_idx, offset = _index(e.shard_dim, blocks), sl.start - blocks.start * FP8_BLOCK
+    scale = scale_name(e.name)
+    if index[scale].file == index[e.name].file:
+        s, sbytes = _read(f, scale, scale_idx, timers)
+    else:  # a scale stored in another shard: open that one just for it
+        with index.shard(index[scale].file) as g:
+            s, sbytes = _read(g, scale, scale_idx, timers)
+    row0, col0 = (offset, 0) if e.shard_dim == 0 else (0, offset)
+    return dequantize_slice(q.to(device), s.to(device), row0, col0), nbytes + sbytes
+
+
+def _retype(model: torch.nn.Module, entries: list[Entry]) -> None:
+    """Give (meta) model tensors built in another dtype their target dtype, before any memory is allocated."""
+    for e in entries:
+        owner, _, leaf = e.name.rpartition(".")
+        t = getattr(model.get_submodule(owner), leaf)
+        if t.dtype != e.dtype:
+            t.data = torch.empty(t.shape, dtype=e.dtype, device=t.device)
+
+
+def _fill(model, index: CheckpointIndex, f, e: Entry, rank: int, size: int, device, timers) -> int:
+    """Read entry `e` from shard `f` and copy it into the model tensor -> bytes read."""
+    owner, _, leaf = e.name.rpartition(".")
+    sl = local_slice(e.full_shape(size)[e.shard_dim], rank, size) if e.shard_dim is not None else slice(None)
+    if index[e.name].dtype == torch.float8_e4m3fn:
+        t, nbytes = _read_fp8(index, f, e, sl, device, timers)
+    else:
+        t, nbytes = _read(f, e.name, _index(e.shard_dim, sl), timers)
+    with torch.no_grad():
+        getattr(model.get_submodule(owner), leaf).copy_(t)
+    return nbytes
+
+
+def _skip_unused(index: CheckpointIndex, entries: list[Entry], n_layers: int, log) -> int:
+    """Log the MTP skip and any unexpected checkpoint tensors -> number of checkpoint tensors not read."""
+    wanted = {e.name for e in entries} | {scale_name(e.name) for e in entries}
+    expert_dirs = {m.group(1) for e in entries if (m := EXPERT_RE.match(e.name))}
+    mtp, mtp_layers, unexpected, skipped = 0, set(), [], 0
+    for name in index.names:
+        if name in wanted:
+            continue
+        skipped += 1
+        layer = LAYER_RE.match(name)
+        expert = EXPERT_RE.match(name)
+        if layer and int(layer.group(1)) >= n_layers:
+            mtp += 1
+            mtp_layers.add(int(layer.group(1)))
+        elif not (expert and expert.group(1) in expert_dirs):  # another rank's routed expert: silently skipped
+            unexpected.append(name)
+    if mtp:
+        log(f"checkpoint: skipping {mtp} tensors of the MTP module (layers {sorted(mtp_layers)}; "
+            f"num_hidden_layers={n_layers}): multi-token prediction is not used")
+    if unexpected:
+        log(f"checkpoint: warning: {len(unexpected)} checkpoint tensors match no model tensor, e.g. "
+            f"{', '.join(unexpected[:MAX_LISTED])}")
+    return skipped
+
+
+def load(model: torch.nn.Module, ckpt_dir: str | Path, rank: int, size: int, dtype: torch.dtype,
+         device: torch.device | str, timers=None, log=print) -> LoadStats:
+    """Allocate `model` (built on meta) on `device` and fill it with this rank's slices of the checkpoint.
+
+    Every check (names, shapes, dtypes, shard files) runs before any tensor is read. Floating tensors end up
+    in `dtype` (e_score_correction_bias in float32); FP8 weights are dequantized with their block scales.
+    Reads one tensor at a time, only this rank's slice; `timers` gets one "load.read" io event per read.
+    """
+    t0 = time.perf_counter()
+    margs = ModelArgs.from_checkpoint(Path(ckpt_dir))
+    index = CheckpointIndex.open(ckpt_dir)
+    entries = plan(model, rank, size, dtype)
+    for e in entries:
+        _check_entry(index, e, size, margs.fp8)
+    skipped = _skip_unused(index, entries, margs.n_layers, log)
+    _retype(model, entries)
+    model.to_empty(device=device)
+    by_file: dict[str, list[Entry]] = {}
+    for e in entries:
+        by_file.setdefault(index[e.name].file, []).append(e)
+    nbytes, filled = 0, set()
+    for file, group in sorted(by_file.items()):
+        with index.shard(file) as f:
+            for e in group:
+                nbytes += _fill(model, index, f, e, rank, size, device, timers)
+                filled.add(e.name)
+    left = [e.name for e in entries if e.name not in filled]
+    if left:
+        raise UsageError(f"{len(left)} model tensors were not filled: {', '.join(left[:MAX_LISTED])}")
+    if hasattr(model, "init_buffers"):
+        model.init_buffers(device)
+    return LoadStats(nbytes, time.perf_counter() - t0, len(entries), skipped)

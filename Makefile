@@ -11,7 +11,7 @@ NP ?= 2
 ENV := . launch/env.sh &&
 MPIRUN := $(ENV) mpirun
 
-.PHONY: install run test test-serial test-mpi checkpoints gpu-native clean
+.PHONY: install run test test-serial test-mpi checkpoints gpu-native gpu-bench clean
 
 install: $(STAMP)
 
@@ -40,16 +40,20 @@ run: $(STAMP) $(CKPT)/tiny-bf16/config.json
 test: $(STAMP) checkpoints test-serial test-mpi
 
 test-serial: $(STAMP) checkpoints
-	$(ENV) SPMD_CKPT=$(CKPT) python -m pytest -q tests
+	$(ENV) SPMD_CKPT=$(abspath $(CKPT)) python -m pytest -q tests
 
 test-mpi: $(STAMP) checkpoints
-	$(MPIRUN) -n 1 env SPMD_CKPT=$(CKPT) python -m pytest -q -p no:cacheprovider --with-mpi -m mpi tests
-	$(MPIRUN) -n 2 env SPMD_CKPT=$(CKPT) python -m pytest -q -p no:cacheprovider --with-mpi -m mpi tests
+	$(MPIRUN) -n 1 env SPMD_CKPT=$(abspath $(CKPT)) python -m pytest -q -p no:cacheprovider --with-mpi -m mpi tests
+	$(MPIRUN) -n 2 env SPMD_CKPT=$(abspath $(CKPT)) python -m pytest -q -p no:cacheprovider --with-mpi -m mpi tests
 
 # On a GPU machine with the project's stack in its python3 (no .venv there): native vs transformers,
 # 1 and 2 GPUs, tiny and full-width slice checkpoints; writes traces/gpu/native-<gpu>-<date>.json
 gpu-native:
 	. launch/env.sh && python3 -m validation.gpu_native --configs tiny,slice --max-gpus 2 --out traces/gpu
+
+# Same machine kind: ceilings, then the slice per engine and batch size vs the floor (traces/bench/<gpu>-<date>.json)
+gpu-bench:
+	. launch/env.sh && python3 -m traces.gpu_bench all --out traces/bench
 
 clean:
 	rm -rf build outputs traces/runs .pytest_cache

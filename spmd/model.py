@@ -187,8 +187,40 @@ class MoE(nn.Module):
             y += self.shared_experts(x)  # partial: this rank's columns of the shared expert
         return all_reduce(y, self.group, self.timers, "moe.combine", self.layer).view(shape)
 
+    def pack(self) -> None:
+        """Stack the local experts into (E_l, 2I, dim) and (E_l, dim, I) for grouped GEMMs; experts become views."""
+        ex = [self.experts[str(e)] for e in range(self.expert_lo, self.expert_hi)]
+        if not ex or not hasattr(torch, "_grouped_mm"):
+            return
+        inter = ex[0].gate_proj.weight.shape[0]
+        self.w13 = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in ex])
+        self.w2 = torch.stack([e.down_proj.weight for e in ex])
+        for i, e in enumerate(ex):  # the per-expert parameters (checkpoint names) now alias the stacks
+            e.gate_proj.weight.data, e.up_proj.weight.data = self.w13[i, :inter], self.w13[i, inter:]
+            e.down_proj.weight.data = self.w2[i]
+
     def routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Sum over this rank's experts of weight * expert(token), for the tokens routed to each; (N, dim)."""
+        grouped = getattr(self, "w13", None) is not None and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
+        return self._routed_grouped(x, weights, ids) if grouped else self._routed_loop(x, weights, ids)
+
+    def _routed_grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Grouped GEMMs over (token, expert) slots sorted by local expert; no host sync, no Python loop."""
+        n, k = ids.shape
+        flat = ids.flatten()  # (N*k,)
+        local = (flat >= self.expert_lo) & (flat < self.expert_hi)
+        key = torch.where(local, flat - self.expert_lo, self.w13.shape[0])  # other ranks' slots sort last
+        order = key.argsort(stable=True)  # (N*k,) slots grouped by local expert
+        offs = torch.bincount(key, minlength=self.w13.shape[0] + 1)[:-1].cumsum(0).to(torch.int32)
+        xs = x[order // k]  # (N*k, dim); rows past offs[-1] belong to no group and are not computed
+        gate, up = torch._grouped_mm(xs, self.w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+        h = torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=offs)  # (N*k, dim)
+        w = weights.flatten()[order]  # (N*k,) float32
+        h = torch.where(local[order, None], h.float() * w[:, None], 0.0).to(x.dtype)
+        return torch.zeros_like(h).index_copy_(0, order, h).view(n, k, -1).sum(1)  # slot order: deterministic
+
+    def _routed_loop(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """One GEMM pair per local expert that was hit (one host sync for the counts)."""
         y = torch.zeros_like(x)
         flat = ids.flatten()  # (N * top_k,)
         order = flat.argsort(stable=True)  # slots grouped by expert
@@ -324,6 +356,12 @@ class Transformer(nn.Module):
                                             timers=timers, name="head", device=device)
         self.register_buffer("rope_inv_freq", torch.empty(0, device=device), persistent=False)
         self.init_buffers(self.rope_inv_freq.device)
+
+    def pack_experts(self) -> None:
+        """After loading: stack each MoE layer's local experts for grouped GEMMs (memory-neutral)."""
+        for block in self.model.layers:
+            if isinstance(block.mlp, MoE):
+                block.mlp.pack()
 
     def init_buffers(self, device) -> None:
         """(Re)compute the non-persistent buffers, e.g. after meta construction and to_empty()."""

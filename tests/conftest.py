@@ -18,7 +18,7 @@ def checkpoint_dir(config: str = "tiny", weights: str = "bf16") -> Path:
 
     Under MPI, rank 0 writes and the others wait at a barrier, so every rank sees the same files.
     """
-    base = Path(os.environ.get("SPMD_CKPT", ROOT / "build" / "checkpoints"))
+    base = Path(os.environ.get("SPMD_CKPT", ROOT / "build" / "checkpoints")).resolve()
     out = base / f"{config}-{weights}"
     comm = _mpi_comm()
     if comm is None or comm.rank == 0:

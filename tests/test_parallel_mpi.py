@@ -166,6 +166,9 @@ def test_moe_block(world, margs):
     _close(sharded(x), full(x))
     assert comm_events(timers) == ([("moe.combine", 2 * 5 * margs.dim * F32)] if size > 1 else [])
     assert {"moe.gate", "moe.experts", "moe.shared"} <= compute_names(timers)
+    sharded.pack()  # the grouped-GEMM path over this rank's expert range
+    full.pack()
+    _close(sharded(x), full(x))
 
 
 @torch.inference_mode()

@@ -1,0 +1,78 @@
+"""The floor: bytes a decode step must move and FLOPs a prefill must do, per GPU of a model group.
+
+Decode is bound by memory: every weight the step uses is read once (attention, dense and shared MLP,
+the distinct routed experts the batch hits, the gate, the head), plus the latent KV cache. Prefill is
+bound by arithmetic: 2 FLOPs per multiply-add of every weight used per token, plus attention.
+Expected distinct experts for B tokens choosing k of E uniformly: E * (1 - (1 - k/E)**B). Sharding
+divides everything but the replicated parts (q_a_proj, kv_a_proj_with_mqa, gate, norms) by G.
+Floor time = bytes / measured copy bandwidth (bytes read + written per second of a device copy),
+FLOPs / measured matmul rate; measured/floor is the gap.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from spmd.args import ModelArgs
+
+WEIGHT_BYTES = {"bf16": 2.0, "fp8": 1.0 + 4.0 / (128 * 128)}  # fp8: one fp32 scale per 128x128 block
+ACT_BYTES = 2.0  # bf16 cache and activations
+
+
+@dataclass(frozen=True)
+class LayerParams:
+    """Parameter counts of one layer, split by how they are sharded."""
+
+    replicated: float   # q_a_proj, kv_a_proj_with_mqa, gate (norms are negligible)
+    sharded: float      # q_b/kv_b/o_proj, dense MLP or shared expert: split over G
+    expert: float       # one routed expert (0 for dense layers)
+
+
+def layer_params(m: ModelArgs, layer: int) -> LayerParams:
+    q = m.dim * m.n_heads * m.qk_head_dim if not m.q_lora_rank else \
+        m.q_lora_rank * m.n_heads * m.qk_head_dim
+    q_a = m.dim * m.q_lora_rank if m.q_lora_rank else 0
+    kv_a = m.dim * (m.kv_lora_rank + m.qk_rope_head_dim)
+    kv_b = m.kv_lora_rank * m.n_heads * (m.qk_nope_head_dim + m.v_head_dim)
+    o = m.n_heads * m.v_head_dim * m.dim
+    if layer < m.n_dense_layers:
+        return LayerParams(q_a + kv_a, q + kv_b + o + 3 * m.dim * m.inter_dim, 0.0)
+    shared = 3 * m.dim * m.moe_inter_dim * m.n_shared_experts
+    return LayerParams(q_a + kv_a + m.n_routed_experts * m.dim, q + kv_b + o + shared,
+                       3 * m.dim * m.moe_inter_dim)
+
+
+def distinct_experts(m: ModelArgs, tokens: int) -> float:
+    """Expected number of distinct routed experts hit by `tokens` tokens (uniform routing)."""
+    e, k = m.n_routed_experts, m.n_activated_experts
+    return e * (1 - (1 - k / e) ** tokens)
+
+
+def decode_bytes(m: ModelArgs, batch: int, context: int, group: int = 1, weights: str = "bf16") -> float:
+    """Bytes one GPU of a group of `group` must read in one decode step of `batch` rows."""
+    wb = WEIGHT_BYTES[weights]
+    total = 0.0
+    for layer in range(m.n_layers):
+        p = layer_params(m, layer)
+        experts = distinct_experts(m, batch) * p.expert / group
+        total += wb * (p.replicated + p.sharded / group + experts)
+    total += ACT_BYTES * m.vocab_size * m.dim / group  # lm_head (bf16 in the checkpoint)
+    cache = batch * context * (m.kv_lora_rank + m.qk_rope_head_dim) * m.n_layers * ACT_BYTES
+    return total + cache  # the latent cache is not sharded: every rank of a group holds all of it
+
+
+def prefill_flops(m: ModelArgs, batch: int, prompt: int, group: int = 1) -> float:
+    """FLOPs one GPU of a group does to prefill `batch` prompts of `prompt` tokens (last-token logits)."""
+    tokens = batch * prompt
+    flops = 0.0
+    for layer in range(m.n_layers):
+        p = layer_params(m, layer)
+        active = p.sharded / group + p.replicated + m.n_activated_experts * p.expert / group
+        flops += 2 * tokens * active
+        # scores and values: q.k over (nope + rope), p.v over v_head, causal half, heads split over G
+        flops += 2 * batch * prompt * prompt / 2 * m.n_heads / group * (m.qk_head_dim + m.v_head_dim)
+    return flops + 2 * batch * m.vocab_size * m.dim / group
+
+
+def floor_ms(nbytes: float, copy_gbps: float) -> float:
+    """Milliseconds to move `nbytes` at a measured copy bandwidth (GB/s of bytes read + written)."""
+    return nbytes / (copy_gbps * 1e9) * 1e3

@@ -1,0 +1,217 @@
+"""`make gpu-bench`: the machine's ceilings, then prefill and decode of the slice per engine, with floors.
+
+    python -m traces.gpu_bench all --out traces/bench            # driver: everything below, one JSON
+    mpirun -n G python -m traces.gpu_bench run --engine native --checkpoint DIR --group-size G --tag T
+
+`all` measures the device-to-device copy bandwidth and the bf16 matmul rate, writes the slice checkpoint
+(bf16 and fp8), then runs each configuration in its own process (so the GPU memory of one does not
+bleed into the next) and writes `traces/bench/<gpu>-<date>.json` with, per row, prefill tokens/s, time
+to first token, decode ms/step, GPU memory per rank, the floor (traces.floor) and measured/floor.
+Prompts are random token ids (128 per row), the same for every engine.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCHES = (1, 8, 32, 64)
+
+
+def _median_ms(fn, reps: int = 10, warmup: int = 2) -> float:
+    """Median wall ms of fn() on the current CUDA stream (events around each call)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def ceilings() -> dict:
+    """Copy bandwidth (GB/s of bytes read + written) and bf16 matmul TFLOP/s, on random data."""
+    x = torch.randn(256 * 2**20, device="cuda", dtype=torch.bfloat16)  # 512 MiB
+    y = torch.empty_like(x)
+    copy_ms = _median_ms(lambda: y.copy_(x))
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    mm_ms = _median_ms(lambda: a @ b)
+    return {"copy_gbps": 2 * x.numel() * 2 / copy_ms / 1e6, "matmul_tflops": 2 * 8192**3 / mm_ms / 1e9,
+            "gpu": torch.cuda.get_device_name()}
+
+
+def _engine(name: str, world, ckpt: Path, max_new: int):
+    from spmd.args import ModelArgs
+    from spmd.engines import build_engine
+    from spmd.timers import Timers
+
+    margs = ModelArgs.from_checkpoint(ckpt)
+    args = types.SimpleNamespace(checkpoint=ckpt, dtype="bf16", max_new_tokens=max_new)
+    return build_engine(name, world, args, margs, Timers(world.rank, world.device, enabled=False)), margs
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _one_batch(engine, batch: int, prompt: int, steps: int, vocab: int) -> dict:
+    """Prefill one batch, then `steps` greedy decode steps; times on the host after a synchronize."""
+    g = torch.Generator().manual_seed(batch)
+    tokens = torch.randint(7, vocab, (batch, prompt), generator=g).to(engine.device)
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    _sync(engine.device)
+    t0 = time.perf_counter()
+    nxt = engine.prefill(tokens, mask).argmax(-1)
+    nxt.tolist()  # the first token reaches the host: time to first token
+    ttft = time.perf_counter() - t0
+    for _ in range(2):  # warm-up steps, not timed
+        nxt = engine.decode(nxt).argmax(-1)
+    _sync(engine.device)
+    t1 = time.perf_counter()
+    for _ in range(steps):
+        nxt = engine.decode(nxt).argmax(-1)
+    _sync(engine.device)
+    decode = (time.perf_counter() - t1) / steps
+    engine.release()
+    return {"batch": batch, "prompt": prompt, "ttft_ms": ttft * 1e3,
+            "prefill_tok_s": batch * prompt / ttft, "decode_ms_step": decode * 1e3}
+
+
+def run(a) -> int:
+    """One engine configuration over all batch sizes; rank 0 writes the rows to a.tag.json."""
+    from spmd.world import make_world, shutdown
+    from traces.floor import decode_bytes
+
+    world = make_world(a.group_size, a.device)
+    cuda = a.device == "cuda"
+    engine, margs = _engine(a.engine, world, a.checkpoint, a.steps + 4)
+    vocab = min(margs.vocab_size, 8000)  # ids the synthetic tokenizer knows
+    rows = []
+    for b in a.batches:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        r = _one_batch(engine, b, a.prompt, a.steps, vocab)
+        mem = world.comm.allgather(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
+        floor = decode_bytes(margs, b, a.prompt + a.steps // 2, a.group_size, a.weights)
+        rows.append({**r, "engine": a.engine, "gpus": a.group_size, "weights": a.weights,
+                     "gpu_mem_gib_per_rank": mem, "decode_floor_bytes": floor})
+        if world.rank == 0:
+            print(f"{a.tag} batch {b}: {r['decode_ms_step']:.2f} ms/step", flush=True)
+    if world.rank == 0:
+        Path(a.out).write_text(json.dumps(rows))
+    shutdown(world)
+    return 0
+
+
+def _spawn(tag: str, engine: str, ckpt: Path, g: int, weights: str, work: Path, batches: str) -> list[dict]:
+    out = work / f"{tag}.json"
+    if not out.is_file():
+        cmd = [*os.environ.get("MPIRUN", "mpirun").split(), "-n", str(g), sys.executable, "-m", "traces.gpu_bench",
+               "run", "--engine", engine, "--checkpoint", str(ckpt), "--group-size", str(g), "--weights", weights,
+               "--tag", tag, "--out", str(out), "--batches", batches]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if r.returncode != 0:
+            print(f"{tag} failed:\n{r.stderr[-3000:]}", file=sys.stderr, flush=True)
+            return [{"tag": tag, "error": r.stderr[-1500:]}]
+    return [dict(row, tag=tag) for row in json.loads(out.read_text())]
+
+
+def _checkpoint(weights: str, root: Path) -> Path:
+    out = root / f"slice-{weights}"
+    if not (out / "config.json").is_file():
+        subprocess.run([sys.executable, "-m", "spmd.synth", "--config", str(ROOT / "inputs/models/slice.json"),
+                        "--out", str(out), "--weights", weights, "--seed", "0", "--device", "cuda"],
+                       check=True, cwd=ROOT)
+    return out
+
+
+CONFIGS = {  # tag: (engine, gpus, weights)
+    "native-1gpu-bf16": ("native", 1, "bf16"), "native-1gpu-fp8": ("native", 1, "fp8"),
+    "native-2gpu-bf16": ("native", 2, "bf16"), "hf-1gpu-bf16": ("hf", 1, "bf16"),
+    "deepspeed-2gpu-bf16": ("deepspeed", 2, "bf16"),
+}
+
+
+def all_(a) -> int:
+    """Ceilings, checkpoints, every configuration; one JSON with floors and ratios; a table on stdout."""
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    ceil = ceilings()
+    print(f"ceilings on {ceil['gpu']}: copy {ceil['copy_gbps']:.0f} GB/s, bf16 matmul "
+          f"{ceil['matmul_tflops']:.0f} TFLOP/s", flush=True)
+    rows = []
+    for tag in a.configs.split(","):
+        engine, g, weights = CONFIGS[tag]
+        if g > torch.cuda.device_count():
+            continue
+        rows += _spawn(tag, engine, _checkpoint(weights, Path(a.ckpt_root)), g, weights, work, a.batches_arg)
+    for r in rows:
+        if "decode_floor_bytes" in r:
+            r["decode_floor_ms"] = r["decode_floor_bytes"] / (ceil["copy_gbps"] * 1e9) * 1e3
+            r["decode_vs_floor"] = r["decode_ms_step"] / r["decode_floor_ms"]
+    doc = {"gpu": ceil["gpu"], "date": dt.date.today().isoformat(), "ceilings": ceil, "rows": rows}
+    out = Path(a.out) / f"{ceil['gpu'].replace(' ', '_')}-{doc['date']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1))
+    print(table(rows))
+    print(f"wrote {out}")
+    return 0
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"{'config':22} {'batch':>5} {'prefill tok/s':>13} {'TTFT ms':>8} {'decode ms':>9} "
+             f"{'floor ms':>8} {'x floor':>7} {'GiB/rank':>8}"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['tag']:22} ERROR")
+            continue
+        lines.append(f"{r['tag']:22} {r['batch']:>5} {r['prefill_tok_s']:13.0f} {r['ttft_ms']:8.1f} "
+                     f"{r['decode_ms_step']:9.2f} {r['decode_floor_ms']:8.2f} {r['decode_vs_floor']:7.2f} "
+                     f"{max(r['gpu_mem_gib_per_rank']):8.2f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--engine", required=True)
+    r.add_argument("--checkpoint", type=Path, required=True)
+    r.add_argument("--group-size", type=int, default=1)
+    r.add_argument("--weights", default="bf16")
+    r.add_argument("--tag", required=True)
+    r.add_argument("--out", required=True)
+    r.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    r.add_argument("--prompt", type=int, default=128)
+    r.add_argument("--steps", type=int, default=16)
+    r.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    al = sub.add_parser("all")
+    al.add_argument("--configs", default=",".join(CONFIGS))
+    al.add_argument("--batches", dest="batches_arg", default=",".join(map(str, BATCHES)))
+    al.add_argument("--ckpt-root", default=str(ROOT / "build" / "checkpoints"))
+    al.add_argument("--work", default=str(ROOT / "build" / "bench"))
+    al.add_argument("--out", default=str(ROOT / "traces" / "bench"))
+    a = p.parse_args(argv)
+    if a.cmd == "run":
+        a.batches = [int(b) for b in a.batches.split(",")]
+        return run(a)
+    return all_(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

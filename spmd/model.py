@@ -160,6 +160,19 @@ class Gate(nn.Module):
         return weights, ids
 
 
+def _grouped_mm_works(w: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm runs for this device, dtype and our layout (e.g. not fp32 on CUDA)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    b = torch.ones(2, 16, 32, dtype=w.dtype, device=w.device).transpose(1, 2)  # (G, K, N) column-major
+    a = torch.ones(5, 32, dtype=w.dtype, device=w.device)
+    try:
+        out = torch._grouped_mm(a, b, offs=torch.tensor([2, 5], dtype=torch.int32, device=w.device))
+    except (RuntimeError, NotImplementedError):
+        return False
+    return bool((out == 32).all())
+
+
 class MoE(nn.Module):
     """Routed experts (this rank's range) + shared expert (column/row split), summed by one all-reduce."""
 
@@ -193,6 +206,8 @@ class MoE(nn.Module):
         if not ex or not hasattr(torch, "_grouped_mm"):
             return
         inter = ex[0].gate_proj.weight.shape[0]
+        if not _grouped_mm_works(ex[0].gate_proj.weight):
+            return
         self.w13 = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in ex])
         self.w2 = torch.stack([e.down_proj.weight for e in ex])
         for i, e in enumerate(ex):  # the per-expert parameters (checkpoint names) now alias the stacks
@@ -201,7 +216,7 @@ class MoE(nn.Module):
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Sum over this rank's experts of weight * expert(token), for the tokens routed to each; (N, dim)."""
-        grouped = getattr(self, "w13", None) is not None and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
+        grouped = getattr(self, "w13", None) is not None
         return self._routed_grouped(x, weights, ids) if grouped else self._routed_loop(x, weights, ids)
 
     def _routed_grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -357,11 +372,12 @@ class Transformer(nn.Module):
         self.register_buffer("rope_inv_freq", torch.empty(0, device=device), persistent=False)
         self.init_buffers(self.rope_inv_freq.device)
 
-    def pack_experts(self) -> None:
-        """After loading: stack each MoE layer's local experts for grouped GEMMs (memory-neutral)."""
-        for block in self.model.layers:
-            if isinstance(block.mlp, MoE):
-                block.mlp.pack()
+    def pack_experts(self) -> str:
+        """After loading: stack each MoE layer's local experts for grouped GEMMs; returns the path in use."""
+        moes = [b.mlp for b in self.model.layers if isinstance(b.mlp, MoE)]
+        for moe in moes:
+            moe.pack()
+        return "grouped" if moes and getattr(moes[0], "w13", None) is not None else "loop"
 
     def init_buffers(self, device) -> None:
         """(Re)compute the non-persistent buffers, e.g. after meta construction and to_empty()."""

@@ -109,6 +109,7 @@ def run(a) -> int:
         mem = world.comm.allgather(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
         floor = decode_bytes(margs, b, a.prompt + a.steps // 2, a.group_size, a.weights)
         rows.append({**r, "engine": a.engine, "gpus": a.group_size, "weights": a.weights,
+                     "moe_path": getattr(engine, "info", {}).get("moe_path", ""),
                      "gpu_mem_gib_per_rank": mem, "decode_floor_bytes": floor})
         if world.rank == 0:
             print(f"{a.tag} batch {b}: {r['decode_ms_step']:.2f} ms/step", flush=True)

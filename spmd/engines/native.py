@@ -29,9 +29,9 @@ class NativeEngine:
         peak0 = _rss_peak_bytes()
         stats = agree(world.group_comm, lambda: load(self.model, args.checkpoint, world.group_rank,
                                                      world.group_size, dtype, self.device, timers, log))
-        self.model.pack_experts()
+        moe_path = self.model.pack_experts()
         self.model.eval()
-        self.info = {"load_bytes_read": stats.bytes_read, "load_s": stats.seconds,
+        self.info = {"moe_path": moe_path, "load_bytes_read": stats.bytes_read, "load_s": stats.seconds,
                      "load_tensors": stats.n_tensors, "param_bytes": param_bytes(self.model),
                      "expert_param_bytes": param_bytes(self.model, "mlp.experts."),
                      "rss_peak_before_load": peak0, "rss_peak_after_load": _rss_peak_bytes()}

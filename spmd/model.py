@@ -226,7 +226,9 @@ class MoE(nn.Module):
         local = (flat >= self.expert_lo) & (flat < self.expert_hi)
         key = torch.where(local, flat - self.expert_lo, self.w13.shape[0])  # other ranks' slots sort last
         order = key.argsort(stable=True)  # (N*k,) slots grouped by local expert
-        offs = torch.bincount(key, minlength=self.w13.shape[0] + 1)[:-1].cumsum(0).to(torch.int32)
+        counts = torch.zeros(self.w13.shape[0] + 1, dtype=torch.int64, device=x.device)
+        counts.scatter_add_(0, key, torch.ones_like(key))  # fixed size: bincount would sync to size its output
+        offs = counts[:-1].cumsum(0).to(torch.int32)  # (E_l,) end row of each local expert
         xs = x[order // k]  # (N*k, dim); rows past offs[-1] belong to no group and are not computed
         gate, up = torch._grouped_mm(xs, self.w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
         h = torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=offs)  # (N*k, dim)

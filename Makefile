@@ -11,7 +11,7 @@ NP ?= 2
 ENV := . launch/env.sh &&
 MPIRUN := $(ENV) mpirun
 
-.PHONY: install run test test-serial test-mpi checkpoints gpu-native gpu-bench clean
+.PHONY: install install-perf run test test-serial test-mpi checkpoints gpu-native gpu-bench bench baseline validate container clean
 
 install: $(STAMP)
 
@@ -37,14 +37,36 @@ run: $(STAMP) $(CKPT)/tiny-bf16/config.json
 	  --trace-dir traces/runs/local --engine native --group-size 2 --dtype fp32 --max-new-tokens 32
 	$(ENV) python -m traces.report traces/runs/local
 
-test: $(STAMP) checkpoints test-serial test-mpi
+test: $(STAMP) checkpoints install-perf test-serial test-mpi
 
-test-serial: $(STAMP) checkpoints
+# perf for launch/rank.sh PROFILE=perf (Debian's linux-perf; CI runs as root); quiet when perf is already there
+install-perf:
+	@command -v perf >/dev/null 2>&1 || { $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq linux-perf >/dev/null; }
+	@perf stat -e task-clock true >/dev/null 2>&1 || echo "install-perf: perf cannot count here (perf_event_paranoid?)"
+
+# Timer overhead vs a decode step of the tiny native engine (CPU here); writes traces/bench/timers-*.json
+bench: $(STAMP) $(CKPT)/tiny-bf16/config.json
+	$(ENV) python -m traces.bench_timers --checkpoint $(CKPT)/tiny-bf16 --out traces/bench
+
+test-serial: $(STAMP) checkpoints install-perf
 	$(ENV) SPMD_CKPT=$(abspath $(CKPT)) python -m pytest -q tests
 
 test-mpi: $(STAMP) checkpoints
 	$(MPIRUN) -n 1 env SPMD_CKPT=$(abspath $(CKPT)) python -m pytest -q -p no:cacheprovider --with-mpi -m mpi tests
 	$(MPIRUN) -n 2 env SPMD_CKPT=$(abspath $(CKPT)) python -m pytest -q -p no:cacheprovider --with-mpi -m mpi tests
+
+# One fp32 transformers baseline per tiny checkpoint (validation/baselines/NAME.jsonl), remade when it changes
+BASELINES := validation/baselines
+$(BASELINES)/%.jsonl: $(CKPT)/%/config.json validation/baseline.py | $(STAMP)
+	$(ENV) python -m validation.baseline --checkpoint $(CKPT)/$* --prompts inputs/prompts/validation20.jsonl \
+	  --out $@ --max-new-tokens 32 --top-k 8 --dtype fp32 --device cpu
+
+baseline: $(BASELINES)/tiny-bf16.jsonl $(BASELINES)/tiny-fp8.jsonl
+
+# Engines x layouts x dtypes x weights on CPU, scored against the baselines: validation/results/<machine>-<date>.md
+validate: $(STAMP) baseline
+	$(ENV) python -m validation.matrix --device cpu --configs tiny --ckpt-root $(CKPT) --baselines $(BASELINES)
 
 # On a GPU machine with the project's stack in its python3 (no .venv there): native vs transformers,
 # 1 and 2 GPUs, tiny and full-width slice checkpoints; writes traces/gpu/native-<gpu>-<date>.json
@@ -54,6 +76,15 @@ gpu-native:
 # Same machine kind: ceilings, then the slice per engine and batch size vs the floor (traces/bench/<gpu>-<date>.json)
 gpu-bench:
 	. launch/env.sh && python3 -m traces.gpu_bench all --out traces/bench
+
+# Apptainer image (apptainer/deepseek.def: CUDA + PyTorch base, InfiniBand user space, these pins); only
+# where apptainer is installed (a cluster's login node). Not built on the development machines.
+SIF ?= build/deepseek.sif
+container:
+	@command -v apptainer >/dev/null || { echo "make container: apptainer is not installed here; on a machine" \
+	  "that has it (a cluster login node) run: apptainer build $(SIF) apptainer/deepseek.def" >&2; exit 1; }
+	mkdir -p $(dir $(SIF))
+	apptainer build $(APPTAINER_BUILD_OPTS) $(SIF) apptainer/deepseek.def
 
 clean:
 	rm -rf build outputs traces/runs .pytest_cache

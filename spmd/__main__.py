@@ -14,8 +14,10 @@ from mpi4py import MPI
 from . import args as A
 from . import dispatch, world as W
 from . import prompts as P
+from . import score as S
 from .engines import build_engine
-from .generate import GenConfig, generate
+from .generate import GenConfig, generate, score
+from .profile import Profiler
 from .timers import Timers, run_metadata
 
 
@@ -35,20 +37,25 @@ def run(comm, argv) -> None:
     margs = W.on_root(comm, lambda: A.ModelArgs.from_checkpoint(args.checkpoint))
     W.on_root(comm, lambda: A.check_model_topology(margs, args.group_size, args.engine))
     world = W.make_world(args.group_size, args.device, comm)
-    timers = Timers(world.rank, world.device, enabled=args.trace_dir is not None)
+    prof = Profiler.from_args(args, world)  # --profile: a window over decode steps, opened by set_phase
+    timers = Timers(world.rank, world.device, args.trace_dir is not None, args.profile == "nsys", prof.on_phase)
     timers.align(comm)
     timers.set_phase("load")
     with (timers.io if world.rank == 0 else timers.wait)("prompts.read_tokenize"):  # others wait for rank 0
         text = W.on_root(comm, lambda: read_and_tokenize(args, margs), share=False)
     n = comm.bcast(len(text[0]) if world.rank == 0 else None, root=0)
+    scoring = S.prepare(comm, args.score, args.checkpoint, text) if args.score else None  # checks the baseline
     engine = build_engine(args.engine, world, args, margs, timers)
-    results = dispatch.gather_results(world, serve(world, engine, args, margs, text, n, timers), n)
+    if scoring is not None and not hasattr(engine, "score"):
+        raise W.UsageError(f"--engine {args.engine} has no score method: it cannot --score")
+    results = dispatch.gather_results(world, serve(world, engine, args, margs, text, n, timers, scoring), n)
     if world.rank == 0:
         prompts, ids, tokenizer = text
         timers.set_phase("other")
         with timers.io("outputs.write"):
-            P.write_jsonl(args.output, P.output_rows(prompts, ids, results, tokenizer))
-    write_traces(world, args, margs, timers, engine)
+            P.write_jsonl(args.output, S.attach(P.output_rows(prompts, ids, results, tokenizer), results, scoring))
+    prof.close()
+    write_traces(world, args, margs, timers, engine, results)
     W.shutdown(world)
 
 
@@ -61,9 +68,10 @@ def read_and_tokenize(args: A.RunArgs, margs: A.ModelArgs):
     return prompts, ids, tokenizer
 
 
-def serve(world: W.World, engine, args: A.RunArgs, margs: A.ModelArgs, text, n: int, timers) -> list[dict]:
-    """Generate for this replica's prompts, batch by batch; results carry their input index."""
-    items = list(enumerate(text[1])) if world.rank == 0 else None
+def serve(world: W.World, engine, args: A.RunArgs, margs: A.ModelArgs, text, n: int, timers,
+          scoring: S.Scoring | None = None) -> list[dict]:
+    """Generate (and score) this replica's prompts, batch by batch; results carry their input index."""
+    items = S.work_items(text[1], scoring and scoring.targets) if world.rank == 0 else None
     cfg = GenConfig(args.max_new_tokens, margs.eos_token_id, margs.eos_token_id,
                     args.temperature, args.top_p, args.seed)
     if args.dispatch == "static":
@@ -75,32 +83,37 @@ def serve(world: W.World, engine, args: A.RunArgs, margs: A.ModelArgs, text, n: 
     progress = dispatch.Progress(world, n, enabled=args.progress)
     results = []
     for batch in batches:
-        rows = generate(engine, batch, cfg, timers)
+        rows = run_batch(engine, batch, cfg, args.score_only, scoring, timers)
         results += [dict(r, replica=world.replica) for r in rows]
         progress.update(len(rows))
     progress.close()
     return results
 
 
-def write_traces(world: W.World, args: A.RunArgs, margs: A.ModelArgs, timers, engine) -> None:
-    """Every rank writes its HDF5 file; rank 0 merges them once all are on disk."""
+def run_batch(engine, batch: list[tuple], cfg: GenConfig, score_only: bool, scoring, timers) -> list[dict]:
+    """Generate (unless --score-only) and score (with --score) one batch; one dict per row, in batch order."""
+    rows = [{"index": it[0], "tokens": [], "ttft_s": 0.0, "latency_s": 0.0} for it in batch] if score_only \
+        else generate(engine, [it[:2] for it in batch], cfg, timers)
+    if scoring is not None:
+        for row, s in zip(rows, score(engine, batch, scoring.k, timers)):
+            row["score"] = s
+    return rows
+
+
+def write_traces(world: W.World, args: A.RunArgs, margs: A.ModelArgs, timers, engine, results) -> None:
+    """Every rank writes its HDF5 file (rank 0's counts the tokens generated); rank 0 merges them."""
     if args.trace_dir is None:
         return
     meta = run_metadata(W.topology(world))
     meta.update(config=margs.raw, args={k: str(v) for k, v in asdict(args).items()}, engine=args.engine,
-                engine_info=getattr(engine, "info", {}), gpu_peak_bytes=_gpu_peak_bytes(world))
+                engine_info=getattr(engine, "info", {}))
+    if results is not None:
+        meta["tokens_generated"] = sum(len(r["tokens"]) for r in results)
     timers.write(args.trace_dir, meta)
     world.comm.Barrier()
     if world.rank == 0:
         from traces.merge import merge
         merge(args.trace_dir)
-
-
-def _gpu_peak_bytes(world: W.World) -> int:
-    """Peak bytes allocated by PyTorch on this rank's GPU (0 on CPU)."""
-    import torch
-
-    return torch.cuda.max_memory_allocated(world.device) if world.device.startswith("cuda") else 0
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from .profile import KINDS as PROFILE_KINDS, parse_steps
 from .world import UsageError
 
 ENGINES = ("hf", "native", "deepspeed")
@@ -41,6 +42,10 @@ class RunArgs:
     chat: bool
     local_debug: bool
     progress: bool
+    profile: str = "none"
+    profile_steps: tuple[int, int] = (2, 5)
+    score: Path | None = None
+    score_only: bool = False
 
 
 def parser() -> argparse.ArgumentParser:
@@ -63,7 +68,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat-template", dest="chat", action="store_false", help="tokenize prompts raw")
     p.add_argument("--local-debug", action="store_true", help="CPU, gloo, no DeepSpeed/NCCL setup")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--profile", choices=PROFILE_KINDS, default="none",
+                   help="profiler window over decode steps (torch: chrome trace in TRACE_DIR/torch; nsys: "
+                        "cudaProfilerStart/Stop for launch/rank.sh PROFILE=nsys)")
+    p.add_argument("--score", type=Path, default=None, metavar="BASELINE",
+                   help="teacher-forced scoring of a validation.baseline file's tokens (adds `score` to each row)")
+    p.add_argument("--score-only", action="store_true", help="with --score: score, do not generate")
+    p.add_argument("--profile-steps", type=_steps, default=(2, 5), metavar="A:B",
+                   help="decode steps A..B inside the window (default 2:5)")
     return p
+
+
+def _steps(text: str) -> tuple[int, int]:
+    try:
+        return parse_steps(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_args(argv: list[str] | None = None) -> RunArgs:
@@ -84,6 +104,13 @@ def check_run_args(a: RunArgs) -> None:
         raise UsageError(f"--temperature={a.temperature} must be >= 0 and --top-p={a.top_p} in (0, 1]")
     if a.local_debug and a.engine == "deepspeed":
         raise UsageError("--local-debug skips DeepSpeed setup: use --engine native or hf")
+    if a.score_only and a.score is None:
+        raise UsageError("--score-only needs --score BASELINE")
+    if a.profile == "torch" and a.trace_dir is None:
+        raise UsageError("--profile torch writes TRACE_DIR/torch/rank*.json: give --trace-dir")
+    if a.profile == "nsys" and a.device != "cuda":
+        raise UsageError(f"--profile nsys opens the window with cudaProfilerStart: needs --device cuda, "
+                         f"got --device {a.device}")
 
 
 def check_paths(a: RunArgs) -> None:
@@ -95,6 +122,8 @@ def check_paths(a: RunArgs) -> None:
             raise UsageError(f"checkpoint {a.checkpoint} has no {name}")
     if not a.prompts.is_file():
         raise UsageError(f"prompt file {a.prompts} does not exist")
+    if a.score is not None and not a.score.is_file():
+        raise UsageError(f"baseline file {a.score} (--score) does not exist")
     out_dir = a.output.parent
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"output directory {out_dir} is not a directory")

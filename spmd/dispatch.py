@@ -1,8 +1,9 @@
 """Work distribution over MPI: static scatter, dynamic dispatch, progress, ordered gather.
 
-A work item is `(index, token_ids)`. Every rank of a model group must see the same items in the
-same order (they run one model together), so items go to group leaders and are broadcast inside
-the group. Results come back as dicts carrying their `index`; rank 0 restores input order.
+A work item is `(index, token_ids, ...)` (scoring appends the baseline's tokens). Every rank of a
+model group must see the same items in the same order (they run one model together), so items go
+to group leaders and are broadcast inside the group. Results come back as dicts carrying their
+`index`; rank 0 restores input order.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def scatter_static(world: World, items: list[Item] | None) -> list[Item]:
     """Rank 0 splits the items over the replicas by length; every rank gets its replica's share."""
     per_rank = None
     if world.rank == 0:
-        shares = balance([len(ids) for _, ids in items], world.n_replicas)
+        shares = balance([len(it[1]) for it in items], world.n_replicas)
         per_rank = [[items[i] for i in shares[r // world.group_size]] for r in range(world.size)]
     return world.comm.scatter(per_rank, root=0)
 

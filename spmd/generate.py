@@ -37,6 +37,9 @@ class Stepper(Protocol):
     def release(self) -> None:
         """Drop the batch's KV cache."""
 
+    def score(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) left-padded ids and mask → (B, T, V) float32 logits at every position; no cache kept."""
+
 
 def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) ids with pads on the left, and the (B, T) bool mask of real tokens."""
@@ -97,6 +100,51 @@ def generate(stepper: Stepper, batch: list[tuple[int, list[int]]], cfg: GenConfi
         nxt = sample(stepper.decode(feed), cfg, gens).tolist()
     stepper.release()
     return [{"index": i, "tokens": o, "ttft_s": ttft, "latency_s": f} for i, o, f in zip(indices, out, finish)]
+
+
+@torch.inference_mode()
+def score(stepper: Stepper, batch: list[tuple], k: int, timers=None) -> list[dict]:
+    """Teacher-forced scoring: prompt + target ids through the model; per target position the run's numbers.
+
+    batch rows: (index, prompt ids, target ids, support ids: one list per target position). Per row:
+    target_logprob (the run's log-prob of each target id), top1, topk_ids/topk_logprobs (the run's own
+    top k) and support_logprobs (the run's log-probs of the support ids), in batch order. Rows of similar
+    length share a forward (little padding); each (B, T, V) logits tensor is reduced here and dropped.
+    """
+    _phase(timers, "other", -1)
+    seqs = [list(p) + list(t[:-1]) for _, p, t, _ in batch]  # the last target is predicted, never fed
+    out: list[dict] = [{} for _ in batch]
+    for chunk in _similar_lengths([len(s) for s in seqs]):
+        tokens, mask = left_pad([seqs[r] for r in chunk], 0, stepper.device)
+        logits = stepper.score(tokens, mask)  # (B, T, V) float32
+        for b, r in enumerate(chunk):
+            index, prompt, target, support = batch[r]
+            first = tokens.shape[1] - len(seqs[r]) + len(prompt) - 1  # the position that predicts target[0]
+            out[r] = _position_numbers(logits[b, first:first + len(target)], target, support, k)
+            out[r]["index"] = index
+        del logits
+    return out
+
+
+def _similar_lengths(lengths: list[int]) -> list[list[int]]:
+    """Row indices, longest first, cut where a row is under half as long as its chunk's first."""
+    chunks: list[list[int]] = []
+    for r in sorted(range(len(lengths)), key=lambda r: (-lengths[r], r)):
+        if not chunks or 2 * lengths[r] < lengths[chunks[-1][0]]:
+            chunks.append([])
+        chunks[-1].append(r)
+    return chunks
+
+
+def _position_numbers(logits: torch.Tensor, target: list[int], support: list[list[int]], k: int) -> dict:
+    """(n, V) logits of the positions that predict `target` → the run's numbers at those positions."""
+    lp = torch.log_softmax(logits.float(), dim=-1)  # (n, V)
+    top = lp.topk(k, dim=-1)
+    ids = torch.tensor(target, device=lp.device)[:, None]
+    sup = torch.tensor(support, dtype=torch.long, device=lp.device)  # (n, k_baseline)
+    return {"target_logprob": lp.gather(1, ids)[:, 0].tolist(), "top1": top.indices[:, 0].tolist(),
+            "topk_ids": top.indices.tolist(), "topk_logprobs": top.values.tolist(),
+            "support_logprobs": lp.gather(1, sup).tolist()}
 
 
 def _phase(timers, phase: str, step: int) -> None:

@@ -37,10 +37,12 @@ clock. ``nvtx=True`` also pushes an NVTX range with the event's name (CUDA only)
 reused and Stream objects cached, so recording a CUDA interval costs ~8 µs of host time (H200 host).
 
 HDF5 rank file ``rank{r:05d}.h5``: dataset ``events``; file attributes ``schema``, ``rank``,
-``epoch_ns`` (rank 0's wall clock at t0), ``local_epoch_ns`` (this rank's), ``aligned`` (bool),
+``epoch_ns`` (rank 0's wall clock at t0), ``local_epoch_ns`` (this rank's), ``clock_t0_ns`` (this rank's
+``perf_counter_ns``, i.e. CLOCK_MONOTONIC, at t0: what profiler importers subtract), ``aligned`` (bool),
 ``device``, plus every key of the caller's ``meta`` (dict/list/tuple/None as JSON strings, scalars as
 is). A ``world_size`` attribute, when given, is what ``traces.merge`` checks for missing ranks.
 
+``on_phase(phase, step)``, when given, is called by every ``set_phase`` (the profiler window hook).
 Not thread safe: one Timers per rank, used from the thread that runs the model.
 """
 
@@ -69,7 +71,7 @@ EVENT_FIELDS = (
     ("name", "S"), ("kind", "S"), ("phase", "S"), ("step", "<i4"), ("layer", "<i4"),
     ("start_ns", "<i8"), ("dur_ns", "<i8"), ("bytes", "<i8"), ("group", "S"),
 )
-_RESERVED = ("schema", "rank", "epoch_ns", "local_epoch_ns", "aligned", "device")
+_RESERVED = ("schema", "rank", "epoch_ns", "local_epoch_ns", "clock_t0_ns", "aligned", "device")
 _perf_ns = time.perf_counter_ns
 
 
@@ -138,8 +140,9 @@ class Timers:
     """Collects leaf-interval events of one rank; see the module docstring for the schema."""
 
     def __init__(self, rank: int, device: torch.device | str = "cpu", enabled: bool = True,
-                 nvtx: bool = False):
+                 nvtx: bool = False, on_phase=None):
         self.rank = int(rank)
+        self._on_phase = on_phase
         self.device = torch.device(device)
         self.enabled = bool(enabled)
         self._cuda = self.enabled and self.device.type == "cuda"
@@ -191,6 +194,8 @@ class Timers:
         if phase not in PHASES:
             raise ValueError(f"phase={phase!r} not in {PHASES}")
         self._phase, self._step = phase, int(step)
+        if self._on_phase is not None:
+            self._on_phase(phase, self._step)
 
     def compute(self, name: str, layer: int = -1):
         """Context timing a compute block (CUDA events on GPU)."""
@@ -271,7 +276,7 @@ class Timers:
             raise ValueError(f"meta keys {clash} are reserved for Timers")
         attrs = {k: _attr_value(v) for k, v in meta.items()}
         attrs.update(schema=SCHEMA, rank=self.rank, epoch_ns=self._epoch_ns,
-                     local_epoch_ns=self._local_epoch_ns, aligned=self._aligned,
+                     local_epoch_ns=self._local_epoch_ns, clock_t0_ns=self._t0, aligned=self._aligned,
                      device=str(self.device))
         return attrs
 
@@ -338,7 +343,8 @@ def write_h5_atomic(path: Path, datasets: dict, attrs: dict) -> None:
 
 
 def run_metadata(world_like: dict) -> dict:
-    """What a rank knows by itself: host, versions, MPI library, git commit, SLURM ids, GPU, NCCL env."""
+    """What a rank knows by itself: host, versions, MPI library, git commit, GPU, NCCL env; SLURM ids
+    from ``world_like["slurm"]`` (world.topology reads them) as top-level ``SLURM_*`` keys."""
     meta = {
         "hostname": socket.gethostname(),
         "world": dict(world_like),
@@ -346,15 +352,19 @@ def run_metadata(world_like: dict) -> dict:
         "mpi_library": _mpi_library(),
         "git_commit": _git_commit(),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else "",
+        "gpu_peak_bytes": _gpu_peak_bytes(str(world_like.get("device", "cpu"))),
         "nccl_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("NCCL_")},
     }
     size = world_like.get("world_size", world_like.get("size"))
     if size is not None:
         meta["world_size"] = int(size)
-    for key in ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_NODELIST"):
-        if key in os.environ:
-            meta[key] = os.environ[key]
+    meta.update(world_like.get("slurm") or {})
     return meta
+
+
+def _gpu_peak_bytes(device: str) -> int:
+    """Peak bytes allocated by PyTorch on this rank's GPU (0 on CPU)."""
+    return torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else 0
 
 
 def _versions() -> dict:

@@ -201,4 +201,14 @@ def topology(world: World) -> dict:
     return {"world_size": world.size, "group_size": world.group_size, "n_replicas": world.n_replicas,
             "rank": world.rank, "replica": world.replica, "group_rank": world.group_rank,
             "local_rank": world.local_rank, "local_size": world.local_size,
-            "hostname": world.hostname, "backend": world.backend, "device": world.device}
+            "hostname": world.hostname, "backend": world.backend, "device": world.device,
+            "slurm": slurm_ids()}
+
+
+SLURM_IDS = ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NAME",
+             "SLURM_CLUSTER_NAME", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+
+
+def slurm_ids() -> dict:
+    """The job's SLURM ids (job, step, array, name, cluster, nodes) that are set; {} outside SLURM."""
+    return {k: os.environ[k] for k in SLURM_IDS if k in os.environ}

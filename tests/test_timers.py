@@ -146,11 +146,30 @@ def test_write_atomic_and_metadata_roundtrip(tmp_path):
         t.write(tmp_path, {"epoch_ns": 1})
 
 
-def test_run_metadata_keys():
+def test_run_metadata_keys(monkeypatch):
     meta = run_metadata({"rank": 0, "world_size": 4})
     assert meta["world_size"] == 4 and meta["hostname"]
     assert {"torch", "python", "mpi4py"} <= set(meta["versions"])
     assert isinstance(meta["nccl_env"], dict) and isinstance(meta["git_commit"], str)
+    assert meta["gpu_peak_bytes"] == 0 and "SLURM_JOB_ID" not in meta
+    from spmd.world import slurm_ids
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_STEP_ID", "3")
+    meta = run_metadata({"rank": 0, "world_size": 4, "slurm": slurm_ids()})  # world.topology's "slurm"
+    assert meta["SLURM_JOB_ID"] == "4242" and meta["SLURM_STEP_ID"] == "3"
+
+
+def test_on_phase_hook_and_monotonic_t0(tmp_path):
+    seen = []
+    t = Timers(0, on_phase=lambda phase, step: seen.append((phase, step)))
+    t.align(StubComm())
+    t.set_phase("decode", 3)
+    t.set_phase("other")
+    assert seen == [("decode", 3), ("other", -1)]
+    with h5py.File(t.write(tmp_path, {}), "r") as f:
+        t0 = int(f.attrs["clock_t0_ns"])  # CLOCK_MONOTONIC at t0: profiler importers subtract it
+    assert abs((time.perf_counter_ns() - t0) - t.now_ns()) < 50_000_000
 
 
 def test_merge_union_sorted_with_rank(tmp_path):

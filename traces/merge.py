@@ -1,16 +1,23 @@
 """Merge a run's per-rank trace files into RUN_DIR/merged.h5: ``python -m traces.merge RUN_DIR``.
 
-merged.h5 layout:
+merged.h5 layout (each source in its own group; every ``start_ns`` on the aligned clock of the rank):
     events          every rank's events (schema in spmd/timers.py) with a leading ``rank`` int32 column,
                     sorted by (rank, start_ns); strings fixed-width bytes, widened to the widest rank
     ranks/<r>       one empty group per rank holding that rank file's attributes unchanged
-    attrs           schema, n_ranks, world_size, epoch_ns (rank 0's wall clock at the aligned t0)
+    nccl/<r>        NCCL transports seen in logs/rank*.log (traces/nccl_log.py)
+    nsys/<r>/       kernels, memcpy, nvtx from nsys/rank*.sqlite (traces/nsys.py)
+    torch/<r>/      events from torch/rank*.json, torch.profiler chrome traces (traces/torch_trace.py)
+    perf/<r>/       stat from perf/rank*.stat.csv, samples from perf/rank*.script.txt (traces/perf.py)
+    sacct/steps     SLURM accounting per job step from sacct.json or sacct.txt (traces/sacct.py)
+    attrs           schema, n_ranks, world_size, epoch_ns (rank 0's wall clock at the aligned t0),
+                    nccl_transport, nccl_network, nccl_version
 
 The file is built by the importers in ``IMPORTERS``, in order. An importer is one function
 ``fn(run_dir: Path, out: h5py.File) -> None`` that adds its datasets, groups or attributes to ``out``;
 it reads only its own inputs from run_dir (never merged.h5), and does nothing when they are absent.
-Later importers (nsys sqlite, torch.profiler json, perf, sacct) are appended there.
-The output is written to a hidden tmp file and renamed, so merging is atomic and idempotent.
+Profiler groups carry ``source``, ``clock`` and ``clock_offset_ns`` (how they were aligned:
+traces/clock.py). The output is written to a hidden tmp file and renamed, so merging is atomic and
+idempotent: the same inputs give the same merged.h5.
 """
 
 from __future__ import annotations
@@ -24,6 +31,12 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+
+from traces.nccl_log import import_nccl_logs
+from traces.nsys import import_nsys
+from traces.perf import import_perf
+from traces.sacct import import_sacct
+from traces.torch_trace import import_torch
 
 SCHEMA = "spmd-trace-merged/1"
 MERGED = "merged.h5"
@@ -118,7 +131,7 @@ def import_ranks(run_dir: Path, out: h5py.File) -> None:
     out.attrs["epoch_ns"] = attrs[0].get("epoch_ns", 0)
 
 
-IMPORTERS = (import_ranks,)
+IMPORTERS = (import_ranks, import_nccl_logs, import_nsys, import_torch, import_perf, import_sacct)
 
 
 @contextmanager

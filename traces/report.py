@@ -1,12 +1,15 @@
-"""Text report of a run's traces: ``python -m traces.report RUN_DIR``.
+"""Report of a run's traces: ``python -m traces.report RUN_DIR [--plots]`` or ``--scaling RUN_DIR...``.
 
-Sections (each a function of the loaded ``Trace``, listed in ``SECTIONS``):
-per rank the compute / comm / io / wait split and wall time; per phase the same split summed over
-ranks; the collectives ranked by total time with count, bytes and achieved bandwidth.
+RUN_DIR is a run's trace directory (merged first if merged.h5 is missing or older than a rank file)
+or a merged .h5 file. Sections (functions of the loaded ``Trace``, in ``SECTIONS``): per rank the
+compute / comm / io / wait split and wall time; per phase, and per rank and phase; the collectives by
+total time with count, bytes and achieved bandwidth (bytes of this rank's buffer / time in the call);
+per layer; arrival skew per collective and decode step time per rank (traces/skew.py); then what the
+imported sources add (traces/report_sources.py: NCCL transport, device kernels, perf, sacct).
 comm % is comm time over all timed (leaf) time, compute + comm + io + wait.
-Plots belong in a sibling module that reads the same ``load(run_dir)`` and writes PNGs next to merged.h5.
+``--plots`` writes PNGs to RUN_DIR/plots (traces/plots.py); ``--scaling`` compares runs
+(traces/scaling.py).
 """
-
 from __future__ import annotations
 
 import argparse
@@ -18,7 +21,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from traces import report_sources, skew
 from traces.merge import MERGED, merge, rank_files
+from traces.table import format_table, si
 
 KINDS = ("compute", "comm", "io", "wait")
 PHASES = ("load", "prefill", "decode", "other")
@@ -26,41 +31,52 @@ PHASES = ("load", "prefill", "decode", "other")
 
 @dataclass(frozen=True)
 class Trace:
-    """A merged run: events (structured array with a rank column) and each rank's attributes."""
+    """A merged run: events (structured array with a rank column), each rank's attributes, the file."""
 
     run_dir: Path
     events: np.ndarray
     ranks: dict[int, dict]
     attrs: dict
+    path: Path
 
 
 def load(run_dir) -> Trace:
-    """Read run_dir/merged.h5, merging first if it is absent or older than a rank file."""
+    """Read run_dir/merged.h5 (merging first if absent or older than a rank file), or a merged .h5 file."""
     run_dir = Path(run_dir)
-    path = run_dir / MERGED
-    stale = not path.exists() or any(
-        p.stat().st_mtime > path.stat().st_mtime for p in rank_files(run_dir).values())
-    if stale:
-        merge(run_dir)
+    if run_dir.suffix in (".h5", ".hdf5") and run_dir.is_file():
+        path, run_dir = run_dir, run_dir.parent
+    else:
+        path = run_dir / MERGED
+        stale = not path.exists() or any(
+            p.stat().st_mtime > path.stat().st_mtime for p in rank_files(run_dir).values())
+        if stale:
+            merge(run_dir)
     with h5py.File(path, "r") as f:
         ranks = {int(r): dict(g.attrs) for r, g in f["ranks"].items()}
-        return Trace(run_dir, f["events"][()], dict(sorted(ranks.items())), dict(f.attrs))
+        return Trace(run_dir, f["events"][()], dict(sorted(ranks.items())), dict(f.attrs), path)
 
 
-def _kind_sums(ev: np.ndarray, index: np.ndarray, n: int) -> dict[str, np.ndarray]:
+def kind_sums(ev: np.ndarray, index: np.ndarray, n: int) -> dict[str, np.ndarray]:
     """Per kind, the summed dur_ns of events grouped by index (0..n-1)."""
     dur = ev["dur_ns"].astype(np.float64)
-    return {k: np.bincount(index, weights=dur * (ev["kind"] == k.encode()), minlength=n)
-            for k in KINDS}
+    return {k: np.bincount(index, weights=dur * (ev["kind"] == k.encode()), minlength=n) for k in KINDS}
 
 
-def _span(ev: np.ndarray, index: np.ndarray, n: int) -> np.ndarray:
+def span(ev: np.ndarray, index: np.ndarray, n: int) -> np.ndarray:
     """Per group, last end minus first start in ns (0 for empty groups)."""
     first = np.full(n, np.iinfo(np.int64).max)
     last = np.full(n, np.iinfo(np.int64).min)
     np.minimum.at(first, index, ev["start_ns"])
     np.maximum.at(last, index, ev["start_ns"] + ev["dur_ns"])
     return np.where(last >= first, last - first, 0)
+
+
+def phase_index(ev: np.ndarray) -> np.ndarray:
+    """Index into PHASES of each event (unknown phases count as "other")."""
+    index = np.full(len(ev), len(PHASES) - 1, dtype=np.intp)
+    for i, p in enumerate(PHASES[:-1]):
+        index[ev["phase"] == p.encode()] = i
+    return index
 
 
 def _split_row(sums: dict, i: int, wall_ns: float) -> list[str]:
@@ -74,7 +90,7 @@ def rank_section(t: Trace) -> str:
     """Per-rank compute/comm/io/wait split and wall time."""
     n = max(t.ranks) + 1 if t.ranks else 0
     index = t.events["rank"].astype(np.intp)
-    sums, wall = _kind_sums(t.events, index, n), _span(t.events, index, n)
+    sums, wall = kind_sums(t.events, index, n), span(t.events, index, n)
     rows = [[str(r), str(t.ranks.get(r, {}).get("hostname", "?"))] + _split_row(sums, r, wall[r])
             for r in range(n)]
     heads = ["rank", "hostname"] + [f"{k} ms" for k in KINDS] + ["wall ms", "comm %"]
@@ -84,15 +100,29 @@ def rank_section(t: Trace) -> str:
 def phase_section(t: Trace) -> str:
     """Per-phase split summed over ranks; wall = span of the phase over all ranks."""
     n = len(PHASES)
-    index = np.full(len(t.events), n - 1, dtype=np.intp)  # unknown phases count as "other"
-    for i, p in enumerate(PHASES[:-1]):
-        index[t.events["phase"] == p.encode()] = i
-    sums, wall = _kind_sums(t.events, index, n), _span(t.events, index, n)
+    index = phase_index(t.events)
+    sums, wall = kind_sums(t.events, index, n), span(t.events, index, n)
     counts = np.bincount(index, minlength=n)
-    rows = [[p, str(counts[i])] + _split_row(sums, i, wall[i])
-            for i, p in enumerate(PHASES) if counts[i]]
+    rows = [[p, str(counts[i])] + _split_row(sums, i, wall[i]) for i, p in enumerate(PHASES) if counts[i]]
     heads = ["phase", "events"] + [f"{k} ms" for k in KINDS] + ["wall ms", "comm %"]
     return "per phase (summed over ranks)\n" + format_table(heads, rows)
+
+
+def rank_phase_section(t: Trace) -> str:
+    """The split per (rank, phase) for prefill and decode; wall = the phase's span on that rank."""
+    n_ranks = max(t.ranks) + 1 if t.ranks else 0
+    index = t.events["rank"].astype(np.intp) * len(PHASES) + phase_index(t.events)
+    n = n_ranks * len(PHASES)
+    sums, wall = kind_sums(t.events, index, n), span(t.events, index, n)
+    counts = np.bincount(index, minlength=n)
+    rows = []
+    for p in ("prefill", "decode"):
+        for r in range(n_ranks):
+            i = r * len(PHASES) + PHASES.index(p)
+            if counts[i]:
+                rows.append([p, str(r)] + _split_row(sums, i, wall[i]))
+    heads = ["phase", "rank"] + [f"{k} ms" for k in KINDS] + ["wall ms", "comm %"]
+    return "per rank and phase\n" + format_table(heads, rows, n_left=1)
 
 
 def collective_section(t: Trace) -> str:
@@ -103,44 +133,49 @@ def collective_section(t: Trace) -> str:
     dur = np.bincount(index, weights=ev["dur_ns"].astype(np.float64), minlength=len(uniq))
     nbytes = np.bincount(index, weights=ev["bytes"].astype(np.float64), minlength=len(uniq))
     count = np.bincount(index, minlength=len(uniq))
+    by_bytes = np.empty(len(uniq), dtype=int)
+    by_bytes[np.argsort(-nbytes, kind="stable")] = np.arange(1, len(uniq) + 1)
     rows = []
     for i in np.argsort(-dur, kind="stable"):
         name, _, group = uniq[i].decode().partition("\x1f")
         bw = nbytes[i] / (dur[i] / 1e9) if dur[i] else 0.0
-        rows.append([name, group, str(count[i]), f"{dur[i] / 1e6:.3f}",
-                     f"{dur[i] / count[i] / 1e3:.1f}", _si(nbytes[i], "B"), _si(bw, "B/s")])
-    heads = ["collective", "group", "count", "total ms", "mean us", "bytes", "bandwidth"]
+        rows.append([name, group, str(count[i]), f"{dur[i] / 1e6:.3f}", f"{dur[i] / count[i] / 1e3:.1f}",
+                     si(nbytes[i] / count[i], "B"), si(nbytes[i], "B"), str(by_bytes[i]), si(bw, "B/s")])
+    heads = ["collective", "group", "count", "total ms", "mean us", "bytes/call", "bytes", "bytes rank",
+             "bandwidth"]
     return "collectives (all ranks, by total time)\n" + format_table(heads, rows, n_left=2)
 
 
-SECTIONS = (rank_section, phase_section, collective_section)
+def layer_section(t: Trace) -> str:
+    """Per layer, compute and comm ms summed over ranks, for prefill and decode."""
+    ev = t.events[t.events["layer"] >= 0]
+    if not len(ev):
+        return "per layer\n  (none)"
+    n = int(ev["layer"].max()) + 1
+    cells = {}
+    for p in ("prefill", "decode"):
+        sel = ev[ev["phase"] == p.encode()]
+        cells[p] = kind_sums(sel, sel["layer"].astype(np.intp), n)
+    cols = [(p, k) for p in ("prefill", "decode") for k in ("compute", "comm")]
+    rows = [[str(layer)] + [f"{cells[p][k][layer] / 1e6:.3f}" for p, k in cols] for layer in range(n)]
+    heads = ["layer", "prefill compute ms", "prefill comm ms", "decode compute ms", "decode comm ms"]
+    return "per layer (summed over ranks)\n" + format_table(heads, rows)
 
 
-def _si(x: float, unit: str) -> str:
-    for prefix in ("", "k", "M", "G", "T"):
-        if abs(x) < 1000 or prefix == "T":
-            return f"{x:.3g} {prefix}{unit}" if prefix else f"{x:.0f} {unit}"
-        x /= 1000
-    return ""
-
-
-def format_table(heads: list[str], rows: list[list[str]], n_left: int = 1) -> str:
-    """Aligned plain-text columns: the first n_left columns left-aligned, the rest right."""
-    if not rows:
-        return "  (none)"
-    widths = [max(len(r[i]) for r in [heads] + rows) for i in range(len(heads))]
-
-    def line(cells):
-        return "  " + "  ".join(c.ljust(w) if i < n_left else c.rjust(w)
-                                for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-    return "\n".join([line(heads)] + [line(r) for r in rows])
+SECTIONS = (rank_section, phase_section, rank_phase_section, collective_section, layer_section,
+            *skew.SECTIONS, *report_sources.SECTIONS)
 
 
 def _header(t: Trace) -> str:
     epoch = int(t.attrs.get("epoch_ns", 0))
     when = datetime.fromtimestamp(epoch / 1e9, tz=timezone.utc).isoformat(timespec="seconds")
-    return (f"run {t.run_dir}: {int(t.attrs.get('n_ranks', len(t.ranks)))} ranks, "
-            f"{len(t.events)} events, aligned t0 at {when}")
+    r0 = t.ranks.get(0, {})
+    extra = [f"{k}={r0[k]}" for k in ("SLURM_JOB_ID", "SLURM_STEP_ID") if k in r0]
+    gpu = str(r0.get("cuda_device", "")) or str(r0.get("device", "cpu"))
+    where = t.run_dir if t.path.name == MERGED else t.path
+    return (f"run {where}: {int(t.attrs.get('n_ranks', len(t.ranks)))} ranks, {len(t.events)} events, "
+            f"aligned t0 at {when}, device {gpu}, engine {r0.get('engine', '?')}"
+            + (", " + " ".join(extra) if extra else ""))
 
 
 def report(run_dir) -> str:
@@ -150,12 +185,24 @@ def report(run_dir) -> str:
 
 
 def main(argv=None) -> int:
-    """CLI: print the report of RUN_DIR."""
+    """CLI: print the report of RUN_DIR (and write its plots), or compare runs with --scaling."""
     parser = argparse.ArgumentParser(prog="python -m traces.report", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    parser.add_argument("--plots", action="store_true", help="also write PNGs to RUN_DIR/plots")
+    parser.add_argument("--scaling", action="store_true", help="compare runs: table + scaling.png")
+    parser.add_argument("--out", type=Path, help="--scaling: where scaling.png goes (default: first run's parent)")
     args = parser.parse_args(argv)
     try:
-        sys.stdout.write(report(args.run_dir))
+        if args.scaling:
+            from traces.scaling import scaling_main
+            sys.stdout.write(scaling_main(args.run_dirs, args.out))
+            return 0
+        for run_dir in args.run_dirs:
+            sys.stdout.write(report(run_dir))
+            if args.plots:
+                from traces.plots import write_plots
+                for path in write_plots(load(run_dir)):
+                    print(f"wrote {path}", file=sys.stderr)
     except (FileNotFoundError, ValueError) as exc:
         print(f"traces.report: {exc}", file=sys.stderr)
         return 1

@@ -12,4 +12,7 @@ def build_engine(name: str, world, args, margs, timers):
     if name == "native":
         from .native import NativeEngine
         return NativeEngine(world, args, margs, timers)
-    raise UsageError(f"--engine {name} is not available in this build (available: hf, native)")
+    if name == "deepspeed":
+        from .deepspeed import DeepSpeedEngine
+        return DeepSpeedEngine(world, args, margs, timers)
+    raise UsageError(f"--engine {name} is not available in this build (available: hf, native, deepspeed)")

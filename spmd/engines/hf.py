@@ -26,8 +26,19 @@ def load_hf(checkpoint: Path, dtype: str = "fp32", device: str = "cpu", log: boo
                                                         *skip]})
     # built on the CPU, then moved: transformers fuses the per-expert tensors while loading, and on the GPU
     # that needs a second copy of every MoE layer (the full-width slice does not fit an 80 GB card so)
-    model = cls.from_pretrained(str(checkpoint), dtype=DTYPES[dtype], device_map="cpu")
+    model = cls.from_pretrained(str(checkpoint), dtype=DTYPES[dtype], device_map="cpu", **_dequantized(cfg))
     return model.to(device).eval()
+
+
+def _dequantized(cfg: dict) -> dict:
+    """FP8 checkpoints load dequantized on every machine (transformers keeps FP8 kernels when a GPU is present)."""
+    q = cfg.get("quantization_config") or {}
+    if q.get("quant_method") != "fp8":
+        return {}
+    from transformers import FineGrainedFP8Config
+
+    return {"quantization_config": FineGrainedFP8Config(dequantize=True, weight_block_size=tuple(
+        q.get("weight_block_size", (128, 128))))}
 
 
 class HFEngine:
@@ -64,3 +75,11 @@ class HFEngine:
 
     def release(self) -> None:
         self.cache = self.mask = self.pos = None
+
+    @torch.inference_mode()
+    def score(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, V) logits at every position, without a cache."""
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        with self.timers.compute("hf.forward"):
+            out = self.model(input_ids=tokens, attention_mask=mask.long(), position_ids=pos, use_cache=False)
+        return out.logits.float()

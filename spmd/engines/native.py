@@ -59,6 +59,13 @@ class NativeEngine:
     def release(self) -> None:
         self.cache = self.key_mask = self.pos = None
 
+    @torch.inference_mode()
+    def score(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, V) logits at every position, from a throw-away cache of length T."""
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        cache = self.model.new_cache(*tokens.shape)
+        return self.model(tokens, positions, mask, cache, start=0, all_positions=True)
+
 
 def param_bytes(model: torch.nn.Module, contains: str = "") -> int:
     """Bytes of this rank's parameters and buffers whose name contains `contains`."""

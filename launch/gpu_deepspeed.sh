@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# DeepSpeed engine vs native engine on 2 GPUs, on a machine with the project's stack in its python3 but no
+# DeepSpeed and no network: installs what .whl/ carries (the DeepSpeed sdist, built with this machine's torch,
+# and the wheels it needs that python3 lacks) into $SPMD_SITE (default build/site, kept on a warm machine),
+# writes the checkpoints if missing and runs python3 -m validation.gpu_deepspeed. Results and merged traces
+# go to $OUT (else traces/gpu); finished runs in build/gpu_native are reused.
+#   bash launch/gpu_deepspeed.sh [CONFIGS]      CONFIGS: tiny,slice (default), tiny or slice
+# .whl/ (git-ignored, 7 MB; python 3.12, manylinux x86_64) is made on a machine with network by:
+#   p="--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $p -d .whl \
+#     pydantic-core==2.50.5 msgpack==1.2.4 psutil==7.2.2 ninja==1.13.2
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl pydantic==2.14.4 \
+#     annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0 hjson==3.1.0 py-cpuinfo==9.0.0 \
+#     einops==0.8.2 setuptools==84.2.1
+#   pip download --no-deps --no-binary=:all: -d .whl deepspeed==0.19.8
+set -eo pipefail
+cd "$(dirname "$0")/.."
+site="${SPMD_SITE:-$PWD/build/site}"
+if ! PYTHONPATH="$site" python3 -c "import deepspeed" >/dev/null 2>&1; then
+  # pydantic 2.14 needs typing_extensions >= 4.16: always ours; the others only where python3 has none
+  pkgs=(.whl/pydantic-* .whl/pydantic_core-* .whl/annotated_types-* .whl/typing_inspection-* .whl/typing_extensions-*)
+  for mod_whl in hjson:hjson cpuinfo:py_cpuinfo msgpack:msgpack einops:einops ninja:ninja psutil:psutil \
+                 setuptools:setuptools; do
+    python3 -c "import ${mod_whl%%:*}" 2>/dev/null || pkgs+=(.whl/"${mod_whl#*:}"-*)
+  done
+  t0=$SECONDS
+  pip=(python3 -m pip install -q --no-index --no-deps --no-build-isolation --target "$site")
+  "${pip[@]}" "${pkgs[@]}"
+  PYTHONPATH="$site" "${pip[@]}" .whl/deepspeed-*.tar.gz  # setup.py sees the wheels just installed
+  echo "gpu_deepspeed: installed deepspeed ${pkgs[*]} into $site in $((SECONDS - t0)) s" >&2
+fi
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+. launch/env.sh
+python3 -c "import deepspeed, sys; print('gpu_deepspeed: deepspeed', deepspeed.__version__, file=sys.stderr)"
+python3 -m validation.gpu_deepspeed --configs "${1:-tiny,slice}" --gpus 2 --device cuda --out "${OUT:-traces/gpu}"

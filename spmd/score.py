@@ -1,0 +1,144 @@
+"""`--score BASELINE`: read and check a baseline (rank 0), hand its tokens to the model groups, attach the scores.
+
+A baseline file (written by `validation.baseline`) is JSONL: a header line `{"kind": "spmd-baseline", ...}`
+with the fingerprints of the checkpoint and of the prompt set, then one row per prompt with the prompt's
+token ids, the greedy completion's ids and, per generated position, the top-k ids and log-probs.
+A file without that header is a text baseline (`{id, completion}` rows): compared as text, never scored.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+KIND = "spmd-baseline"
+FORMAT = 1
+
+
+class BaselineError(ValueError):
+    """A bad baseline file, or one that does not belong to this checkpoint and prompt set."""
+
+
+def checkpoint_fingerprint(checkpoint: Path) -> str:
+    """sha256 of config.json followed by model.safetensors.index.json (the bytes as stored)."""
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors.index.json"):
+        try:
+            h.update((Path(checkpoint) / name).read_bytes())
+        except OSError as exc:
+            raise BaselineError(f"cannot fingerprint checkpoint {checkpoint}: {exc}") from None
+    return h.hexdigest()
+
+
+def prompts_fingerprint(pairs: list[tuple[str, str]]) -> str:
+    """sha256 of the ordered (id, prompt text) pairs as canonical JSON."""
+    return hashlib.sha256(json.dumps([list(p) for p in pairs], ensure_ascii=False).encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes: ties a run's scores to the baseline file they were computed against."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def read_baseline(path: Path) -> tuple[dict | None, list[dict]]:
+    """(header, rows) of a token baseline, or (None, rows) for a text baseline; bad files → BaselineError."""
+    try:
+        lines = [ln for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BaselineError(f"cannot read baseline {path}: {exc}") from None
+    try:
+        objs = [json.loads(ln) for ln in lines]
+    except json.JSONDecodeError as exc:
+        raise BaselineError(f"baseline {path}: invalid JSON ({exc.msg})") from None
+    if not objs or not all(isinstance(o, dict) for o in objs):
+        raise BaselineError(f"baseline {path}: expected JSON objects, one per line")
+    header = objs[0] if objs[0].get("kind") == KIND else None
+    rows = objs[1:] if header else objs
+    if header is not None and header.get("format") != FORMAT:
+        raise BaselineError(f"baseline {path}: format {header.get('format')}, this program reads format {FORMAT}")
+    need = ("id", "prompt", "completion", "prompt_token_ids", "completion_token_ids", "token_logprobs",
+            "topk_ids", "topk_logprobs") if header else ("id", "completion")
+    for n, row in enumerate(rows, 2 if header else 1):
+        missing = [k for k in need if k not in row]
+        if missing:
+            raise BaselineError(f"{path}:{n}: baseline row lacks {', '.join(missing)}")
+    if header is not None and len(rows) != header.get("n_prompts"):
+        raise BaselineError(f"baseline {path}: header says {header.get('n_prompts')} prompts, file has {len(rows)}")
+    return header, rows
+
+
+def check_prompt_set(ours: list[tuple[str, str]], theirs: list[tuple[str, str]], what: str) -> None:
+    """The same ids with the same texts in the same order, else a BaselineError naming the first difference."""
+    if len(ours) != len(theirs):
+        raise BaselineError(f"{what}: {len(ours)} prompts here, {len(theirs)} in the baseline")
+    for i, ((a_id, a_text), (b_id, b_text)) in enumerate(zip(ours, theirs)):
+        if a_id != b_id:
+            moved = " (same ids, other order)" if {p[0] for p in ours} == {p[0] for p in theirs} else ""
+            raise BaselineError(f"{what}: prompt {i} is {a_id!r} here but {b_id!r} in the baseline{moved}")
+        if a_text != b_text:
+            raise BaselineError(f"{what}: prompt {a_id!r} has a different text than in the baseline")
+
+
+def load_targets(path: Path, checkpoint: Path, prompts, ids: list[list[int]]) -> tuple[int, list[tuple]]:
+    """Rank 0: check the baseline against this run; (top_k, [(baseline ids, top-k ids per position)] per prompt)."""
+    header, rows = read_baseline(path)
+    if header is None:
+        raise BaselineError(f"baseline {path} is a text baseline (no token ids): --score needs a baseline made by "
+                         f"python -m validation.baseline")
+    fp = checkpoint_fingerprint(checkpoint)
+    if header["checkpoint_sha256"] != fp:
+        raise BaselineError(f"baseline {path} was made from checkpoint {header.get('checkpoint')} "
+                         f"(fingerprint {header['checkpoint_sha256'][:12]}), not {checkpoint} ({fp[:12]})")
+    check_prompt_set([(p.id, p.text) for p in prompts], [(r["id"], r["prompt"]) for r in rows],
+                     f"--score {path}")
+    for p, t, r in zip(prompts, ids, rows):
+        if list(t) != r["prompt_token_ids"]:
+            raise BaselineError(f"prompt {p.id!r} tokenizes to other ids here ({len(t)}) than in the baseline "
+                             f"({len(r['prompt_token_ids'])}; chat template there: {header.get('chat')})")
+        if not r["completion_token_ids"]:
+            raise BaselineError(f"baseline {path}: prompt {p.id!r} has no completion tokens to score")
+    return int(header["top_k"]), [(r["completion_token_ids"], r["topk_ids"]) for r in rows]
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """What scoring needs: k on every rank; the baseline's targets and the checkpoint fingerprint on rank 0."""
+
+    k: int
+    targets: list[tuple] | None = None
+    checkpoint_sha256: str = ""
+    baseline_sha256: str = ""
+
+
+def prepare(comm, path: Path, checkpoint: Path, text) -> Scoring:
+    """Rank 0 reads and checks the baseline; a mismatch is a UsageError on every rank."""
+    from .world import UsageError, on_root  # imported here: the checks above stay usable without MPI
+
+    def load() -> Scoring:
+        try:
+            return Scoring(*load_targets(path, checkpoint, text[0], text[1]), checkpoint_fingerprint(checkpoint),
+                           file_sha256(path))
+        except BaselineError as exc:
+            raise UsageError(str(exc)) from None
+
+    got = on_root(comm, load, share=False)
+    k = comm.bcast(got.k if comm.rank == 0 else None, root=0)
+    return got if comm.rank == 0 else Scoring(k)
+
+
+def work_items(ids: list[list[int]], targets: list[tuple] | None) -> list[tuple]:
+    """(index, prompt ids) per prompt, plus (baseline ids, support ids) when scoring."""
+    if targets is None:
+        return list(enumerate(ids))
+    return [(i, t, tgt, sup) for i, (t, (tgt, sup)) in enumerate(zip(ids, targets))]
+
+
+def attach(rows: list[dict], results: list[dict], scoring: Scoring | None) -> list[dict]:
+    """Output rows with each result's scores (and the fingerprints they belong to) added as `score`."""
+    if scoring is None:
+        return rows
+    for row, res in zip(rows, results):
+        row["score"] = {"checkpoint_sha256": scoring.checkpoint_sha256, "baseline_sha256": scoring.baseline_sha256,
+                        **{k: v for k, v in res["score"].items() if k != "index"}}
+    return rows

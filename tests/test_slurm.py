@@ -1,0 +1,157 @@
+"""The batch scripts on a real Slurm: a one-host cluster with accounting (tests/slurm/cluster.sh).
+
+slurm/infer.sbatch on CPU (1 node, 2 tasks, srun --mpi=pmix) gives the same 20 completions as mpirun
+with the same arguments, and its sacct accounting lands in merged.h5; a topology that does not fit
+the job fails it with the numbers; slurm/scaling.sh chains its runs and the summary job compares them.
+Serial. Skipped unless SPMD_SLURM_TEST=1 (.ci/run sets it): it needs root, and installs Debian's
+slurm-wlm, slurmdbd, munge, mariadb-server and libpmix-dev when they are missing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import h5py
+import pytest
+
+from conftest import PROMPTS20, ROOT, mpirun, spmd_env
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("SPMD_SLURM_TEST") != "1",
+    reason="starts a Slurm cluster on this host (root; installs Debian packages): set SPMD_SLURM_TEST=1")
+
+CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
+N_NEW = 32
+CPU_TASKS = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _port_base() -> int:
+    """A base whose ports (+6..+9: MariaDB, slurmctld, slurmd, slurmdbd) are all free."""
+    for base in range(16810, 18000, 100):
+        if all(_port_free(base + k) for k in range(6, 10)):
+            return base
+    pytest.fail("no free port range for the test cluster")
+
+
+def _logs(state: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-1500:]}"
+                     for p in sorted((state / "log").glob("*")) if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """The cluster's client environment (SLURM_CONF, PATH); the daemons are stopped afterwards."""
+    state = tmp_path_factory.mktemp("slurm")
+    env = spmd_env()
+    env.update(SPMD_SLURM_DIR=str(state), SPMD_SLURM_PORT_BASE=str(_port_base()),
+               PATH=env["PATH"] + ":/usr/sbin")
+    try:
+        r = subprocess.run(["bash", str(CLUSTER), "start"], env=env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, f"cluster.sh start failed:\n{r.stderr[-4000:]}\n{_logs(state)}"
+        yield dict(env, SLURM_CONF=str(state / "etc" / "slurm.conf"))
+    finally:
+        subprocess.run(["bash", str(CLUSTER), "stop"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(state / "db", ignore_errors=True)  # MariaDB's ~100 MB
+
+
+def _sbatch(env: dict, *opts: str, timeout: float = 600):
+    """`sbatch --wait` from the repository root: (returncode, job id, job output text)."""
+    r = subprocess.run(["sbatch", "--wait", "--parsable", *opts], env=env, cwd=ROOT, capture_output=True,
+                       text=True, timeout=timeout)
+    job = r.stdout.strip().split(";")[0]
+    return r.returncode, job, r.stderr
+
+
+def _rows(path: Path) -> list[tuple]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [(r["id"], r["completion_token_ids"], r["completion"]) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def infer_run(slurm, tiny_bf16, tmp_path_factory):
+    """slurm/infer.sbatch: tiny checkpoint, CPU, one model group of 2 tasks; (run dir, job id)."""
+    runs = tmp_path_factory.mktemp("runs")
+    env = dict(slurm, DEVICE="cpu", CHECKPOINT=str(tiny_bf16), PROMPTS=str(PROMPTS20), ENGINE="native",
+               GROUP_SIZE="2", DTYPE="fp32", MAX_NEW_TOKENS=str(N_NEW), RUNS_DIR=str(runs))
+    rc, job, err = _sbatch(env, "--job-name=ci-infer", f"--output={runs}/%x-%j.out", *CPU_TASKS,
+                           "slurm/infer.sbatch")
+    out = runs / f"ci-infer-{job}.out"
+    assert rc == 0, f"job {job} exit {rc}: {err}\n{out.read_text()[-4000:] if out.is_file() else ''}"
+    return runs / f"ci-infer-{job}", job
+
+
+def test_infer_sbatch_equals_mpirun(infer_run, tiny_bf16, tmp_path):
+    run_dir, _ = infer_run
+    ref = tmp_path / "mpirun.jsonl"
+    r = mpirun(2, ["--checkpoint", str(tiny_bf16), "--prompts", str(PROMPTS20), "--output", str(ref),
+                   "--engine", "native", "--group-size", "2", "--dtype", "fp32", "--device", "cpu",
+                   "--max-new-tokens", str(N_NEW), "--no-progress"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = _rows(run_dir / "outputs.jsonl")
+    assert len(got) == 20
+    assert got == _rows(ref)
+
+
+def test_run_dir_holds_traces_logs_and_report(infer_run):
+    run_dir, job = infer_run
+    for name in ("rank00000.h5", "rank00001.h5", "merged.h5", "logs/rank00000.log", "logs/rank00001.log",
+                 "job.log", "job.txt", "report.txt", "sacct.txt"):
+        assert (run_dir / name).is_file(), name
+    log = (run_dir / "job.log").read_text()
+    assert "transport: none" in log  # gloo: no NCCL, the policy passes
+    with h5py.File(run_dir / "merged.h5") as f:
+        assert {str(f[f"ranks/{r}"].attrs["SLURM_JOB_ID"]) for r in (0, 1)} == {job}
+
+
+def test_sacct_accounting_is_in_the_merged_trace(infer_run):
+    run_dir, job = infer_run
+    with h5py.File(run_dir / "merged.h5") as f:
+        steps = f["sacct/steps"][()]
+    assert {s["job_id"].decode() for s in steps} == {job}
+    spmd = [s for s in steps if s["name"] == b"spmd"]  # the srun step of infer.sbatch
+    assert len(spmd) == 1, steps
+    s = spmd[0]
+    assert s["state"] == b"COMPLETED" and s["ntasks"] == 2
+    assert s["elapsed_s"] > 0 and s["cpu_s"] > 0 and s["max_rss_bytes"] > 0
+
+
+def test_topology_that_does_not_fit_fails_the_job(slurm, tmp_path):
+    env = dict(slurm, DEVICE="cpu", GROUP_SIZE="3", RUNS_DIR=str(tmp_path))
+    rc, job, _ = _sbatch(env, "--job-name=ci-bad", f"--output={tmp_path}/%x-%j.out", *CPU_TASKS,
+                         "slurm/infer.sbatch")
+    assert rc == 2
+    assert "GROUP_SIZE=3 != 2 tasks" in (tmp_path / f"ci-bad-{job}.out").read_text()
+
+
+def test_scaling_sweep_chains_runs_and_summarizes(slurm, tiny_bf16, tmp_path):
+    prompts = tmp_path / "four.jsonl"  # small: the sweep is about the chaining, not the tokens
+    prompts.write_text("".join(PROMPTS20.read_text().splitlines(keepends=True)[:4]))
+    env = dict(slurm, DEVICE="cpu", CHECKPOINT=str(tiny_bf16), PROMPTS=str(prompts), MAX_NEW_TOKENS="2",
+               RUNS_DIR=str(tmp_path))
+    r = subprocess.run(["slurm/scaling.sh", "-N", "1", "-g", "2", "--", "--cpus-per-task=1", "--time=10"],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    ids = [line.split("job ")[1].split()[0] for line in r.stdout.splitlines() if line.startswith("submitted")]
+    assert len(ids) == 3, r.stdout  # n1g1, n1g2, summary
+    deadline = time.monotonic() + 600
+    while subprocess.run(["squeue", "-h", "-j", ",".join(ids)], env=env, capture_output=True,
+                         text=True).stdout.strip():
+        assert time.monotonic() < deadline, "sweep did not finish in 10 minutes"
+        time.sleep(2)
+    summary = tmp_path / f"spmd-scaling-{ids[2]}"
+    text = (summary / "scaling.txt").read_text() if (summary / "scaling.txt").is_file() else ""
+    assert f"spmd-scale-n1g1-{ids[0]}" in text and f"spmd-scale-n1g2-{ids[1]}" in text, \
+        text + (tmp_path / f"spmd-scaling-{ids[2]}.out").read_text()
+    assert (summary / "scaling.png").is_file()
+    # the summary re-collected sacct after the runs ended: the job's own line is final now
+    assert "|COMPLETED|" in (tmp_path / f"spmd-scale-n1g1-{ids[0]}" / "sacct.txt").read_text().splitlines()[1]

@@ -1,0 +1,264 @@
+"""Validation tools: the comparator catches what it must, baselines round-trip, --score under mpirun.
+
+Serial tests build baselines and runs from known log-probs (no model); one e2e runs the native engine on
+2 ranks with --score against a transformers baseline.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import PROMPTS20, mpirun
+from spmd.generate import score
+from spmd.score import FORMAT, KIND, BaselineError, checkpoint_fingerprint, file_sha256, load_targets, \
+    prompts_fingerprint, read_baseline
+from validation import compare as C
+
+V, K, N = 40, 4, 6  # vocabulary, top-k, generated positions per prompt
+
+
+def _fake_checkpoint(d: Path, tag: str = "a") -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps({"model_type": "deepseek_v3", "tag": tag}))
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
+    return d
+
+
+def _write(path: Path, lines: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+@pytest.fixture
+def case(tmp_path):
+    """A token baseline of 5 prompts from random log-probs, and a run that scored it identically."""
+    g = torch.Generator().manual_seed(0)
+    ckpt = _fake_checkpoint(tmp_path / "ckpt")
+    prompts = [(f"p{i}", f"prompt {i}") for i in range(5)]
+    logp = [torch.log_softmax(3 * torch.randn(N, V, generator=g), -1) for _ in prompts]
+    rows = [_baseline_row(pid, text, lp) for (pid, text), lp in zip(prompts, logp)]
+    head = {"kind": KIND, "format": FORMAT, "checkpoint": str(ckpt), "checkpoint_sha256": checkpoint_fingerprint(ckpt),
+            "prompts_sha256": prompts_fingerprint(prompts), "n_prompts": len(rows), "top_k": K, "max_new_tokens": N,
+            "chat": True, "dtype": "fp32", "engine": "transformers"}
+    base = _write(tmp_path / "baseline.jsonl", [head] + rows)
+    run = [_run_row(r, lp, ckpt, base) for r, lp in zip(rows, logp)]
+    return argparse.Namespace(ckpt=ckpt, base=base, rows=rows, logp=logp, run=run, dir=tmp_path)
+
+
+def _baseline_row(pid: str, text: str, lp: torch.Tensor) -> dict:
+    top = lp.topk(K, -1)
+    ids = top.indices[:, 0].tolist()
+    return {"id": pid, "prompt": text, "prompt_token_ids": [3, 4, 5], "completion": " ".join(map(str, ids)),
+            "completion_token_ids": ids, "token_logprobs": top.values[:, 0].tolist(),
+            "topk_ids": top.indices.tolist(), "topk_logprobs": top.values.tolist()}
+
+
+def _run_row(b: dict, lp: torch.Tensor, ckpt: Path, base: Path) -> dict:
+    """What the SPMD program writes for a run whose log-probs are `lp` (greedy tokens = argmax)."""
+    top = lp.topk(K, -1)
+    sup = torch.tensor(b["topk_ids"])
+    return {"id": b["id"], "prompt": b["prompt"], "completion": " ".join(map(str, top.indices[:, 0].tolist())),
+            "completion_token_ids": top.indices[:, 0].tolist(), "model_group": 0,
+            "score": {"checkpoint_sha256": checkpoint_fingerprint(ckpt), "baseline_sha256": file_sha256(base),
+                      "target_logprob": lp.gather(1, torch.tensor(b["completion_token_ids"])[:, None])[:, 0].tolist(),
+                      "top1": top.indices[:, 0].tolist(), "topk_ids": top.indices.tolist(),
+                      "topk_logprobs": top.values.tolist(), "support_logprobs": lp.gather(1, sup).tolist()}}
+
+
+def _compare(case, run, precision="fp32"):
+    return C.compare(_write(case.dir / "run.jsonl", run), case.base, precision)
+
+
+def test_identical_run_passes(case):
+    res = _compare(case, case.run)
+    s = res["summary"]
+    assert res["passed"] and s["exact_prompts"] == 5 and s["top1_agreement"] == 1.0
+    assert s["max_abs_dlogp"] == 0 and s["kl_max"] < 1e-9
+    assert C.main([str(case.dir / "run.jsonl"), str(case.base), "--report", str(case.dir / "rep")]) == 0
+    assert (case.dir / "rep" / "report.md").read_text().startswith("# Validation: PASS")
+    assert (case.dir / "rep" / "report.png").stat().st_size > 1000
+
+
+def test_one_changed_token_gives_its_position(case):
+    run = copy.deepcopy(case.run)
+    run[3]["completion_token_ids"][4] = (run[3]["completion_token_ids"][4] + 1) % V
+    res = _compare(case, run)
+    per = res["per_prompt"]
+    assert not res["passed"] and res["summary"]["exact_prompts"] == 4
+    assert per[3]["first_divergence"] == 4 and not per[3]["exact"]
+    assert per[2]["first_divergence"] == N and per[2]["exact"]  # identical: counts its whole length
+    assert C.main([str(case.dir / "run.jsonl"), str(case.base)]) == 1
+
+
+def test_a_shifted_logit_is_flagged_by_top1_dlogp_and_kl(case):
+    lp = case.logp[1].clone()
+    first, second = case.rows[1]["topk_ids"][2][:2]
+    lp[2, second] += lp[2, first] - lp[2, second] + 1.0  # the runner-up of position 2 overtakes the baseline token
+    lp = torch.log_softmax(lp, -1)
+    run = copy.deepcopy(case.run)
+    run[1]["score"] = _run_row(case.rows[1], lp, case.ckpt, case.base)["score"]
+    res = _compare(case, run)
+    m = res["per_prompt"][1]
+    assert m["first_top1_miss"] == 2 and m["top1_agreement"] == pytest.approx((N - 1) / N)
+    assert m["max_abs_dlogp"] > 1 and m["kl_max"] > 0.1
+    fails = " ".join(res["failures"])
+    assert not res["passed"] and "top1_agreement" in fails and "max_abs_dlogp" in fails and "kl_max" in fails
+
+
+def test_nan_scores_fail(case):
+    run = copy.deepcopy(case.run)
+    run[4]["score"]["support_logprobs"][0][0] = float("nan")
+    run[4]["score"]["target_logprob"][-1] = float("nan")
+    res = _compare(case, run, "bf16")
+    assert not res["passed"] and "kl_max = nan" in " ".join(res["failures"])
+    assert any("max_abs_dlogp = nan" in f for f in _compare(case, run, "fp32")["failures"])
+
+
+def test_coarse_kl_is_zero_for_equal_and_a_lower_bound_of_full_kl():
+    g = torch.Generator().manual_seed(1)
+    p, q = (torch.log_softmax(torch.randn(V, generator=g), -1) for _ in range(2))
+    top = p.topk(K).indices
+    full = float((p.exp() * (p - q)).sum())
+    coarse = C.coarse_kl(p[top].tolist(), q[top].tolist())
+    assert C.coarse_kl(p[top].tolist(), p[top].tolist()) < 1e-12
+    assert 0 < coarse <= full + 1e-9
+
+
+def test_reordered_prompts_are_refused_at_the_right_place(case):
+    run = copy.deepcopy(case.run)
+    run[2], run[3] = run[3], run[2]
+    with pytest.raises(BaselineError, match=r"prompt 2 is 'p3' here but 'p2' in the baseline \(same ids, other"):
+        _compare(case, run)
+    assert C.main([str(case.dir / "run.jsonl"), str(case.base)]) == 2
+
+
+def test_another_checkpoint_or_baseline_is_refused(case, tmp_path):
+    run = copy.deepcopy(case.run)
+    for r in run:
+        r["score"]["checkpoint_sha256"] = "0" * 64
+    with pytest.raises(BaselineError, match="is not the baseline's"):
+        _compare(case, run)
+    other = _fake_checkpoint(tmp_path / "other", tag="b")
+    unscored = [{k: v for k, v in r.items() if k != "score"} for r in case.run]
+    with pytest.raises(BaselineError, match="is not the baseline's"):
+        C.compare(_write(tmp_path / "u.jsonl", unscored), case.base, "fp32", checkpoint=other)
+    res = C.compare(tmp_path / "u.jsonl", case.base, "fp32")  # fp32 without scores: tokens only, and a note
+    assert res["passed"] and any("not verified" in n for n in res["notes"])
+    assert not C.compare(tmp_path / "u.jsonl", case.base, "bf16")["passed"]  # bf16 bounds need scores
+    base2 = tmp_path / "b2.jsonl"
+    base2.write_text(case.base.read_text() + "\n")  # same rows, other bytes: the run was scored against case.base
+    with pytest.raises(BaselineError, match="scored against another baseline"):
+        C.compare(_write(tmp_path / "r.jsonl", case.run), base2, "fp32")
+
+
+def test_spmd_side_check_refuses_another_checkpoint_and_prompt_set(case, tmp_path):
+    from spmd.prompts import Prompt
+
+    prompts = [Prompt(i, r["id"], r["prompt"]) for i, r in enumerate(case.rows)]
+    ids = [r["prompt_token_ids"] for r in case.rows]
+    k, targets = load_targets(case.base, case.ckpt, prompts, ids)
+    assert k == K and targets[0] == (case.rows[0]["completion_token_ids"], case.rows[0]["topk_ids"])
+    with pytest.raises(BaselineError, match="was made from checkpoint"):
+        load_targets(case.base, _fake_checkpoint(tmp_path / "other", tag="b"), prompts, ids)
+    with pytest.raises(BaselineError, match="'p1' has a different text"):
+        load_targets(case.base, case.ckpt, [prompts[0], Prompt(1, "p1", "changed")] + prompts[2:], ids)
+    with pytest.raises(BaselineError, match="tokenizes to other ids"):
+        load_targets(case.base, case.ckpt, prompts, [[9]] + ids[1:])
+    text = _write(tmp_path / "text.jsonl", [{"id": r["id"], "completion": r["completion"]} for r in case.rows])
+    with pytest.raises(BaselineError, match="text baseline"):
+        load_targets(text, case.ckpt, prompts, ids)
+
+
+def test_text_baseline_mode(case, tmp_path):
+    text = _write(tmp_path / "text.jsonl", [{"id": r["id"], "completion": r["completion"]} for r in case.rows])
+    run = copy.deepcopy(case.run)
+    run[0]["completion"] = run[0]["completion"][:3] + "#" + run[0]["completion"][4:]
+    res = C.compare(_write(tmp_path / "run.jsonl", run), text, "fp32")
+    assert res["mode"] == "text" and res["summary"]["exact_prompts"] == 4 and not res["passed"]
+    per = res["per_prompt"]
+    assert per[0]["prefix_chars"] == 3 and per[1]["prefix_chars"] == len(run[1]["completion"])
+    assert C.compare(tmp_path / "run.jsonl", text, "bf16")["passed"]  # only fp32 gates on another system's text
+    run[0], run[1] = run[1], run[0]
+    with pytest.raises(BaselineError, match="prompt 0 is 'p1' here but 'p0'"):
+        C.compare(_write(tmp_path / "run.jsonl", run), text, "fp32")
+
+
+def test_text_baseline_token_prefix_with_the_checkpoint_tokenizer(tiny_bf16, tmp_path):
+    text = _write(tmp_path / "text.jsonl", [{"id": "a", "completion": "The capital of France is Paris."}])
+    run = _write(tmp_path / "run.jsonl", [{"id": "a", "completion": "The capital of France is Lyon."}])
+    m = C.compare(run, text, "bf16", tokenizer=tiny_bf16)["per_prompt"][0]
+    assert 0 < m["prefix_tokens"] < m["n_tokens"] and m["prefix_chars"] == len("The capital of France is ")
+
+
+class ShiftStepper:
+    """Logits at every position favour (input token + 1) % V: the score of a counting sequence is known."""
+
+    device = torch.device("cpu")
+
+    def score(self, tokens, mask):
+        return 4.0 * torch.nn.functional.one_hot((tokens + 1) % V, V).float()
+
+
+def test_score_aligns_targets_under_left_padding():
+    batch = [(7, [1, 2, 3, 4], [5, 6, 7], [[5, 0], [6, 0], [7, 9]]), (3, [10], [11, 13], [[11, 1], [12, 13]])]
+    out = score(ShiftStepper(), batch, k=2)
+    hit, miss = torch.log_softmax(torch.tensor([4.0] + [0.0] * (V - 1)), 0)[:2].tolist()
+    assert [o["index"] for o in out] == [7, 3]
+    assert out[0]["top1"] == [5, 6, 7] and out[0]["target_logprob"] == pytest.approx([hit] * 3)
+    assert out[1]["top1"] == [11, 12] and out[1]["target_logprob"] == pytest.approx([hit, miss])
+    assert out[1]["support_logprobs"][1] == pytest.approx([hit, miss]) and len(out[0]["topk_ids"][0]) == 2
+
+
+def test_baseline_round_trip(tiny_bf16, tmp_path):
+    from spmd.prompts import write_jsonl
+    from validation.baseline import make_baseline, parser
+
+    out = tmp_path / "b.jsonl"
+    args = parser().parse_args(["--checkpoint", str(tiny_bf16), "--prompts", str(PROMPTS20), "--out", str(out),
+                                "--max-new-tokens", "3", "--top-k", "5", "--batch-size", "20"])
+    write_jsonl(out, make_baseline(args))
+    head, rows = read_baseline(out)
+    assert head["checkpoint_sha256"] == checkpoint_fingerprint(tiny_bf16) and head["top_k"] == 5
+    assert head["n_prompts"] == len(rows) == 20 and head["dtype"] == "fp32" and head["versions"]["torch"]
+    for r in rows:
+        n = len(r["completion_token_ids"])
+        assert 1 <= n <= 3 and len(r["topk_ids"]) == n and all(len(t) == 5 for t in r["topk_ids"])
+        assert [t[0] for t in r["topk_ids"]] == r["completion_token_ids"]  # greedy: the top-1 is the token
+        assert r["token_logprobs"] == pytest.approx([t[0] for t in r["topk_logprobs"]])
+
+
+@pytest.fixture(scope="module")
+def tiny_baseline(tiny_bf16, tmp_path_factory):
+    from spmd.prompts import write_jsonl
+    from validation.baseline import make_baseline, parser
+
+    out = tmp_path_factory.mktemp("baseline") / "tiny-bf16.jsonl"
+    write_jsonl(out, make_baseline(parser().parse_args(["--checkpoint", str(tiny_bf16), "--prompts", str(PROMPTS20),
+                                                        "--out", str(out), "--max-new-tokens", "8"])))
+    return out
+
+
+def test_score_native_g2_fp32_agrees_with_the_baseline(tiny_bf16, tiny_baseline, tmp_path):
+    out = tmp_path / "out.jsonl"
+    r = mpirun(2, ["--checkpoint", str(tiny_bf16), "--prompts", str(PROMPTS20), "--output", str(out),
+                   "--engine", "native", "--group-size", "2", "--dtype", "fp32", "--max-new-tokens", "8",
+                   "--no-progress", "--score", str(tiny_baseline)], timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = C.compare(out, tiny_baseline, "fp32")
+    s = res["summary"]
+    assert res["passed"] and s["exact_prompts"] == 20, res["failures"]
+    assert s["top1_agreement"] == 1.0 and s["max_abs_dlogp"] < 1e-4
+
+
+def test_score_with_another_checkpoints_baseline_fails_on_every_rank(tiny_fp8, tiny_baseline, tmp_path):
+    r = mpirun(2, ["--checkpoint", str(tiny_fp8), "--prompts", str(PROMPTS20), "--output", str(tmp_path / "o.jsonl"),
+                   "--engine", "native", "--group-size", "2", "--dtype", "fp32", "--score", str(tiny_baseline)],
+               timeout=120)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1, r.stderr[-2000:]
+    assert "was made from checkpoint" in errors[0] and not (tmp_path / "o.jsonl").exists()

@@ -1,0 +1,141 @@
+"""Baseline for validation: single-process transformers, greedy, with the top-k log-probs of every generated position.
+
+    python -m validation.baseline --checkpoint DIR --prompts inputs/prompts/validation20.jsonl
+        --out validation/baselines/NAME.jsonl [--max-new-tokens 32] [--top-k 8] [--dtype fp32|bf16]
+        [--device cpu|cuda] [--batch-size 1] [--no-chat-template]
+
+Output (JSONL, written atomically): a header line (kind "spmd-baseline", checkpoint and prompt-set
+fingerprints, settings, versions), then per prompt: id, prompt, prompt_token_ids, completion,
+completion_token_ids (EOS included when reached), token_logprobs, and per generated position topk_ids /
+topk_logprobs (log-softmax of the logits that chose the token, in float32). `--batch-size 1` (default)
+runs each prompt alone (no padding); larger batches are left-padded (faster, e.g. on a GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.metadata
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from spmd.score import FORMAT, KIND, BaselineError, checkpoint_fingerprint, prompts_fingerprint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@torch.inference_mode()
+def greedy_with_topk(model, prompts: list[list[int]], n_new: int, k: int, eos_id: int,
+                     batch_size: int = 1) -> list[dict]:
+    """Per prompt: completion ids (cut after EOS), the log-prob of each, and the top-k ids/log-probs per position."""
+    out = []
+    for b in range(0, len(prompts), batch_size):
+        chunk = prompts[b:b + batch_size]
+        width = max(len(p) for p in chunk)
+        x = torch.tensor([[eos_id] * (width - len(p)) + p for p in chunk], device=model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
+        y = model.generate(x, attention_mask=mask, max_new_tokens=n_new, do_sample=False, eos_token_id=eos_id,
+                           pad_token_id=eos_id, output_logits=True, return_dict_in_generate=True)
+        lp = torch.log_softmax(torch.stack(y.logits, dim=1).float(), dim=-1)  # (B, steps, V)
+        top = lp.topk(k, dim=-1)
+        for r in range(len(chunk)):
+            ids = y.sequences[r, width:].tolist()
+            n = ids.index(eos_id) + 1 if eos_id in ids else len(ids)
+            out.append({"completion_token_ids": ids[:n],
+                        "token_logprobs": lp[r, torch.arange(n), y.sequences[r, width:width + n]].tolist(),
+                        "topk_ids": top.indices[r, :n].tolist(), "topk_logprobs": top.values[r, :n].tolist()})
+    return out
+
+
+def header(args, n_prompts: int, prompt_pairs: list[tuple[str, str]], eos_id: int, device_name: str) -> dict:
+    """The baseline's first line: what it was made from and how."""
+    return {"kind": KIND, "format": FORMAT, "engine": "transformers", "checkpoint": str(args.checkpoint),
+            "checkpoint_sha256": checkpoint_fingerprint(args.checkpoint), "prompts": str(args.prompts),
+            "prompts_sha256": prompts_fingerprint(prompt_pairs), "n_prompts": n_prompts, "chat": args.chat,
+            "max_new_tokens": args.max_new_tokens, "top_k": args.top_k, "dtype": args.dtype,
+            "device": args.device, "device_name": device_name, "batch_size": args.batch_size,
+            "eos_token_id": eos_id, "decoding": "greedy", "versions": versions(), "git_commit": git_commit(),
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = ""
+    return out
+
+
+def git_commit() -> str:
+    r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 else ""
+
+
+def make_baseline(args) -> list[dict]:
+    """The baseline's lines (header first) for the parsed command line."""
+    from spmd import prompts as P
+    from transformers.utils import logging as hf_logging
+
+    from spmd.args import ModelArgs
+    from validation.reference import load_hf
+
+    if not (Path(args.checkpoint) / "config.json").is_file():
+        raise BaselineError(f"checkpoint {args.checkpoint} has no config.json")
+    eos = ModelArgs.from_checkpoint(args.checkpoint).eos_token_id
+    prompts = P.read_prompts(args.prompts)
+    tokenizer = P.load_tokenizer(args.checkpoint)
+    ids = P.encode(tokenizer, prompts, args.chat)
+    hf_logging.disable_progress_bar()
+    model = load_hf(args.checkpoint, args.dtype, args.device, log=False)
+    rows = greedy_with_topk(model, ids, args.max_new_tokens, args.top_k, eos, args.batch_size)
+    name = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor() or "cpu"
+    head = header(args, len(prompts), [(p.id, p.text) for p in prompts], eos, name)
+    return [head] + [{"id": p.id, "prompt": p.text, "prompt_token_ids": t,
+                      "completion": P.decode(tokenizer, r["completion_token_ids"]), **r}
+                     for p, t, r in zip(prompts, ids, rows)]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m validation.baseline", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--prompts", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--batch-size", type=int, default=1, help="prompts per generate call (1: no padding)")
+    p.add_argument("--no-chat-template", dest="chat", action="store_false")
+    return p
+
+
+def main(argv=None) -> int:
+    import mpi4py
+
+    mpi4py.rc.initialize = False  # spmd.prompts imports mpi4py.MPI; this single process needs no MPI job
+    from spmd.prompts import write_jsonl
+    from spmd.world import UsageError
+
+    args = parser().parse_args(argv)
+    if min(args.max_new_tokens, args.top_k, args.batch_size) < 1:
+        print("error: --max-new-tokens, --top-k and --batch-size must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        lines = make_baseline(args)
+    except (UsageError, BaselineError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    write_jsonl(args.out, lines)
+    n_tok = sum(len(r["completion_token_ids"]) for r in lines[1:])
+    print(f"wrote {args.out}: {len(lines) - 1} prompts, {n_tok} tokens, top-{args.top_k}, {args.dtype} on "
+          f"{lines[0]['device_name']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""The validation matrix: engines × layouts × dtypes × weights, each run scored against its checkpoint's baseline.
+
+    python -m validation.matrix [--device cpu|cuda] [--configs tiny[,slice]] [--engines auto|hf,native,...]
+        [--layouts G1,G2,G4,2xG1] [--dtypes fp32,bf16] [--weights bf16,fp8] [--max-gpus N] [--slots N]
+        [--max-new-tokens 32] [--reuse] [--merge] [--out validation/results]
+
+Per config × weights: the synthetic checkpoint (written if missing) and one transformers baseline
+(`validation.baseline`, fp32; reused while its checkpoint fingerprint and settings match). Per row: the
+SPMD program under mpirun (`MPIRUN`, default `mpirun`; `sys.executable`, so no .venv is needed) with
+`--score`, greedy (2xG1: dynamic dispatch in chunks of 5), all prompts in one batch on GPUs, batches
+of 4 on CPU (the prompts run from 6 to 165 tokens: on CPU, bf16 matmuls are slow and padding to the
+longest prompt made batches of 20 cost 1.7× more for transformers), then
+`validation.compare` at the row's precision: fp32 compute → fp32; bf16 compute → bf16 (bf16 weights) or
+fp8 (fp8 weights, dequantized). Jobs share `--slots` (CPU cores, or GPUs with their own
+CUDA_VISIBLE_DEVICES). Writes <out>/<machine>-<date>.md and .json (`--merge`: into the day's file, so
+several calls make one table); exit 1 if any row fails.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from operator import itemgetter
+from pathlib import Path
+
+from spmd.score import BaselineError, checkpoint_fingerprint, read_baseline
+from validation.compare import compare
+from validation.jobs import Job, run_jobs
+from validation.report import write_text
+from validation.summary import matrix_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ROOT / "inputs" / "prompts" / "validation20.jsonl"
+LAYOUTS = {"G1": (1, 1), "G2": (2, 2), "G4": (4, 4), "2xG1": (2, 1)}  # name: (ranks, group size)
+REPLICATED = {"hf": ("G1", "2xG1")}  # engines that hold the whole model on every rank
+
+
+@dataclass(frozen=True)
+class Row:
+    config: str
+    weights: str
+    engine: str
+    layout: str
+    dtype: str
+
+    @property
+    def tag(self) -> str:
+        return f"{self.config}-{self.weights}-{self.engine}-{self.layout}-{self.dtype}"
+
+    @property
+    def precision(self) -> str:
+        return "fp32" if self.dtype == "fp32" else "fp8" if self.weights == "fp8" else "bf16"
+
+
+def plan(args, engines: list[str]) -> list[Row]:
+    """Every row to run, in table order; layouts needing more ranks than GPUs are left out on cuda."""
+    fits = [lay for lay in args.layouts if args.device == "cpu" or LAYOUTS[lay][0] <= args.max_gpus]
+    return [Row(c, w, e, lay, d) for c in args.configs for w in args.weights for e in engines for lay in fits
+            if lay in REPLICATED.get(e, LAYOUTS) for d in args.dtypes]
+
+
+def checkpoint_job(config: str, weights: str, args) -> tuple[Path, Job | None]:
+    """The checkpoint directory, and the job that writes it if it is missing."""
+    out = args.ckpt_root / f"{config}-{weights}"
+    if (out / "config.json").is_file():
+        return out, None
+    dev = "cuda" if args.device == "cuda" and config != "tiny" else "cpu"
+    cmd = [sys.executable, "-m", "spmd.synth", "--config", str(ROOT / "inputs/models" / f"{config}.json"),
+           "--out", str(out), "--weights", weights, "--seed", "0", "--device", dev, "--overwrite"]
+    return out, Job(f"synth-{out.name}", cmd, 1, args.work / "logs" / f"synth-{out.name}.log")
+
+
+def fp32_gib(ckpt: Path) -> float:
+    """The model's size in fp32 (from the index: 2 bytes per stored bf16 weight, about 1 per FP8 one)."""
+    total = json.loads((ckpt / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    fp8 = bool(json.loads((ckpt / "config.json").read_text()).get("quantization_config"))
+    return total / (1 if fp8 else 2) * 4 / 2**30
+
+
+def baseline_job(ckpt: Path, args) -> tuple[Path, str, Job | None]:
+    """The baseline file, its dtype, and the job that (re)makes it unless the file there matches.
+
+    fp32, except on a GPU too small for the fp32 model (the full-width slice: ~95 GiB): bf16 there.
+    """
+    out = args.baselines / f"{ckpt.name}.jsonl"
+    big = args.device == "cuda" and fp32_gib(ckpt) > 0.8 * args.gpu_mem_gib
+    dtype = "bf16" if big else "fp32"
+    try:
+        head = read_baseline(out)[0] if out.is_file() else None
+    except BaselineError:
+        head = None
+    if head and head["checkpoint_sha256"] == checkpoint_fingerprint(ckpt) and \
+            (head["max_new_tokens"], head["dtype"], head["device"]) == (args.max_new_tokens, dtype, args.device):
+        return out, dtype, None
+    cmd = [sys.executable, "-m", "validation.baseline", "--checkpoint", str(ckpt), "--prompts", str(PROMPTS),
+           "--out", str(out), "--max-new-tokens", str(args.max_new_tokens), "--dtype", dtype,
+           "--device", args.device, "--batch-size", "20" if args.device == "cuda" else "1"]
+    # a large model is built in host memory first (validation.reference.load_hf): one at a time
+    return out, dtype, Job(f"baseline-{ckpt.name}", cmd, args.slots if big else 1,
+                           args.work / "logs" / f"baseline-{ckpt.name}.log")
+
+
+def run_job(row: Row, ckpt: Path, baseline: Path, args) -> Job:
+    """The SPMD program for one row, scored against its baseline."""
+    ranks, group = LAYOUTS[row.layout]
+    cmd = [*os.environ.get("MPIRUN", "mpirun").split(), "-n", str(ranks), sys.executable, "-m", "mpi4py", "-m",
+           "spmd", "--checkpoint", str(ckpt), "--prompts", str(PROMPTS), "--output", str(output(row, args)),
+           "--engine", row.engine, "--group-size", str(group), "--dtype", row.dtype, "--device", args.device,
+           "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size), "--no-progress",
+           "--score", str(baseline)]
+    if ranks > group:
+        cmd += ["--dispatch", "dynamic", "--dispatch-size", "5"]
+    return Job(row.tag, cmd, ranks, args.work / "logs" / f"{row.tag}.log")
+
+
+def output(row: Row, args) -> Path:
+    return args.work / "runs" / f"{row.tag}.jsonl"
+
+
+def evaluate(row: Row, baseline: Path, args, wall_s: float | None, error: str | None) -> dict:
+    """One result row: the configuration, the compare summary, pass/fail (an error is a fail)."""
+    res = {**row.__dict__, "precision": row.precision, "wall_s": wall_s}
+    if error is None:
+        try:
+            c = compare(output(row, args), baseline, row.precision)
+            return {**res, **c["summary"], "passed": c["passed"], "failures": c["failures"]}
+        except BaselineError as exc:
+            error = f"refused: {exc}"
+    return {**res, "passed": False, "failures": [error]}
+
+
+def reusable(row: Row, baseline: Path, args) -> bool:
+    """--reuse: a finished run whose scores belong to the current baseline is kept."""
+    if not args.reuse or not output(row, args).is_file():
+        return False
+    try:
+        compare(output(row, args), baseline, row.precision)
+        return True
+    except BaselineError:
+        return False
+
+
+def tail(path: Path, n: int = 1500) -> str:
+    return path.read_text(errors="replace")[-n:] if path.is_file() else ""
+
+
+def prepare(args, rows: list[Row]) -> tuple[dict, dict]:
+    """Checkpoints, then baselines (a phase of jobs each): {(config, weights): (ckpt, baseline, dtype)}, errors."""
+    pairs = sorted({(r.config, r.weights) for r in rows})
+    ckpts = {p: checkpoint_job(*p, args) for p in pairs}
+    done = run_jobs([j for _, j in ckpts.values() if j], args.slots, ROOT, echo=_echo)
+    errors = {p: f"synthetic checkpoint failed: {tail(j.log)}" for p, (_, j) in ckpts.items()
+              if j and done[j.tag].returncode}
+    bases = {p: baseline_job(ckpts[p][0], args) for p in pairs if p not in errors}
+    done = run_jobs([j for *_, j in bases.values() if j], args.slots, ROOT, _gpus(args), _echo)
+    errors.update({p: f"baseline failed: {tail(j.log)}" for p, (*_, j) in bases.items()
+                   if j and done[j.tag].returncode})
+    return {p: (ckpts[p][0], b[0], b[1]) for p, b in bases.items() if p not in errors}, errors
+
+
+def run_rows(args, rows: list[Row], ready: dict, errors: dict) -> list[dict]:
+    """Run what is not reusable, then one result per row, in plan order."""
+    jobs = [run_job(r, ready[r.config, r.weights][0], ready[r.config, r.weights][1], args) for r in rows
+            if (r.config, r.weights) in ready and not reusable(r, ready[r.config, r.weights][1], args)]
+    done = run_jobs(jobs, args.slots, ROOT, _gpus(args), _echo)
+    out = []
+    for r in rows:
+        if (r.config, r.weights) in errors:
+            out.append(evaluate(r, None, args, None, errors[r.config, r.weights]))
+            continue
+        d = done.get(r.tag)
+        err = f"exit {d.returncode}: {tail(args.work / 'logs' / f'{r.tag}.log')}" if d and d.returncode else None
+        _, baseline, bdtype = ready[r.config, r.weights]
+        out.append({**evaluate(r, baseline, args, d.wall_s if d else None, err), "baseline_dtype": bdtype})
+    return out
+
+
+def layout_agreement(args, rows: list[Row]) -> list[dict]:
+    """Per (config, weights, engine, dtype) with several layouts: prompts whose tokens all layouts share."""
+    groups: dict[tuple, list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.config, r.weights, r.engine, r.dtype), []).append(r)
+    out = []
+    for key, rs in groups.items():
+        try:
+            toks = [[x["completion_token_ids"] for x in map(json.loads, output(r, args).read_text().splitlines())]
+                    for r in rs]
+        except (OSError, json.JSONDecodeError, KeyError):
+            continue
+        if len(rs) > 1 and len({len(t) for t in toks}) == 1:
+            same = sum(len({tuple(t[i]) for t in toks}) == 1 for i in range(len(toks[0])))
+            out.append({"config": key[0], "weights": key[1], "engine": key[2], "dtype": key[3],
+                        "layouts": [r.layout for r in rs], "identical_prompts": same, "n_prompts": len(toks[0])})
+    return out
+
+
+def deepspeed_problem() -> str | None:
+    """None if the deepspeed engine is there, importable and can score; else why it is left out."""
+    if not (ROOT / "spmd" / "engines" / "deepspeed.py").is_file():
+        return "spmd/engines/deepspeed.py does not exist"
+    code = ("import spmd.engines.deepspeed as m, sys; sys.exit(0 if any(isinstance(v, type) and hasattr(v, 'prefill')"
+            " and hasattr(v, 'score') for v in vars(m).values()) else 3)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    if r.returncode == 3:
+        return "the deepspeed engine has no score method"
+    return None if r.returncode == 0 else f"spmd.engines.deepspeed does not import: {r.stderr.strip()[-300:]}"
+
+
+def gpu_info() -> tuple[str, float]:
+    """(name, memory GiB) of the first GPU, from nvidia-smi; ("cuda", inf) when it cannot say."""
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                           capture_output=True, text=True, timeout=30)
+        name, mib = r.stdout.splitlines()[0].rsplit(",", 1)
+        return name.strip(), float(mib) / 1024
+    except (OSError, IndexError, ValueError, subprocess.SubprocessError):
+        return "cuda", float("inf")
+
+
+def _gpus(args) -> list[str] | None:
+    if args.device != "cuda":
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible.split(",")[:args.slots] if visible else [str(i) for i in range(args.slots)]
+
+
+def _rel(path: Path) -> str:
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def _echo(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m validation.matrix", description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--configs", default="tiny", help="model configs (inputs/models/NAME.json), comma-separated")
+    p.add_argument("--engines", default="auto", help="auto: hf, native, and deepspeed when it can score")
+    p.add_argument("--layouts", default=",".join(LAYOUTS))
+    p.add_argument("--dtypes", default=None, help="compute dtypes (default: fp32,bf16 on cpu, bf16 on cuda)")
+    p.add_argument("--weights", default="bf16,fp8")
+    p.add_argument("--max-gpus", type=int, default=2, help="cuda: layouts needing more ranks are left out")
+    p.add_argument("--slots", type=int, default=None, help="concurrent ranks (default: CPU cores, or --max-gpus)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=None, help="default: 20 (all prompts) on cuda, 4 on cpu")
+    p.add_argument("--reuse", action="store_true", help="keep finished runs whose scores match the baseline")
+    p.add_argument("--merge", action="store_true", help="add to (replace rows in) the day's result file")
+    p.add_argument("--ckpt-root", type=Path, default=ROOT / "build" / "checkpoints")
+    p.add_argument("--baselines", type=Path, default=ROOT / "validation" / "baselines")
+    p.add_argument("--work", type=Path, default=ROOT / "build" / "validation")
+    p.add_argument("--out", type=Path, default=ROOT / "validation" / "results")
+    a = p.parse_args(argv)
+    a.configs, a.weights, a.layouts = a.configs.split(","), a.weights.split(","), a.layouts.split(",")
+    a.dtypes = (a.dtypes or ("bf16" if a.device == "cuda" else "fp32,bf16")).split(",")
+    a.batch_size = a.batch_size or (20 if a.device == "cuda" else 4)
+    a.slots = a.slots or (a.max_gpus if a.device == "cuda" else os.cpu_count() or 1)
+    a.machine, a.gpu_mem_gib = gpu_info() if a.device == "cuda" else (f"cpu-{socket.gethostname()}", 0.0)
+    bad = [x for x in a.layouts if x not in LAYOUTS] + [x for x in a.dtypes if x not in ("fp32", "bf16")] + \
+        [x for x in a.weights if x not in ("bf16", "fp8")]
+    if bad:
+        p.error(f"unknown layout/dtype/weights: {', '.join(bad)}")
+    return a
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    notes = []
+    engines = ["hf", "native", "deepspeed"] if args.engines == "auto" else args.engines.split(",")
+    if args.engines == "auto" and (why := deepspeed_problem()):
+        engines.remove("deepspeed")
+        notes.append(f"deepspeed left out: {why}")
+    rows = plan(args, engines)
+    ready, errors = prepare(args, rows)
+    results = run_rows(args, rows, ready, errors)
+    stamp = dt.date.today().isoformat()
+    doc = {"machine": args.machine, "date": stamp, "device": args.device, "max_new_tokens": args.max_new_tokens,
+           "batch_size": args.batch_size,
+           "prompts": str(PROMPTS.relative_to(ROOT)), "engines": engines, "notes": notes,
+           "baselines": {f"{c}-{w}": {"file": _rel(b), "dtype": d} for (c, w), (_, b, d) in ready.items()},
+           "layout_agreement": layout_agreement(args, rows), "rows": results}
+    name = f"{args.machine.replace(' ', '_')}-{stamp}"
+    if args.merge:
+        doc = merged(doc, args.out / f"{name}.json")
+    write_text(args.out / f"{name}.json", json.dumps(doc, indent=1) + "\n")
+    md = matrix_markdown(doc)
+    write_text(args.out / f"{name}.md", md)
+    print(md, flush=True)
+    print(f"wrote {args.out / name}.md and .json")
+    return 0 if all(r["passed"] for r in results) else 1
+
+
+def merged(doc: dict, path: Path) -> dict:
+    """--merge: this run's rows replace the same configurations in the day's file; the others stay."""
+    if not path.is_file():
+        return doc
+    old = json.loads(path.read_text())
+    row_key = itemgetter("config", "weights", "engine", "layout", "dtype")
+    group_key = itemgetter("config", "weights", "engine", "dtype")
+    rows, groups = {row_key(r) for r in doc["rows"]}, {group_key(g) for g in doc["layout_agreement"]}
+    return {**doc, "engines": sorted(set(old["engines"]) | set(doc["engines"])),
+            "notes": old["notes"] + [n for n in doc["notes"] if n not in old["notes"]],
+            "baselines": {**old["baselines"], **doc["baselines"]},
+            "layout_agreement": [g for g in old["layout_agreement"] if group_key(g) not in groups]
+            + doc["layout_agreement"], "rows": [r for r in old["rows"] if row_key(r) not in rows] + doc["rows"]}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,7 +11,7 @@ NP ?= 2
 ENV := . launch/env.sh &&
 MPIRUN := $(ENV) mpirun
 
-.PHONY: install install-perf run test test-serial test-mpi checkpoints gpu-native gpu-bench bench baseline validate container clean
+.PHONY: install install-perf run test test-serial test-mpi checkpoints gpu-native gpu-bench bench baseline validate gpu-validate container clean
 
 install: $(STAMP)
 
@@ -67,6 +67,11 @@ baseline: $(BASELINES)/tiny-bf16.jsonl $(BASELINES)/tiny-fp8.jsonl
 # Engines x layouts x dtypes x weights on CPU, scored against the baselines: validation/results/<machine>-<date>.md
 validate: $(STAMP) baseline
 	$(ENV) python -m validation.matrix --device cpu --configs tiny --ckpt-root $(CKPT) --baselines $(BASELINES)
+
+# On a GPU machine (python3 with the stack, no .venv): the matrix for native, bf16 compute, tiny + slice,
+# bf16 + fp8 weights, 1-2 GPUs; adds to validation/results/<gpu>-<date>.md
+gpu-validate:
+	. launch/env.sh && python3 -m validation.matrix --device cuda --configs tiny,slice --max-gpus 2 --engines native --merge
 
 # On a GPU machine with the project's stack in its python3 (no .venv there): native vs transformers,
 # 1 and 2 GPUs, tiny and full-width slice checkpoints; writes traces/gpu/native-<gpu>-<date>.json

@@ -262,3 +262,37 @@ def test_score_with_another_checkpoints_baseline_fails_on_every_rank(tiny_fp8, t
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert r.returncode == 2 and len(errors) == 1, r.stderr[-2000:]
     assert "was made from checkpoint" in errors[0] and not (tmp_path / "o.jsonl").exists()
+
+
+def test_jobs_share_slots_and_report_exit_codes(tmp_path):
+    from validation.jobs import Job, run_jobs
+
+    jobs = [Job("a", ["sleep", "0.3"], 1, tmp_path / "a.log"), Job("b", ["sleep", "0.3"], 1, tmp_path / "b.log"),
+            Job("c", ["false"], 4, tmp_path / "c.log")]
+    done = run_jobs(jobs, slots=1, cwd=tmp_path, echo=lambda msg: None)
+    assert done["a"].returncode == done["b"].returncode == 0 and done["c"].returncode == 1
+    assert done["a"].wall_s >= 0.3 and done["b"].wall_s >= 0.3
+
+
+def _matrix_row(layout: str, kl_mean: float) -> dict:
+    return {"config": "tiny", "weights": "bf16", "engine": "native", "layout": layout, "dtype": "bf16",
+            "precision": "bf16", "baseline_dtype": "fp32", "n_prompts": 20, "exact_prompts": 5,
+            "mean_first_divergence": 8.0, "positions": 400, "top1_agreement": 0.93, "max_abs_dlogp": 6.0,
+            "kl_mean": kl_mean, "kl_max": 2.5, "passed": False, "failures": ["old bound"]}
+
+
+def test_matrix_rejudge_and_merge(tmp_path):
+    from validation.matrix import merged, rejudge
+
+    doc = {"machine": "m", "date": "d", "device": "cpu", "max_new_tokens": 32, "prompts": "p", "engines": ["native"],
+           "notes": [], "baselines": {}, "layout_agreement": [], "rows": [_matrix_row("G1", 0.04),
+                                                                          _matrix_row("G2", 0.5)]}
+    path = tmp_path / "m-d.json"
+    path.write_text(json.dumps(doc))
+    assert rejudge(path) == 1  # G2's KL mean is over the bf16 bound
+    rows = json.loads(path.read_text())["rows"]
+    assert rows[0]["passed"] and not rows[1]["passed"] and "kl_mean" in rows[1]["failures"][0]
+    assert "1/2 configurations pass" in path.with_suffix(".md").read_text()
+    new = dict(doc, rows=[dict(_matrix_row("G2", 0.04), passed=True, failures=[])])
+    both = merged(new, path)["rows"]
+    assert [(r["layout"], r["passed"]) for r in both] == [("G1", True), ("G2", True)]

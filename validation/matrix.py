@@ -2,18 +2,20 @@
 
     python -m validation.matrix [--device cpu|cuda] [--configs tiny[,slice]] [--engines auto|hf,native,...]
         [--layouts G1,G2,G4,2xG1] [--dtypes fp32,bf16] [--weights bf16,fp8] [--max-gpus N] [--slots N]
-        [--max-new-tokens 32] [--reuse] [--merge] [--out validation/results]
+        [--max-new-tokens 32] [--batch-size B] [--reuse] [--merge] [--out validation/results]
+    python -m validation.matrix --rejudge validation/results/NAME.json
 
 Per config × weights: the synthetic checkpoint (written if missing) and one transformers baseline
-(`validation.baseline`, fp32; reused while its checkpoint fingerprint and settings match). Per row: the
-SPMD program under mpirun (`MPIRUN`, default `mpirun`; `sys.executable`, so no .venv is needed) with
-`--score`, greedy (2xG1: dynamic dispatch in chunks of 5), all prompts in one batch on GPUs, batches
-of 4 on CPU (the prompts run from 6 to 165 tokens: on CPU, bf16 matmuls are slow and padding to the
-longest prompt made batches of 20 cost 1.7× more for transformers), then
-`validation.compare` at the row's precision: fp32 compute → fp32; bf16 compute → bf16 (bf16 weights) or
-fp8 (fp8 weights, dequantized). Jobs share `--slots` (CPU cores, or GPUs with their own
-CUDA_VISIBLE_DEVICES). Writes <out>/<machine>-<date>.md and .json (`--merge`: into the day's file, so
-several calls make one table); exit 1 if any row fails.
+(`validation.baseline`, fp32; `<baselines>/NAME.jsonl` on CPU, `NAME-cuda.jsonl` on GPUs; reused while
+its checkpoint fingerprint and settings match). Per row: the SPMD program under mpirun (`MPIRUN`,
+default `mpirun`; `sys.executable`, so no .venv is needed) with `--score`, greedy (2xG1: dynamic
+dispatch in chunks of 5), all prompts in one batch on GPUs, batches of 4 on CPU (the prompts run from
+6 to 165 tokens; on CPU bf16 matmuls are slow, and padding to the longest prompt made batches of 20
+cost 1.7× more for transformers), then `validation.compare` at the row's precision: fp32 compute →
+fp32; bf16 compute → bf16 (bf16 weights) or fp8 (fp8 weights, dequantized). Jobs share `--slots`
+(CPU cores, or GPUs with their own CUDA_VISIBLE_DEVICES). Writes <out>/<machine>-<date>.md and .json
+(`--merge`: into the day's file, so several calls make one table); exit 1 if any row fails.
+`--rejudge RESULT.json` only re-applies the current thresholds to a stored file's numbers.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from operator import itemgetter
 from pathlib import Path
 
 from spmd.score import BaselineError, checkpoint_fingerprint, read_baseline
-from validation.compare import compare
+from validation.compare import compare, judge
 from validation.jobs import Job, run_jobs
 from validation.report import write_text
 from validation.summary import matrix_markdown
@@ -87,7 +89,7 @@ def baseline_job(ckpt: Path, args) -> tuple[Path, str, Job | None]:
 
     fp32, except on a GPU too small for the fp32 model (the full-width slice: ~95 GiB): bf16 there.
     """
-    out = args.baselines / f"{ckpt.name}.jsonl"
+    out = args.baselines / f"{ckpt.name}{'' if args.device == 'cpu' else '-' + args.device}.jsonl"  # one per device
     big = args.device == "cuda" and fp32_gib(ckpt) > 0.8 * args.gpu_mem_gib
     dtype = "bf16" if big else "fp32"
     try:
@@ -212,14 +214,13 @@ def deepspeed_problem() -> str | None:
 
 
 def gpu_info() -> tuple[str, float]:
-    """(name, memory GiB) of the first GPU, from nvidia-smi; ("cuda", inf) when it cannot say."""
-    try:
-        r = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
-                           capture_output=True, text=True, timeout=30)
-        name, mib = r.stdout.splitlines()[0].rsplit(",", 1)
-        return name.strip(), float(mib) / 1024
-    except (OSError, IndexError, ValueError, subprocess.SubprocessError):
-        return "cuda", float("inf")
+    """(name, memory GiB) of the first GPU, from torch in a child process (this one keeps no CUDA context)."""
+    code = "import torch; p = torch.cuda.get_device_properties(0); print(p.total_memory); print(p.name)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"error: --device cuda, but no GPU is usable: {r.stderr.strip()[-300:]}")
+    mem, name = r.stdout.strip().split("\n", 1)
+    return name.strip(), int(mem) / 2**30
 
 
 def _gpus(args) -> list[str] | None:
@@ -252,6 +253,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=None, help="default: 20 (all prompts) on cuda, 4 on cpu")
     p.add_argument("--reuse", action="store_true", help="keep finished runs whose scores match the baseline")
     p.add_argument("--merge", action="store_true", help="add to (replace rows in) the day's result file")
+    p.add_argument("--rejudge", type=Path, default=None, metavar="RESULT_JSON",
+                   help="only re-apply the current thresholds to a stored result file")
     p.add_argument("--ckpt-root", type=Path, default=ROOT / "build" / "checkpoints")
     p.add_argument("--baselines", type=Path, default=ROOT / "validation" / "baselines")
     p.add_argument("--work", type=Path, default=ROOT / "build" / "validation")
@@ -269,8 +272,24 @@ def parse_args(argv=None):
     return a
 
 
+def rejudge(path: Path) -> int:
+    """--rejudge FILE: apply the current thresholds to a stored result file's numbers; rewrite its .json and .md."""
+    doc = json.loads(path.read_text())
+    for r in doc["rows"]:
+        if "top1_agreement" in r or "exact_prompts" in r:  # rows that failed to run keep their error
+            r["failures"] = judge(r, r["precision"])
+            r["passed"] = not r["failures"]
+    write_text(path, json.dumps(doc, indent=1) + "\n")
+    write_text(path.with_suffix(".md"), matrix_markdown(doc))
+    print(f"rewrote {path} and {path.with_suffix('.md')}: {sum(r['passed'] for r in doc['rows'])}/"
+          f"{len(doc['rows'])} pass")
+    return 0 if all(r["passed"] for r in doc["rows"]) else 1
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.rejudge is not None:
+        return rejudge(args.rejudge)
     notes = []
     engines = ["hf", "native", "deepspeed"] if args.engines == "auto" else args.engines.split(",")
     if args.engines == "auto" and (why := deepspeed_problem()):

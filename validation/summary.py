@@ -67,9 +67,9 @@ def matrix_markdown(doc: dict) -> str:
     n_pass, n = sum(r["passed"] for r in rows), next((r["n_prompts"] for r in rows if "n_prompts" in r), "?")
     lines = [f"# Validation matrix: {doc['machine']}, {doc['date']}", "",
              f"{n_pass}/{len(rows)} configurations pass. {doc['device']}, {n} prompts "
-             f"({doc['prompts']}), {doc['max_new_tokens']} new tokens, greedy, batches of {doc.get('batch_size')}, "
-             f"teacher-forced scoring of the "
-             f"baseline's tokens. Baselines (transformers, one process): "
+             f"({doc['prompts']}), {doc['max_new_tokens']} new tokens, greedy, "
+             + (f"batches of {doc['batch_size']}, " if doc.get("batch_size") else "")
+             + "teacher-forced scoring of the baseline's tokens. Baselines (transformers, one process): "
              + ", ".join(f"{k} {v['dtype']}" for k, v in doc["baselines"].items()) + ".", ""]
     lines += table([t for _, t in COLUMNS] + ["result"], matrix_rows(rows))
     lines += ["", "## What it answers", ""] + answers(doc)

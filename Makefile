@@ -80,7 +80,8 @@ gpu-native:
 
 # Same machine kind: ceilings, then the slice per engine and batch size vs the floor (traces/bench/<gpu>-<date>.json)
 gpu-bench:
-	. launch/env.sh && python3 -m traces.gpu_bench all --out traces/bench
+	bash launch/deepspeed_site.sh build/site || echo "gpu-bench: DeepSpeed not installed (.whl/ missing?): its row will hold the error"
+	. launch/env.sh && PYTHONPATH=$$PWD/build/site:$$PYTHONPATH python3 -m traces.gpu_bench all --out traces/bench
 
 # Apptainer image (apptainer/deepseek.def: CUDA + PyTorch base, InfiniBand user space, these pins); only
 # where apptainer is installed (a cluster's login node). Not built on the development machines.

@@ -46,6 +46,8 @@ class RunArgs:
     profile_steps: tuple[int, int] = (2, 5)
     score: Path | None = None
     score_only: bool = False
+    cuda_graph: str = "auto"
+    fp8_weights: str = "auto"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -74,6 +76,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--score", type=Path, default=None, metavar="BASELINE",
                    help="teacher-forced scoring of a validation.baseline file's tokens (adds `score` to each row)")
     p.add_argument("--score-only", action="store_true", help="with --score: score, do not generate")
+    p.add_argument("--cuda-graph", choices=("auto", "on", "off", "static"), default="auto",
+                   help="native engine on CUDA: replay each decode step as one captured CUDA graph (auto: when "
+                        "the MoE runs grouped GEMMs); traces then hold one event per step, not per layer. "
+                        "static: the graph's static-shape step run eagerly, any device")
+    p.add_argument("--fp8-weights", choices=("auto", "keep", "dequant"), default="auto",
+                   help="native engine, FP8 checkpoint: keep FP8 weights on the GPU (Triton w8a16 kernels) or "
+                        "dequantize them at load (auto: keep on CUDA when Triton is there)")
     p.add_argument("--profile-steps", type=_steps, default=(2, 5), metavar="A:B",
                    help="decode steps A..B inside the window (default 2:5)")
     return p
@@ -108,6 +117,9 @@ def check_run_args(a: RunArgs) -> None:
         raise UsageError("--score-only needs --score BASELINE")
     if a.profile == "torch" and a.trace_dir is None:
         raise UsageError("--profile torch writes TRACE_DIR/torch/rank*.json: give --trace-dir")
+    if a.cuda_graph == "on" and (a.device != "cuda" or a.engine != "native"):
+        raise UsageError(f"--cuda-graph on needs --engine native --device cuda, got --engine {a.engine} "
+                         f"--device {a.device}")
     if a.profile == "nsys" and a.device != "cuda":
         raise UsageError(f"--profile nsys opens the window with cudaProfilerStart: needs --device cuda, "
                          f"got --device {a.device}")

@@ -1,4 +1,5 @@
-"""HF-layout checkpoint loader: each rank reads only its slices (safetensors get_slice), FP8 dequantized.
+"""HF-layout checkpoint loader: each rank reads only its slices (safetensors get_slice); FP8 dequantized,
+or kept (``keep_fp8``) for modules that run FP8 kernels.
 
 Contract with the model (spmd/model.py, spmd/parallel.py):
 - state_dict() names equal the checkpoint names; a rank's model holds only its local routed experts,
@@ -7,6 +8,9 @@ Contract with the model (spmd/model.py, spmd/parallel.py):
   Rank r of G holds the contiguous slice ``local_slice(n, r, G)`` of that dim; other tensors are whole.
 - The model is built on the meta device; ``load`` allocates it on ``device``, fills every parameter and
   persistent buffer, then calls ``model.init_buffers(device)`` when the model has it (rope tables).
+- ``keep_fp8``: an FP8 weight of a module with ``fp8_ok = True`` whose slice starts on a 128-block edge
+  stays float8_e4m3fn, and its module gets a non-persistent float32 buffer ``weight_scale_inv`` with
+  the scale blocks of that slice (the checkpoint's name); every other FP8 weight is dequantized.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import re
 import struct
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -241,6 +245,12 @@ def dequantize_slice(q: torch.Tensor, scale: torch.Tensor, row0: int, col0: int)
 
 def _read_fp8(index: CheckpointIndex, f, e: Entry, sl: slice, device, timers) -> tuple[torch.Tensor, int]:
     """This rank's slice of an FP8 weight and the scale blocks covering it, dequantized (fp32 on device)."""
+    q, s, row0, col0, nbytes = _read_fp8_parts(index, f, e, sl, timers)
+    return dequantize_slice(q.to(device), s.to(device), row0, col0), nbytes
+
+
+def _read_fp8_parts(index: CheckpointIndex, f, e: Entry, sl: slice, timers):
+    """(fp8 slice, its scale blocks, offset of the slice in the blocks (row0, col0), bytes read)."""
     q, nbytes = _read(f, e.name, _index(e.shard_dim, sl), timers)
     scale_idx, offset = (), 0  # not split: the whole scale
     if e.shard_dim is not None:
@@ -253,7 +263,29 @@ def _read_fp8(index: CheckpointIndex, f, e: Entry, sl: slice, device, timers) ->
         with index.shard(index[scale].file) as g:
             s, sbytes = _read(g, scale, scale_idx, timers)
     row0, col0 = (offset, 0) if e.shard_dim == 0 else (0, offset)
-    return dequantize_slice(q.to(device), s.to(device), row0, col0), nbytes + sbytes
+    return q, s, row0, col0, nbytes + sbytes
+
+
+def _slice(e: Entry, rank: int, size: int) -> slice:
+    return local_slice(e.full_shape(size)[e.shard_dim], rank, size) if e.shard_dim is not None else slice(None)
+
+
+def keep_fp8(model: torch.nn.Module, index: CheckpointIndex, entries: list[Entry], rank: int,
+             size: int) -> list[Entry]:
+    """Entries with the FP8 weights that stay FP8 retargeted to float8_e4m3fn; their modules (on meta)
+    get the `weight_scale_inv` buffer of their slice's blocks (see the module docstring)."""
+    out = []
+    for e in entries:
+        owner_name, _, leaf = e.name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if (leaf == "weight" and getattr(owner, "fp8_ok", False) and index[e.name].dtype == torch.float8_e4m3fn
+                and (e.shard_dim is None or _slice(e, rank, size).start % FP8_BLOCK == 0)):
+            grid = tuple(math.ceil(n / FP8_BLOCK) for n in e.local_shape)
+            owner.register_buffer("weight_scale_inv", torch.empty(grid, device=owner.weight.device),
+                                  persistent=False)
+            e = replace(e, dtype=torch.float8_e4m3fn)
+        out.append(e)
+    return out
 
 
 def _retype(model: torch.nn.Module, entries: list[Entry]) -> None:
@@ -268,7 +300,14 @@ def _retype(model: torch.nn.Module, entries: list[Entry]) -> None:
 def _fill(model, index: CheckpointIndex, f, e: Entry, rank: int, size: int, device, timers) -> int:
     """Read entry `e` from shard `f` and copy it into the model tensor -> bytes read."""
     owner, _, leaf = e.name.rpartition(".")
-    sl = local_slice(e.full_shape(size)[e.shard_dim], rank, size) if e.shard_dim is not None else slice(None)
+    sl = _slice(e, rank, size)
+    if e.dtype == torch.float8_e4m3fn:  # kept FP8 (see keep_fp8): the slice and its scale blocks as stored
+        q, s, _, _, nbytes = _read_fp8_parts(index, f, e, sl, timers)
+        module = model.get_submodule(owner)
+        with torch.no_grad():
+            module.weight.copy_(q)
+            module.weight_scale_inv.copy_(s.float())
+        return nbytes
     if index[e.name].dtype == torch.float8_e4m3fn:
         t, nbytes = _read_fp8(index, f, e, sl, device, timers)
     else:
@@ -304,11 +343,12 @@ def _skip_unused(index: CheckpointIndex, entries: list[Entry], n_layers: int, lo
 
 
 def load(model: torch.nn.Module, ckpt_dir: str | Path, rank: int, size: int, dtype: torch.dtype,
-         device: torch.device | str, timers=None, log=print) -> LoadStats:
+         device: torch.device | str, timers=None, log=print, fp8: bool = False) -> LoadStats:
     """Allocate `model` (built on meta) on `device` and fill it with this rank's slices of the checkpoint.
 
     Every check (names, shapes, dtypes, shard files) runs before any tensor is read. Floating tensors end up
-    in `dtype` (e_score_correction_bias in float32); FP8 weights are dequantized with their block scales.
+    in `dtype` (e_score_correction_bias in float32); FP8 weights are dequantized with their block scales,
+    or with `fp8` kept as FP8 where `keep_fp8` allows.
     Reads one tensor at a time, only this rank's slice; `timers` gets one "load.read" io event per read.
     """
     t0 = time.perf_counter()
@@ -318,6 +358,8 @@ def load(model: torch.nn.Module, ckpt_dir: str | Path, rank: int, size: int, dty
     for e in entries:
         _check_entry(index, e, size, margs.fp8)
     skipped = _skip_unused(index, entries, margs.n_layers, log)
+    if fp8:
+        entries = keep_fp8(model, index, entries, rank, size)
     _retype(model, entries)
     model.to_empty(device=device)
     by_file: dict[str, list[Entry]] = {}

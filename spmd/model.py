@@ -1,4 +1,4 @@
-"""DeepSeek-V3: RMSNorm, YaRN RoPE, MLA with a latent cache, noaux_tc Gate, MoE, Block, Transformer.
+"""DeepSeek-V3: RMSNorm, YaRN RoPE, MLA with a latent cache, Block, Transformer (the MLPs and MoE: spmd.moe).
 
 Module and parameter names equal the HF checkpoint's tensor names (``model.layers.3.self_attn.kv_b_proj.weight``,
 ``model.layers.3.mlp.experts.17.up_proj.weight``), so the loader needs no renaming. Sharding over the model
@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .args import ModelArgs
-from .parallel import (ColumnParallelLinear, Linear, ParallelEmbedding, RowParallelLinear, all_reduce,
-                       compute_span, group_info, local_slice)
+from .moe import MLP, MoE
+from .parallel import ColumnParallelLinear, Linear, ParallelEmbedding, RowParallelLinear, group_info
 
 SUB_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm: transformers builds them with the default eps
 
@@ -79,15 +79,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([even * cos - odd * sin, odd * cos + even * sin], dim=-1)
 
 
-def attention_bias(key_mask: torch.Tensor, start: int, seqlen: int, dtype) -> torch.Tensor:
+def attention_bias(key_mask: torch.Tensor, start, seqlen: int, dtype) -> torch.Tensor:
     """(B, 1, T, S) additive mask: 0 where slot s is real and s <= the query's slot, else dtype's min.
 
-    The min is finite, so a query row with no visible key (a left pad) gets a uniform softmax, not NaN.
+    start: an int (S = start + T), or a (1,) device tensor for static shapes (S = every slot of key_mask,
+    nothing read back to the host: what a captured CUDA graph needs). The min is finite, so a query row
+    with no visible key (a left pad) gets a uniform softmax, not NaN.
     """
-    end = start + seqlen
     dev = key_mask.device
-    causal = torch.arange(end, device=dev)[None, :] <= torch.arange(start, end, device=dev)[:, None]  # (T, S)
-    visible = causal[None] & key_mask[:, None, :end]  # (B, T, S)
+    if isinstance(start, torch.Tensor):
+        keys, queries = torch.arange(key_mask.shape[1], device=dev), start + torch.arange(seqlen, device=dev)
+    else:
+        keys, queries = torch.arange(start + seqlen, device=dev), torch.arange(start, start + seqlen, device=dev)
+        key_mask = key_mask[:, :start + seqlen]
+    visible = (keys[None, :] <= queries[:, None])[None] & key_mask[:, None, :]  # (B, T, S)
     bias = torch.zeros(visible.shape, dtype=dtype, device=dev).masked_fill_(~visible, torch.finfo(dtype).min)
     return bias[:, None]
 
@@ -101,157 +106,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-
-
-class MLP(nn.Module):
-    """SwiGLU MLP, gate/up column-parallel, down row-parallel; timed as `name` iff it ends in its all-reduce."""
-
-    def __init__(self, dim: int, inter: int, group, timers, name: str, layer: int, dtype=None,
-                 reduce_output: bool = True, device=None):
-        super().__init__()
-        self.timers, self.name, self.layer = timers, name, layer
-        self.gate_proj = ColumnParallelLinear(dim, inter, group, dtype, device=device)
-        self.up_proj = ColumnParallelLinear(dim, inter, group, dtype, device=device)
-        self.down_proj = RowParallelLinear(inter, dim, group, dtype, reduce_output, name=f"{name}.down",
-                                           timers=timers, layer=layer, device=device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with compute_span(self.timers, self.name, self.layer, self.down_proj.reduce_output):
-            h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (..., inter/G)
-        return self.down_proj(h)
-
-
-class Expert(nn.Module):
-    """One routed expert, whole on the rank that owns it."""
-
-    def __init__(self, dim: int, inter: int, dtype=None, device=None):
-        super().__init__()
-        self.gate_proj = Linear(dim, inter, dtype, device)
-        self.up_proj = Linear(dim, inter, dtype, device)
-        self.down_proj = Linear(inter, dim, dtype, device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class Gate(nn.Module):
-    """noaux_tc router (replicated): sigmoid scores, group-limited top-k on biased scores, unbiased weights."""
-
-    def __init__(self, m: ModelArgs, dtype=None, device=None):
-        super().__init__()
-        self.top_k, self.n_groups, self.topk_groups = m.n_activated_experts, m.n_expert_groups, m.n_limited_groups
-        self.route_scale = m.route_scale
-        e = m.n_routed_experts
-        self.weight = nn.Parameter(torch.empty(e, m.dim, dtype=dtype, device=device), requires_grad=False)
-        self.e_score_correction_bias = nn.Parameter(torch.empty(e, dtype=torch.float32, device=device),
-                                                    requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (N, dim) -> weights (N, top_k) float32, expert ids (N, top_k) int64."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # (N, E)
-        choice = (scores + self.e_score_correction_bias).view(x.shape[0], self.n_groups, -1)  # (N, groups, E/groups)
-        group_score = choice.topk(2, dim=-1).values.sum(-1)  # (N, groups)
-        kept = group_score.topk(self.topk_groups, dim=-1).indices  # (N, topk_groups)
-        dropped = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, kept, False)
-        choice = choice.masked_fill(dropped[..., None], float("-inf")).flatten(1)  # (N, E)
-        ids = choice.topk(self.top_k, dim=-1).indices  # (N, top_k)
-        weights = scores.gather(1, ids)
-        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20) * self.route_scale
-        return weights, ids
-
-
-def _grouped_mm_works(w: torch.Tensor) -> bool:
-    """Whether torch._grouped_mm runs for this device, dtype and our layout (e.g. not fp32 on CUDA)."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    b = torch.ones(2, 16, 32, dtype=w.dtype, device=w.device).transpose(1, 2)  # (G, K, N) column-major
-    a = torch.ones(5, 32, dtype=w.dtype, device=w.device)
-    try:
-        out = torch._grouped_mm(a, b, offs=torch.tensor([2, 5], dtype=torch.int32, device=w.device))
-    except (RuntimeError, NotImplementedError):
-        return False
-    return bool((out == 32).all())
-
-
-class MoE(nn.Module):
-    """Routed experts (this rank's range) + shared expert (column/row split), summed by one all-reduce."""
-
-    def __init__(self, layer: int, m: ModelArgs, group, timers, dtype=None, device=None):
-        super().__init__()
-        rank, size = group_info(group)
-        owned = local_slice(m.n_routed_experts, rank, size)
-        self.group, self.timers, self.layer = group, timers, layer
-        self.n_experts, self.expert_lo, self.expert_hi = m.n_routed_experts, owned.start, owned.stop
-        self.gate = Gate(m, dtype, device)
-        self.shared_experts = MLP(m.dim, m.moe_inter_dim * m.n_shared_experts, group, timers, "moe.shared",
-                                  layer, dtype, reduce_output=False, device=device)
-        # keyed by the GLOBAL expert index, so parameter names match the checkpoint's
-        self.experts = nn.ModuleDict({str(e): Expert(m.dim, m.moe_inter_dim, dtype, device)
-                                      for e in range(owned.start, owned.stop)})
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])  # (N, dim)
-        with self.timers.compute("moe.gate", layer=self.layer):
-            weights, ids = self.gate(x)  # (N, top_k)
-        with self.timers.compute("moe.experts", layer=self.layer):
-            y = self.routed(x, weights, ids)  # (N, dim), partial: this rank's experts only
-        with self.timers.compute("moe.shared", layer=self.layer):
-            y += self.shared_experts(x)  # partial: this rank's columns of the shared expert
-        return all_reduce(y, self.group, self.timers, "moe.combine", self.layer).view(shape)
-
-    def pack(self) -> None:
-        """Stack the local experts into (E_l, 2I, dim) and (E_l, dim, I) for grouped GEMMs; experts become views."""
-        ex = [self.experts[str(e)] for e in range(self.expert_lo, self.expert_hi)]
-        if not ex or not hasattr(torch, "_grouped_mm"):
-            return
-        inter = ex[0].gate_proj.weight.shape[0]
-        if not _grouped_mm_works(ex[0].gate_proj.weight):
-            return
-        self.w13 = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in ex])
-        self.w2 = torch.stack([e.down_proj.weight for e in ex])
-        for i, e in enumerate(ex):  # the per-expert parameters (checkpoint names) now alias the stacks
-            e.gate_proj.weight.data, e.up_proj.weight.data = self.w13[i, :inter], self.w13[i, inter:]
-            e.down_proj.weight.data = self.w2[i]
-
-    def routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Sum over this rank's experts of weight * expert(token), for the tokens routed to each; (N, dim)."""
-        grouped = getattr(self, "w13", None) is not None
-        return self._routed_grouped(x, weights, ids) if grouped else self._routed_loop(x, weights, ids)
-
-    def _routed_grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Grouped GEMMs over (token, expert) slots sorted by local expert; no host sync, no Python loop."""
-        n, k = ids.shape
-        flat = ids.flatten()  # (N*k,)
-        local = (flat >= self.expert_lo) & (flat < self.expert_hi)
-        key = torch.where(local, flat - self.expert_lo, self.w13.shape[0])  # other ranks' slots sort last
-        order = key.argsort(stable=True)  # (N*k,) slots grouped by local expert
-        counts = torch.zeros(self.w13.shape[0] + 1, dtype=torch.int64, device=x.device)
-        counts.scatter_add_(0, key, torch.ones_like(key))  # fixed size: bincount would sync to size its output
-        offs = counts[:-1].cumsum(0).to(torch.int32)  # (E_l,) end row of each local expert
-        xs = x[order // k]  # (N*k, dim); rows past offs[-1] belong to no group and are not computed
-        gate, up = torch._grouped_mm(xs, self.w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
-        h = torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=offs)  # (N*k, dim)
-        w = weights.flatten()[order]  # (N*k,) float32
-        h = torch.where(local[order, None], h.float() * w[:, None], 0.0).to(x.dtype)
-        return torch.zeros_like(h).index_copy_(0, order, h).view(n, k, -1).sum(1)  # slot order: deterministic
-
-    def _routed_loop(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """One GEMM pair per local expert that was hit (one host sync for the counts)."""
-        y = torch.zeros_like(x)
-        flat = ids.flatten()  # (N * top_k,)
-        order = flat.argsort(stable=True)  # slots grouped by expert
-        tokens, slot_w = order // ids.shape[1], weights.flatten()[order]
-        counts = torch.bincount(flat, minlength=self.n_experts).tolist()  # the one host sync
-        pos = sum(counts[:self.expert_lo])
-        for e in range(self.expert_lo, self.expert_hi):
-            n = counts[e]
-            if n:
-                tok = tokens[pos:pos + n]
-                out = self.experts[str(e)](x[tok]) * slot_w[pos:pos + n, None]  # (n, dim) float32
-                y.index_add_(0, tok, out.to(y.dtype))
-            pos += n
-        return y
 
 
 class MLA(nn.Module):
@@ -277,27 +131,31 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(m.kv_lora_rank, SUB_NORM_EPS, dtype, device)
         self.kv_b_proj = ColumnParallelLinear(m.kv_lora_rank, m.n_heads * (m.qk_nope_head_dim + m.v_head_dim),
                                               group, dtype, device=device)
+        self.kv_b_proj.fp8_ok = False  # absorbed into q and the output as a plain matrix (`_absorb`)
         self.o_proj = RowParallelLinear(m.n_heads * m.v_head_dim, m.dim, group, dtype, name="attn.o_proj",
                                         timers=timers, layer=layer, device=device)
 
-    def forward(self, x, rope, bias, kv_cache, pe_cache, start: int, naive: bool) -> torch.Tensor:
+    def forward(self, x, rope, bias, kv_cache, pe_cache, start, naive: bool) -> torch.Tensor:
         """Timed attend + o_proj (with its all-reduce); x (B, T, dim) already normalized."""
         with self.timers.compute("attn", layer=self.layer):
             a = self.attend(x, rope, bias, kv_cache, pe_cache, start, naive)
         return self.o_proj(a)
 
-    def attend(self, x, rope, bias, kv_cache, pe_cache, start: int, naive: bool) -> torch.Tensor:
+    def attend(self, x, rope, bias, kv_cache, pe_cache, start, naive: bool) -> torch.Tensor:
         """x (B, T, dim) -> (B, T, n_local_heads * v_head_dim); writes slots start..start+T-1 of the caches."""
         bsz, seqlen, _ = x.shape
-        end = start + seqlen
         cos, sin = rope  # (B, T, rope/2)
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
         q_nope, q_pe = q.view(bsz, seqlen, self.n_local_heads, -1).split([self.nope, self.rope], dim=-1)
         q_pe = apply_rope(q_pe, cos[:, :, None], sin[:, :, None])  # (B, T, n_local_heads, rope)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
-        kv_cache[:, start:end] = self.kv_a_layernorm(latent)  # (B, T, kv_lora_rank)
-        pe_cache[:, start:end] = apply_rope(k_pe, cos, sin)  # (B, T, rope)
-        kv, pe = kv_cache[:, :end], pe_cache[:, :end]  # (B, S, kv_lora_rank), (B, S, rope)
+        latent, k_pe = self.kv_a_layernorm(latent), apply_rope(k_pe, cos, sin)  # (B, T, rank), (B, T, rope)
+        if isinstance(start, torch.Tensor):  # static shapes: write at device-side slots, attend to all slots
+            slots = start + torch.arange(seqlen, device=x.device)
+            kv, pe = kv_cache.index_copy_(1, slots, latent), pe_cache.index_copy_(1, slots, k_pe)
+        else:
+            kv_cache[:, start:start + seqlen], pe_cache[:, start:start + seqlen] = latent, k_pe
+            kv, pe = kv_cache[:, :start + seqlen], pe_cache[:, :start + seqlen]  # (B, S, rank), (B, S, rope)
         attend = self._naive if naive else self._absorb
         return attend(q_nope, q_pe, kv, pe, bias).flatten(2)
 
@@ -334,7 +192,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(m.dim, m.norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(m.dim, m.norm_eps, dtype, device)
 
-    def forward(self, x, rope, bias, cache: "Cache", start: int, naive: bool) -> torch.Tensor:
+    def forward(self, x, rope, bias, cache: "Cache", start, naive: bool) -> torch.Tensor:
         with self.timers.compute("attn", layer=self.layer):
             a = self.self_attn.attend(self.input_layernorm(x), rope, bias, cache.kv[self.layer],
                                       cache.pe[self.layer], start, naive)
@@ -379,7 +237,9 @@ class Transformer(nn.Module):
         moes = [b.mlp for b in self.model.layers if isinstance(b.mlp, MoE)]
         for moe in moes:
             moe.pack()
-        return "grouped" if moes and getattr(moes[0], "w13", None) is not None else "loop"
+        if not moes or getattr(moes[0], "w13", None) is None:
+            return "loop"
+        return "grouped-fp8" if getattr(moes[0], "s13", None) is not None else "grouped"
 
     def init_buffers(self, device) -> None:
         """(Re)compute the non-persistent buffers, e.g. after meta construction and to_empty()."""
@@ -392,13 +252,14 @@ class Transformer(nn.Module):
         return Cache(kv, pe)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor, cache: Cache,
-                start: int, naive: bool | None = None, all_positions: bool = False) -> torch.Tensor:
+                start, naive: bool | None = None, all_positions: bool = False) -> torch.Tensor:
         """tokens/positions (B, T) in cache slots start..start+T-1, key_mask (B, >= start+T) -> (B, vocab).
 
-        naive (default: start == 0) expands the latents, else kv_b_proj is absorbed; all_positions
-        returns (B, T, vocab).
+        start: int, or a (1,) device tensor for static shapes (attention over every cache slot, masked by
+        key_mask: the form a CUDA graph captures). naive (default: start == 0) expands the latents, else
+        kv_b_proj is absorbed; all_positions returns (B, T, vocab).
         """
-        naive = start == 0 if naive is None else naive
+        naive = isinstance(start, int) and start == 0 if naive is None else naive
         h = self.model.embed_tokens(tokens)  # (B, T, dim)
         with self.timers.compute("rope"):
             rope = rope_cos_sin(self.rope_inv_freq, positions, self.rope_factor, h.dtype)

@@ -50,15 +50,29 @@ def all_gather_last(x: torch.Tensor, group, timers, name: str, layer: int = -1) 
         return x
     _, size = group_info(group)
     x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(size)]
     with timers.comm(name, x.numel() * x.element_size(), group=GROUP_NAME, layer=layer):
-        dist.all_gather(parts, x, group=group)
-    return torch.cat(parts, dim=-1)
+        if x.is_cuda:  # one output buffer (no list of tensors): what a CUDA graph captures best
+            out = x.new_empty((size, *x.shape))
+            dist.all_gather_into_tensor(out, x, group=group)
+        else:
+            out = [torch.empty_like(x) for _ in range(size)]
+            dist.all_gather(out, x, group=group)
+    return torch.cat(list(out), dim=-1)
 
 
 def compute_span(timers, name: str, layer: int, on: bool):
     """timers.compute(name) when `on`, else a no-op context (the caller's block covers the work)."""
     return timers.compute(name, layer=layer) if on else nullcontext()
+
+
+def linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """x W^T for a module's weight: bf16/fp32 by F.linear, a kept FP8 weight (see checkpoint.keep_fp8)
+    by the block-scaled Triton kernel with its `weight_scale_inv`."""
+    w = module.weight
+    if w.dtype == torch.float8_e4m3fn:
+        from .fp8 import fp8_linear
+        return fp8_linear(x, w, module.weight_scale_inv)
+    return F.linear(x, w)
 
 
 def _weight(rows: int, cols: int, dtype, device) -> nn.Parameter:
@@ -68,20 +82,20 @@ def _weight(rows: int, cols: int, dtype, device) -> nn.Parameter:
 class Linear(nn.Module):
     """Replicated y = x W^T (no bias)."""
 
-    shard_dim = None
+    shard_dim, fp8_ok = None, True  # fp8_ok: the loader may keep an FP8 checkpoint weight as FP8
 
     def __init__(self, in_f: int, out_f: int, dtype=None, device=None):
         super().__init__()
         self.weight = _weight(out_f, in_f, dtype, device)  # (out, in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return linear(x, self)
 
 
 class ColumnParallelLinear(nn.Module):
     """Output features split over the group; the output stays local unless gather_output."""
 
-    shard_dim = 0
+    shard_dim, fp8_ok = 0, True
 
     def __init__(self, in_f: int, out_f: int, group, dtype=None, gather_output: bool = False,
                  timers=None, name: str = "", layer: int = -1, device=None):
@@ -93,7 +107,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with compute_span(self.timers, self.name, self.layer, self.gather_output):
-            y = F.linear(x, self.weight)  # (..., out/G)
+            y = linear(x, self)  # (..., out/G)
         if self.gather_output:
             y = all_gather_last(y, self.group, self.timers, f"{self.name}.all_gather", self.layer)
         return y
@@ -102,7 +116,7 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """Input features split over the group; partial outputs summed by all-reduce unless reduce_output=False."""
 
-    shard_dim = 1
+    shard_dim, fp8_ok = 1, True
 
     def __init__(self, in_f: int, out_f: int, group, dtype=None, reduce_output: bool = True,
                  name: str = "", timers=None, layer: int = -1, device=None):
@@ -114,7 +128,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with compute_span(self.timers, self.name, self.layer, self.reduce_output):
-            y = F.linear(x, self.weight)  # (..., out): this rank's partial sum
+            y = linear(x, self)  # (..., out): this rank's partial sum
         if self.reduce_output:
             y = all_reduce(y, self.group, self.timers, f"{self.name}.all_reduce", self.layer)
         return y

@@ -56,7 +56,7 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import h5py
@@ -208,6 +208,15 @@ class Timers:
         if not self.enabled:
             return self._null
         return self._dev_span.arm(name, "comm", nbytes, group, layer)
+
+    @contextmanager
+    def suspended(self):
+        """Record nothing inside (e.g. while a CUDA graph is captured: its work runs later, at replay)."""
+        was, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = was
 
     def io(self, name: str, nbytes: int = 0):
         """Context timing host I/O on the host clock."""

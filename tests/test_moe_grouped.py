@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from spmd.args import ModelArgs
-from spmd.model import MoE
+from spmd.moe import MoE
 from spmd.timers import Timers
 
 ROOT = Path(__file__).resolve().parents[1]

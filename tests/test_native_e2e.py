@@ -18,8 +18,8 @@ N_NEW = 32
 LAYOUTS = {"G1": (1, 1), "G2": (2, 2), "G4": (4, 4), "2xG1": (2, 1)}  # name: (ranks, group size)
 
 
-def _native(ckpt: Path, out: Path, n: int, g: int, trace: Path | None = None):
-    args = ["--checkpoint", str(ckpt), "--prompts", str(PROMPTS20), "--output", str(out), "--engine", "native",
+def _native(ckpt: Path, out: Path, n: int, g: int, trace: Path | None = None, extra: tuple = ()):
+    args = [*extra, "--checkpoint", str(ckpt), "--prompts", str(PROMPTS20), "--output", str(out), "--engine", "native",
             "--group-size", str(g), "--max-new-tokens", str(N_NEW), "--dtype", "fp32", "--no-progress"]
     r = mpirun(n, args + (["--trace-dir", str(trace)] if trace else []), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -37,6 +37,12 @@ def test_native_tokens_equal_transformers(request, tmp_path, ckpt_name, layout):
     diff = [i for i, (a, b) in enumerate(zip(got, ref)) if a != b]
     assert not diff, f"{len(diff)} prompts differ, first {diff[0]}: {got[diff[0]]} vs {ref[diff[0]]}"
     assert {r["model_group"] for r in rows} == set(range(n // g))
+
+
+def test_static_shape_decode_tokens_equal_transformers(tiny_fp8, tmp_path):
+    """--cuda-graph static (the CUDA graph's static-shape step, run eagerly) through the CLI, G2."""
+    rows = _native(tiny_fp8, tmp_path / "out.jsonl", 2, 2, extra=("--cuda-graph", "static"))
+    assert [r["completion_token_ids"] for r in rows] == [list(t) for t in hf_reference(tiny_fp8, N_NEW)]
 
 
 def test_native_trace_names_collectives_and_load(tiny_bf16, tmp_path):

@@ -33,8 +33,9 @@ def world():
         shutdown(w)
 
 
-def _engine(world, ckpt, max_new=1):
-    args = types.SimpleNamespace(checkpoint=ckpt, dtype="fp32", max_new_tokens=max_new)
+def _engine(world, ckpt, max_new=1, cuda_graph="auto", fp8_weights="auto"):
+    args = types.SimpleNamespace(checkpoint=ckpt, dtype="fp32", max_new_tokens=max_new, cuda_graph=cuda_graph,
+                                 fp8_weights=fp8_weights)
     return NativeEngine(world, args, ModelArgs.from_checkpoint(ckpt), Timers(world.rank, enabled=False))
 
 
@@ -87,3 +88,49 @@ def test_sampling_gives_the_same_tokens_on_every_rank(world):
     assert [r["tokens"] for r in greedy] != tokens  # sampling really sampled
     again = generate(engine, list(enumerate(ids))[::-1], cfg)  # other batch order: same per-prompt draws
     assert [r["tokens"] for r in again][::-1] == tokens
+
+
+def test_static_shape_decode_equals_eager(world):
+    """The CUDA graph's code path (static buffers, tensor cache slot, attention over the whole rounded-up
+    cache) run eagerly: the same logits as the dynamic-shape path, step by step, and buffers reused by a
+    second batch of the same shape give that batch's own tokens."""
+    ckpt = checkpoint_dir("tiny", "fp8")
+    ids = encode(load_tokenizer(ckpt), read_prompts(PROMPTS20), chat=True)
+    eager, static = _engine(world, ckpt, max_new=6), _engine(world, ckpt, max_new=6, cuda_graph="static")
+    assert (eager.decode_mode, static.decode_mode) == ("eager", "static")
+    for batch in (ids[:5], ids[:5][::-1]):  # same shape twice: the second reuses the first's buffers
+        tokens, mask = left_pad(batch, 1, "cpu")
+        a, b = eager.prefill(tokens, mask), static.prefill(tokens, mask)
+        for step in range(6):  # prefill's logits, then 5 decode steps (the 6 new tokens)
+            assert (a - b).abs().max().item() < 1e-4
+            assert torch.equal(a.argmax(-1), b.argmax(-1))
+            if step < 5:
+                a, b = eager.decode(a.argmax(-1)), static.decode(a.argmax(-1))
+        eager.release(), static.release()
+    assert len(static.graphs.states) == 1
+    cfg = GenConfig(6, eos_id=1, pad_id=1)
+    rows = [generate(e, list(enumerate(ids[:7])), cfg) for e in (eager, static)]
+    assert [r["tokens"] for r in rows[0]] == [r["tokens"] for r in rows[1]]
+
+
+def test_fp8_weights_kept_equal_dequantized(world, monkeypatch):
+    """FP8 weights kept as FP8 (the Triton w8a16 kernels, here in Triton's CPU interpreter: slow, so two
+    short prompts) give the dequantizing load's logits, with the experts on the FP8 grouped path; the
+    layout (q_b, o_proj, dense MLP split on 128-block edges) keeps every FP8 weight but kv_b_proj."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ckpt = checkpoint_dir("tiny", "fp8")
+    keep, deq = (_engine(world, ckpt, 2, "static", m) for m in ("keep", "dequant"))
+    m = ModelArgs.from_checkpoint(ckpt)
+    n_moe, local_experts = m.n_layers - m.n_dense_layers, m.n_routed_experts // world.group_size
+    attn = 4 if m.q_lora_rank else 3  # q_a, q_b (or q_proj), kv_a, o_proj: all but kv_b_proj
+    expected = m.n_layers * attn + m.n_dense_layers * 3 + n_moe * 3 * (1 + local_experts)  # + shared, routed
+    assert keep.info["fp8_kept_tensors"] == expected
+    assert (keep.info["moe_path"], deq.info["moe_path"]) == ("grouped-fp8", "grouped")
+    assert keep.info["param_bytes"] < 0.5 * deq.info["param_bytes"]  # fp8 vs fp32
+    ids = [p[:8] for p in encode(load_tokenizer(ckpt), read_prompts(PROMPTS20), chat=True)[:2]]
+    tokens, mask = left_pad(ids, 1, "cpu")
+    a, b = keep.prefill(tokens, mask), deq.prefill(tokens, mask)
+    assert (a - b).abs().max().item() < 1e-4
+    nxt = b.argmax(-1)
+    assert (keep.decode(nxt) - deq.decode(nxt)).abs().max().item() < 1e-4

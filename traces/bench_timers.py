@@ -8,7 +8,9 @@ Overhead = median of the paired differences (on - off) / median step time off (a
 in process CPU time on CPU (what timers add; insensitive to a shared machine's load) and wall time
 on GPU; both clocks are in the JSON.
 Cross-check: events recorded per decode step × the cost of one empty timed span / the step time.
-Writes ``OUT/timers-<device>-<host>-<date>.json``; the limit is 2 %. A benchmark, not a test.
+Writes ``OUT/timers-<device>[-graph]-<host>-<date>.json``; the limit is 2 %. A benchmark, not a test.
+On GPU the default decode replays CUDA graphs (one ``decode.graph`` event per step); ``--cuda-graph off``
+measures the eager step with its per-layer and per-collective events.
 """
 from __future__ import annotations
 
@@ -82,13 +84,13 @@ def span_cost_ns(device: str, n: int = 20000) -> float:
     return (time.perf_counter_ns() - t0) / n
 
 
-def _engine(world, ckpt: Path, dtype: str, steps: int):
+def _engine(world, ckpt: Path, dtype: str, steps: int, cuda_graph: str = "auto"):
     from spmd.args import ModelArgs
     from spmd.engines.native import NativeEngine
     from spmd.timers import Timers
 
     margs = ModelArgs.from_checkpoint(ckpt)
-    args = types.SimpleNamespace(checkpoint=ckpt, dtype=dtype, max_new_tokens=steps + 1)
+    args = types.SimpleNamespace(checkpoint=ckpt, dtype=dtype, max_new_tokens=steps + 1, cuda_graph=cuda_graph)
     timers = Timers(world.rank, world.device)
     return NativeEngine(world, args, margs, timers), timers, margs
 
@@ -107,14 +109,14 @@ def overhead(on: list[float], off: list[float], seed: int = 0) -> dict:
             "overhead_pct_min": float((on_a.min() / off_a.min() - 1) * 100), "pairs": len(diffs)}
 
 
-def run(ckpt: Path, device: str, dtype: str, batch: int, steps: int, trials: int) -> dict:
+def run(ckpt: Path, device: str, dtype: str, batch: int, steps: int, trials: int, cuda_graph: str = "auto") -> dict:
     """The benchmark; returns the result record."""
     from spmd.prompts import encode, load_tokenizer, read_prompts
     from spmd.generate import left_pad
     from spmd.world import make_world, shutdown
 
     world = make_world(1, device)
-    engine, timers, margs = _engine(world, ckpt, dtype, steps)
+    engine, timers, margs = _engine(world, ckpt, dtype, steps, cuda_graph)
     ids = encode(load_tokenizer(ckpt), read_prompts(ROOT / "inputs/prompts/validation20.jsonl"), chat=True)
     tokens, mask = left_pad(ids[:batch], margs.eos_token_id, world.device)
     times = {"on": [], "off": []}
@@ -137,6 +139,7 @@ def run(ckpt: Path, device: str, dtype: str, batch: int, steps: int, trials: int
         "torch": torch.__version__, "python": platform.python_version(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "checkpoint": ckpt.name, "dtype": dtype, "batch": batch, "steps": steps, "trials": trials,
+        "decode_mode": engine.decode_mode,
         "omp_threads": os.environ.get("OMP_NUM_THREADS", ""), "cpus": os.cpu_count(),
         "loadavg_1min": os.getloadavg()[0],  # a shared machine's load makes the paired numbers noisy
         "clock": "wall" if device == "cuda" else "cpu", "decode_ms_off": main["ms_off"], "decode_ms_on": main["ms_on"],
@@ -162,7 +165,8 @@ def _cpu_name() -> str:
 def write_result(result: dict, out_dir: Path) -> Path:
     """OUT/timers-<device>-<host>-<date>.json, written atomically."""
     dev = (result["gpu"] or "cpu").replace(" ", "_")
-    path = Path(out_dir) / f"timers-{dev}-{result['host']}-{result['date'][:10]}.json"
+    mode = "" if result.get("decode_mode", "eager") == "eager" else f"-{result['decode_mode']}"
+    path = Path(out_dir) / f"timers-{dev}{mode}-{result['host']}-{result['date'][:10]}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
@@ -180,9 +184,12 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=16, help="decode steps per trial (even)")
     p.add_argument("--trials", type=int, default=25)
     p.add_argument("--out", type=Path, default=ROOT / "traces/bench")
+    p.add_argument("--cuda-graph", choices=("auto", "off"), default="auto",
+                   help="auto: decode steps replayed from CUDA graphs on GPU (one event per step); off: eager, "
+                        "an event per layer and collective")
     a = p.parse_args(argv)
     dtype = a.dtype or ("bf16" if a.device == "cuda" else "fp32")
-    result = run(a.checkpoint, a.device, dtype, a.batch, a.steps, a.trials)
+    result = run(a.checkpoint, a.device, dtype, a.batch, a.steps, a.trials, a.cuda_graph)
     path = write_result(result, a.out)
     print(f"decode step {result['decode_ms_off']:.3f} ms (timers off), {result['decode_ms_on']:.3f} ms (on), "
           f"{result['clock']} time: overhead {result['overhead_pct']:+.2f} % (95 % interval "

@@ -1,7 +1,8 @@
 """The floor: bytes a decode step must move and FLOPs a prefill must do, per GPU of a model group.
 
 Decode is bound by memory: every weight the step uses is read once (attention, dense and shared MLP,
-the distinct routed experts the batch hits, the gate, the head), plus the latent KV cache. Prefill is
+the distinct routed experts the batch hits, the gate, the head), plus the latent KV cache. With FP8
+weights, kv_b_proj still counts 2 bytes a weight: MLA's absorbed decode uses it as a bf16 matrix. Prefill is
 bound by arithmetic: 2 FLOPs per multiply-add of every weight used per token, plus attention.
 Expected distinct experts for B tokens choosing k of E uniformly: E * (1 - (1 - k/E)**B). Sharding
 divides everything but the replicated parts (q_a_proj, kv_a_proj_with_mqa, gate, norms) by G.
@@ -50,11 +51,12 @@ def distinct_experts(m: ModelArgs, tokens: int) -> float:
 def decode_bytes(m: ModelArgs, batch: int, context: int, group: int = 1, weights: str = "bf16") -> float:
     """Bytes one GPU of a group of `group` must read in one decode step of `batch` rows."""
     wb = WEIGHT_BYTES[weights]
+    kv_b = m.kv_lora_rank * m.n_heads * (m.qk_nope_head_dim + m.v_head_dim)  # absorbed: kept in bf16
     total = 0.0
     for layer in range(m.n_layers):
         p = layer_params(m, layer)
         experts = distinct_experts(m, batch) * p.expert / group
-        total += wb * (p.replicated + p.sharded / group + experts)
+        total += wb * (p.replicated + p.sharded / group + experts) + (ACT_BYTES - wb) * kv_b / group
     total += ACT_BYTES * m.vocab_size * m.dim / group  # lm_head (bf16 in the checkpoint)
     cache = batch * context * (m.kv_lora_rank + m.qk_rope_head_dim) * m.n_layers * ACT_BYTES
     return total + cache  # the latent cache is not sharded: every rank of a group holds all of it

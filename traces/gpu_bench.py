@@ -5,8 +5,9 @@
 
 `all` measures the device-to-device copy bandwidth and the bf16 matmul rate, writes the slice checkpoint
 (bf16 and fp8), then runs each configuration in its own process (so the GPU memory of one does not
-bleed into the next) and writes `traces/bench/<gpu>-<date>.json` with, per row, prefill tokens/s, time
-to first token, decode ms/step, GPU memory per rank, the floor (traces.floor) and measured/floor.
+bleed into the next) and writes `traces/bench/<gpu>-<date>.json` (and its plot, `.png`) with, per row,
+prefill tokens/s, time to first token, decode ms/step, GPU memory per rank, the floor (traces.floor)
+and measured/floor; 2-GPU rows add their collectives per step from a traced batch.
 Prompts are random token ids (128 per row), the same for every engine.
 """
 from __future__ import annotations
@@ -54,14 +55,18 @@ def ceilings() -> dict:
             "gpu": torch.cuda.get_device_name()}
 
 
-def _engine(name: str, world, ckpt: Path, max_new: int):
+def _engine(a, world, max_new: int):
+    """The engine of a `run`, with timers that record only while `timers.enabled` (the traced batch)."""
     from spmd.args import ModelArgs
     from spmd.engines import build_engine
     from spmd.timers import Timers
 
-    margs = ModelArgs.from_checkpoint(ckpt)
-    args = types.SimpleNamespace(checkpoint=ckpt, dtype="bf16", max_new_tokens=max_new)
-    return build_engine(name, world, args, margs, Timers(world.rank, world.device, enabled=False)), margs
+    margs = ModelArgs.from_checkpoint(a.checkpoint)
+    args = types.SimpleNamespace(checkpoint=a.checkpoint, dtype="bf16", max_new_tokens=max_new,
+                                 cuda_graph=a.cuda_graph, fp8_weights=a.fp8_weights)
+    timers = Timers(world.rank, world.device)
+    timers.enabled = False
+    return build_engine(a.engine, world, args, margs, timers), margs, timers
 
 
 def _sync(device) -> None:
@@ -92,6 +97,29 @@ def _one_batch(engine, batch: int, prompt: int, steps: int, vocab: int) -> dict:
             "prefill_tok_s": batch * prompt / ttft, "decode_ms_step": decode * 1e3}
 
 
+def _traced_batch(engine, timers, batch: int, prompt: int, steps: int, vocab: int) -> dict:
+    """One batch with the timers on and the decode steps eager (a graph replay hides its collectives):
+    collectives per decode step, their time, and the compute time, from this rank's events."""
+    graphs, engine.graphs = getattr(engine, "graphs", None), None
+    timers.enabled = True
+    tokens = torch.randint(7, vocab, (batch, prompt), generator=torch.Generator().manual_seed(1)).to(engine.device)
+    timers.set_phase("prefill", 0)
+    nxt = engine.prefill(tokens, torch.ones_like(tokens, dtype=torch.bool)).argmax(-1)
+    for step in range(1, steps + 1):
+        timers.set_phase("decode", step)
+        nxt = engine.decode(nxt).argmax(-1)
+    engine.release()
+    timers.enabled, engine.graphs = False, graphs
+    ev = timers.table()
+    ev = ev[(ev["phase"] == b"decode") & (ev["step"] > 2)]  # the first steps warm up
+    n = max(len(set(ev["step"].tolist())), 1)
+    comm = ev[ev["kind"] == b"comm"]
+    names = sorted({x.decode() for x in comm["name"].tolist()})
+    return {"traced_batch": batch, "comm_per_step": len(comm) / n, "comm_ms_per_step": comm["dur_ns"].sum() / n / 1e6,
+            "comm_bytes_per_step": int(comm["bytes"].sum() / n), "comm_names": names,
+            "compute_ms_per_step": ev[ev["kind"] == b"compute"]["dur_ns"].sum() / n / 1e6}
+
+
 def run(a) -> int:
     """One engine configuration over all batch sizes; rank 0 writes the rows to a.tag.json."""
     from spmd.world import make_world, shutdown
@@ -99,19 +127,24 @@ def run(a) -> int:
 
     world = make_world(a.group_size, a.device)
     cuda = a.device == "cuda"
-    engine, margs = _engine(a.engine, world, a.checkpoint, a.steps + 4)
+    engine, margs, timers = _engine(a, world, a.steps + 4)
     vocab = min(margs.vocab_size, 8000)  # ids the synthetic tokenizer knows
     _one_batch(engine, 2, 16, 2, vocab)  # warm-up: first-call CUDA/cuBLAS setup stays out of the numbers
     rows = []
     for b in a.batches:
+        _one_batch(engine, b, a.prompt, 2, vocab)  # this shape's first call: cuBLAS/Triton setup, graph capture
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         r = _one_batch(engine, b, a.prompt, a.steps, vocab)
         mem = world.comm.allgather(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
         floor = decode_bytes(margs, b, a.prompt + a.steps // 2, a.group_size, a.weights)
+        info = getattr(engine, "info", {})
         rows.append({**r, "engine": a.engine, "gpus": a.group_size, "weights": a.weights,
-                     "moe_path": getattr(engine, "info", {}).get("moe_path", ""),
+                     "moe_path": info.get("moe_path", ""), "decode_mode": info.get("decode_mode", "eager"),
+                     "fp8_path": info.get("fp8_path", ""),
                      "gpu_mem_gib_per_rank": mem, "decode_floor_bytes": floor})
+        if a.trace_batch == b and world.size > 1:
+            rows[-1].update(_traced_batch(engine, timers, b, a.prompt, a.steps, vocab))
         if world.rank == 0:
             print(f"{a.tag} batch {b}: {r['decode_ms_step']:.2f} ms/step", flush=True)
     if world.rank == 0:
@@ -120,13 +153,14 @@ def run(a) -> int:
     return 0
 
 
-def _spawn(tag: str, engine: str, ckpt: Path, g: int, weights: str, work: Path, batches: str) -> list[dict]:
+def _spawn(tag: str, ckpt: Path, work: Path, batches: str) -> list[dict]:
+    engine, g, weights, opts = CONFIGS[tag]
     out = work / f"{tag}.json"
     if not out.is_file():
         cmd = [*os.environ.get("MPIRUN", "mpirun").split(), "-n", str(g), sys.executable, "-m", "traces.gpu_bench",
                "run", "--engine", engine, "--checkpoint", str(ckpt), "--group-size", str(g), "--weights", weights,
-               "--tag", tag, "--out", str(out), "--batches", batches]
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+               "--tag", tag, "--out", str(out), "--batches", batches, *opts]
+        r = subprocess.run(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)  # stdout: the rows as they come
         if r.returncode != 0:
             print(f"{tag} failed:\n{r.stderr[-3000:]}", file=sys.stderr, flush=True)
             return [{"tag": tag, "error": r.stderr[-1500:]}]
@@ -142,10 +176,12 @@ def _checkpoint(weights: str, root: Path) -> Path:
     return out
 
 
-CONFIGS = {  # tag: (engine, gpus, weights)
-    "native-1gpu-bf16": ("native", 1, "bf16"), "native-1gpu-fp8": ("native", 1, "fp8"),
-    "native-2gpu-bf16": ("native", 2, "bf16"), "hf-1gpu-bf16": ("hf", 1, "bf16"),
-    "deepspeed-2gpu-bf16": ("deepspeed", 2, "bf16"),
+EAGER, DEQUANT = ("--cuda-graph", "off"), ("--fp8-weights", "dequant")
+CONFIGS = {  # tag: (engine, gpus, weights, options of `run`)
+    "native-1gpu-bf16": ("native", 1, "bf16", ()), "native-1gpu-bf16-eager": ("native", 1, "bf16", EAGER),
+    "native-1gpu-fp8": ("native", 1, "fp8", ()), "native-1gpu-fp8-dequant": ("native", 1, "fp8", DEQUANT),
+    "native-2gpu-bf16": ("native", 2, "bf16", ()), "native-2gpu-fp8": ("native", 2, "fp8", ()),
+    "hf-1gpu-bf16": ("hf", 1, "bf16", ()), "deepspeed-2gpu-bf16": ("deepspeed", 2, "bf16", ()),
 }
 
 
@@ -158,10 +194,10 @@ def all_(a) -> int:
           f"{ceil['matmul_tflops']:.0f} TFLOP/s", flush=True)
     rows = []
     for tag in a.configs.split(","):
-        engine, g, weights = CONFIGS[tag]
+        _, g, weights, _ = CONFIGS[tag]
         if g > torch.cuda.device_count():
             continue
-        rows += _spawn(tag, engine, _checkpoint(weights, Path(a.ckpt_root)), g, weights, work, a.batches_arg)
+        rows += _spawn(tag, _checkpoint(weights, Path(a.ckpt_root)), work, a.batches_arg)
     for r in rows:
         if "decode_floor_bytes" in r:
             r["decode_floor_ms"] = r["decode_floor_bytes"] / (ceil["copy_gbps"] * 1e9) * 1e3
@@ -171,20 +207,22 @@ def all_(a) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))
     print(table(rows))
-    print(f"wrote {out}")
+    from traces.bench_plot import plot_bench
+    print(f"wrote {out} and {plot_bench(doc, out.with_suffix('.png'))}")
     return 0
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'config':22} {'batch':>5} {'prefill tok/s':>13} {'TTFT ms':>8} {'decode ms':>9} "
-             f"{'floor ms':>8} {'x floor':>7} {'GiB/rank':>8}"]
+    lines = [f"{'config':26} {'batch':>5} {'prefill tok/s':>13} {'TTFT ms':>8} {'decode ms':>9} "
+             f"{'floor ms':>8} {'x floor':>7} {'GiB/rank':>8} {'comm/step':>9} {'comm ms':>7}"]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['tag']:22} ERROR")
+            lines.append(f"{r['tag']:26} ERROR")
             continue
-        lines.append(f"{r['tag']:22} {r['batch']:>5} {r['prefill_tok_s']:13.0f} {r['ttft_ms']:8.1f} "
+        comm = f"{r['comm_per_step']:9.1f} {r['comm_ms_per_step']:7.2f}" if "comm_per_step" in r else ""
+        lines.append(f"{r['tag']:26} {r['batch']:>5} {r['prefill_tok_s']:13.0f} {r['ttft_ms']:8.1f} "
                      f"{r['decode_ms_step']:9.2f} {r['decode_floor_ms']:8.2f} {r['decode_vs_floor']:7.2f} "
-                     f"{max(r['gpu_mem_gib_per_rank']):8.2f}")
+                     f"{max(r['gpu_mem_gib_per_rank']):8.2f} {comm}")
     return "\n".join(lines)
 
 
@@ -202,6 +240,10 @@ def main(argv=None) -> int:
     r.add_argument("--prompt", type=int, default=128)
     r.add_argument("--steps", type=int, default=16)
     r.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    r.add_argument("--cuda-graph", default="auto")
+    r.add_argument("--fp8-weights", default="auto")
+    r.add_argument("--trace-batch", type=int, default=32, help="this batch is run again with the timers on "
+                   "(eager decode): collectives per step and their time (groups of 2+ GPUs)")
     al = sub.add_parser("all")
     al.add_argument("--configs", default=",".join(CONFIGS))
     al.add_argument("--batches", dest="batches_arg", default=",".join(map(str, BATCHES)))

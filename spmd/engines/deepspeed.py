@@ -2,7 +2,7 @@
 with our expert-parallel MoE in place of every DeepseekV3MoE.
 
 How the model gets onto the ranks without any rank holding a full copy (DeepSpeed 0.19.8, transformers 5):
-1. transformers' model is built on the meta device; each MoE layer's `mlp` becomes our `spmd.model.MoE`
+1. transformers' model is built on the meta device; each MoE layer's `mlp` becomes our `spmd.moe.MoE`
    (gate replicated, shared expert split by columns/rows, only this rank's routed experts, one `moe.combine`
    all-reduce), built on meta too, with parameter names equal to the checkpoint's.
 2. `deepspeed.init_inference(replace_with_kernel_inject=False)` runs AutoTP on the meta model. Its layer
@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import load
-from ..model import MoE
+from ..moe import MoE
 from ..parallel import GROUP_NAME
 from ..world import UsageError, agree
 from .native import param_bytes

@@ -6,6 +6,7 @@ import resource
 import torch
 
 from ..checkpoint import load
+from ..decode_graph import GraphDecoder
 from ..model import Transformer
 from ..world import agree
 
@@ -27,29 +28,47 @@ class NativeEngine:
             self.model = Transformer(margs, world.tp_group, timers, dtype=dtype)
         log = (lambda msg: print(msg, flush=True)) if world.rank == 0 else (lambda msg: None)
         peak0 = _rss_peak_bytes()
+        fp8 = keep_fp8(getattr(args, "fp8_weights", "auto"), self.device, margs.fp8)
         stats = agree(world.group_comm, lambda: load(self.model, args.checkpoint, world.group_rank,
-                                                     world.group_size, dtype, self.device, timers, log))
+                                                     world.group_size, dtype, self.device, timers, log, fp8=fp8))
         moe_path = self.model.pack_experts()
         self.model.eval()
         self.info = {"moe_path": moe_path, "load_bytes_read": stats.bytes_read, "load_s": stats.seconds,
                      "load_tensors": stats.n_tensors, "param_bytes": param_bytes(self.model),
                      "expert_param_bytes": param_bytes(self.model, "mlp.experts."),
                      "rss_peak_before_load": peak0, "rss_peak_after_load": _rss_peak_bytes()}
-        self.cache = self.key_mask = self.pos = None
+        kept = sum(p.dtype == torch.float8_e4m3fn for p in self.model.parameters())
+        self.info.update(fp8_weights="keep" if fp8 else ("dequant" if margs.fp8 else ""), fp8_kept_tensors=kept)
+        self.decode_mode = decode_mode(getattr(args, "cuda_graph", "auto"), self.device, moe_path)
+        self.info["decode_mode"] = self.decode_mode
+        self.graphs = None if self.decode_mode == "eager" else GraphDecoder(self.model, timers, self.device,
+                                                                            self.decode_mode)
+        self.cache = self.key_mask = self.pos = self.static = None
         self.cur = 0
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         bsz, t = tokens.shape
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): real tokens at 0..len-1
+        self.cur = t
+        if self.graphs is not None:  # static buffers (reused by later batches of this shape)
+            st = self.static = self.graphs.state(bsz, t + self.max_new_tokens)
+            st.key_mask.zero_()
+            st.key_mask[:, :t] = mask
+            st.pos.copy_(positions[:, -1:])
+            return self.model(tokens, positions, st.key_mask[:, :t], st.cache, start=0)
         self.cache = self.model.new_cache(bsz, t + self.max_new_tokens)
         self.key_mask = torch.zeros(bsz, t + self.max_new_tokens, dtype=torch.bool, device=self.device)
         self.key_mask[:, :t] = mask
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): real tokens at 0..len-1
-        self.pos, self.cur = positions[:, -1:], t
+        self.pos = positions[:, -1:]
         return self.model(tokens, positions, self.key_mask[:, :t], self.cache, start=0)
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.graphs is not None:
+            logits = self.graphs.step(self.static, tokens, self.cur)
+            self.cur += 1
+            return logits
         self.key_mask[:, self.cur] = True
         self.pos = self.pos + 1
         logits = self.model(tokens[:, None], self.pos, self.key_mask[:, :self.cur + 1], self.cache, start=self.cur)
@@ -57,7 +76,7 @@ class NativeEngine:
         return logits
 
     def release(self) -> None:
-        self.cache = self.key_mask = self.pos = None
+        self.cache = self.key_mask = self.pos = self.static = None
 
     @torch.inference_mode()
     def score(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -65,6 +84,29 @@ class NativeEngine:
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         cache = self.model.new_cache(*tokens.shape)
         return self.model(tokens, positions, mask, cache, start=0, all_positions=True)
+
+
+def keep_fp8(flag: str, device: torch.device, ckpt_fp8: bool) -> bool:
+    """--fp8-weights → whether the loader keeps FP8 weights (auto: on CUDA when Triton imports)."""
+    from ..fp8 import triton_available
+
+    if not ckpt_fp8 or flag == "dequant":
+        return False
+    if flag == "keep" and not triton_available(device):
+        raise ValueError(f"--fp8-weights keep: the FP8 kernels need Triton and a CUDA device (or "
+                         f"TRITON_INTERPRET=1), device here: {device}")
+    return flag == "keep" or (flag == "auto" and device.type == "cuda" and triton_available(device))
+
+
+def decode_mode(flag: str, device: torch.device, moe_path: str) -> str:
+    """--cuda-graph → "graph" | "static" | "eager" (auto: graphs on CUDA when the MoE needs no host sync)."""
+    if flag == "static":
+        return "static"
+    if flag == "on" and moe_path == "loop":
+        raise ValueError("--cuda-graph on: the MoE runs the per-expert loop here (torch._grouped_mm does not "
+                         "run for this device/dtype), which reads counts back to the host and cannot be captured")
+    graphable = device.type == "cuda" and moe_path != "loop"
+    return "graph" if flag == "on" or (flag == "auto" and graphable) else "eager"
 
 
 def param_bytes(model: torch.nn.Module, contains: str = "") -> int:

@@ -1,0 +1,90 @@
+"""Static-shape decode steps, replayed from captured CUDA graphs.
+
+A decode step of a batch of B rows is one forward of B tokens against the latent cache. Launched op by
+op from Python, a step costs ~10 µs of host time per kernel, which at small batches is longer than the
+GPU work itself (the slice at batch 1: ~2 ms of weight reads behind ~11 ms of launches). A CUDA graph
+replays the whole step, collectives included, with one launch.
+
+What a graph needs, and how the model gives it (`Transformer.forward` with a tensor `start`): every
+input lives in a static buffer (`StaticDecode`: token ids, positions, key mask, the cache slot as a
+(1,) device tensor, the cache itself), the cache is written with `index_copy_` at that slot and
+attention runs over every slot of the cache, the unwritten ones masked by the key mask, so no shape
+depends on the step and nothing is read back to the host. The MoE must run its grouped path (the
+per-expert loop reads counts back). One `StaticDecode` per (batch, cache length rounded up to a
+multiple of `ROUND`), kept for later batches of the same shape; the graph is captured at the first
+step (two warm-up forwards on a side stream first: cuBLAS, Triton and NCCL set up outside capture);
+all graphs share one memory pool. Timers are suspended during warm-up and capture, and a replayed
+step is one compute event `decode.graph` (run with `--cuda-graph off` for per-layer and per-collective
+events). mode "static" runs the same static-shape forward eagerly, on any device: what CPU tests check.
+"""
+from __future__ import annotations
+
+import torch
+
+ROUND = 64  # cache lengths are rounded up to this, so similar batches reuse one graph
+
+
+class StaticDecode:
+    """The static buffers of one (batch, cache length) shape, and its graph once captured."""
+
+    def __init__(self, model, bsz: int, max_len: int, device):
+        self.cache = model.new_cache(bsz, max_len)
+        self.key_mask = torch.zeros(bsz, max_len, dtype=torch.bool, device=device)
+        self.tokens = torch.zeros(bsz, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(bsz, 1, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def forward(self, model) -> torch.Tensor:
+        return model(self.tokens, self.pos, self.key_mask, self.cache, start=self.slot)
+
+
+class GraphDecoder:
+    """Static buffers per shape; `step` feeds one decode step and runs it (replayed in "graph" mode)."""
+
+    def __init__(self, model, timers, device, mode: str):
+        if mode not in ("static", "graph"):
+            raise ValueError(f"mode={mode!r}, expected 'static' or 'graph'")
+        if mode == "graph" and torch.device(device).type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        self.model, self.timers, self.device, self.mode = model, timers, torch.device(device), mode
+        self.states: dict[tuple[int, int], StaticDecode] = {}
+        self.pool = torch.cuda.graph_pool_handle() if mode == "graph" else None
+
+    def state(self, bsz: int, need_len: int) -> StaticDecode:
+        """The buffers for bsz rows and at least need_len cache slots (made on first use)."""
+        key = (bsz, -(-need_len // ROUND) * ROUND)
+        if key not in self.states:
+            self.states[key] = StaticDecode(self.model, bsz, key[1], self.device)
+        return self.states[key]
+
+    def step(self, st: StaticDecode, tokens: torch.Tensor, slot: int) -> torch.Tensor:
+        """(B,) ids written at cache slot `slot` → (B, V) logits (in graph mode a static buffer: valid
+        until the next step of this shape)."""
+        st.tokens.copy_(tokens[:, None])
+        st.key_mask[:, slot] = True
+        st.pos.add_(1)
+        st.slot.fill_(slot)
+        if self.mode == "static":
+            return st.forward(self.model)
+        if st.graph is None:
+            self._capture(st)
+        with self.timers.compute("decode.graph"):
+            st.graph.replay()
+        return st.logits
+
+    def _capture(self, st: StaticDecode) -> None:
+        """Warm up on a side stream, then capture one forward; the replay after it runs the step itself
+        (warm-up and capture write the same slot of the cache with the same values)."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with self.timers.suspended():
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    st.forward(self.model)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                st.logits = st.forward(self.model)
+        st.graph = graph

@@ -1,0 +1,355 @@
+"""Weight-only FP8 GEMMs (w8a16) for DeepSeek-V3's block-scaled FP8 weights, in Triton.
+
+Format (the Hugging Face DeepSeek-V3 checkpoint): a linear weight ``w`` is (N, K) ``torch.float8_e4m3fn``
+with ``scale_inv`` (ceil(N/128), ceil(K/128)) float32, one scale per 128x128 block; the real weight is
+``W[n, k] = float(w[n, k]) * scale_inv[n // 128, k // 128]``. Stacked routed experts are (E, N, K) with
+(E, ceil(N/128), ceil(K/128)) scales.
+
+What the kernels compute
+- ``fp8_linear(x, w, scale_inv)``: ``x @ W.T`` for x (..., K) in bf16 (fp16, fp32 too), out (..., N) in
+  x.dtype, i.e. ``F.linear(x, dequantize(w, scale_inv, x.dtype))`` without materialising W.
+- ``fp8_grouped_mm(x, w, scale_inv, offs)``: the FP8 counterpart of
+  ``torch._grouped_mm(x, W.transpose(1, 2), offs=offs)`` as MoE._routed_grouped uses it: x (R, K) rows
+  sorted by expert, offs (E,) int32 cumulative END rows (expert e owns rows offs[e-1] .. offs[e]-1, offs
+  non-decreasing, offs[-1] <= R). Rows >= offs[-1] belong to no expert: their output is written as ZEROS
+  (torch._grouped_mm leaves them undefined). Every output element is written, so the output is
+  allocated with torch.empty.
+
+Numerics: the weight tile is loaded as FP8 and converted to x's dtype in registers (FP8 e4m3 values are
+exact in bf16/fp16/fp32); each 128-wide K tile gives an fp32 partial product ``x_tile @ w_tile.T`` that
+is multiplied by its block's scale (one scalar per (128-row n-block, 128-col k-block): BLOCK_K = 128 and
+BLOCK_N divides 128) and added to an fp32 accumulator; the result is rounded once to x.dtype. So the
+output equals the dequantized path (x @ dequantize(w).T with fp32 accumulation) up to summation order
+and the single rounding of the scale product. fp32 x uses "tf32x3" dots (three TF32 passes, ~fp32
+accurate on tensor cores; the FP8 operand is exact in TF32); fp32 x is a check path, not a tuned one.
+
+Why weight-only: decode is memory-bound (M = 1..64 rows against 100s of MB of weights per step), so
+the win is reading half the bytes of bf16 weights and keeping twice as many in GPU memory; the
+activations stay bf16 (no activation quantization, no per-token scales), so results match the bf16
+dequantized model up to summation order.
+
+Tiling (``_linear_plan``, ``_grouped_plan``, ``_config``; pure functions of the shapes, no autotuning):
+- BLOCK_K = 128 always (one k-block of scale per K step), BLOCK_N in {32, 64, 128} (one n-block).
+- fp8_linear: BLOCK_M = 16 for M <= 16 (decode: a GEMV padded to the smallest tl.dot tile), 32 for
+  M <= 32, 64 for M <= 64, else 128; BLOCK_N the widest that still gives ~2 programs per SM (at most
+  64 while M <= 64). Split-K when M <= 64 and the tiles are fewer than the SMs (e.g. kv_a_proj at
+  decode, N = 576): fp32 partials (splits, M, N) summed afterwards in a fixed order (deterministic,
+  no atomics), each split >= 2 k-blocks.
+- fp8_grouped_mm: BLOCK_M from the average rows per expert R / E (16, 32, then 64 at most: experts'
+  row counts are uneven) and BLOCK_N = 32 / 64 / 128 with it; grid (E, cdiv(N, BLOCK_N)).
+- Options: 4 warps (8 for tiles of >= 64 x 128), 4 pipeline stages (3 for BLOCK_M = 128). Checked by
+  compiling for sm_90 with Triton 3.6/3.7 (no GPU needed): the K loops are software-pipelined (cp.async),
+  no register spills for 16-bit x, shared memory <= 160 KB.
+
+Graph capture: no host synchronisation anywhere on the Triton path (no .item(), no .tolist(), no
+tensors made from host data per call, no triton.autotune: the tile configuration is a pure function of
+the shapes and the device's SM count, both host-side). The grouped kernel reads its expert's row range
+from ``offs`` on the device and loops over it with dynamic bounds, so an expert with no rows reads no
+weight bytes (decode at batch 1 touches 8 of 256 experts). After one warm-up call per shape (Triton
+compiles on first launch), both functions can be captured in a CUDA graph.
+
+Triton is imported lazily: ``import spmd.fp8`` works without it, and the torch fallbacks (dequantize
+then matmul; the grouped one loops on the host and syncs) run where ``triton_available`` is False.
+The kernels are wrapped with triton.jit at first use, per mode, so TRITON_INTERPRET=1 (Triton's CPU
+interpreter, used by tests/test_fp8.py) works whenever it is set before the first call, even after
+triton was imported without it: the kernels call no triton.language @jit helpers (tl.zeros, tl.cdiv),
+which are compiled-or-interpreted once at triton's import. Interpreter workarounds (Triton 3.6-3.8):
+row loops with loaded bounds are `while` loops (its range() cannot take tensors with numpy 2.4), and
+bf16 dots run in fp32 there (``UPCAST``: its tl.dot multiplies bf16's raw uint16 storage); its
+fp32 -> bf16 conversion truncates where GPUs round to nearest (<= 1 bf16 ulp apart).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+FP8_BLOCK = 128  # DeepSeek-V3's weight quantization block (both dims)
+
+try:  # kernels below are plain functions until _kernels() wraps them with triton.jit
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = tl = None
+
+
+def triton_available(device: torch.device | str) -> bool:
+    """Whether the Triton kernels can run for tensors on `device` (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    if triton is None:
+        return False
+    device = torch.device(device)
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def dequantize(w: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """FP8 (..., N, K) and block scales (..., ceil(N/128), ceil(K/128)) -> W in `dtype` (2-D or stacked 3-D)."""
+    n, k = w.shape[-2:]
+    s = scale_inv.to(device=w.device, dtype=torch.float32)
+    s = s.repeat_interleave(FP8_BLOCK, -2).repeat_interleave(FP8_BLOCK, -1)[..., :n, :k]
+    return (w.to(torch.float32) * s).to(dtype)
+
+
+# ---------------------------------------------------------------- kernels (wrapped by triton.jit lazily)
+
+def _fp8_linear_kernel(x_ptr, w_ptr, s_ptr, o_ptr, M, N, K,
+                       stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk,
+                       stride_os, stride_om, stride_on,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       SPLIT_TILES: tl.constexpr, SCALE_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+                       UPCAST: tl.constexpr):
+    """o[s, m, n] = sum over this split's k-blocks kb of scale[n // 128, kb] * sum_{k in kb} x[m, k] * w[n, k].
+
+    Program (i, j, s): the (BLOCK_M, BLOCK_N) tile (i, j), k-blocks s*SPLIT_TILES .. (s+1)*SPLIT_TILES-1
+    (the last split's blocks past K are masked off). One split: o is the output in x.dtype; several: o is
+    an fp32 (split, M, N) workspace that the host side sums."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_mask = rm < M
+    n_mask = rn < N
+    k0 = pid_k * SPLIT_TILES  # first k-block of this program
+    x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + (k0 * BLOCK_K + rk)[None, :] * stride_xk  # (BM, BK)
+    w_ptrs = w_ptr + rn.to(tl.int64)[None, :] * stride_wn + (k0 * BLOCK_K + rk)[:, None] * stride_wk  # (BK, BN)
+    s_ptrs = s_ptr + ((pid_n * BLOCK_N) // SCALE_BLOCK) * stride_sn  # BLOCK_N | 128: one n-block per tile
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+    for i in range(0, SPLIT_TILES):  # constexpr trip count: a software-pipelined loop on GPUs
+        kb = k0 + i
+        k_mask = rk < K - kb * BLOCK_K
+        a = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        s = tl.load(s_ptrs + kb * stride_sk, mask=kb * BLOCK_K < K, other=0.0)  # BLOCK_K == 128: one k-block
+        if UPCAST:  # Triton's CPU interpreter: its tl.dot multiplies bf16's raw uint16 bits
+            acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee") * s
+        else:
+            acc += tl.dot(a, b.to(a.dtype), input_precision=PRECISION) * s
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    o_ptrs = o_ptr + pid_k * stride_os + rm.to(tl.int64)[:, None] * stride_om + rn[None, :] * stride_on
+    tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _fp8_grouped_kernel(x_ptr, w_ptr, s_ptr, offs_ptr, o_ptr, R, N, K, E,
+                        stride_xm, stride_xk, stride_we, stride_wn, stride_wk,
+                        stride_se, stride_sn, stride_sk, stride_om, stride_on,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        K_TILES: tl.constexpr, SCALE_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+                        UPCAST: tl.constexpr):
+    """Program (e, j): rows offs[e-1]..offs[e]-1 of x against expert e's columns j*BLOCK_N..; then its share
+    of zeroing the rows past offs[E-1]."""
+    e = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    end = tl.minimum(tl.load(offs_ptr + e), R)
+    start = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
+    total = tl.minimum(tl.maximum(tl.load(offs_ptr + E - 1), 0), R)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    n_mask = rn < N
+    w_base = w_ptr + e.to(tl.int64) * stride_we + rn.to(tl.int64)[None, :] * stride_wn + rk[:, None] * stride_wk
+    s_base = s_ptr + e.to(tl.int64) * stride_se + ((pid_n * BLOCK_N) // SCALE_BLOCK) * stride_sn
+    # an empty expert (start >= end) runs no iteration and reads no weight byte. `while`, not range():
+    # the bounds are loaded values, and Triton's interpreter (3.6) cannot take tensors as range() bounds
+    m0 = start
+    while m0 < end:
+        rm = m0 + tl.arange(0, BLOCK_M)
+        m_mask = rm < end
+        x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk
+        w_ptrs = w_base
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+        for kb in range(0, K_TILES):  # constexpr trip count: a pipelined loop
+            k_mask = rk < K - kb * BLOCK_K
+            a = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            s = tl.load(s_base + kb * stride_sk)
+            if UPCAST:  # Triton's CPU interpreter: its tl.dot multiplies bf16's raw uint16 bits
+                acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee") * s
+            else:
+                acc += tl.dot(a, b.to(a.dtype), input_precision=PRECISION) * s
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
+        o_ptrs = o_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :] * stride_on
+        tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        m0 += BLOCK_M
+    # rows past offs[E-1] belong to no expert: zeros, the chunks dealt round-robin over the E programs
+    zero = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=o_ptr.dtype.element_ty)
+    m0 = total + e * BLOCK_M
+    while m0 < R:
+        rm = m0 + tl.arange(0, BLOCK_M)
+        o_ptrs = o_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :] * stride_on
+        tl.store(o_ptrs, zero, mask=(rm < R)[:, None] & n_mask[None, :])
+        m0 += E * BLOCK_M
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels(interpret: bool):
+    """(linear, grouped) jitted for the mode at first use (the interpreter is chosen when triton.jit runs)."""
+    del interpret  # the cache key: triton.jit reads TRITON_INTERPRET itself
+    return triton.jit(_fp8_linear_kernel), triton.jit(_fp8_grouped_kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # only shapes the tiles under the interpreter
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _block_m(rows: int) -> int:
+    """16 for decode (<= 16 rows: a GEMV padded to the smallest tl.dot tile), then 32, 64, 128."""
+    return 16 if rows <= 16 else 32 if rows <= 32 else 64 if rows <= 64 else 128
+
+
+def _block_n(tiles_m: int, n: int, block_m: int, sms: int) -> int:
+    """Widest of 128/64/32 (each divides 128: one scale per tile) that still gives ~2 programs per SM;
+    small M caps at 64 (memory-bound: parallel weight streams beat wide tiles)."""
+    cap = 64 if block_m <= 64 else 128
+    for bn in (128, 64):
+        if bn <= cap and tiles_m * triton.cdiv(n, bn) >= 2 * sms:
+            return bn
+    return 32
+
+
+def _linear_plan(m: int, n: int, k: int, sms: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, splits, k-blocks per split) for fp8_linear: a pure function of shapes and SMs.
+
+    Split-K only for small M whose tiles cannot fill the GPU (e.g. decode through kv_a_proj, N = 576:
+    18 tiles of 32 columns for 132 SMs): up to ~2 programs per SM, each with >= 2 k-blocks."""
+    if dtype == torch.float32:  # fp32 activations (a check path on GPUs): small tiles, or registers spill
+        bm, bn = 16, 32
+    else:
+        bm = _block_m(m)
+        bn = _block_n(triton.cdiv(m, bm), n, bm, sms)
+    k_tiles = triton.cdiv(k, FP8_BLOCK)
+    programs = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    split = 1
+    if bm <= 64 and programs < sms and k_tiles >= 4:
+        split = min(triton.cdiv(2 * sms, programs), k_tiles // 2)
+    per = triton.cdiv(k_tiles, split)
+    return bm, bn, triton.cdiv(k_tiles, per), per
+
+
+def _grouped_plan(r: int, e: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) for fp8_grouped_mm from the average rows per expert (static: R / E).
+
+    Decode (a few rows per hit expert): 16 x 32, many narrow weight streams per expert. BLOCK_M stops at
+    64: experts' row counts are uneven, which bounds the padding of each expert's last chunk."""
+    if dtype == torch.float32:
+        return 16, 32
+    bm = min(_block_m(triton.cdiv(r, e)), 64)
+    return bm, {16: 32, 32: 64, 64: 128}[bm]
+
+
+def _config(bm: int, bn: int, dtype: torch.dtype) -> dict:
+    """Launch options, checked against sm_90 register and shared-memory use (no spills for 16-bit x)."""
+    if dtype == torch.float32:
+        return dict(num_warps=4, num_stages=3)
+    return dict(num_warps=8 if bm * bn >= 64 * 128 else 4, num_stages=3 if bm >= 128 else 4)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"fp8 GEMM: activations must be bf16, fp16 or fp32, not {dtype}")
+    # fp32 x: three TF32 passes (split operands), ~fp32 accurate on tensor cores, where "ieee" spills
+    # registers; the FP8 operand is exact in TF32 anyway. The precision is ignored for 16-bit inputs.
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    """Dot in fp32 instead of bf16: only under TRITON_INTERPRET, whose tl.dot runs np.matmul on bf16's
+    uint16 storage (Triton 3.6-3.8). bf16 x fp8 products are exact in fp32 and the sum is fp32 either way,
+    so this changes nothing but summation order; on GPUs the dot stays bf16 (tensor cores)."""
+    return dtype == torch.bfloat16 and _interpret()
+
+
+def _check_scales(w: torch.Tensor, scale_inv: torch.Tensor) -> None:
+    n, k = w.shape[-2:]
+    want = (*w.shape[:-2], _cdiv128(n), _cdiv128(k))
+    if tuple(scale_inv.shape) != want:
+        raise ValueError(f"scale_inv {tuple(scale_inv.shape)} != {want} for weight {tuple(w.shape)}")
+    if w.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"fp8 GEMM: weight must be float8_e4m3fn, not {w.dtype}")
+
+
+def _cdiv128(n: int) -> int:
+    return -(-n // FP8_BLOCK)
+
+
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """x (..., K) @ W.T -> (..., N) in x.dtype, W = w (N, K) fp8 * scale_inv per 128x128 block; fp32 accumulate."""
+    n, k = w.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"fp8_linear: x (..., {x.shape[-1]}) against weight {tuple(w.shape)}")
+    _check_scales(w, scale_inv)
+    prec = _precision(x.dtype)
+    lead = x.shape[:-1]
+    if not triton_available(x.device):
+        return torch.nn.functional.linear(x.float(), dequantize(w, scale_inv, torch.float32)).to(x.dtype)
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if m == 0 or n == 0 or k == 0:
+        return torch.zeros((*lead, n), dtype=x.dtype, device=x.device)
+    bm, bn, split, per = _linear_plan(m, n, k, _sm_count(x.device), x.dtype)
+    # one split: straight into the output; several: fp32 partials (split, M, N), summed in a fixed order
+    # (deterministic, no atomics). Every element of `dst` is written by the kernel.
+    dst = torch.empty((split, m, n) if split > 1 else (m, n), dtype=torch.float32 if split > 1 else x.dtype,
+                      device=x.device)
+    linear, _ = _kernels(_interpret())
+    linear[(triton.cdiv(m, bm), triton.cdiv(n, bn), split)](
+        x2, w, scale_inv, dst, m, n, k,
+        x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), scale_inv.stride(0), scale_inv.stride(1),
+        0 if split == 1 else dst.stride(0), dst.stride(-2), dst.stride(-1),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=FP8_BLOCK, SPLIT_TILES=per, SCALE_BLOCK=FP8_BLOCK, PRECISION=prec,
+        UPCAST=_upcast(x.dtype), **_config(bm, bn, x.dtype))
+    out = dst if split == 1 else dst.sum(0).to(x.dtype)
+    return out.view(*lead, n)
+
+
+def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Per-expert x[rows of e] @ W[e].T for x (R, K) sorted by expert, w (E, N, K) fp8, offs (E,) int32 end rows.
+
+    Out (R, N) in x.dtype; rows >= offs[-1] (no expert) are zeros. offs must be non-decreasing with
+    offs[-1] <= R (empty experts and repeated values are fine)."""
+    e, n, k = w.shape
+    r = x.shape[0]
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"fp8_grouped_mm: x {tuple(x.shape)} against weights {tuple(w.shape)}")
+    if offs.shape != (e,):
+        raise ValueError(f"fp8_grouped_mm: offs {tuple(offs.shape)} for {e} experts")
+    _check_scales(w, scale_inv)
+    prec = _precision(x.dtype)
+    if not triton_available(x.device):
+        return _grouped_fallback(x, w, scale_inv, offs)
+    out = torch.empty((r, n), dtype=x.dtype, device=x.device)
+    if r == 0 or n == 0:
+        return out
+    if e == 0 or k == 0:
+        return out.zero_()
+    offs = offs.to(torch.int32)  # no-op for the int32 offsets MoE builds
+    bm, bn = _grouped_plan(r, e, x.dtype)
+    _, grouped = _kernels(_interpret())
+    grouped[(e, triton.cdiv(n, bn))](
+        x, w, scale_inv, offs, out, r, n, k, e,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
+        scale_inv.stride(0), scale_inv.stride(1), scale_inv.stride(2), out.stride(0), out.stride(1),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=FP8_BLOCK, K_TILES=_cdiv128(k), SCALE_BLOCK=FP8_BLOCK, PRECISION=prec,
+        UPCAST=_upcast(x.dtype), **_config(bm, bn, x.dtype))
+    return out
+
+
+def _grouped_fallback(x, w, scale_inv, offs):
+    """Torch path (host sync on offs): one dequantized GEMM per non-empty expert, zeros past offs[-1]."""
+    out = torch.zeros((x.shape[0], w.shape[1]), dtype=x.dtype, device=x.device)
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        end = min(end, x.shape[0])
+        if end > start:
+            out[start:end] = (x[start:end].float() @ dequantize(w[e], scale_inv[e], torch.float32).T).to(x.dtype)
+        start = max(start, end)
+    return out

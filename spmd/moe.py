@@ -1,0 +1,200 @@
+"""The MLPs: SwiGLU MLP (dense layers, shared expert), noaux_tc Gate, Expert, and MoE over this rank's contiguous range of experts.
+
+Rank r of a group of G owns experts [r*E/G, (r+1)*E/G), named by their global index so the loader reads
+them by checkpoint name; the shared expert is split like a dense MLP; one all-reduce sums both. Routed
+experts run as grouped GEMMs over the (token, expert) slots sorted by local expert (`torch._grouped_mm`,
+or the Triton FP8 kernel for kept FP8 weights), with no host synchronisation, so a CUDA graph can capture
+them; where neither runs (e.g. fp32 on CUDA), a per-expert loop with one host sync.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .args import ModelArgs
+from .parallel import (ColumnParallelLinear, Linear, RowParallelLinear, all_reduce, compute_span, group_info,
+                       local_slice)
+
+
+class MLP(nn.Module):
+    """SwiGLU MLP, gate/up column-parallel, down row-parallel; timed as `name` iff it ends in its all-reduce."""
+
+    def __init__(self, dim: int, inter: int, group, timers, name: str, layer: int, dtype=None,
+                 reduce_output: bool = True, device=None):
+        super().__init__()
+        self.timers, self.name, self.layer = timers, name, layer
+        self.gate_proj = ColumnParallelLinear(dim, inter, group, dtype, device=device)
+        self.up_proj = ColumnParallelLinear(dim, inter, group, dtype, device=device)
+        self.down_proj = RowParallelLinear(inter, dim, group, dtype, reduce_output, name=f"{name}.down",
+                                           timers=timers, layer=layer, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with compute_span(self.timers, self.name, self.layer, self.down_proj.reduce_output):
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (..., inter/G)
+        return self.down_proj(h)
+
+
+class Expert(nn.Module):
+    """One routed expert, whole on the rank that owns it."""
+
+    def __init__(self, dim: int, inter: int, dtype=None, device=None):
+        super().__init__()
+        self.gate_proj = Linear(dim, inter, dtype, device)
+        self.up_proj = Linear(dim, inter, dtype, device)
+        self.down_proj = Linear(inter, dim, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """noaux_tc router (replicated): sigmoid scores, group-limited top-k on biased scores, unbiased weights."""
+
+    def __init__(self, m: ModelArgs, dtype=None, device=None):
+        super().__init__()
+        self.top_k, self.n_groups, self.topk_groups = m.n_activated_experts, m.n_expert_groups, m.n_limited_groups
+        self.route_scale = m.route_scale
+        e = m.n_routed_experts
+        self.weight = nn.Parameter(torch.empty(e, m.dim, dtype=dtype, device=device), requires_grad=False)
+        self.e_score_correction_bias = nn.Parameter(torch.empty(e, dtype=torch.float32, device=device),
+                                                    requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, dim) -> weights (N, top_k) float32, expert ids (N, top_k) int64."""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # (N, E)
+        choice = (scores + self.e_score_correction_bias).view(x.shape[0], self.n_groups, -1)  # (N, groups, E/groups)
+        group_score = choice.topk(2, dim=-1).values.sum(-1)  # (N, groups)
+        kept = group_score.topk(self.topk_groups, dim=-1).indices  # (N, topk_groups)
+        dropped = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, kept, False)
+        choice = choice.masked_fill(dropped[..., None], float("-inf")).flatten(1)  # (N, E)
+        ids = choice.topk(self.top_k, dim=-1).indices  # (N, top_k)
+        weights = scores.gather(1, ids)
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20) * self.route_scale
+        return weights, ids
+
+
+def _grouped_mm_works(w: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm runs for this device, dtype and our layout (e.g. not fp32 on CUDA)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    b = torch.ones(2, 16, 32, dtype=w.dtype, device=w.device).transpose(1, 2)  # (G, K, N) column-major
+    a = torch.ones(5, 32, dtype=w.dtype, device=w.device)
+    try:
+        out = torch._grouped_mm(a, b, offs=torch.tensor([2, 5], dtype=torch.int32, device=w.device))
+    except (RuntimeError, NotImplementedError):
+        return False
+    return bool((out == 32).all())
+
+
+class MoE(nn.Module):
+    """Routed experts (this rank's range) + shared expert (column/row split), summed by one all-reduce."""
+
+    def __init__(self, layer: int, m: ModelArgs, group, timers, dtype=None, device=None):
+        super().__init__()
+        rank, size = group_info(group)
+        owned = local_slice(m.n_routed_experts, rank, size)
+        self.group, self.timers, self.layer = group, timers, layer
+        self.n_experts, self.expert_lo, self.expert_hi = m.n_routed_experts, owned.start, owned.stop
+        self.gate = Gate(m, dtype, device)
+        self.shared_experts = MLP(m.dim, m.moe_inter_dim * m.n_shared_experts, group, timers, "moe.shared",
+                                  layer, dtype, reduce_output=False, device=device)
+        # keyed by the GLOBAL expert index, so parameter names match the checkpoint's
+        self.experts = nn.ModuleDict({str(e): Expert(m.dim, m.moe_inter_dim, dtype, device)
+                                      for e in range(owned.start, owned.stop)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, dim)
+        with self.timers.compute("moe.gate", layer=self.layer):
+            weights, ids = self.gate(x)  # (N, top_k)
+        with self.timers.compute("moe.experts", layer=self.layer):
+            y = self.routed(x, weights, ids)  # (N, dim), partial: this rank's experts only
+        with self.timers.compute("moe.shared", layer=self.layer):
+            y += self.shared_experts(x)  # partial: this rank's columns of the shared expert
+        return all_reduce(y, self.group, self.timers, "moe.combine", self.layer).view(shape)
+
+    def pack(self) -> None:
+        """Stack the local experts into (E_l, 2I, dim) and (E_l, dim, I) for grouped GEMMs; experts become views.
+
+        Kept FP8 experts (with their block scales stacked alike) need the Triton grouped kernel and I a
+        multiple of 128 (gate and up blocks must not share a scale row); otherwise they are dequantized here.
+        """
+        ex = [self.experts[str(e)] for e in range(self.expert_lo, self.expert_hi)]
+        if not ex:
+            return
+        w = ex[0].gate_proj.weight
+        inter = w.shape[0]
+        if w.dtype == torch.float8_e4m3fn:
+            from .fp8 import dequantize, triton_available
+            if inter % 128 == 0 and triton_available(w.device):
+                self._stack(ex, inter, scales=True)
+                return
+            for e in ex:  # no FP8 kernel for this layout: compute dtype, like a dequantizing load
+                for lin in (e.gate_proj, e.up_proj, e.down_proj):
+                    lin.weight.data = dequantize(lin.weight, lin.weight_scale_inv, self.gate.weight.dtype)
+                    del lin.weight_scale_inv
+            w = ex[0].gate_proj.weight
+        if hasattr(torch, "_grouped_mm") and _grouped_mm_works(w):
+            self._stack(ex, inter, scales=False)
+
+    def _stack(self, ex: list, inter: int, scales: bool) -> None:
+        self.w13 = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in ex])
+        self.w2 = torch.stack([e.down_proj.weight for e in ex])
+        for i, e in enumerate(ex):  # the per-expert parameters (checkpoint names) now alias the stacks
+            e.gate_proj.weight.data, e.up_proj.weight.data = self.w13[i, :inter], self.w13[i, inter:]
+            e.down_proj.weight.data = self.w2[i]
+        if scales:
+            self.s13 = torch.stack([torch.cat([e.gate_proj.weight_scale_inv, e.up_proj.weight_scale_inv]) for e in ex])
+            self.s2 = torch.stack([e.down_proj.weight_scale_inv for e in ex])
+            for i, e in enumerate(ex):
+                e.gate_proj.weight_scale_inv = self.s13[i, :inter // 128]
+                e.up_proj.weight_scale_inv = self.s13[i, inter // 128:]
+                e.down_proj.weight_scale_inv = self.s2[i]
+
+    def _gmm(self, x: torch.Tensor, w: torch.Tensor, scale, offs: torch.Tensor) -> torch.Tensor:
+        """Grouped x @ w[e]^T over the rows of each local expert (offs: their end rows)."""
+        if scale is not None:
+            from .fp8 import fp8_grouped_mm
+            return fp8_grouped_mm(x, w, scale, offs)
+        return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
+
+    def routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Sum over this rank's experts of weight * expert(token), for the tokens routed to each; (N, dim)."""
+        grouped = getattr(self, "w13", None) is not None
+        return self._routed_grouped(x, weights, ids) if grouped else self._routed_loop(x, weights, ids)
+
+    def _routed_grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Grouped GEMMs over (token, expert) slots sorted by local expert; no host sync, no Python loop."""
+        n, k = ids.shape
+        flat = ids.flatten()  # (N*k,)
+        local = (flat >= self.expert_lo) & (flat < self.expert_hi)
+        key = torch.where(local, flat - self.expert_lo, self.w13.shape[0])  # other ranks' slots sort last
+        order = key.argsort(stable=True)  # (N*k,) slots grouped by local expert
+        counts = torch.zeros(self.w13.shape[0] + 1, dtype=torch.int64, device=x.device)
+        counts.scatter_add_(0, key, torch.ones_like(key))  # fixed size: bincount would sync to size its output
+        offs = counts[:-1].cumsum(0).to(torch.int32)  # (E_l,) end row of each local expert
+        xs = x[order // k]  # (N*k, dim); rows past offs[-1] belong to no group and are not computed
+        s13, s2 = getattr(self, "s13", None), getattr(self, "s2", None)
+        gate, up = self._gmm(xs, self.w13, s13, offs).chunk(2, dim=-1)
+        h = self._gmm(F.silu(gate) * up, self.w2, s2, offs)  # (N*k, dim)
+        w = weights.flatten()[order]  # (N*k,) float32
+        h = torch.where(local[order, None], h.float() * w[:, None], 0.0).to(x.dtype)
+        return torch.zeros_like(h).index_copy_(0, order, h).view(n, k, -1).sum(1)  # slot order: deterministic
+
+    def _routed_loop(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """One GEMM pair per local expert that was hit (one host sync for the counts)."""
+        y = torch.zeros_like(x)
+        flat = ids.flatten()  # (N * top_k,)
+        order = flat.argsort(stable=True)  # slots grouped by expert
+        tokens, slot_w = order // ids.shape[1], weights.flatten()[order]
+        counts = torch.bincount(flat, minlength=self.n_experts).tolist()  # the one host sync
+        pos = sum(counts[:self.expert_lo])
+        for e in range(self.expert_lo, self.expert_hi):
+            n = counts[e]
+            if n:
+                tok = tokens[pos:pos + n]
+                out = self.experts[str(e)](x[tok]) * slot_w[pos:pos + n, None]  # (n, dim) float32
+                y.index_add_(0, tok, out.to(y.dtype))
+            pos += n
+        return y

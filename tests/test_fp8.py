@@ -1,0 +1,235 @@
+"""Serial: the weight-only FP8 Triton GEMMs of spmd/fp8.py against the dequantized torch reference.
+
+On CUDA the kernels run compiled; without CUDA they run in Triton's CPU interpreter (TRITON_INTERPRET=1,
+set per test by the fixture below: spmd.fp8 wraps its kernels with triton.jit at first call, per mode, so
+it does not matter whether another test module imported triton first). Outputs are allocated with
+torch.empty; the tests run with torch.empty poisoned (NaN), so an element the kernel fails to write fails.
+
+Tolerances: the reference is fp32 math on the same (bf16/fp16) activations and the dequantized weight
+(products exact, fp32 sums), so the kernel differs only by summation order and the final rounding to
+x.dtype: under 1 ulp of bf16 (the interpreter's fp32 -> bf16 conversion truncates, the GPU's rounds to
+nearest), hence rtol 2e-2 for 16-bit x and 1e-5 for fp32 x.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from spmd import fp8  # noqa: E402  (after the skip: the kernels need triton)
+from spmd.synth import dequantize_fp8  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+TOL = {torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float32: 1e-5}
+
+
+@pytest.fixture(autouse=True)
+def kernels(monkeypatch):
+    """Interpreter on CPU-only machines; torch.empty poisoned with NaN while the test runs."""
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert fp8.triton_available(DEVICE)
+    real = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+def _weight(shape: tuple[int, ...], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 (..., N, K) over the e4m3 range and per-block scales that differ 3x between blocks."""
+    *lead, n, k = shape
+    w = (torch.randn(shape, generator=gen) * 96).clamp(-448, 448).to(torch.float8_e4m3fn)
+    s = (torch.rand((*lead, -(-n // 128), -(-k // 128)), generator=gen) + 0.5) * 2e-3
+    return w.to(DEVICE), s.to(DEVICE)
+
+
+def _act(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(shape, generator=gen).to(device=DEVICE, dtype=dtype)
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert torch.isfinite(out).all(), "an output element was not written (NaN from the poisoned buffer)"
+    rtol = TOL[dtype]
+    torch.testing.assert_close(out.float(), ref, rtol=rtol, atol=rtol * 0.05 * ref.abs().max().item())
+
+
+def _ref_linear(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return x.float() @ dequantize_fp8(w, s).T
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 128, 256), (3, 64, 96), (37, 320, 200), (16, 256, 128), (2, 640, 96)])
+def test_linear_bf16(m, k, n):
+    gen = torch.Generator().manual_seed(m * 1000 + k + n)
+    w, s = _weight((n, k), gen)
+    x = _act((m, k), torch.bfloat16, gen)
+    _close(fp8.fp8_linear(x, w, s), _ref_linear(x, w, s), torch.bfloat16)
+
+
+def test_linear_plans_cover_direct_and_split_k():
+    """The shapes above run both output paths: straight into the output, and split-K (fp32 partials),
+    the latter with a last split whose k-blocks run past K (masked)."""
+    sms = fp8._sm_count(DEVICE)
+    bm, bn, split, per = fp8._linear_plan(2, 96, 640, sms, torch.bfloat16)
+    assert (bm, bn) == (16, 32) and split > 1 and split * per > 5  # 5 k-blocks
+    assert fp8._linear_plan(37, 200, 320, sms, torch.bfloat16)[2] == 1
+    assert fp8._linear_plan(1, 256, 128, sms, torch.bfloat16)[:3] == (16, 32, 1)
+    assert fp8._linear_plan(4096, 7168, 7168, 132, torch.bfloat16)[:3] == (128, 128, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("m,k,n", [(3, 64, 96), (37, 320, 200)])
+def test_linear_dtypes(dtype, m, k, n):
+    gen = torch.Generator().manual_seed(7 + m)
+    w, s = _weight((n, k), gen)
+    x = _act((m, k), dtype, gen)
+    _close(fp8.fp8_linear(x, w, s), _ref_linear(x, w, s), dtype)
+
+
+def test_linear_leading_dims_and_strided_input():
+    gen = torch.Generator().manual_seed(3)
+    w, s = _weight((96, 192), gen)
+    x = _act((2, 3, 192), torch.bfloat16, gen)
+    out = fp8.fp8_linear(x, w, s)
+    assert out.shape == (2, 3, 96)
+    _close(out, _ref_linear(x.reshape(-1, 192), w, s).view(2, 3, 96), torch.bfloat16)
+    xt = _act((192, 5), torch.bfloat16, gen).T  # (5, 192), column-major: strides reach the kernel
+    _close(fp8.fp8_linear(xt, w, s), _ref_linear(xt, w, s), torch.bfloat16)
+
+
+def _ref_grouped(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, offs: list[int]) -> torch.Tensor:
+    """Per-expert loop; rows past offs[-1] zeros."""
+    ref = torch.zeros(x.shape[0], w.shape[1], device=x.device)
+    start = 0
+    for e, end in enumerate(offs):
+        if end > start:
+            ref[start:end] = x[start:end].float() @ dequantize_fp8(w[e], s[e]).T
+        start = end
+    return ref
+
+
+GROUPED = {  # name: (E, K, N, R, offs)
+    "empty-experts-and-tail": (4, 64, 96, 10, [2, 2, 7, 8]),
+    "all-rows-one-expert": (5, 192, 256, 20, [0, 0, 20, 20, 20]),
+    "several-chunks-per-expert": (6, 192, 96, 33, [0, 5, 5, 25, 27, 30]),
+    "long-tail-round-robin": (4, 64, 96, 300, [3, 3, 10, 10]),  # 290 tail rows > E * BLOCK_M = 256
+    "wide-tiles": (4, 64, 256, 200, [60, 120, 130, 190]),
+    "no-rows-routed": (4, 64, 96, 5, [0, 0, 0, 0]),
+    "decode-8-of-6": (6, 192, 256, 8, [1, 1, 3, 3, 7, 8]),
+}
+
+
+@pytest.mark.parametrize("case", list(GROUPED))
+def test_grouped(case):
+    e, k, n, r, offs = GROUPED[case]
+    gen = torch.Generator().manual_seed(len(case))
+    w, s = _weight((e, n, k), gen)
+    x = _act((r, k), torch.bfloat16, gen)
+    out = fp8.fp8_grouped_mm(x, w, s, torch.tensor(offs, dtype=torch.int32, device=DEVICE))
+    ref = _ref_grouped(x, w, s, offs)
+    _close(out, ref, torch.bfloat16)
+    assert (out[offs[-1]:] == 0).all(), "rows past offs[-1] belong to no expert: zeros"
+
+
+def test_grouped_plans():
+    assert fp8._grouped_plan(8, 256, torch.bfloat16) == (16, 32)  # decode, batch 1: 8 slots, 256 experts
+    assert fp8._grouped_plan(100, 4, torch.bfloat16) == (32, 64)
+    assert fp8._grouped_plan(200, 4, torch.bfloat16) == (64, 128)
+    assert fp8._grouped_plan(32768, 32, torch.bfloat16) == (64, 128)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_grouped_dtypes_and_int64_offs(dtype):
+    e, k, n, r, offs = GROUPED["several-chunks-per-expert"]
+    gen = torch.Generator().manual_seed(11)
+    w, s = _weight((e, n, k), gen)
+    x = _act((r, k), dtype, gen)
+    out = fp8.fp8_grouped_mm(x, w, s, torch.tensor(offs, dtype=torch.int64, device=DEVICE))
+    _close(out, _ref_grouped(x, w, s, offs), dtype)
+
+
+def test_dequantize_matches_synth():
+    gen = torch.Generator().manual_seed(5)
+    w, s = _weight((3, 200, 320), gen)
+    stacked = fp8.dequantize(w, s, torch.float32)
+    for e in range(3):
+        assert torch.equal(stacked[e], dequantize_fp8(w[e], s[e]))
+        assert torch.equal(fp8.dequantize(w[e], s[e], torch.float32), stacked[e])
+    assert fp8.dequantize(w, s).dtype == torch.bfloat16
+
+
+def test_fallback_without_kernels(monkeypatch):
+    """CPU without the interpreter: triton_available is False and the torch fallbacks give the same."""
+    if CUDA:
+        pytest.skip("CUDA tensors always take the kernels")
+    gen = torch.Generator().manual_seed(9)
+    w, s = _weight((96, 192), gen)
+    x = _act((3, 192), torch.bfloat16, gen)
+    we, se = _weight((4, 96, 64), gen)
+    xe = _act((10, 64), torch.bfloat16, gen)
+    offs = [2, 2, 7, 8]
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not fp8.triton_available("cpu")
+    _close(fp8.fp8_linear(x, w, s), _ref_linear(x, w, s), torch.bfloat16)
+    _close(fp8.fp8_grouped_mm(xe, we, se, torch.tensor(offs, dtype=torch.int32)),
+           _ref_grouped(xe, we, se, offs), torch.bfloat16)
+
+
+def test_checks():
+    gen = torch.Generator().manual_seed(1)
+    w, s = _weight((96, 192), gen)
+    with pytest.raises(ValueError):
+        fp8.fp8_linear(_act((2, 64), torch.bfloat16, gen), w, s)
+    with pytest.raises(ValueError):
+        fp8.fp8_linear(_act((2, 192), torch.bfloat16, gen), w, s[:, :1])
+    with pytest.raises(TypeError):
+        fp8.fp8_linear(_act((2, 192), torch.bfloat16, gen), w.float(), s)
+
+
+def test_import_without_triton():
+    """`import spmd.fp8` works where triton is missing; the torch fallbacks run."""
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, spmd.fp8 as f\n"
+            "assert f.triton is None and not f.triton_available('cpu')\n"
+            "w = torch.ones(96, 64).to(torch.float8_e4m3fn); s = torch.full((1, 1), 0.5)\n"
+            "y = f.fp8_linear(torch.ones(2, 64, dtype=torch.bfloat16), w, s)\n"
+            "assert y.shape == (2, 96) and (y == 32).all(), y\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TRITON_INTERPRET="1")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT, timeout=120)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_cuda_graph_capture():
+    """After one warm-up call (compilation), both kernels capture and replay in a CUDA graph."""
+    gen = torch.Generator().manual_seed(13)
+    w, s = _weight((576, 7168), gen)  # kv_a_proj-like: split-K at decode
+    we, se = _weight((8, 512, 256), gen)
+    x = _act((1, 7168), torch.bfloat16, gen)
+    xe = _act((8, 256), torch.bfloat16, gen)
+    offs = torch.tensor([1, 1, 3, 3, 3, 6, 7, 7], dtype=torch.int32, device=DEVICE)
+    fp8.fp8_linear(x, w, s), fp8.fp8_grouped_mm(xe, we, se, offs)  # warm-up: compile
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = fp8.fp8_linear(x, w, s)
+        ye = fp8.fp8_grouped_mm(xe, we, se, offs)
+    x.copy_(_act((1, 7168), torch.bfloat16, gen))
+    xe.copy_(_act((8, 256), torch.bfloat16, gen))
+    offs.copy_(torch.tensor([0, 2, 2, 4, 4, 4, 8, 8], dtype=torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    _close(y, _ref_linear(x, w, s), torch.bfloat16)
+    _close(ye, _ref_grouped(xe, we, se, offs.tolist()), torch.bfloat16)

@@ -1,0 +1,82 @@
+"""On a CUDA machine only (skipped elsewhere): the fast paths of the native engine against the plain ones.
+
+- A decode step replayed from a captured CUDA graph gives the logits of the same static-shape step run
+  eagerly (`--cuda-graph static`, which tests/test_native_mpi.py checks against the dynamic path on
+  CPU), and the same greedy tokens; buffers and graphs are reused by a batch of the same shape.
+- FP8 weights kept as FP8 (Triton kernels) give the logits of the dequantizing load.
+Run on the GPU machine: `python3 -m pytest -q tests/test_gpu.py` (one GPU, an MPI singleton world).
+"""
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from conftest import PROMPTS20, checkpoint_dir
+from spmd.args import ModelArgs
+from spmd.generate import GenConfig, generate, left_pad
+from spmd.prompts import encode, load_tokenizer, read_prompts
+from spmd.timers import Timers
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def world():
+    import torch.distributed as dist
+    from spmd.world import make_world, shutdown
+
+    owned = not dist.is_initialized()
+    w = make_world(1, "cuda")
+    yield w
+    if owned:
+        shutdown(w)
+
+
+def _engine(world, ckpt, max_new, dtype="bf16", **opts):
+    from spmd.engines.native import NativeEngine
+
+    args = types.SimpleNamespace(checkpoint=ckpt, dtype=dtype, max_new_tokens=max_new, **opts)
+    return NativeEngine(world, args, ModelArgs.from_checkpoint(ckpt), Timers(world.rank, "cuda"))
+
+
+def _prompts(ckpt, n):
+    return encode(load_tokenizer(ckpt), read_prompts(PROMPTS20), chat=True)[:n]
+
+
+@torch.inference_mode()
+def test_graph_replay_equals_static_step(world):
+    ckpt = checkpoint_dir("tiny", "bf16")
+    static, graph = (_engine(world, ckpt, 8, cuda_graph=m, fp8_weights="dequant") for m in ("static", "on"))
+    assert (static.decode_mode, graph.decode_mode) == ("static", "graph")
+    ids = _prompts(ckpt, 6)
+    for batch in (ids, ids[::-1]):  # the second batch replays the first one's graph
+        tokens, mask = left_pad(batch, 1, "cuda")
+        a, b = static.prefill(tokens, mask), graph.prefill(tokens, mask)
+        for step in range(8):
+            torch.testing.assert_close(b, a, atol=2e-2, rtol=0)
+            if step < 7:
+                nxt = a.argmax(-1)
+                a, b = static.decode(nxt), graph.decode(nxt).clone()
+        static.release(), graph.release()
+    assert len(graph.graphs.states) == 1 and next(iter(graph.graphs.states.values())).graph is not None
+    cfg = GenConfig(8, eos_id=1, pad_id=1)
+    rows = [generate(e, list(enumerate(ids)), cfg) for e in (static, graph)]
+    assert [r["tokens"] for r in rows[0]] == [r["tokens"] for r in rows[1]]
+
+
+@torch.inference_mode()
+def test_fp8_kept_equals_dequantized(world):
+    """fp32 activations (the kernels' tf32x3 dots against cuBLAS fp32): in bf16 a last-bit difference can
+    flip a top-k routing choice of this random model, which says nothing about the kernels."""
+    ckpt = checkpoint_dir("tiny", "fp8")
+    keep, deq = (_engine(world, ckpt, 4, cuda_graph="off", fp8_weights=m, dtype="fp32") for m in ("keep", "dequant"))
+    assert keep.info["fp8_kept_tensors"] > 0 and deq.info["fp8_kept_tensors"] == 0
+    assert keep.info["moe_path"] == "grouped-fp8"
+    assert keep.info["param_bytes"] < 0.5 * deq.info["param_bytes"]
+    tokens, mask = left_pad(_prompts(ckpt, 8), 1, "cuda")
+    a, b = keep.prefill(tokens, mask), deq.prefill(tokens, mask)
+    assert (a - b).abs().max().item() < 1e-3
+    nxt = b.argmax(-1)
+    assert (keep.decode(nxt) - deq.decode(nxt)).abs().max().item() < 1e-3

@@ -1,0 +1,36 @@
+"""`traces.gpu_bench run` on CPU (2 ranks, tiny checkpoint): the benchmark's own logic without a GPU.
+
+The timed rows come out for every batch size with the floor's bytes, and the traced batch counts the
+collectives of one decode step from the timers: one embedding all-reduce, one per attention, one per
+dense MLP and one per MoE layer, and the head's all-gather, with their bytes.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT, spmd_env
+from spmd.args import ModelArgs
+
+
+def test_bench_rows_and_traced_collectives(tiny_bf16, tmp_path):
+    out = tmp_path / "rows.json"
+    cmd = ["mpirun", "-n", "2", sys.executable, "-m", "traces.gpu_bench", "run", "--engine", "native",
+           "--checkpoint", str(tiny_bf16), "--group-size", "2", "--tag", "t", "--out", str(out),
+           "--batches", "1,3", "--prompt", "12", "--steps", "5", "--device", "cpu", "--cuda-graph", "static",
+           "--trace-batch", "3"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=spmd_env(), cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [row["batch"] for row in rows] == [1, 3]
+    assert all(row["decode_mode"] == "static" and row["decode_ms_step"] > 0 for row in rows)
+    assert rows[0]["decode_floor_bytes"] < rows[1]["decode_floor_bytes"]
+    m = ModelArgs.from_checkpoint(tiny_bf16)
+    assert "comm_per_step" not in rows[0]
+    assert rows[1]["comm_per_step"] == 1 + m.n_layers + m.n_layers + 1  # embed, attn, mlp/moe, head
+    assert rows[1]["comm_names"] == ["attn.o_proj.all_reduce", "embed.all_reduce", "head.all_gather",
+                                     "mlp.down.all_reduce", "moe.combine"]
+    act = 3 * m.dim * 2  # one bf16 (3, dim) activation per all-reduce
+    assert rows[1]["comm_bytes_per_step"] == (1 + 2 * m.n_layers) * act + 3 * (m.vocab_size // 2) * 2
+    assert rows[1]["comm_ms_per_step"] > 0 and rows[1]["compute_ms_per_step"] > 0

@@ -27,8 +27,8 @@ class NativeEngine:
         with torch.device("meta"):
             self.model = Transformer(margs, world.tp_group, timers, dtype=dtype)
         log = (lambda msg: print(msg, flush=True)) if world.rank == 0 else (lambda msg: None)
-        peak0 = _rss_peak_bytes()
         fp8 = keep_fp8(getattr(args, "fp8_weights", "auto"), self.device, margs.fp8)
+        peak0 = _rss_peak_bytes()
         stats = agree(world.group_comm, lambda: load(self.model, args.checkpoint, world.group_rank,
                                                      world.group_size, dtype, self.device, timers, log, fp8=fp8))
         moe_path = self.model.pack_experts()
@@ -88,10 +88,10 @@ class NativeEngine:
 
 def keep_fp8(flag: str, device: torch.device, ckpt_fp8: bool) -> bool:
     """--fp8-weights → whether the loader keeps FP8 weights (auto: on CUDA when Triton imports)."""
+    if not ckpt_fp8 or flag == "dequant" or (flag == "auto" and device.type != "cuda"):
+        return False  # decided without importing Triton (a large import)
     from ..fp8 import triton_available
 
-    if not ckpt_fp8 or flag == "dequant":
-        return False
     if flag == "keep" and not triton_available(device):
         raise ValueError(f"--fp8-weights keep: the FP8 kernels need Triton and a CUDA device (or "
                          f"TRITON_INTERPRET=1), device here: {device}")

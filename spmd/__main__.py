@@ -2,7 +2,8 @@
 
 args → world → prompts (rank 0) → engine → dispatch + generate → gather → outputs (rank 0) → traces.
 Bad input is found on rank 0 and reported once; every rank exits 2. Any other exception on any
-rank aborts the whole job through `python -m mpi4py`.
+rank aborts the whole job through `python -m mpi4py`. Finished prompts go to OUTPUT.progress/ as they
+complete (`--resume` continues from there); SIGTERM/SIGUSR1 stop every rank after its batch, exit 75.
 """
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from dataclasses import asdict
 from mpi4py import MPI
 
 from . import args as A
-from . import dispatch, world as W
+from . import dispatch, faults as F, world as W
+from . import resume as R
+from . import stop
 from . import prompts as P
 from . import score as S
 from .engines import build_engine
@@ -23,37 +26,53 @@ from .timers import Timers, run_metadata
 
 def main(argv: list[str] | None = None) -> int:
     comm = MPI.COMM_WORLD
+    stop.install()  # SIGTERM/SIGUSR1: a flag, read at batch boundaries
     try:
         run(comm, argv)
     except W.UsageError as exc:
         W.exit_on_usage_error(comm, exc)
+    except stop.Stopped as exc:  # every rank: finished prompts are on disk, --resume does the rest
+        stop.exit_stopped(comm, exc)
+    except Exception as exc:  # names the rank; `python -m mpi4py` then prints the traceback and aborts the job
+        F.report_error(comm.rank, comm.size, exc)
+        raise
     return 0
 
 
 def run(comm, argv) -> None:
     args = A.parse_args(argv)  # same argv everywhere: the same result, or the same UsageError, on every rank
+    guard = W.agree(comm, lambda: F.Guard.from_env(comm.rank, comm.size))  # SPMD_FAULT, SPMD_WATCHDOG_S
     W.on_root(comm, lambda: W.check_world_size(comm.size, args.group_size))
     W.on_root(comm, lambda: A.check_paths(args))
     margs = W.on_root(comm, lambda: A.ModelArgs.from_checkpoint(args.checkpoint))
     W.on_root(comm, lambda: A.check_model_topology(margs, args.group_size, args.engine))
     world = W.make_world(args.group_size, args.device, comm)
+    guard.start()  # faults at "start", the watchdog thread
     prof = Profiler.from_args(args, world)  # --profile: a window over decode steps, opened by set_phase
-    timers = Timers(world.rank, world.device, args.trace_dir is not None, args.profile == "nsys", prof.on_phase)
+    timers = Timers(world.rank, world.device, args.trace_dir is not None, args.profile == "nsys",
+                    guard.hook(prof.on_phase))  # the profiler's window, then injected faults and the watchdog
     timers.align(comm)
     timers.set_phase("load")
     with (timers.io if world.rank == 0 else timers.wait)("prompts.read_tokenize"):  # others wait for rank 0
         text = W.on_root(comm, lambda: read_and_tokenize(args, margs), share=False)
     n = comm.bcast(len(text[0]) if world.rank == 0 else None, root=0)
     scoring = S.prepare(comm, args.score, args.checkpoint, text) if args.score else None  # checks the baseline
+    # the progress directory: a fresh one, or (--resume) the prompts an earlier run finished (rank 0)
+    done = W.on_root(comm, lambda: R.prepare(args, [p.id for p in text[0]]), share=False)
     engine = build_engine(args.engine, world, args, margs, timers)
     if scoring is not None and not hasattr(engine, "score"):
         raise W.UsageError(f"--engine {args.engine} has no score method: it cannot --score")
-    results = dispatch.gather_results(world, serve(world, engine, args, margs, text, n, timers, scoring), n)
+    results = dispatch.gather_results(world, serve(world, engine, args, margs, text, n, timers, scoring, done), n,
+                                      prior=done or ())
     if world.rank == 0:
         prompts, ids, tokenizer = text
         timers.set_phase("other")
         with timers.io("outputs.write"):
             P.write_jsonl(args.output, S.attach(P.output_rows(prompts, ids, results, tokenizer), results, scoring))
+        R.finish(args.output)  # the output is complete: drop the progress directory
+        if done:  # traces count this run's tokens only
+            earlier = {r["index"] for r in done}
+            results = [r for r in results if r["index"] not in earlier]
     prof.close()
     write_traces(world, args, margs, timers, engine, results)
     W.shutdown(world)
@@ -69,24 +88,43 @@ def read_and_tokenize(args: A.RunArgs, margs: A.ModelArgs):
 
 
 def serve(world: W.World, engine, args: A.RunArgs, margs: A.ModelArgs, text, n: int, timers,
-          scoring: S.Scoring | None = None) -> list[dict]:
-    """Generate (and score) this replica's prompts, batch by batch; results carry their input index."""
+          scoring: S.Scoring | None = None, done: list[dict] | None = None) -> list[dict]:
+    """Generate (and score) this replica's prompts, batch by batch; results carry their input index.
+
+    done (rank 0): prompts finished by an earlier run (--resume), left out. Leaders append each batch's
+    results to the progress directory. After a stop signal (see spmd.stop) every rank raises Stopped.
+    """
     items = S.work_items(text[1], scoring and scoring.targets) if world.rank == 0 else None
+    if world.rank == 0 and done:
+        finished = {r["index"] for r in done}
+        items = [it for it in items if it[0] not in finished]
+    n_prior = world.comm.bcast(len(done or ()) if world.rank == 0 else None, root=0)
+    prompt_ids = world.comm.bcast([p.id for p in text[0]] if world.rank == 0 else None, root=0)
+    writer = R.Writer(args.output, world.replica, prompt_ids) if world.is_leader else None
+    halt = stop.Agreement(world, R.progress_dir(args.output))
     cfg = GenConfig(args.max_new_tokens, margs.eos_token_id, margs.eos_token_id,
                     args.temperature, args.top_p, args.seed)
     if args.dispatch == "static":
         batches = dispatch.iter_static(world, items, args.batch_size)
     else:
         batches = (chunk[i:i + args.batch_size]
-                   for chunk in dispatch.iter_dynamic(world, items, args.dispatch_size, timers)
+                   for chunk in dispatch.iter_dynamic(world, items, args.dispatch_size, timers, halt)
                    for i in range(0, len(chunk), args.batch_size))
-    progress = dispatch.Progress(world, n, enabled=args.progress)
+    progress = dispatch.Progress(world, n, enabled=args.progress, initial=n_prior)
     results = []
     for batch in batches:
+        if halt.check():  # the group agrees at every batch boundary; dynamic: drain to the halting request
+            continue
         rows = run_batch(engine, batch, cfg, args.score_only, scoring, timers)
-        results += [dict(r, replica=world.replica) for r in rows]
+        rows = [dict(r, replica=world.replica) for r in rows]
+        if writer is not None:
+            writer.append(rows)  # on disk (fsync'd) before anything else
+        results += rows
         progress.update(len(rows))
     progress.close()
+    if writer is not None:
+        writer.close()
+    halt.finish(len(results), n_prior, n)  # every rank: raises Stopped on all if any group stopped
     return results
 
 

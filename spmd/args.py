@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -48,6 +49,7 @@ class RunArgs:
     score_only: bool = False
     cuda_graph: str = "auto"
     fp8_weights: str = "auto"
+    resume: bool = False
 
 
 def parser() -> argparse.ArgumentParser:
@@ -76,6 +78,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--score", type=Path, default=None, metavar="BASELINE",
                    help="teacher-forced scoring of a validation.baseline file's tokens (adds `score` to each row)")
     p.add_argument("--score-only", action="store_true", help="with --score: score, do not generate")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the unfinished run of OUTPUT.progress/ (same prompts, checkpoint and token-"
+                        "deciding options; the layout may differ); without it that directory is replaced")
     p.add_argument("--cuda-graph", choices=("auto", "on", "off", "static"), default="auto",
                    help="native engine on CUDA: replay each decode step as one captured CUDA graph (auto: when "
                         "the MoE runs grouped GEMMs); traces then hold one event per step, not per layer. "
@@ -139,6 +144,12 @@ def check_paths(a: RunArgs) -> None:
     out_dir = a.output.parent
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"output directory {out_dir} is not a directory")
+    try:  # found now, not after an hour of generation (root passes permission checks: really write)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as exc:
+        raise UsageError(f"output directory {out_dir} is not writable: {exc.strerror or exc}") from None
 
 
 @dataclass(frozen=True)
@@ -192,13 +203,37 @@ class ModelArgs:
         if c.get("model_type") != "deepseek_v3":
             raise UsageError(f"config model_type={c.get('model_type')!r}, expected 'deepseek_v3'")
         try:
-            return _model_args(cls, c)
+            m = _model_args(cls, c)
         except KeyError as exc:
             raise UsageError(f"config.json lacks field {exc}") from None
+        _check_consistent(m)
+        return m
 
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+def _check_consistent(m: ModelArgs) -> None:
+    """Fields that contradict each other (each message names the config.json fields and values)."""
+    sizes = {"vocab_size": m.vocab_size, "hidden_size": m.dim, "num_hidden_layers": m.n_layers,
+             "num_attention_heads": m.n_heads, "n_routed_experts": m.n_routed_experts,
+             "num_experts_per_tok": m.n_activated_experts, "kv_lora_rank": m.kv_lora_rank,
+             "max_position_embeddings": m.max_seq_len}
+    bad = [f"{k}={v}" for k, v in sizes.items() if not isinstance(v, int) or v < 1]
+    checks = [
+        (m.n_activated_experts <= m.n_routed_experts,
+         f"num_experts_per_tok={m.n_activated_experts} > n_routed_experts={m.n_routed_experts}"),
+        (m.n_routed_experts % m.n_expert_groups == 0,
+         f"n_routed_experts={m.n_routed_experts} not divisible by n_group={m.n_expert_groups}"),
+        (m.n_limited_groups <= m.n_expert_groups, f"topk_group={m.n_limited_groups} > n_group={m.n_expert_groups}"),
+        (0 <= m.n_dense_layers <= m.n_layers,
+         f"first_k_dense_replace={m.n_dense_layers} outside 0..num_hidden_layers={m.n_layers}"),
+        (m.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim={m.qk_rope_head_dim} is odd"),
+    ]
+    bad += [msg for ok, msg in checks if not ok]
+    if bad:
+        raise UsageError(f"config.json is inconsistent: {'; '.join(bad)}")
 
 
 def _model_args(cls, c: dict) -> ModelArgs:

@@ -40,15 +40,26 @@ def scatter_static(world: World, items: list[Item] | None) -> list[Item]:
 
 
 class _Server(threading.Thread):
-    """Rank 0's dispatcher: hands the next chunk to any leader that asks, until all are told to stop."""
+    """Rank 0's dispatcher: hands the next chunk to any leader that asks, until all are told to stop.
+
+    A request that carries True (a leader stopping on a signal) halts it: from then on every leader
+    gets the empty chunk that ends its loop.
+    """
 
     def __init__(self, comm, items: list[Item], chunk: int, n_remote: int):
         super().__init__(name="spmd-dispatch", daemon=True)
         self.comm, self.chunk, self.n_remote = comm, chunk, n_remote
         self.items, self.pos, self.lock = items, 0, threading.Lock()
+        self.halted = False
+
+    def halt(self) -> None:
+        with self.lock:
+            self.halted = True
 
     def take(self) -> list[Item]:
         with self.lock:
+            if self.halted:
+                return []
             out = self.items[self.pos:self.pos + self.chunk]
             self.pos += len(out)
             return out
@@ -56,14 +67,19 @@ class _Server(threading.Thread):
     def run(self) -> None:
         stopped, status = 0, MPI.Status()
         while stopped < self.n_remote:
-            self.comm.recv(source=MPI.ANY_SOURCE, tag=TAG_REQUEST, status=status)
+            if self.comm.recv(source=MPI.ANY_SOURCE, tag=TAG_REQUEST, status=status):
+                self.halt()
             work = self.take()
             self.comm.send(work, dest=status.Get_source(), tag=TAG_WORK)
             stopped += not work
 
 
-def iter_dynamic(world: World, items: list[Item] | None, chunk: int, timers=None) -> Iterator[list[Item]]:
-    """Chunks of `chunk` items, handed to model groups as they ask for more; ends with an empty chunk."""
+def iter_dynamic(world: World, items: list[Item] | None, chunk: int, timers=None,
+                 stop=None) -> Iterator[list[Item]]:
+    """Chunks of `chunk` items, handed to model groups as they ask for more; ends with an empty chunk.
+
+    `stop` (a `stop.Agreement`): once its group has decided to stop, the next request halts the dispatcher.
+    """
     if world.n_replicas > 1 and MPI.Query_thread() < MPI.THREAD_MULTIPLE:
         raise RuntimeError("dynamic dispatch needs MPI_THREAD_MULTIPLE (rank 0 serves chunks from a thread)")
     server = None
@@ -73,11 +89,14 @@ def iter_dynamic(world: World, items: list[Item] | None, chunk: int, timers=None
     while True:
         work = None
         if world.is_leader:
+            halt = True if stop is not None and stop.decided else None
             with _waiting(timers, "dispatch.request"):
                 if server is not None:
+                    if halt:
+                        server.halt()
                     work = server.take()
                 else:
-                    world.comm.send(None, dest=0, tag=TAG_REQUEST)
+                    world.comm.send(halt, dest=0, tag=TAG_REQUEST)
                     work = world.comm.recv(source=0, tag=TAG_WORK)
         with _waiting(timers, "dispatch.group_bcast"):
             work = world.group_comm.bcast(work, root=0)
@@ -99,12 +118,13 @@ def iter_static(world: World, items: list[Item] | None, batch: int) -> Iterator[
 class Progress:
     """Prompts done, summed on rank 0 (tqdm bar there); leaders report with non-blocking sends."""
 
-    def __init__(self, world: World, total: int, enabled: bool = True):
-        self.world, self.total, self.done, self.pending = world, total, 0, []
+    def __init__(self, world: World, total: int, enabled: bool = True, initial: int = 0):
+        self.world, self.total, self.done, self.pending = world, total, initial, []
+        self.received = 0  # reports from other leaders (rank 0)
         self.bar = None
         if world.rank == 0 and enabled:
             from tqdm import tqdm
-            self.bar = tqdm(total=total, unit="prompt", desc="prompts", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=initial, unit="prompt", desc="prompts", dynamic_ncols=True)
 
     def update(self, n: int) -> None:
         if not self.world.is_leader:
@@ -120,26 +140,39 @@ class Progress:
         if self.bar is not None:
             self.bar.update(n)
 
-    def _poll(self, block: bool = False) -> None:
+    def _poll(self, until: int | None = None) -> None:
+        """Count the reports that are there, or (until=N) wait until N reports have come in all."""
         comm = self.world.comm
-        while self.done < self.total and (block or comm.iprobe(source=MPI.ANY_SOURCE, tag=TAG_PROGRESS)):
+
+        def more() -> bool:
+            if until is not None:
+                return self.received < until
+            return comm.iprobe(source=MPI.ANY_SOURCE, tag=TAG_PROGRESS)
+        while more():
             self._count(comm.recv(source=MPI.ANY_SOURCE, tag=TAG_PROGRESS))
+            self.received += 1
 
     def close(self) -> None:
-        """Rank 0 waits for every report; leaders complete their sends."""
+        """Every rank (collective): rank 0 waits for every report sent (fewer than `total` after a stop);
+        leaders complete their sends."""
+        sent = self.world.comm.gather(len(self.pending), root=0)
         if self.world.rank == 0:
-            self._poll(block=True)
+            self._poll(until=sum(sent))
             if self.bar is not None:
                 self.bar.close()
         MPI.Request.waitall(self.pending)
 
 
-def gather_results(world: World, results: list[dict], n_items: int | None = None) -> list[dict] | None:
-    """Leaders' results to rank 0, in input order; rank 0 checks that every index came back once."""
+def gather_results(world: World, results: list[dict], n_items: int | None = None,
+                   prior: list[dict] = ()) -> list[dict] | None:
+    """Leaders' results to rank 0, in input order; rank 0 checks that every index came back once.
+
+    prior (rank 0): results finished by an earlier run (`--resume`), merged in.
+    """
     parts = world.comm.gather(results if world.is_leader else [], root=0)
     if world.rank != 0:
         return None
-    out = sorted((r for part in parts for r in part), key=lambda r: r["index"])
+    out = sorted((r for part in [list(prior), *parts] for r in part), key=lambda r: r["index"])
     idx = [r["index"] for r in out]
     if n_items is not None and idx != list(range(n_items)):
         raise RuntimeError(f"gather got {len(idx)} results for {n_items} prompts (lost or duplicated)")

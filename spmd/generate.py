@@ -99,6 +99,7 @@ def generate(stepper: Stepper, batch: list[tuple[int, list[int]]], cfg: GenConfi
         feed = torch.tensor([cfg.pad_id if finish[r] else t for r, t in enumerate(nxt)], device=stepper.device)
         nxt = sample(stepper.decode(feed), cfg, gens).tolist()
     stepper.release()
+    _phase(timers, "other", -1)  # what follows (dispatch, gather) is no step: the watchdog stops timing
     return [{"index": i, "tokens": o, "ttft_s": ttft, "latency_s": f} for i, o, f in zip(indices, out, finish)]
 
 

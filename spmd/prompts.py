@@ -68,15 +68,19 @@ def load_tokenizer(checkpoint: Path):
 
 def encode(tokenizer, prompts: list[Prompt], chat: bool) -> list[list[int]]:
     """Token ids per prompt: the chat template with a generation prompt, or the raw text with BOS."""
-    if not chat:
-        return [tokenizer(p.text)["input_ids"] for p in prompts]
-    if not tokenizer.chat_template:
+    if chat and not tokenizer.chat_template:
         raise UsageError("the tokenizer has no chat_template: pass --no-chat-template")
     out = []
     for p in prompts:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": p.text}],
-                                            add_generation_prompt=True, tokenize=True)
-        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+        if chat:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": p.text}],
+                                                add_generation_prompt=True, tokenize=True)
+            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        else:
+            ids = list(tokenizer(p.text)["input_ids"])
+        if not ids:
+            raise UsageError(f"prompt {p.id!r} (prompt {p.index + 1} of the file) tokenizes to zero tokens")
+        out.append(ids)
     return out
 
 

@@ -9,6 +9,7 @@ and travel in the frozen `World`.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import sys
@@ -152,8 +153,32 @@ def check_topology(size: int, group_size: int, local_size: int, device: str, n_g
         raise UsageError(f"{local_size} ranks on this node but only {n_gpus} CUDA devices visible")
 
 
+COLLECTIVE_TIMEOUT_ENV = "SPMD_COLLECTIVE_TIMEOUT_S"
+# 10 minutes: a collective may legitimately wait that long for a peer that is still reading its part of
+# a 690 GB checkpoint (or compiling kernels); a hung peer then fails the others' collective within it
+COLLECTIVE_TIMEOUT_DEFAULT_S = 600.0
+
+
+def collective_timeout(environ=os.environ) -> float:
+    """Seconds a torch.distributed collective (gloo, NCCL) may wait: ``SPMD_COLLECTIVE_TIMEOUT_S`` (> 0)."""
+    text = environ.get(COLLECTIVE_TIMEOUT_ENV, "").strip()
+    if not text:
+        return COLLECTIVE_TIMEOUT_DEFAULT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise UsageError(f"{COLLECTIVE_TIMEOUT_ENV}={text!r} must be a number of seconds > 0")
+    return value
+
+
 def make_world(group_size: int, device: str = "cpu", comm=None) -> World:
-    """Discover ranks over MPI, bind a GPU, init torch.distributed and the model-group communicators."""
+    """Discover ranks over MPI, bind a GPU, init torch.distributed and the model-group communicators.
+
+    Every torch.distributed group gets rank 0's ``collective_timeout()``: past it a gloo collective raises
+    (the exception aborts the job), an NCCL one ends the process (TORCH_NCCL_ASYNC_ERROR_HANDLING=1).
+    """
     import torch
     import torch.distributed as dist
 
@@ -161,6 +186,7 @@ def make_world(group_size: int, device: str = "cpu", comm=None) -> World:
     local_rank, local_size = _local_topology(comm)
     n_gpus = torch.cuda.device_count() if device == "cuda" else 0
     on_root(comm, lambda: check_topology(comm.size, group_size, local_size, device, n_gpus))
+    timeout = datetime.timedelta(seconds=on_root(comm, collective_timeout))  # the same on every rank
     if device == "cuda":
         torch.cuda.set_device(local_rank)
     dev = f"cuda:{local_rank}" if device == "cuda" else "cpu"
@@ -170,11 +196,11 @@ def make_world(group_size: int, device: str = "cpu", comm=None) -> World:
     if not dist.is_initialized():
         kw = {"device_id": torch.device(dev)} if device == "cuda" else {}
         dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=comm.rank,
-                                world_size=comm.size, **kw)
+                                world_size=comm.size, timeout=timeout, **kw)
     tp_group = None
     for g in range(comm.size // group_size):  # every rank creates every group, in the same order
         ranks = list(range(g * group_size, (g + 1) * group_size))
-        pg = dist.new_group(ranks) if group_size > 1 else None
+        pg = dist.new_group(ranks, timeout=timeout) if group_size > 1 else None  # not inherited
         if g == replica:
             tp_group = pg
     group_comm = comm.Split(color=replica, key=comm.rank)

@@ -67,6 +67,40 @@ def test_config_errors(tmp_path):
         A.ModelArgs.from_config(cfg)
 
 
+@pytest.mark.parametrize("change,msg", [
+    ({"num_experts_per_tok": 99}, "num_experts_per_tok=99 > n_routed_experts=16"),
+    ({"n_group": 3}, "n_routed_experts=16 not divisible by n_group=3"),
+    ({"topk_group": 9, "n_group": 8}, "topk_group=9 > n_group=8"),
+    ({"first_k_dense_replace": 7}, "first_k_dense_replace=7 outside 0..num_hidden_layers=4"),
+    ({"hidden_size": 0}, "hidden_size=0"),
+    ({"num_attention_heads": "8"}, "num_attention_heads=8"),
+])
+def test_inconsistent_config(change, msg):
+    cfg = json.loads((A.Path(__file__).parents[1] / "inputs/models/tiny.json").read_text())
+    with pytest.raises(UsageError, match=f"config.json is inconsistent: .*{msg}"):
+        A.ModelArgs.from_config({**cfg, **change})
+
+
+def test_unwritable_output_directory(tmp_path):
+    base = A.parse_args(["--checkpoint", "build/checkpoints/tiny-bf16", "--prompts", "inputs/prompts/validation20.jsonl",
+                         "--output", "/proc/spmd-no-such/o.jsonl"])
+    if not base.checkpoint.is_dir():
+        pytest.skip("no tiny checkpoint under build/")
+    with pytest.raises(UsageError, match="output directory /proc/spmd-no-such is not writable"):
+        A.check_paths(base)
+
+
+def test_prompt_that_tokenizes_to_nothing():
+    class Empty:  # a tokenizer giving no ids for this text (byte-level BPE never does; others may)
+        chat_template = None
+
+        def __call__(self, text):
+            return {"input_ids": []}
+
+    with pytest.raises(UsageError, match="prompt 'q7' \\(prompt 3 of the file\\) tokenizes to zero tokens"):
+        P.encode(Empty(), [P.Prompt(2, "q7", "\u200b")], chat=False)
+
+
 def test_read_prompts_jsonl_and_txt(tmp_path):
     j = tmp_path / "p.jsonl"
     j.write_text('{"id": "a", "prompt": "x"}\n\n{"id": "b", "prompt": "héllo 世界"}\n', encoding="utf-8")

@@ -67,12 +67,46 @@ def test_one_rank_gives_the_same_outputs(tiny_bf16, hf_run, tmp_path):
     assert _tokens(tmp_path / "one.jsonl") == _tokens(hf_run / "out.jsonl")
 
 
+def _ckpt_copy(ckpt: Path, dst: Path, change) -> Path:
+    """A checkpoint of symlinks to `ckpt`'s files; `change(dst)` then replaces or breaks some of them."""
+    dst.mkdir()
+    for f in ckpt.iterdir():
+        (dst / f.name).symlink_to(f)
+    change(dst)
+    return dst
+
+
+def _truncate_first_shard(d: Path) -> None:
+    shard = sorted(d.glob("*.safetensors"))[0]
+    data = shard.read_bytes()
+    shard.unlink()
+    shard.write_bytes(data[: len(data) // 2])
+
+
+def _drop_config_field(d: Path) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["num_attention_heads"]
+    (d / "config.json").unlink()
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
 def _bad_inputs(tmp: Path, ckpt: Path) -> dict:
     (tmp / "empty.jsonl").write_text("")
     (tmp / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     (tmp / "long.txt").write_text("word " * 3000 + "\n")
+    (tmp / "garbled.jsonl").write_text('{"id": "a", "prompt": "hi"}\n{"id": "b", "prompt": \n')
+    (tmp / "dup.jsonl").write_text('{"id": "a", "prompt": "hi"}\n{"id": "a", "prompt": "ho"}\n')
     p = str(PROMPTS20)
+    no_tok = lambda: _ckpt_copy(ckpt, tmp / "notok", lambda d: (d / "tokenizer.json").unlink())  # noqa: E731
+    cut = lambda: _ckpt_copy(ckpt, tmp / "cut", _truncate_first_shard)  # noqa: E731
+    no_field = lambda: _ckpt_copy(ckpt, tmp / "nofield", _drop_config_field)  # noqa: E731
     return {
+        "malformed JSONL": (["--prompts", str(tmp / "garbled.jsonl")], "garbled.jsonl:2: invalid JSON"),
+        "duplicate ids": (["--prompts", str(tmp / "dup.jsonl")], "duplicate ids: a"),
+        "unwritable output": (["--prompts", p, "--output", "/proc/spmd/o.jsonl"], "is not writable"),
+        "no tokenizer": (["--prompts", p, "--checkpoint", str(no_tok())], "cannot load the tokenizer"),
+        "truncated shard": (["--prompts", p, "--checkpoint", str(cut()), "--engine", "native"], "truncated"),
+        "config field": (["--prompts", p, "--checkpoint", str(no_field())], "num_attention_heads"),
         "missing prompts": (["--prompts", str(tmp / "none.jsonl")], "does not exist"),
         "empty prompts": (["--prompts", str(tmp / "empty.jsonl")], "has no prompts"),
         "non-UTF-8": (["--prompts", str(tmp / "latin1.txt")], "is not UTF-8"),
@@ -83,7 +117,8 @@ def _bad_inputs(tmp: Path, ckpt: Path) -> dict:
 
 
 @pytest.mark.parametrize("case", ["missing prompts", "empty prompts", "non-UTF-8", "too long",
-                                  "missing checkpoint", "group size"])
+                                  "missing checkpoint", "group size", "malformed JSONL", "duplicate ids",
+                                  "unwritable output", "no tokenizer", "truncated shard", "config field"])
 def test_bad_input_fails_cleanly_on_every_rank(tiny_bf16, tmp_path, case):
     extra, msg = _bad_inputs(tmp_path, tiny_bf16)[case]
     args = ["--checkpoint", str(tiny_bf16), "--output", str(tmp_path / "o.jsonl"), "--engine", "hf", *extra]

@@ -27,6 +27,7 @@ from .timers import Timers, run_metadata
 def main(argv: list[str] | None = None) -> int:
     comm = MPI.COMM_WORLD
     stop.install()  # SIGTERM/SIGUSR1: a flag, read at batch boundaries
+    F.install_stack_dump()  # SIGUSR2: every thread's stack on stderr
     try:
         run(comm, argv)
     except W.UsageError as exc:

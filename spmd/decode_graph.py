@@ -13,13 +13,22 @@ depends on the step and nothing is read back to the host. The MoE must run its g
 per-expert loop reads counts back). One `StaticDecode` per (batch, cache length rounded up to a
 multiple of `ROUND`), kept for later batches of the same shape; the graph is captured at the first
 step (two warm-up forwards on a side stream first: cuBLAS, Triton and NCCL set up outside capture);
-all graphs share one memory pool. Timers are suspended during warm-up and capture, and a replayed
-step is one compute event `decode.graph` (run with `--cuda-graph off` for per-layer and per-collective
-events). mode "static" runs the same static-shape forward eagerly, on any device: what CPU tests check.
+all graphs share one memory pool.
+
+Timing: by default a replayed step is one compute event `decode.graph`. With SPMD_GRAPH_MARKS=stamp
+(or event) and the timers on, a shape gets two graphs, captured inside `Timers.capturing()`, so each
+per-layer and per-collective span of the eager step is timed by marks that the graph records itself
+(spmd/graph_marks.py); steps alternate between the two graphs and the timers resolve one step's marks
+on the host while the GPU runs the next (no host sync added). With the timers off, one graph without
+marks. Warm-up and capture run with the timers suspended (nothing they do is a step).
+mode "static" runs the same static-shape forward eagerly, on any device: what CPU
+tests check.
 """
 from __future__ import annotations
 
 import torch
+
+from .graph_marks import marks_mode
 
 ROUND = 64  # cache lengths are rounded up to this, so similar batches reuse one graph
 
@@ -33,8 +42,9 @@ class StaticDecode:
         self.tokens = torch.zeros(bsz, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(bsz, 1, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None
+        # timed? -> [(graph, logits buffer, GraphTiming)]: two graphs taking turns when timed, else one
+        self.graphs: dict[bool, list[tuple]] = {}
+        self.turn = 0
 
     def forward(self, model) -> torch.Tensor:
         return model(self.tokens, self.pos, self.key_mask, self.cache, start=self.slot)
@@ -51,6 +61,7 @@ class GraphDecoder:
         self.model, self.timers, self.device, self.mode = model, timers, torch.device(device), mode
         self.states: dict[tuple[int, int], StaticDecode] = {}
         self.pool = torch.cuda.graph_pool_handle() if mode == "graph" else None
+        self.marks = marks_mode() if mode == "graph" else "off"  # checked here: a bad value fails at load
 
     def state(self, bsz: int, need_len: int) -> StaticDecode:
         """The buffers for bsz rows and at least need_len cache slots (made on first use)."""
@@ -68,23 +79,37 @@ class GraphDecoder:
         st.slot.fill_(slot)
         if self.mode == "static":
             return st.forward(self.model)
-        if st.graph is None:
-            self._capture(st)
-        with self.timers.compute("decode.graph"):
-            st.graph.replay()
-        return st.logits
+        timed = self.timers.enabled and self.marks != "off"
+        if timed not in st.graphs:
+            self._capture(st, timed)
+        variants = st.graphs[timed]
+        graph, logits, timing = variants[st.turn % len(variants)]
+        st.turn += 1
+        if not timing:  # no marks in the graph: the step is one event (nothing when the timers are off)
+            with self.timers.compute("decode.graph"):
+                graph.replay()
+            return logits
+        self.timers.before_replay(timing)
+        graph.replay()
+        self.timers.replayed(timing)
+        return logits
 
-    def _capture(self, st: StaticDecode) -> None:
-        """Warm up on a side stream, then capture one forward; the replay after it runs the step itself
-        (warm-up and capture write the same slot of the cache with the same values)."""
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with self.timers.suspended():
-            with torch.cuda.stream(side):
+    def _capture(self, st: StaticDecode, timed: bool) -> None:
+        """Warm up on a side stream (first capture of this shape), then capture the forward (twice when
+        timed); the replay after it runs the step itself (warm-up and capture write the same slot of the
+        cache with the same values)."""
+        current = torch.cuda.current_stream(self.device)
+        if not st.graphs:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(current)
+            with self.timers.suspended(), torch.cuda.stream(side):
                 for _ in range(2):
                     st.forward(self.model)
-            torch.cuda.current_stream(self.device).wait_stream(side)
+            current.wait_stream(side)
+        variants = []
+        for _ in range(2 if timed else 1):
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                st.logits = st.forward(self.model)
-        st.graph = graph
+            with self.timers.capturing() as timing, torch.cuda.graph(graph, pool=self.pool):
+                logits = st.forward(self.model)
+            variants.append((graph, logits, timing))
+        st.graphs[timed] = variants

@@ -24,11 +24,16 @@ trips it unless one forward takes N s. It catches what the collective timeout ca
 while its peers wait in an MPI call (no timeout there), e.g. a hung replica while the others wait in the
 final gather.
 
+Stacks: the watchdog prints the Python stack of every thread of the rank before it aborts, and
+``install_stack_dump`` (called by the program at start) makes SIGUSR2 print them on demand, the rank
+going on: ``kill -USR2`` one rank, or ``scancel --signal=USR2 --full JOBID`` every rank of a job.
+
 Unset ``SPMD_FAULT`` and watchdog off cost nothing: ``Guard.hook`` then returns the profiler's callback
 as it is. With the watchdog on, ``set_phase`` stores one tuple.
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import socket
@@ -210,10 +215,20 @@ class Guard:
             idle = time.monotonic() - t
             if phase in WATCHED and idle > self.watchdog_s:
                 print(f"error: {where(self.rank, self.size)}: no progress for {idle:.0f} s in phase {phase} "
-                      f"step {step} (watchdog, {WATCHDOG_ENV}={self.watchdog_s:g}); aborting the job",
-                      file=sys.stderr, flush=True)
+                      f"step {step} (watchdog, {WATCHDOG_ENV}={self.watchdog_s:g}); aborting the job; "
+                      f"where every thread of this rank is:", file=sys.stderr, flush=True)
+                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
                 self._abort(1)
                 return
+
+
+STACK_SIGNAL = signal.SIGUSR2
+
+
+def install_stack_dump() -> None:
+    """SIGUSR2 prints the Python stack of every thread of this rank to stderr, and the rank goes on:
+    `kill -USR2 PID` (or `scancel --signal=USR2 --full JOBID`) shows where a slow or hung job is."""
+    faulthandler.register(STACK_SIGNAL, file=sys.stderr, all_threads=True, chain=False)
 
 
 def report_error(rank: int, size: int, exc: BaseException) -> None:

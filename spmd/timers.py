@@ -42,6 +42,14 @@ HDF5 rank file ``rank{r:05d}.h5``: dataset ``events``; file attributes ``schema`
 ``device``, plus every key of the caller's ``meta`` (dict/list/tuple/None as JSON strings, scalars as
 is). A ``world_size`` attribute, when given, is what ``traces.merge`` checks for missing ranks.
 
+CUDA graphs (opt-in, ``SPMD_GRAPH_MARKS=stamp|event``): inside ``capturing()`` a compute/comm span is
+timed by marks that the graph being captured records itself (``spmd.graph_marks``); every replay
+records them again, and ``replayed(timing)`` after the launch stamps that replay with the current phase
+and step. A replay is resolved when another graph's launch finds it finished, before its own graph is
+launched again (``before_replay``), or at ``flush()``. So a caller that alternates two graphs of one
+step resolves each step on the host while the GPU runs the next one. NVTX ranges are host calls and
+are not captured: a replay shows as one range.
+
 ``on_phase(phase, step)``, when given, is called by every ``set_phase`` (the profiler window hook).
 Not thread safe: one Timers per rank, used from the thread that runs the model.
 """
@@ -62,6 +70,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+
+from .graph_marks import GraphTiming, StampMarks
 
 SCHEMA = "spmd-trace/1"
 KINDS = ("compute", "comm", "io", "wait")
@@ -121,6 +131,9 @@ class _CudaSpan(_HostSpan):
         if t._open is not None:
             t._nested(self._name)
         t._open = self._name
+        if t._captured is not None:  # a mark recorded by the graph being captured
+            self._start = t._graph_mark(start=True)
+            return self
         if t._nvtx:
             torch.cuda.nvtx.range_push(self._name)
         self._start = t._record_now()
@@ -128,9 +141,13 @@ class _CudaSpan(_HostSpan):
 
     def __exit__(self, *exc):
         t = self._t
+        t._open = None
+        if t._captured is not None:
+            t._captured.spans.append((self._name, self._kind, self._layer, self._start, t._graph_mark(start=False),
+                                      self._nbytes, self._group))
+            return False
         t._pending.append((self._name, self._kind, t._phase, t._step, self._layer,
                            t._anchor, self._start, t._record_now(), self._nbytes, self._group))
-        t._open = None
         if t._nvtx:
             torch.cuda.nvtx.range_pop()
         return False
@@ -160,6 +177,10 @@ class Timers:
         self._epoch_ns = self._local_epoch_ns = time.time_ns()
         self._aligned = False
         self._free_events: list = []  # resolved CUDA events, reused: no cudaEventCreate per record
+        self._captured: GraphTiming | None = None  # of the CUDA graph being captured (see capturing())
+        self._last_end: int | None = None           # its last mark, when it ended a span
+        self._replays: list[tuple] = []              # (timing, phase, step, anchor) not resolved yet
+        self._stamp_anchor: tuple[int, int] | None = None  # (host ns, globaltimer ns), stamp marks only
         self._streams: dict = {}       # current-stream key -> torch Stream (building one costs µs)
         if self._cuda:  # "cuda" without an index means the device current at construction
             index = self.device.index
@@ -218,6 +239,57 @@ class Timers:
         finally:
             self.enabled = was
 
+    @contextmanager
+    def capturing(self):
+        """Context for the capture of a CUDA graph: the compute/comm spans opened inside are timed by
+        marks the graph records itself (``spmd.graph_marks``); yields their ``GraphTiming``, which each
+        replay of that graph times again (``replayed``). Spans that follow each other share one mark
+        (the end of one is the start of the next), so untimed work between two spans counts in the
+        second. io and wait spans record nothing. Disabled timers, a CPU device or SPMD_GRAPH_MARKS=off
+        record nothing and yield an empty GraphTiming."""
+        from .graph_marks import marks_mode, new_marks, stamp_anchor
+
+        mode = marks_mode() if self._cuda and self.enabled else "off"
+        if mode == "off":
+            with self.suspended():
+                yield GraphTiming()
+            return
+        if mode == "stamp" and self._stamp_anchor is None:
+            self._stamp_anchor = stamp_anchor(self._dev_index)  # also compiles the stamp kernel
+        timing = GraphTiming(new_marks(mode, self._dev_index))
+        self._captured, self._last_end = timing, None
+        try:
+            with _host_only(self):
+                yield timing
+        finally:
+            self._captured = None
+
+    def replayed(self, timing) -> None:
+        """Called right after a graph captured with ``capturing()`` was launched, on the same stream: its
+        spans are stamped with the current phase and step. Earlier replays of *other* graphs that have
+        finished are resolved here, while the GPU runs this one; call ``before_replay(timing)`` before
+        launching the same graph again (the launch overwrites its marks)."""
+        if not timing or not self.enabled:
+            return
+        timing.marks.launched()
+        for entry in [r for r in self._replays if r[0] is not timing and r[0].marks.ready()]:
+            self._resolve_replay(entry)
+        anchor = self._stamp_anchor if isinstance(timing.marks, StampMarks) else self._anchor
+        self._replays.append((timing, self._phase, self._step, anchor))
+
+    def before_replay(self, timing) -> None:
+        """Resolve the previous replay of this graph, if not resolved yet (waits for it to finish)."""
+        for entry in [r for r in self._replays if r[0] is timing]:
+            timing.marks.wait()
+            self._resolve_replay(entry)
+
+    def _resolve_replay(self, entry) -> None:
+        timing, phase, step, anchor = entry
+        self._replays = [r for r in self._replays if r is not entry]
+        times = timing.marks.times(anchor).tolist()
+        for name, kind, layer, i0, i1, nbytes, group in timing.spans:
+            self._events.append((name, kind, phase, step, layer, times[i0], times[i1] - times[i0], nbytes, group))
+
     def io(self, name: str, nbytes: int = 0):
         """Context timing host I/O on the host clock."""
         if not self.enabled:
@@ -240,10 +312,16 @@ class Timers:
                              int(start_ns) + self._t0, int(dur_ns), int(nbytes), group))
 
     def flush(self) -> None:
-        """Resolve pending CUDA event pairs into ns with one synchronize; no-op on CPU."""
-        if not self._pending:
+        """Resolve pending CUDA event pairs (and graph replays) into ns with one synchronize; no-op on CPU."""
+        if not self._pending and not self._replays:
             return
         torch.cuda.synchronize(self._dev_index)
+        for entry in list(self._replays):
+            self._resolve_replay(entry)
+        if self._stamp_anchor is not None:
+            from .graph_marks import stamp_anchor
+
+            self._stamp_anchor = stamp_anchor(self._dev_index)
         for name, kind, phase, step, layer, anchor, ev0, ev1, nbytes, group in self._pending:
             a_ev, a_ns = anchor
             start = a_ns + round(a_ev.elapsed_time(ev0) * 1e6)
@@ -252,6 +330,11 @@ class Timers:
             self._free_events += (ev0, ev1)
         self._pending.clear()
         self._anchor = self._new_anchor(synced=True)
+
+    def clear(self) -> None:
+        """Drop every event recorded so far (after resolving the pending ones)."""
+        self.flush()
+        self._events.clear()
 
     def table(self) -> np.ndarray:
         """All events so far (flushed), sorted by start_ns, as a structured array."""
@@ -299,6 +382,15 @@ class Timers:
         ev.record(self._current_stream())
         return ev
 
+    def _graph_mark(self, start: bool) -> int:
+        """A mark in the graph being captured; a start right after an end reuses that end's mark."""
+        if start and self._last_end is not None:
+            mark, self._last_end = self._last_end, None
+            return mark
+        mark = self._captured.marks.mark()
+        self._last_end = None if start else mark
+        return mark
+
     def _current_stream(self):
         # torch.cuda.current_stream() builds a new Stream object per call (~5 µs): cache them by the
         # (id, device, type) key it reads, so a `with torch.cuda.stream(s)` block is still honoured
@@ -316,6 +408,21 @@ class Timers:
             torch.cuda.synchronize(self._dev_index)
         host = _perf_ns()
         return (self._record_now(), host)
+
+
+@contextmanager
+def _host_only(timers: Timers):
+    """io/wait spans inside a capture would time the capture, not the replay: record nothing."""
+    host, timers._host_span = timers._host_span, _NullSpan()
+    try:
+        yield
+    finally:
+        timers._host_span = host
+
+
+class _NullSpan(nullcontext):
+    def arm(self, *args):
+        return self
 
 
 def _encode_column(col: list[str]) -> np.ndarray:

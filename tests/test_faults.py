@@ -7,13 +7,16 @@ injected fault (its `fault:` line carries the unix time it fired) to the end of 
 from __future__ import annotations
 
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import PROMPTS20, mpirun
+from conftest import PROMPTS20, ROOT, mpirun, spmd_env
 from spmd import faults as F
 from spmd import world as W
 from spmd.faults import Fault
@@ -117,7 +120,7 @@ def _wait_for(calls, seconds):
     return calls
 
 
-def test_watchdog_times_steps_only(monkeypatch, capsys):
+def test_watchdog_times_steps_only(monkeypatch, capfd):
     monkeypatch.setattr(threading, "excepthook", threading.excepthook)  # start() chains it; undone after
     calls, abort = _aborts()
     g = F.Guard(0, 2, [], watchdog_s=0.3, abort=abort)
@@ -134,8 +137,22 @@ def test_watchdog_times_steps_only(monkeypatch, capsys):
         assert _wait_for(calls, 5) == [1]
     finally:
         g.close()
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert re.search(r"^error: rank 0 of 2 \(.*\): no progress for \d+ s in phase decode step 2 \(watchdog", err, re.M)
+    assert "(most recent call first)" in err and "test_watchdog_times_steps_only" in err  # the stacks
+
+
+def test_sigusr2_prints_every_stack_and_the_rank_goes_on():
+    code = ("import sys, time; from spmd.faults import install_stack_dump; install_stack_dump()\n"
+            "def waiting_here():\n    print('ready', flush=True); time.sleep(3); print('went on', flush=True)\n"
+            "waiting_here()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT, env=spmd_env())
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGUSR2)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and out.strip() == "went on"
+    assert "(most recent call first)" in err and "in waiting_here" in err
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")

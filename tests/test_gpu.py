@@ -3,6 +3,9 @@
 - A decode step replayed from a captured CUDA graph gives the logits of the same static-shape step run
   eagerly (`--cuda-graph static`, which tests/test_native_mpi.py checks against the dynamic path on
   CPU), and the same greedy tokens; buffers and graphs are reused by a batch of the same shape.
+- With the timers on and SPMD_GRAPH_MARKS=stamp|event, the replayed steps record the per-layer and per-collective events of the eager
+  step (events recorded by the graph), stamped with their step, in step order; with them off, the
+  untimed graph gives the same logits.
 - FP8 weights kept as FP8 (Triton kernels) give the logits of the dequantizing load.
 Run on the GPU machine: `python3 -m pytest -q tests/test_gpu.py` (one GPU, an MPI singleton world).
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -60,10 +64,55 @@ def test_graph_replay_equals_static_step(world):
                 nxt = a.argmax(-1)
                 a, b = static.decode(nxt), graph.decode(nxt).clone()
         static.release(), graph.release()
-    assert len(graph.graphs.states) == 1 and next(iter(graph.graphs.states.values())).graph is not None
+    assert len(graph.graphs.states) == 1 and len(next(iter(graph.graphs.states.values())).graphs[False]) == 1
     cfg = GenConfig(8, eos_id=1, pad_id=1)
     rows = [generate(e, list(enumerate(ids)), cfg) for e in (static, graph)]
     assert [r["tokens"] for r in rows[0]] == [r["tokens"] for r in rows[1]]
+
+
+def _decode_events(engine, ids, steps):
+    timers = engine.model.timers
+    tokens, mask = left_pad(ids, 1, "cuda")
+    timers.set_phase("prefill", 0)
+    nxt = engine.prefill(tokens, mask).argmax(-1)
+    logits = []
+    for s in range(1, steps + 1):
+        timers.set_phase("decode", s)
+        out = engine.decode(nxt)
+        logits.append(out.clone())
+        nxt = out.argmax(-1)
+        nxt.tolist()  # the generate loop's host sync
+    engine.release()
+    ev = timers.table()
+    return ev[ev["phase"] == b"decode"], logits
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("marks", ["stamp", "event"])
+def test_graph_replays_record_the_eager_events(world, monkeypatch, marks):
+    monkeypatch.setenv("SPMD_GRAPH_MARKS", marks)
+    ckpt = checkpoint_dir("tiny", "bf16")
+    ids = _prompts(ckpt, 4)
+    eager, graph = (_engine(world, ckpt, 6, cuda_graph=m, fp8_weights="dequant") for m in ("off", "on"))
+    ev_e, _ = _decode_events(eager, ids, 5)
+    ev_g, logits_timed = _decode_events(graph, ids, 5)
+
+    def keys(ev, step):
+        sel = ev[(ev["step"] == step) & np.isin(ev["kind"], [b"compute", b"comm"])]
+        return sorted(zip(sel["name"].tolist(), sel["kind"].tolist(), sel["layer"].tolist(),
+                          sel["bytes"].tolist(), sel["group"].tolist()))
+
+    assert len(keys(ev_e, 1)) > 3 * ModelArgs.from_checkpoint(ckpt).n_layers
+    for step in range(1, 6):
+        assert keys(ev_g, step) == keys(ev_e, step), step
+    assert (ev_g["dur_ns"] > 0).all() and not (ev_g["name"] == b"decode.graph").any()
+    ends = [(ev_g["start_ns"] + ev_g["dur_ns"])[ev_g["step"] == s].max() for s in range(1, 6)]
+    starts = [ev_g["start_ns"][ev_g["step"] == s].min() for s in range(1, 6)]
+    assert all(e <= s for e, s in zip(ends[:-1], starts[1:])), (starts, ends)
+    graph.model.timers.enabled = False  # the untimed graph of the same shape: same logits
+    _, logits_plain = _decode_events(graph, ids, 5)
+    for a, b in zip(logits_timed, logits_plain):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 @torch.inference_mode()

@@ -19,7 +19,7 @@ def test_bench_rows_and_traced_collectives(tiny_bf16, tmp_path):
     cmd = ["mpirun", "-n", "2", sys.executable, "-m", "traces.gpu_bench", "run", "--engine", "native",
            "--checkpoint", str(tiny_bf16), "--group-size", "2", "--tag", "t", "--out", str(out),
            "--batches", "1,3", "--prompt", "12", "--steps", "5", "--device", "cpu", "--cuda-graph", "static",
-           "--trace-batch", "3"]
+           "--trace-batches", "3"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=spmd_env(), cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(out.read_text())
@@ -34,3 +34,6 @@ def test_bench_rows_and_traced_collectives(tiny_bf16, tmp_path):
     act = 3 * m.dim * 2  # one bf16 (3, dim) activation per all-reduce
     assert rows[1]["comm_bytes_per_step"] == (1 + 2 * m.n_layers) * act + 3 * (m.vocab_size // 2) * 2
     assert rows[1]["comm_ms_per_step"] > 0 and rows[1]["compute_ms_per_step"] > 0
+    by_name = rows[1]["ms_per_step_by_name"]
+    assert {"attn", "moe.experts", "moe.combine", "head"} <= set(by_name) and min(by_name.values()) >= 0
+    assert abs(sum(by_name.values()) - rows[1]["comm_ms_per_step"] - rows[1]["compute_ms_per_step"]) < 1e-6

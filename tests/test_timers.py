@@ -278,3 +278,122 @@ def test_cuda_io_wait_use_host_clock_and_clocks_agree():
     assert w["dur_ns"] >= 5_000_000 and spin["start_ns"] >= 0
     # the host event starts after the GPU interval ended (GPU times placed on the host clock)
     assert w["start_ns"] >= spin["start_ns"] + spin["dur_ns"] - 100_000
+
+
+class FakeMarks:
+    """Marks whose 'replay' times the test sets: the Timers' capture/resolve logic without a GPU."""
+
+    def __init__(self):
+        self.n, self.now, self.finished = 0, None, False
+
+    def mark(self):
+        self.n += 1
+        return self.n - 1
+
+    def launched(self):
+        pass
+
+    def ready(self):
+        return self.finished
+
+    def wait(self):
+        self.finished = True
+
+    def times(self, anchor):
+        return np.asarray(self.now)
+
+
+def _capture_fake(t):
+    """What Timers.capturing does on CUDA, with FakeMarks: two spans back to back, a gap, a comm span."""
+    from spmd.graph_marks import GraphTiming
+    from spmd.timers import _CudaSpan
+
+    timing = GraphTiming(FakeMarks())
+    t._dev_span, t._captured, t._last_end = _CudaSpan(t), timing, None
+    with t.compute("a", layer=0):
+        pass
+    with t.compute("b", layer=0):  # starts at a's end mark
+        pass
+    with t.wait("host-side"):  # inside a capture io/wait record nothing...
+        pass
+    with t.comm("c", nbytes=64, group="tp", layer=1):  # ...and don't break the shared mark
+        pass
+    t._captured = None
+    return timing
+
+
+def test_graph_spans_share_marks_and_resolve_per_replay():
+    from spmd.timers import _host_only
+
+    t = Timers(0, device="cpu")
+    t._cuda = True
+    with _host_only(t):
+        timing = _capture_fake(t)
+    assert timing.marks.n == 4  # a: 0-1, b: 1-2, c: 2-3
+    assert [s[3:5] for s in timing.spans] == [(0, 1), (1, 2), (2, 3)]
+    assert t._events == []
+    for step, now in ((1, [100, 110, 130, 170]), (2, [200, 205, 215, 240])):
+        t.set_phase("decode", step)
+        t.before_replay(timing)  # the previous replay of this graph is resolved before its marks change
+        timing.marks.now, timing.marks.finished = now, False
+        t.replayed(timing)
+    assert len(t._events) == 3 and len(t._replays) == 1
+    timing.marks.finished = True
+    t.before_replay(timing)
+    rows = [(e[0], e[3], e[5], e[6], e[7], e[8]) for e in t._events]
+    assert rows == [("a", 1, 100, 10, 0, ""), ("b", 1, 110, 20, 0, ""), ("c", 1, 130, 40, 64, "tp"),
+                    ("a", 2, 200, 5, 0, ""), ("b", 2, 205, 10, 0, ""), ("c", 2, 215, 25, 64, "tp")]
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["stamp", "event"])
+def test_cuda_graph_marks_time_the_replay(monkeypatch, mode):
+    monkeypatch.setenv("SPMD_GRAPH_MARKS", mode)
+    t = Timers(0, device="cuda")
+    t.align(StubComm())
+    x = torch.zeros(1, device="cuda")
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with t.capturing() as timing, torch.cuda.graph(graph):
+        for i, ns in enumerate((2_000_000, 6_000_000)):
+            with t.compute("spin", layer=i):
+                torch.cuda._sleep(ns)  # cycles, roughly ns at ~1-2 GHz
+                x.add_(1)
+    assert len(timing.spans) == 2
+    host0 = t.now_ns()
+    for step in (1, 2, 3):
+        t.set_phase("decode", step)
+        t.before_replay(timing)
+        graph.replay()
+        t.replayed(timing)
+    t.flush()
+    host1 = t.now_ns()
+    ev = t.table()
+    assert ev["step"].tolist() == [1, 1, 2, 2, 3, 3] and x.item() == 6
+    assert (ev["start_ns"] >= host0 - 50_000).all() and (ev["start_ns"] + ev["dur_ns"] <= host1 + 50_000).all()
+    dur = ev["dur_ns"].reshape(3, 2)
+    assert (dur[:, 1] > 2 * dur[:, 0]).all() and (dur[:, 0] > 500_000).all()
+    ends = ev["start_ns"] + ev["dur_ns"]
+    assert (ev["start_ns"][1:] >= ends[:-1] - 5_000).all()  # in order, back to back
+
+
+def test_graph_marks_mode_from_env(monkeypatch):
+    from spmd.graph_marks import marks_mode
+
+    monkeypatch.delenv("SPMD_GRAPH_MARKS", raising=False)
+    assert marks_mode() == "off"
+    for mode in ("off", "event", "stamp"):  # Triton is installed by make install
+        monkeypatch.setenv("SPMD_GRAPH_MARKS", mode)
+        assert marks_mode() == mode
+    monkeypatch.setenv("SPMD_GRAPH_MARKS", "nvtx")
+    with pytest.raises(ValueError, match="SPMD_GRAPH_MARKS='nvtx', expected one of"):
+        marks_mode()
+
+
+def test_capturing_records_nothing_when_marks_are_off(monkeypatch):
+    monkeypatch.setenv("SPMD_GRAPH_MARKS", "stamp")
+    t = Timers(0, device="cpu")  # CPU (no graphs): capturing() suspends the timers, whatever the mode
+    with t.capturing() as timing:
+        with t.compute("x"):
+            pass
+    assert not timing and t.table().size == 0 and t.enabled

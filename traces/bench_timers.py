@@ -9,8 +9,9 @@ in process CPU time on CPU (what timers add; insensitive to a shared machine's l
 on GPU; both clocks are in the JSON.
 Cross-check: events recorded per decode step × the cost of one empty timed span / the step time.
 Writes ``OUT/timers-<device>[-graph]-<host>-<date>.json``; the limit is 2 %. A benchmark, not a test.
-On GPU the default decode replays CUDA graphs (one ``decode.graph`` event per step); ``--cuda-graph off``
-measures the eager step with its per-layer and per-collective events.
+On GPU the default decode replays CUDA graphs: timed steps replay graphs that record the per-layer and
+per-collective events themselves (resolved on the host while the next step runs), untimed steps a graph
+without them; ``--cuda-graph off`` measures the eager step with the same events.
 """
 from __future__ import annotations
 
@@ -139,7 +140,7 @@ def run(ckpt: Path, device: str, dtype: str, batch: int, steps: int, trials: int
         "torch": torch.__version__, "python": platform.python_version(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "checkpoint": ckpt.name, "dtype": dtype, "batch": batch, "steps": steps, "trials": trials,
-        "decode_mode": engine.decode_mode,
+        "decode_mode": engine.decode_mode, "graph_marks": _graph_marks(engine.decode_mode),
         "omp_threads": os.environ.get("OMP_NUM_THREADS", ""), "cpus": os.cpu_count(),
         "loadavg_1min": os.getloadavg()[0],  # a shared machine's load makes the paired numbers noisy
         "clock": "wall" if device == "cuda" else "cpu", "decode_ms_off": main["ms_off"], "decode_ms_on": main["ms_on"],
@@ -150,6 +151,12 @@ def run(ckpt: Path, device: str, dtype: str, batch: int, steps: int, trials: int
     result["pass"] = result["overhead_pct"] < LIMIT_PCT
     shutdown(world)
     return result
+
+
+def _graph_marks(decode_mode: str) -> str:
+    from spmd.graph_marks import marks_mode
+
+    return marks_mode() if decode_mode == "graph" else ""
 
 
 def _cpu_name() -> str:
@@ -166,6 +173,7 @@ def write_result(result: dict, out_dir: Path) -> Path:
     """OUT/timers-<device>-<host>-<date>.json, written atomically."""
     dev = (result["gpu"] or "cpu").replace(" ", "_")
     mode = "" if result.get("decode_mode", "eager") == "eager" else f"-{result['decode_mode']}"
+    mode += f"-{result['graph_marks']}" if result.get("graph_marks") else ""
     path = Path(out_dir) / f"timers-{dev}{mode}-{result['host']}-{result['date'][:10]}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -185,8 +193,8 @@ def main(argv=None) -> int:
     p.add_argument("--trials", type=int, default=25)
     p.add_argument("--out", type=Path, default=ROOT / "traces/bench")
     p.add_argument("--cuda-graph", choices=("auto", "off"), default="auto",
-                   help="auto: decode steps replayed from CUDA graphs on GPU (one event per step); off: eager, "
-                        "an event per layer and collective")
+                   help="auto: decode steps replayed from CUDA graphs on GPU (timed: graphs that record the "
+                        "per-layer and per-collective events; untimed: a graph without them); off: eager")
     a = p.parse_args(argv)
     dtype = a.dtype or ("bf16" if a.device == "cuda" else "fp32")
     result = run(a.checkpoint, a.device, dtype, a.batch, a.steps, a.trials, a.cuda_graph)

@@ -7,7 +7,7 @@
 (bf16 and fp8), then runs each configuration in its own process (so the GPU memory of one does not
 bleed into the next) and writes `traces/bench/<gpu>-<date>.json` (and its plot, `.png`) with, per row,
 prefill tokens/s, time to first token, decode ms/step, GPU memory per rank, the floor (traces.floor)
-and measured/floor; 2-GPU rows add their collectives per step from a traced batch.
+and measured/floor; traced batches (1 and 32) add the time per named span and the collectives per step.
 Prompts are random token ids (128 per row), the same for every engine.
 """
 from __future__ import annotations
@@ -98,9 +98,15 @@ def _one_batch(engine, batch: int, prompt: int, steps: int, vocab: int) -> dict:
 
 
 def _traced_batch(engine, timers, batch: int, prompt: int, steps: int, vocab: int) -> dict:
-    """One batch with the timers on and the decode steps eager (a graph replay hides its collectives):
-    collectives per decode step, their time, and the compute time, from this rank's events."""
-    graphs, engine.graphs = getattr(engine, "graphs", None), None
+    """One batch with the timers on: collectives per decode step, their time, the compute time and the
+    time per named span, from this rank's events. Decode steps replay graphs that time themselves
+    (SPMD_GRAPH_MARKS=stamp|event), else they run eager (a plain replay is one event)."""
+    from spmd.graph_marks import marks_mode
+
+    graphs = getattr(engine, "graphs", None)
+    eager = graphs is not None and graphs.mode == "graph" and marks_mode() == "off"
+    if eager:
+        engine.graphs = None
     timers.enabled = True
     tokens = torch.randint(7, vocab, (batch, prompt), generator=torch.Generator().manual_seed(1)).to(engine.device)
     timers.set_phase("prefill", 0)
@@ -108,16 +114,23 @@ def _traced_batch(engine, timers, batch: int, prompt: int, steps: int, vocab: in
     for step in range(1, steps + 1):
         timers.set_phase("decode", step)
         nxt = engine.decode(nxt).argmax(-1)
+        nxt.tolist()  # the generate loop's host sync
     engine.release()
     timers.enabled, engine.graphs = False, graphs
     ev = timers.table()
+    timers.clear()  # the next traced batch starts empty
     ev = ev[(ev["phase"] == b"decode") & (ev["step"] > 2)]  # the first steps warm up
     n = max(len(set(ev["step"].tolist())), 1)
     comm = ev[ev["kind"] == b"comm"]
     names = sorted({x.decode() for x in comm["name"].tolist()})
-    return {"traced_batch": batch, "comm_per_step": len(comm) / n, "comm_ms_per_step": comm["dur_ns"].sum() / n / 1e6,
+    per_name: dict[str, float] = {}
+    for name, dur in zip(ev["name"].tolist(), ev["dur_ns"].tolist()):
+        per_name[name.decode()] = per_name.get(name.decode(), 0.0) + dur / n / 1e6
+    return {"traced_batch": batch, "traced_decode": "eager" if eager else getattr(engine, "decode_mode", "eager"),
+            "graph_marks": marks_mode(), "comm_per_step": len(comm) / n, "comm_ms_per_step": comm["dur_ns"].sum() / n / 1e6,
             "comm_bytes_per_step": int(comm["bytes"].sum() / n), "comm_names": names,
-            "compute_ms_per_step": ev[ev["kind"] == b"compute"]["dur_ns"].sum() / n / 1e6}
+            "compute_ms_per_step": ev[ev["kind"] == b"compute"]["dur_ns"].sum() / n / 1e6,
+            "ms_per_step_by_name": dict(sorted(per_name.items(), key=lambda kv: -kv[1]))}
 
 
 def run(a) -> int:
@@ -143,7 +156,7 @@ def run(a) -> int:
                      "moe_path": info.get("moe_path", ""), "decode_mode": info.get("decode_mode", "eager"),
                      "fp8_path": info.get("fp8_path", ""),
                      "gpu_mem_gib_per_rank": mem, "decode_floor_bytes": floor})
-        if a.trace_batch == b and world.size > 1:
+        if b in a.trace_batches:
             rows[-1].update(_traced_batch(engine, timers, b, a.prompt, a.steps, vocab))
         if world.rank == 0:
             print(f"{a.tag} batch {b}: {r['decode_ms_step']:.2f} ms/step", flush=True)
@@ -242,8 +255,8 @@ def main(argv=None) -> int:
     r.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     r.add_argument("--cuda-graph", default="auto")
     r.add_argument("--fp8-weights", default="auto")
-    r.add_argument("--trace-batch", type=int, default=32, help="this batch is run again with the timers on "
-                   "(eager decode): collectives per step and their time (groups of 2+ GPUs)")
+    r.add_argument("--trace-batches", default="1,32", help="these batches are run again with the timers on: "
+                   "collectives per step and their time, time per named span")
     al = sub.add_parser("all")
     al.add_argument("--configs", default=",".join(CONFIGS))
     al.add_argument("--batches", dest="batches_arg", default=",".join(map(str, BATCHES)))
@@ -253,6 +266,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.cmd == "run":
         a.batches = [int(b) for b in a.batches.split(",")]
+        a.trace_batches = [int(b) for b in a.trace_batches.split(",") if b]
         return run(a)
     return all_(a)
 

@@ -76,7 +76,9 @@ class NativeEngine:
         return logits
 
     def release(self) -> None:
+        """End of a batch: drop its cache; resolve the timers' pending GPU events (one sync per batch)."""
         self.cache = self.key_mask = self.pos = self.static = None
+        self.model.timers.flush()
 
     @torch.inference_mode()
     def score(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

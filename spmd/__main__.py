@@ -43,11 +43,11 @@ def main(argv: list[str] | None = None) -> int:
 def run(comm, argv) -> None:
     args = A.parse_args(argv)  # same argv everywhere: the same result, or the same UsageError, on every rank
     guard = W.agree(comm, lambda: F.Guard.from_env(comm.rank, comm.size))  # SPMD_FAULT, SPMD_WATCHDOG_S
-    W.on_root(comm, lambda: W.check_world_size(comm.size, args.group_size))
+    W.on_root(comm, lambda: W.check_world_size(comm.size, args.group_size * args.pp))
     W.on_root(comm, lambda: A.check_paths(args))
     margs = W.on_root(comm, lambda: A.ModelArgs.from_checkpoint(args.checkpoint))
-    W.on_root(comm, lambda: A.check_model_topology(margs, args.group_size, args.engine))
-    world = W.make_world(args.group_size, args.device, comm)
+    W.on_root(comm, lambda: A.check_model_topology(margs, args.group_size, args.engine, args.pp))
+    world = W.make_world(args.group_size, args.device, comm, pp=args.pp)
     guard.start()  # faults at "start", the watchdog thread
     prof = Profiler.from_args(args, world)  # --profile: a window over decode steps, opened by set_phase
     timers = Timers(world.rank, world.device, args.trace_dir is not None, args.profile == "nsys",

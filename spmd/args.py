@@ -50,6 +50,8 @@ class RunArgs:
     cuda_graph: str = "auto"
     fp8_weights: str = "auto"
     resume: bool = False
+    pp: int = 1
+    micro_batches: int = 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -59,7 +61,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, required=True, help="output JSONL (written atomically by rank 0)")
     p.add_argument("--trace-dir", type=Path, default=None, help="per-rank HDF5 traces + merged.h5")
     p.add_argument("--engine", choices=ENGINES, default="native")
-    p.add_argument("--group-size", type=int, default=1, help="ranks per model group (TP x EP)")
+    p.add_argument("--group-size", type=int, default=1, help="tensor/expert-parallel ranks per model group "
+                   "(per pipeline stage with --pp)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages per model group (native engine): a model "
+                   "group is PP x GROUP_SIZE ranks")
+    p.add_argument("--micro-batches", type=int, default=0,
+                   help="micro-batches per pipeline step (default: --pp); rows are split evenly")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -111,7 +118,7 @@ def parse_args(argv: list[str] | None = None) -> RunArgs:
 
 def check_run_args(a: RunArgs) -> None:
     """Checks that need no file system."""
-    for name in ("group_size", "max_new_tokens", "dispatch_size", "batch_size"):
+    for name in ("group_size", "max_new_tokens", "dispatch_size", "batch_size", "pp"):
         if getattr(a, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')}={getattr(a, name)} must be >= 1")
     if a.temperature < 0 or not 0 < a.top_p <= 1:
@@ -125,6 +132,13 @@ def check_run_args(a: RunArgs) -> None:
     if a.cuda_graph == "on" and (a.device != "cuda" or a.engine != "native"):
         raise UsageError(f"--cuda-graph on needs --engine native --device cuda, got --engine {a.engine} "
                          f"--device {a.device}")
+    if a.micro_batches < 0:
+        raise UsageError(f"--micro-batches={a.micro_batches} must be >= 1 (0: as many as --pp)")
+    if a.pp > 1 and a.engine != "native":
+        raise UsageError(f"--pp {a.pp}: pipeline stages are built by --engine native only, got --engine {a.engine}")
+    if a.pp > 1 and a.cuda_graph in ("on", "static"):
+        raise UsageError(f"--pp {a.pp} runs eager steps (a stage waits on its neighbours between micro-batches): "
+                         f"--cuda-graph {a.cuda_graph} is not available with pipeline stages")
     if a.profile == "nsys" and a.device != "cuda":
         raise UsageError(f"--profile nsys opens the window with cudaProfilerStart: needs --device cuda, "
                          f"got --device {a.device}")
@@ -261,9 +275,12 @@ def _model_args(cls, c: dict) -> ModelArgs:
         fp8=q.get("quant_method") == "fp8", scale_fmt=q.get("scale_fmt"), raw=c)
 
 
-def check_model_topology(m: ModelArgs, group_size: int, engine: str) -> None:
-    """Divisibility of heads, experts, vocab and FP8 blocks by the model-group size."""
+def check_model_topology(m: ModelArgs, group_size: int, engine: str, pp: int = 1) -> None:
+    """Divisibility of heads, experts, vocab and FP8 blocks by the model-group size; layers per stage."""
     g = group_size
+    if pp > m.n_layers:
+        raise UsageError(f"--pp {pp} stages for {m.n_layers} layers (num_hidden_layers): each stage needs "
+                         f"at least one layer")
     if engine == "hf" and g != 1:
         raise UsageError(f"--engine hf replicates the whole model: it needs --group-size 1, got {g}")
     checks = [("n_heads", m.n_heads), ("n_routed_experts", m.n_routed_experts), ("vocab_size", m.vocab_size),

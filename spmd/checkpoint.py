@@ -317,8 +317,9 @@ def _fill(model, index: CheckpointIndex, f, e: Entry, rank: int, size: int, devi
     return nbytes
 
 
-def _skip_unused(index: CheckpointIndex, entries: list[Entry], n_layers: int, log) -> int:
-    """Log the MTP skip and any unexpected checkpoint tensors -> number of checkpoint tensors not read."""
+def _skip_unused(index: CheckpointIndex, entries: list[Entry], n_layers: int, log, owns=None) -> int:
+    """Log the MTP skip and any unexpected checkpoint tensors -> number of checkpoint tensors not read.
+    owns(name) False: another pipeline stage's tensor, skipped silently."""
     wanted = {e.name for e in entries} | {scale_name(e.name) for e in entries}
     expert_dirs = {m.group(1) for e in entries if (m := EXPERT_RE.match(e.name))}
     mtp, mtp_layers, unexpected, skipped = 0, set(), [], 0
@@ -331,6 +332,8 @@ def _skip_unused(index: CheckpointIndex, entries: list[Entry], n_layers: int, lo
         if layer and int(layer.group(1)) >= n_layers:
             mtp += 1
             mtp_layers.add(int(layer.group(1)))
+        elif owns is not None and not owns(name):
+            continue
         elif not (expert and expert.group(1) in expert_dirs):  # another rank's routed expert: silently skipped
             unexpected.append(name)
     if mtp:
@@ -357,7 +360,7 @@ def load(model: torch.nn.Module, ckpt_dir: str | Path, rank: int, size: int, dty
     entries = plan(model, rank, size, dtype)
     for e in entries:
         _check_entry(index, e, size, margs.fp8)
-    skipped = _skip_unused(index, entries, margs.n_layers, log)
+    skipped = _skip_unused(index, entries, margs.n_layers, log, getattr(model, "owns", None))
     if fp8:
         entries = keep_fp8(model, index, entries, rank, size)
     _retype(model, entries)

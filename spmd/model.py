@@ -212,29 +212,55 @@ class Cache:
 
 
 class Decoder(nn.Module):
-    def __init__(self, m: ModelArgs, group, timers, dtype=None, device=None):
+    """Embedding (first stage), the blocks of `layers` (other indices hold parameter-free placeholders,
+    so names keep their checkpoint layer index), final norm (last stage)."""
+
+    def __init__(self, m: ModelArgs, group, timers, dtype=None, device=None, layers: range | None = None,
+                 first: bool = True, last: bool = True):
         super().__init__()
-        self.embed_tokens = ParallelEmbedding(m.vocab_size, m.dim, group, dtype, timers, "embed", device)
-        self.layers = nn.ModuleList(Block(i, m, group, timers, dtype, device) for i in range(m.n_layers))
-        self.norm = RMSNorm(m.dim, m.norm_eps, dtype, device)
+        layers = range(m.n_layers) if layers is None else layers
+        if first:
+            self.embed_tokens = ParallelEmbedding(m.vocab_size, m.dim, group, dtype, timers, "embed", device)
+        self.layers = nn.ModuleList(Block(i, m, group, timers, dtype, device) if i in layers else nn.Module()
+                                    for i in range(m.n_layers))
+        if last:
+            self.norm = RMSNorm(m.dim, m.norm_eps, dtype, device)
 
 
 class Transformer(nn.Module):
-    """The whole model (MTP layers skipped); logits are float32, full vocab, the same on every rank."""
+    """The whole model (MTP layers skipped), or one pipeline stage of it: `layers` (a contiguous range),
+    the embedding when `first`, final norm and head when `last`. Logits are float32, full vocab, the same
+    on every rank of the (tensor-parallel) group; a stage that is not last returns its hidden states."""
 
-    def __init__(self, margs: ModelArgs, group, timers, dtype=torch.float32, device=None):
+    def __init__(self, margs: ModelArgs, group, timers, dtype=torch.float32, device=None,
+                 layers: range | None = None, first: bool = True, last: bool = True):
         super().__init__()
         self.margs, self.group, self.timers, self.dtype = margs, group, timers, dtype
+        self.stage_layers = range(margs.n_layers) if layers is None else layers
+        self.first, self.last = first, last
         self.rope_factor = rope_attention_factor(margs)
-        self.model = Decoder(margs, group, timers, dtype, device)
-        self.lm_head = ColumnParallelLinear(margs.dim, margs.vocab_size, group, dtype, gather_output=True,
-                                            timers=timers, name="head", device=device)
+        self.model = Decoder(margs, group, timers, dtype, device, self.stage_layers, first, last)
+        if last:
+            self.lm_head = ColumnParallelLinear(margs.dim, margs.vocab_size, group, dtype, gather_output=True,
+                                                timers=timers, name="head", device=device)
         self.register_buffer("rope_inv_freq", torch.empty(0, device=device), persistent=False)
         self.init_buffers(self.rope_inv_freq.device)
 
+    def blocks(self) -> list["Block"]:
+        """This stage's blocks, in order."""
+        return [self.model.layers[i] for i in self.stage_layers]
+
+    def owns(self, name: str) -> bool:
+        """Whether checkpoint tensor `name` belongs to this stage (the loader skips the others' silently)."""
+        if name.startswith("model.layers."):
+            return int(name.split(".", 3)[2]) in self.stage_layers
+        if name.startswith("model.embed_tokens."):
+            return self.first
+        return self.last if name.startswith(("model.norm.", "lm_head.")) else True
+
     def pack_experts(self) -> str:
         """After loading: stack each MoE layer's local experts for grouped GEMMs; returns the path in use."""
-        moes = [b.mlp for b in self.model.layers if isinstance(b.mlp, MoE)]
+        moes = [b.mlp for b in self.blocks() if isinstance(b.mlp, MoE)]
         for moe in moes:
             moe.pack()
         if not moes or getattr(moes[0], "w13", None) is None:
@@ -246,26 +272,35 @@ class Transformer(nn.Module):
         self.rope_inv_freq = yarn_inv_freq(self.margs).to(device)
 
     def new_cache(self, bsz: int, max_len: int) -> Cache:
-        m, dev = self.margs, self.lm_head.weight.device
-        kv = [torch.zeros(bsz, max_len, m.kv_lora_rank, dtype=self.dtype, device=dev) for _ in range(m.n_layers)]
-        pe = [torch.zeros(bsz, max_len, m.qk_rope_head_dim, dtype=self.dtype, device=dev) for _ in range(m.n_layers)]
-        return Cache(kv, pe)
+        """The latent cache of this stage's layers (other layers get empty tensors)."""
+        m, dev = self.margs, self.rope_inv_freq.device
+
+        def per_layer(width: int) -> list[torch.Tensor]:
+            return [torch.zeros(bsz, max_len if i in self.stage_layers else 0, width, dtype=self.dtype, device=dev)
+                    for i in range(m.n_layers)]
+
+        return Cache(per_layer(m.kv_lora_rank), per_layer(m.qk_rope_head_dim))
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor, cache: Cache,
-                start, naive: bool | None = None, all_positions: bool = False) -> torch.Tensor:
+                start, naive: bool | None = None, all_positions: bool = False,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
         """tokens/positions (B, T) in cache slots start..start+T-1, key_mask (B, >= start+T) -> (B, vocab).
 
         start: int, or a (1,) device tensor for static shapes (attention over every cache slot, masked by
         key_mask: the form a CUDA graph captures). naive (default: start == 0) expands the latents, else
-        kv_b_proj is absorbed; all_positions returns (B, T, vocab).
+        kv_b_proj is absorbed; all_positions returns (B, T, vocab). A stage after the first takes the
+        previous stage's `hidden` (B, T, dim) instead of embedding `tokens` (still read for their shape);
+        a stage before the last returns its hidden states (B, T, dim).
         """
         naive = isinstance(start, int) and start == 0 if naive is None else naive
-        h = self.model.embed_tokens(tokens)  # (B, T, dim)
+        h = self.model.embed_tokens(tokens) if self.first else hidden  # (B, T, dim)
         with self.timers.compute("rope"):
             rope = rope_cos_sin(self.rope_inv_freq, positions, self.rope_factor, h.dtype)
             bias = attention_bias(key_mask, start, tokens.shape[1], h.dtype)  # (B, 1, T, S)
-        for block in self.model.layers:
+        for block in self.blocks():
             h = block(h, rope, bias, cache, start, naive)
+        if not self.last:
+            return h
         with self.timers.compute("norm"):
             h = self.model.norm(h if all_positions else h[:, -1])  # (B, dim) or (B, T, dim)
         return self.lm_head(h).float()

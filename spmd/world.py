@@ -38,9 +38,24 @@ class World:
     comm: Any                    # MPI.COMM_WORLD
     group_comm: Any              # MPI communicator of this model group
     leaders_comm: Any            # MPI communicator of group leaders (MPI.COMM_NULL on other ranks)
-    tp_group: Any                # torch.distributed group of this model group (None when G == 1)
+    tp_group: Any                # torch.distributed group of this rank's tensor-parallel ranks (None: 1 rank)
     backend: str                 # "gloo" | "nccl"
     device: str                  # "cpu" | "cuda:N"
+    pp: int = 1                  # P: pipeline stages per model group (group_size = P x tp_size)
+    model_group: Any = None      # torch.distributed group of the whole model group (pipelines only)
+
+    @property
+    def tp_size(self) -> int:
+        """G: ranks of one pipeline stage (the tensor/expert-parallel group)."""
+        return self.group_size // self.pp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.group_rank % self.tp_size
+
+    @property
+    def stage(self) -> int:
+        return self.group_rank // self.tp_size
 
     @property
     def n_replicas(self) -> int:
@@ -173,8 +188,11 @@ def collective_timeout(environ=os.environ) -> float:
     return value
 
 
-def make_world(group_size: int, device: str = "cpu", comm=None) -> World:
+def make_world(group_size: int, device: str = "cpu", comm=None, pp: int = 1) -> World:
     """Discover ranks over MPI, bind a GPU, init torch.distributed and the model-group communicators.
+
+    group_size: G, the tensor/expert-parallel ranks of one stage; pp: P stages, so a model group is P x G
+    ranks (``World.group_size``), a stage G consecutive ranks of it (spmd.pipeline).
 
     Every torch.distributed group gets rank 0's ``collective_timeout()``: past it a gloo collective raises
     (the exception aborts the job), an NCCL one ends the process (TORCH_NCCL_ASYNC_ERROR_HANDLING=1).
@@ -185,7 +203,10 @@ def make_world(group_size: int, device: str = "cpu", comm=None) -> World:
     comm = comm or MPI.COMM_WORLD
     local_rank, local_size = _local_topology(comm)
     n_gpus = torch.cuda.device_count() if device == "cuda" else 0
+    tp, group_size = group_size, group_size * pp
     on_root(comm, lambda: check_topology(comm.size, group_size, local_size, device, n_gpus))
+    hosts = comm.allgather(socket.gethostname())
+    on_root(comm, lambda: _check_stage_hosts(hosts, pp, tp))
     timeout = datetime.timedelta(seconds=on_root(comm, collective_timeout))  # the same on every rank
     if device == "cuda":
         torch.cuda.set_device(local_rank)
@@ -197,18 +218,27 @@ def make_world(group_size: int, device: str = "cpu", comm=None) -> World:
         kw = {"device_id": torch.device(dev)} if device == "cuda" else {}
         dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=comm.rank,
                                 world_size=comm.size, timeout=timeout, **kw)
-    tp_group = None
-    for g in range(comm.size // group_size):  # every rank creates every group, in the same order
-        ranks = list(range(g * group_size, (g + 1) * group_size))
-        pg = dist.new_group(ranks, timeout=timeout) if group_size > 1 else None  # not inherited
-        if g == replica:
+    tp_group = model_group = None
+    for first in range(0, comm.size, tp):  # every rank creates every group, in the same order
+        pg = dist.new_group(list(range(first, first + tp)), timeout=timeout) if tp > 1 else None  # not inherited
+        if first <= comm.rank < first + tp:
             tp_group = pg
+    for g in range(comm.size // group_size if pp > 1 else 0):
+        pg = dist.new_group(list(range(g * group_size, (g + 1) * group_size)), timeout=timeout)
+        if g == replica:
+            model_group = pg
     group_comm = comm.Split(color=replica, key=comm.rank)
     leaders_comm = comm.Split(color=0 if group_rank == 0 else MPI.UNDEFINED, key=comm.rank)
     return World(rank=comm.rank, size=comm.size, local_rank=local_rank, local_size=local_size,
                  hostname=socket.gethostname(), group_size=group_size, replica=replica,
                  group_rank=group_rank, comm=comm, group_comm=group_comm, leaders_comm=leaders_comm,
-                 tp_group=tp_group, backend=backend, device=dev)
+                 tp_group=tp_group, backend=backend, device=dev, pp=pp, model_group=model_group)
+
+
+def _check_stage_hosts(hosts: list[str], pp: int, tp: int) -> None:
+    from .pipeline import check_placement
+
+    check_placement(hosts, pp, tp)
 
 
 def shutdown(world: World) -> None:
@@ -225,6 +255,7 @@ def shutdown(world: World) -> None:
 def topology(world: World) -> dict:
     """The topology as plain data, for trace metadata and outputs."""
     return {"world_size": world.size, "group_size": world.group_size, "n_replicas": world.n_replicas,
+            "pp": world.pp, "tp_size": world.tp_size, "stage": world.stage,
             "rank": world.rank, "replica": world.replica, "group_rank": world.group_rank,
             "local_rank": world.local_rank, "local_size": world.local_size,
             "hostname": world.hostname, "backend": world.backend, "device": world.device,

@@ -37,3 +37,17 @@ def test_bench_rows_and_traced_collectives(tiny_bf16, tmp_path):
     by_name = rows[1]["ms_per_step_by_name"]
     assert {"attn", "moe.experts", "moe.combine", "head"} <= set(by_name) and min(by_name.values()) >= 0
     assert abs(sum(by_name.values()) - rows[1]["comm_ms_per_step"] - rows[1]["compute_ms_per_step"]) < 1e-6
+
+
+def test_bench_pipeline_rows_report_the_bubble(tiny_bf16, tmp_path):
+    """--pp 2 on 2 ranks: 2 GPUs' worth of rows, the stage boundary's traffic and the bubble per step."""
+    out = tmp_path / "rows.json"
+    cmd = ["mpirun", "-n", "2", sys.executable, "-m", "traces.gpu_bench", "run", "--engine", "native",
+           "--checkpoint", str(tiny_bf16), "--group-size", "1", "--pp", "2", "--tag", "t", "--out", str(out),
+           "--batches", "4", "--prompt", "12", "--steps", "5", "--device", "cpu", "--trace-batches", "4"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=spmd_env(), cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (row,) = json.loads(out.read_text())
+    assert row["gpus"] == 2 and row["pp"] == 2 and row["decode_mode"] == "eager"
+    assert set(row["comm_names"]) == {"pp.send", "pp.logits"}  # rank 0 (the first stage) writes the rows
+    assert 0 < row["bubble_fraction"] < 1

@@ -82,3 +82,25 @@ def test_a_tensor_missing_on_one_rank_fails_every_rank(tiny_bf16, tmp_path):
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert r.returncode != 0 and len(errors) == 1, r.stderr[-2000:]
     assert "rank 1: model.layers.1.mlp.experts.15.up_proj.weight: not in the checkpoint" in errors[0]
+
+
+def test_pipeline_stages_tokens_equal_transformers_and_bubble_reported(tiny_fp8, tmp_path):
+    """--pp 2 --group-size 2 on 4 ranks (2 stages of 2 tensor/expert-parallel ranks), 3 micro-batches."""
+    from spmd.args import ModelArgs
+    from spmd.pipeline import stage_layers
+    from traces.report import report
+
+    rows = _native(tiny_fp8, tmp_path / "out.jsonl", 4, 2, trace=tmp_path / "tr",
+                   extra=("--pp", "2", "--micro-batches", "3"))
+    assert [r["completion_token_ids"] for r in rows] == [list(t) for t in hf_reference(tiny_fp8, N_NEW)]
+    assert {r["model_group"] for r in rows} == {0}
+    with h5py.File(tmp_path / "tr" / "merged.h5") as f:
+        ev = f["events"][:]
+        info = {r: json.loads(f["ranks"][str(r)].attrs["engine_info"]) for r in range(4)}
+    stages = stage_layers(ModelArgs.from_checkpoint(tiny_fp8), 2, 2)  # balanced by bytes: head on the last
+    assert [info[r]["stage_layers"] for r in range(4)] == [[s.start, s.stop] for s in stages for _ in range(2)]
+    sends = ev[ev["name"] == b"pp.send"]
+    assert set(sends["rank"].tolist()) == {0, 1} and (sends["bytes"] > 0).all()
+    text = report(tmp_path / "tr")
+    bubble = text.split("pipeline bubble", 1)[1].split("\n\n", 1)[0]
+    assert all(f"\n  {r} " in bubble for r in range(4))

@@ -62,7 +62,7 @@ def _engine(a, world, max_new: int):
     from spmd.timers import Timers
 
     margs = ModelArgs.from_checkpoint(a.checkpoint)
-    args = types.SimpleNamespace(checkpoint=a.checkpoint, dtype="bf16", max_new_tokens=max_new,
+    args = types.SimpleNamespace(checkpoint=a.checkpoint, dtype="bf16", max_new_tokens=max_new, micro_batches=0,
                                  cuda_graph=a.cuda_graph, fp8_weights=a.fp8_weights)
     timers = Timers(world.rank, world.device)
     timers.enabled = False
@@ -126,7 +126,9 @@ def _traced_batch(engine, timers, batch: int, prompt: int, steps: int, vocab: in
     per_name: dict[str, float] = {}
     for name, dur in zip(ev["name"].tolist(), ev["dur_ns"].tolist()):
         per_name[name.decode()] = per_name.get(name.decode(), 0.0) + dur / n / 1e6
-    return {"traced_batch": batch, "traced_decode": "eager" if eager else getattr(engine, "decode_mode", "eager"),
+    from spmd.pipeline import bubble_fraction
+
+    return {"traced_batch": batch, "bubble_fraction": bubble_fraction(ev), "traced_decode": "eager" if eager else getattr(engine, "decode_mode", "eager"),
             "graph_marks": marks_mode(), "comm_per_step": len(comm) / n, "comm_ms_per_step": comm["dur_ns"].sum() / n / 1e6,
             "comm_bytes_per_step": int(comm["bytes"].sum() / n), "comm_names": names,
             "compute_ms_per_step": ev[ev["kind"] == b"compute"]["dur_ns"].sum() / n / 1e6,
@@ -138,7 +140,8 @@ def run(a) -> int:
     from spmd.world import make_world, shutdown
     from traces.floor import decode_bytes
 
-    world = make_world(a.group_size, a.device)
+    world = make_world(a.group_size, a.device, pp=a.pp)
+    gpus = a.group_size * a.pp
     cuda = a.device == "cuda"
     engine, margs, timers = _engine(a, world, a.steps + 4)
     vocab = min(margs.vocab_size, 8000)  # ids the synthetic tokenizer knows
@@ -150,9 +153,10 @@ def run(a) -> int:
             torch.cuda.reset_peak_memory_stats()
         r = _one_batch(engine, b, a.prompt, a.steps, vocab)
         mem = world.comm.allgather(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
-        floor = decode_bytes(margs, b, a.prompt + a.steps // 2, a.group_size, a.weights)
+        # pipelines: the bytes per GPU if the stages split them evenly (the bubble is not in the floor)
+        floor = decode_bytes(margs, b, a.prompt + a.steps // 2, a.group_size, a.weights) / a.pp
         info = getattr(engine, "info", {})
-        rows.append({**r, "engine": a.engine, "gpus": a.group_size, "weights": a.weights,
+        rows.append({**r, "engine": a.engine, "gpus": gpus, "pp": a.pp, "weights": a.weights,
                      "moe_path": info.get("moe_path", ""), "decode_mode": info.get("decode_mode", "eager"),
                      "fp8_path": info.get("fp8_path", ""),
                      "gpu_mem_gib_per_rank": mem, "decode_floor_bytes": floor})
@@ -170,8 +174,9 @@ def _spawn(tag: str, ckpt: Path, work: Path, batches: str) -> list[dict]:
     engine, g, weights, opts = CONFIGS[tag]
     out = work / f"{tag}.json"
     if not out.is_file():
+        pp = int(opts[opts.index("--pp") + 1]) if "--pp" in opts else 1
         cmd = [*os.environ.get("MPIRUN", "mpirun").split(), "-n", str(g), sys.executable, "-m", "traces.gpu_bench",
-               "run", "--engine", engine, "--checkpoint", str(ckpt), "--group-size", str(g), "--weights", weights,
+               "run", "--engine", engine, "--checkpoint", str(ckpt), "--group-size", str(g // pp), "--weights", weights,
                "--tag", tag, "--out", str(out), "--batches", batches, *opts]
         r = subprocess.run(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)  # stdout: the rows as they come
         if r.returncode != 0:
@@ -194,6 +199,7 @@ CONFIGS = {  # tag: (engine, gpus, weights, options of `run`)
     "native-1gpu-bf16": ("native", 1, "bf16", ()), "native-1gpu-bf16-eager": ("native", 1, "bf16", EAGER),
     "native-1gpu-fp8": ("native", 1, "fp8", ()), "native-1gpu-fp8-dequant": ("native", 1, "fp8", DEQUANT),
     "native-2gpu-bf16": ("native", 2, "bf16", ()), "native-2gpu-fp8": ("native", 2, "fp8", ()),
+    "native-2gpu-pp2-bf16": ("native", 2, "bf16", ("--pp", "2")),
     "hf-1gpu-bf16": ("hf", 1, "bf16", ()), "deepspeed-2gpu-bf16": ("deepspeed", 2, "bf16", ()),
 }
 
@@ -245,7 +251,8 @@ def main(argv=None) -> int:
     r = sub.add_parser("run")
     r.add_argument("--engine", required=True)
     r.add_argument("--checkpoint", type=Path, required=True)
-    r.add_argument("--group-size", type=int, default=1)
+    r.add_argument("--group-size", type=int, default=1, help="ranks per pipeline stage")
+    r.add_argument("--pp", type=int, default=1, help="pipeline stages (native engine; eager decode)")
     r.add_argument("--weights", default="bf16")
     r.add_argument("--tag", required=True)
     r.add_argument("--out", required=True)

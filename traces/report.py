@@ -162,8 +162,23 @@ def layer_section(t: Trace) -> str:
     return "per layer (summed over ranks)\n" + format_table(heads, rows)
 
 
+def pipeline_section(t: Trace) -> str:
+    """Pipeline runs: per rank, the decode time spent waiting for the previous stage (the bubble)."""
+    from spmd.pipeline import bubble_fraction
+
+    rows = []
+    for r in sorted(t.ranks):
+        frac = bubble_fraction(t.events[t.events["rank"] == r])
+        if frac is not None:
+            rows.append([str(r), f"{frac * 100:.1f}"])
+    if not rows:
+        return "pipeline bubble\n  (no pipeline stages)"
+    return ("pipeline bubble (decode: time waiting in pp.recv and pp.logits / timed time)\n"
+            + format_table(["rank", "bubble %"], rows))
+
+
 SECTIONS = (rank_section, phase_section, rank_phase_section, collective_section, layer_section,
-            *skew.SECTIONS, *report_sources.SECTIONS)
+            pipeline_section, *skew.SECTIONS, *report_sources.SECTIONS)
 
 
 def _header(t: Trace) -> str:

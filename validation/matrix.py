@@ -1,7 +1,7 @@
 """The validation matrix: engines × layouts × dtypes × weights, each run scored against its checkpoint's baseline.
 
     python -m validation.matrix [--device cpu|cuda] [--configs tiny[,slice]] [--engines auto|hf,native,...]
-        [--layouts G1,G2,G4,2xG1] [--dtypes fp32,bf16] [--weights bf16,fp8] [--max-gpus N] [--slots N]
+        [--layouts G1,G2,G4,2xG1,P2,P2G2,2xP2] [--dtypes fp32,bf16] [--weights bf16,fp8] [--max-gpus N] [--slots N]
         [--max-new-tokens 32] [--batch-size B] [--reuse] [--merge] [--out validation/results]
     python -m validation.matrix --rejudge validation/results/NAME.json
 
@@ -38,8 +38,17 @@ from validation.summary import matrix_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "inputs" / "prompts" / "validation20.jsonl"
-LAYOUTS = {"G1": (1, 1), "G2": (2, 2), "G4": (4, 4), "2xG1": (2, 1)}  # name: (ranks, group size)
+# name: (ranks, ranks per pipeline stage (--group-size), pipeline stages (--pp))
+LAYOUTS = {"G1": (1, 1, 1), "G2": (2, 2, 1), "G4": (4, 4, 1), "2xG1": (2, 1, 1),
+           "P2": (2, 1, 2), "P2G2": (4, 2, 2), "2xP2": (4, 1, 2)}
+PIPELINED = ("P2", "P2G2", "2xP2")  # native engine only, fp32 only (the exactness check; CI time)
 REPLICATED = {"hf": ("G1", "2xG1")}  # engines that hold the whole model on every rank
+
+
+def layout_fits(engine: str, layout: str, dtype: str) -> bool:
+    if layout in PIPELINED:
+        return engine == "native" and dtype == "fp32"
+    return layout in REPLICATED.get(engine, LAYOUTS)
 
 
 @dataclass(frozen=True)
@@ -63,7 +72,7 @@ def plan(args, engines: list[str]) -> list[Row]:
     """Every row to run, in table order; layouts needing more ranks than GPUs are left out on cuda."""
     fits = [lay for lay in args.layouts if args.device == "cpu" or LAYOUTS[lay][0] <= args.max_gpus]
     return [Row(c, w, e, lay, d) for c in args.configs for w in args.weights for e in engines for lay in fits
-            if lay in REPLICATED.get(e, LAYOUTS) for d in args.dtypes]
+            for d in args.dtypes if layout_fits(e, lay, d)]
 
 
 def checkpoint_job(config: str, weights: str, args) -> tuple[Path, Job | None]:
@@ -109,13 +118,15 @@ def baseline_job(ckpt: Path, args) -> tuple[Path, str, Job | None]:
 
 def run_job(row: Row, ckpt: Path, baseline: Path, args) -> Job:
     """The SPMD program for one row, scored against its baseline."""
-    ranks, group = LAYOUTS[row.layout]
+    ranks, group, pp = LAYOUTS[row.layout]
     cmd = [*os.environ.get("MPIRUN", "mpirun").split(), "-n", str(ranks), sys.executable, "-m", "mpi4py", "-m",
            "spmd", "--checkpoint", str(ckpt), "--prompts", str(PROMPTS), "--output", str(output(row, args)),
            "--engine", row.engine, "--group-size", str(group), "--dtype", row.dtype, "--device", args.device,
            "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size), "--no-progress",
            "--score", str(baseline)]
-    if ranks > group:
+    if pp > 1:
+        cmd += ["--pp", str(pp)]
+    if ranks > group * pp:
         cmd += ["--dispatch", "dynamic", "--dispatch-size", "5"]
     return Job(row.tag, cmd, ranks, args.work / "logs" / f"{row.tag}.log")
 

@@ -8,6 +8,7 @@ import torch
 from ..checkpoint import load
 from ..decode_graph import GraphDecoder
 from ..model import Transformer
+from ..pipeline import Pipeline, stage_layers
 from ..world import agree
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -24,13 +25,17 @@ class NativeEngine:
         self.device = torch.device(world.device)
         self.max_new_tokens = args.max_new_tokens
         dtype = DTYPES[args.dtype]
+        pp = getattr(world, "pp", 1)
+        layers = stage_layers(margs, pp, world.tp_size)[world.stage] if pp > 1 else None
         with torch.device("meta"):
-            self.model = Transformer(margs, world.tp_group, timers, dtype=dtype)
+            self.model = Transformer(margs, world.tp_group, timers, dtype=dtype, layers=layers,
+                                     first=pp == 1 or world.stage == 0, last=pp == 1 or world.stage == pp - 1)
+        self.pipe = Pipeline(world, timers, getattr(args, "micro_batches", 0) or pp) if pp > 1 else None
         log = (lambda msg: print(msg, flush=True)) if world.rank == 0 else (lambda msg: None)
         fp8 = keep_fp8(getattr(args, "fp8_weights", "auto"), self.device, margs.fp8)
         peak0 = _rss_peak_bytes()
-        stats = agree(world.group_comm, lambda: load(self.model, args.checkpoint, world.group_rank,
-                                                     world.group_size, dtype, self.device, timers, log, fp8=fp8))
+        stats = agree(world.group_comm, lambda: load(self.model, args.checkpoint, world.tp_rank,
+                                                     world.tp_size, dtype, self.device, timers, log, fp8=fp8))
         moe_path = self.model.pack_experts()
         self.model.eval()
         self.info = {"moe_path": moe_path, "load_bytes_read": stats.bytes_read, "load_s": stats.seconds,
@@ -39,8 +44,10 @@ class NativeEngine:
                      "rss_peak_before_load": peak0, "rss_peak_after_load": _rss_peak_bytes()}
         kept = sum(p.dtype == torch.float8_e4m3fn for p in self.model.parameters())
         self.info.update(fp8_weights="keep" if fp8 else ("dequant" if margs.fp8 else ""), fp8_kept_tensors=kept)
-        self.decode_mode = decode_mode(getattr(args, "cuda_graph", "auto"), self.device, moe_path)
-        self.info["decode_mode"] = self.decode_mode
+        self.decode_mode = "eager" if pp > 1 else decode_mode(getattr(args, "cuda_graph", "auto"), self.device,
+                                                                moe_path)
+        self.info.update(decode_mode=self.decode_mode, pp=pp,
+                         stage_layers=[self.model.stage_layers.start, self.model.stage_layers.stop])
         self.graphs = None if self.decode_mode == "eager" else GraphDecoder(self.model, timers, self.device,
                                                                             self.decode_mode)
         self.cache = self.key_mask = self.pos = self.static = None
@@ -61,7 +68,7 @@ class NativeEngine:
         self.key_mask = torch.zeros(bsz, t + self.max_new_tokens, dtype=torch.bool, device=self.device)
         self.key_mask[:, :t] = mask
         self.pos = positions[:, -1:]
-        return self.model(tokens, positions, self.key_mask[:, :t], self.cache, start=0)
+        return self._forward(tokens, positions, self.key_mask[:, :t], self.cache, start=0)
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -71,7 +78,7 @@ class NativeEngine:
             return logits
         self.key_mask[:, self.cur] = True
         self.pos = self.pos + 1
-        logits = self.model(tokens[:, None], self.pos, self.key_mask[:, :self.cur + 1], self.cache, start=self.cur)
+        logits = self._forward(tokens[:, None], self.pos, self.key_mask[:, :self.cur + 1], self.cache, start=self.cur)
         self.cur += 1
         return logits
 
@@ -85,7 +92,13 @@ class NativeEngine:
         """(B, T, V) logits at every position, from a throw-away cache of length T."""
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         cache = self.model.new_cache(*tokens.shape)
-        return self.model(tokens, positions, mask, cache, start=0, all_positions=True)
+        return self._forward(tokens, positions, mask, cache, start=0, all_positions=True)
+
+    def _forward(self, tokens, positions, key_mask, cache, start, all_positions: bool = False) -> torch.Tensor:
+        """The model's forward, through the pipeline stages when there are several."""
+        if self.pipe is None:
+            return self.model(tokens, positions, key_mask, cache, start=start, all_positions=all_positions)
+        return self.pipe.forward(self.model, tokens, positions, key_mask, cache, start, all_positions=all_positions)
 
 
 def keep_fp8(flag: str, device: torch.device, ckpt_fp8: bool) -> bool:

@@ -1,0 +1,164 @@
+"""Pipeline stages: a model group of P stages × G tensor/expert-parallel ranks (``--pp P --group-size G``).
+
+Layout: the model group's ranks g*P*G .. (g+1)*P*G-1 are stage 0's G ranks, then stage 1's, ... (stage
+= group rank // G, tensor rank = group rank % G), so a stage is G consecutive ranks: on one host when G
+divides the ranks per host. Each stage owns a contiguous range of layers (``partition``: balanced by
+the bytes a decode step reads per layer at a reference batch, the head's bytes counted on the last
+stage; the embedding goes to the first), builds and loads only those.
+
+A forward (``Pipeline.forward``) splits the batch into micro-batches of rows. Stage s receives a
+micro-batch's hidden states from the same tensor rank of stage s-1 (``pp.recv``), runs its layers and
+sends them on to stage s+1 (``pp.send``, asynchronous), then takes the next micro-batch: stage s works
+on micro-batch k while stage s-1 runs k+1. The last stage's logits go to every rank of the model group
+in one broadcast (``pp.logits``), so every rank samples the same tokens (the Stepper contract of
+``spmd.generate``). A pipeline step leaves (P-1)/(M+P-1) of each stage idle for M micro-batches: the
+time in ``pp.recv`` and ``pp.logits`` is that bubble (``bubble_fraction``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .args import ModelArgs
+from .world import UsageError
+
+REFERENCE_BATCH = 32  # decode rows the layer costs are estimated at (distinct experts grow with rows)
+
+
+def layer_costs(m: ModelArgs, group: int = 1, batch: int = REFERENCE_BATCH) -> list[float]:
+    """Parameters one rank reads per decode step, per layer (routed experts: the distinct ones `batch`
+    rows hit under uniform routing)."""
+    from traces.floor import distinct_experts, layer_params
+
+    costs = []
+    for layer in range(m.n_layers):
+        p = layer_params(m, layer)
+        costs.append(p.replicated + p.sharded / group + distinct_experts(m, batch) * p.expert / group)
+    return costs
+
+
+def head_cost(m: ModelArgs, group: int = 1) -> float:
+    return m.vocab_size * m.dim / group
+
+
+def partition(costs: list[float], stages: int, last_extra: float = 0.0) -> list[range]:
+    """Contiguous layer ranges, one per stage, minimizing the most expensive stage (``last_extra`` is
+    added to the last stage); every stage gets at least one layer."""
+    n = len(costs)
+    if not 1 <= stages <= n:
+        raise UsageError(f"{stages} pipeline stages for {n} layers: each stage needs at least one layer")
+    prefix = np.concatenate([[0.0], np.cumsum(costs)])
+    inf = float("inf")
+    # best[s][i]: the least max-stage cost of layers [0, i) over s stages; cut[s][i]: where the last one starts
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, stages + 1):
+        extra = last_extra if s == stages else 0.0
+        for i in range(s, n + 1):
+            for j in range(s - 1, i):
+                cost = max(best[s - 1][j], prefix[i] - prefix[j] + (extra if i == n else 0.0))
+                if cost < best[s][i]:
+                    best[s][i], cut[s][i] = cost, j
+    bounds, i = [], n
+    for s in range(stages, 0, -1):
+        bounds.append(range(cut[s][i], i))
+        i = cut[s][i]
+    return bounds[::-1]
+
+
+def stage_layers(m: ModelArgs, pp: int, group: int = 1) -> list[range]:
+    """The layer range of each of `pp` stages for this model."""
+    return partition(layer_costs(m, group), pp, head_cost(m, group))
+
+
+def check_placement(hosts: list[str], pp: int, tp: int) -> None:
+    """Every stage's G ranks on one host (its all-reduces stay off the network), with the hosts named."""
+    if pp == 1:
+        return
+    for first in range(0, len(hosts), tp):
+        stage_hosts = sorted(set(hosts[first:first + tp]))
+        if len(stage_hosts) > 1:
+            raise UsageError(f"pipeline stage of ranks {first}..{first + tp - 1} spans hosts {stage_hosts}: "
+                             f"with --pp {pp} --group-size {tp} a stage's {tp} ranks must share a host (its "
+                             f"tensor-parallel all-reduces run every layer); start a multiple of {tp} ranks "
+                             f"per host")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where this rank sits in its model group's pipeline."""
+
+    stage: int
+    stages: int
+    prev: int | None   # global rank of the same tensor rank one stage up (None on the first stage)
+    next: int | None   # ... one stage down (None on the last stage)
+    last_root: int     # global rank whose logits every rank of the group receives
+
+
+def placement(world) -> Placement:
+    base = world.replica * world.group_size
+    g, s = world.tp_size, world.stage
+    prev = world.rank - g if s > 0 else None
+    nxt = world.rank + g if s < world.pp - 1 else None
+    return Placement(s, world.pp, prev, nxt, base + (world.pp - 1) * g)
+
+
+def micro_batches(rows: int, n: int) -> list[tuple[int, int]]:
+    """(start, stop) of up to n near-equal contiguous chunks of `rows` rows (none empty)."""
+    n = max(1, min(n, rows))
+    edges = [rows * i // n for i in range(n + 1)]
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:])]
+
+
+class Pipeline:
+    """Runs a stage's share of each forward: receive, compute, send, per micro-batch; then the logits."""
+
+    def __init__(self, world, timers, n_micro: int):
+        self.place = placement(world)
+        self.group = world.model_group
+        self.timers, self.n_micro = timers, int(n_micro)
+
+    def forward(self, model, tokens, positions, key_mask, cache, start, naive=None, all_positions=False):
+        """Like ``Transformer.forward`` on the whole model: (B, V) (or (B, T, V)) float32 logits on every
+        rank of the model group."""
+        from .model import Cache
+
+        bsz, t = tokens.shape
+        outs, sends = [], []
+        for k, (a, b) in enumerate(micro_batches(bsz, self.n_micro)):
+            part = Cache([kv.narrow(0, a, b - a) for kv in cache.kv], [pe.narrow(0, a, b - a) for pe in cache.pe])
+            hidden = None
+            if self.place.prev is not None:
+                hidden = torch.empty(b - a, t, model.margs.dim, dtype=model.dtype, device=tokens.device)
+                with self.timers.comm("pp.recv", hidden.numel() * hidden.element_size(), group="pp"):
+                    dist.recv(hidden, self.place.prev, tag=k)
+            out = model(tokens[a:b], positions[a:b], key_mask[a:b], part, start, naive, all_positions, hidden=hidden)
+            if self.place.next is not None:
+                with self.timers.comm("pp.send", out.numel() * out.element_size(), group="pp"):
+                    sends.append((dist.isend(out, self.place.next, tag=k), out))
+            else:
+                outs.append(out)
+        for work, _ in sends:
+            work.wait()
+        shape = (bsz, t, model.margs.vocab_size) if all_positions else (bsz, model.margs.vocab_size)
+        logits = torch.cat(outs) if outs else torch.empty(shape, dtype=torch.float32, device=tokens.device)
+        with self.timers.comm("pp.logits", logits.numel() * logits.element_size(), group="pp"):
+            dist.broadcast(logits, self.place.last_root, group=self.group)
+        return logits
+
+
+WAITS = (b"pp.recv", b"pp.logits")  # a stage waits for the one before it, and for the last one's logits
+
+
+def bubble_fraction(events: np.ndarray) -> float | None:
+    """Share of the decode steps' timed time that a rank spent in ``pp.recv`` and ``pp.logits``: waiting for
+    the stage before it and for the last stage's logits (None: no pipeline events)."""
+    dec = events[events["phase"] == b"decode"]
+    wait = np.isin(dec["name"], WAITS)
+    if not wait.any():
+        return None
+    return float(dec["dur_ns"][wait].sum() / max(dec["dur_ns"].sum(), 1))

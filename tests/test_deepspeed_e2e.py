@@ -22,6 +22,7 @@ LAYOUTS = {"G1": (1, 1), "G2": (2, 2), "2xG1": (2, 1)}  # name: (ranks, group si
 # fp8 x 2xG1 adds nothing to fp8 x G1 (whole tensors dequantized) and costs a 2-rank run: left out for time
 CASES = [("tiny_bf16", "G1"), ("tiny_bf16", "G2"), ("tiny_bf16", "2xG1"), ("tiny_fp8", "G1"), ("tiny_fp8", "G2")]
 N_LAYERS, N_DENSE = 4, 1  # inputs/models/tiny.json
+SHM = Path("/dev/shm")
 COMM_NAMES = {b"attn.o_proj.all_reduce", b"mlp.down.all_reduce", b"moe.combine", b"head.all_reduce"}
 
 
@@ -38,8 +39,11 @@ def ds_run(request, tmp_path_factory):
             args = ["--checkpoint", str(ckpt), "--prompts", str(PROMPTS20), "--output", str(work / "out.jsonl"),
                     "--trace-dir", str(work / "trace"), "--engine", "deepspeed", "--group-size", str(g),
                     "--max-new-tokens", str(N_NEW), "--dtype", "fp32", "--batch-size", "20", "--no-progress"]
+            shm_before = set(SHM.glob("deepspeed_allreduce_buffer_*"))
             r = mpirun(n, args, timeout=600)
             assert r.returncode == 0, r.stderr[-3000:]
+            # DeepSpeed's CPU all-reduce buffers (67 MB of RAM per rank) are unlinked, not leaked
+            assert set(SHM.glob("deepspeed_allreduce_buffer_*")) <= shm_before
             rows = [json.loads(line) for line in (work / "out.jsonl").read_text().splitlines()]
             done[ckpt_name, layout] = rows, work / "trace"
         return done[ckpt_name, layout]

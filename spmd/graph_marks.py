@@ -11,7 +11,8 @@ A captured graph replays its spans without Python, so their start and end must b
   event says when it has landed. Measured on H200: +6.0 % of a 1.03 ms tiny step (27 spans) and +3.8 %
   of a 2.5 ms slice step at batch 1 (21 spans), i.e. about 2-4 µs of GPU time per mark.
 - ``event``: CUDA events recorded with ``external=True`` (event record nodes), resolved with
-  ``elapsed_time``: +22 % of the same tiny step, about 8 µs per mark. Kept as the fallback without Triton.
+  ``elapsed_time``: +22 % of the same tiny step, about 8 µs per mark. For machines without Triton
+  (``stamp`` then refuses to start).
 
 The marks cost GPU time, so they are opt-in: above the 2 % budget of the timers, but they give the
 per-layer and per-collective split of the step that actually runs (no launch gaps, unlike eager steps).
@@ -65,7 +66,7 @@ class StampMarks:
     """Marks of one graph: globaltimer stamps in a device buffer, copied to pinned memory per replay."""
 
     def __init__(self, device, capacity: int = 4096):
-        self.device, self.n = device, 0
+        self.n = 0
         self.dev = torch.zeros(capacity, dtype=torch.int64, device=device)
         self.host = torch.zeros(capacity, dtype=torch.int64, pin_memory=True)
         self.done = torch.cuda.Event()

@@ -71,7 +71,7 @@ import h5py
 import numpy as np
 import torch
 
-from .graph_marks import GraphTiming, StampMarks
+from .graph_marks import GraphTiming, StampMarks, marks_mode, new_marks, stamp_anchor
 
 SCHEMA = "spmd-trace/1"
 KINDS = ("compute", "comm", "io", "wait")
@@ -247,8 +247,6 @@ class Timers:
         (the end of one is the start of the next), so untimed work between two spans counts in the
         second. io and wait spans record nothing. Disabled timers, a CPU device or SPMD_GRAPH_MARKS=off
         record nothing and yield an empty GraphTiming."""
-        from .graph_marks import marks_mode, new_marks, stamp_anchor
-
         mode = marks_mode() if self._cuda and self.enabled else "off"
         if mode == "off":
             with self.suspended():
@@ -319,8 +317,6 @@ class Timers:
         for entry in list(self._replays):
             self._resolve_replay(entry)
         if self._stamp_anchor is not None:
-            from .graph_marks import stamp_anchor
-
             self._stamp_anchor = stamp_anchor(self._dev_index)
         for name, kind, phase, step, layer, anchor, ev0, ev1, nbytes, group in self._pending:
             a_ev, a_ns = anchor

@@ -390,7 +390,7 @@ def test_graph_marks_mode_from_env(monkeypatch):
         marks_mode()
 
 
-def test_capturing_records_nothing_when_marks_are_off(monkeypatch):
+def test_capturing_records_nothing_on_cpu(monkeypatch):
     monkeypatch.setenv("SPMD_GRAPH_MARKS", "stamp")
     t = Timers(0, device="cpu")  # CPU (no graphs): capturing() suspends the timers, whatever the mode
     with t.capturing() as timing:

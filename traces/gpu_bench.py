@@ -102,6 +102,7 @@ def _traced_batch(engine, timers, batch: int, prompt: int, steps: int, vocab: in
     time per named span, from this rank's events. Decode steps replay graphs that time themselves
     (SPMD_GRAPH_MARKS=stamp|event), else they run eager (a plain replay is one event)."""
     from spmd.graph_marks import marks_mode
+    from spmd.pipeline import bubble_fraction
 
     graphs = getattr(engine, "graphs", None)
     eager = graphs is not None and graphs.mode == "graph" and marks_mode() == "off"
@@ -126,8 +127,6 @@ def _traced_batch(engine, timers, batch: int, prompt: int, steps: int, vocab: in
     per_name: dict[str, float] = {}
     for name, dur in zip(ev["name"].tolist(), ev["dur_ns"].tolist()):
         per_name[name.decode()] = per_name.get(name.decode(), 0.0) + dur / n / 1e6
-    from spmd.pipeline import bubble_fraction
-
     return {"traced_batch": batch, "bubble_fraction": bubble_fraction(ev), "traced_decode": "eager" if eager else getattr(engine, "decode_mode", "eager"),
             "graph_marks": marks_mode(), "comm_per_step": len(comm) / n, "comm_ms_per_step": comm["dur_ns"].sum() / n / 1e6,
             "comm_bytes_per_step": int(comm["bytes"].sum() / n), "comm_names": names,

@@ -25,11 +25,11 @@ class NativeEngine:
         self.device = torch.device(world.device)
         self.max_new_tokens = args.max_new_tokens
         dtype = DTYPES[args.dtype]
-        pp = getattr(world, "pp", 1)
+        pp = world.pp
         layers = stage_layers(margs, pp, world.tp_size)[world.stage] if pp > 1 else None
         with torch.device("meta"):
             self.model = Transformer(margs, world.tp_group, timers, dtype=dtype, layers=layers,
-                                     first=pp == 1 or world.stage == 0, last=pp == 1 or world.stage == pp - 1)
+                                     first=world.stage == 0, last=world.stage == pp - 1)
         self.pipe = Pipeline(world, timers, getattr(args, "micro_batches", 0) or pp) if pp > 1 else None
         log = (lambda msg: print(msg, flush=True)) if world.rank == 0 else (lambda msg: None)
         fp8 = keep_fp8(getattr(args, "fp8_weights", "auto"), self.device, margs.fp8)

@@ -76,6 +76,7 @@ def run(comm, argv) -> None:
             results = [r for r in results if r["index"] not in earlier]
     prof.close()
     write_traces(world, args, margs, timers, engine, results)
+    engine.close()  # before the process groups: a live CUDA graph holding NCCL work hangs their teardown
     W.shutdown(world)
 
 

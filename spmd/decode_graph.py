@@ -94,6 +94,20 @@ class GraphDecoder:
         self.timers.replayed(timing)
         return logits
 
+    def close(self) -> None:
+        """Destroy every captured graph and drop the static buffers. Called before the process groups
+        are destroyed: NCCL cannot tear down a communicator that a live graph still holds (with a graph
+        alive, destroy_process_group hangs in ncclCommDestroy; pytorch/pytorch#115388, seen here on
+        2x H200 with NCCL 2.28)."""
+        if self.mode == "graph":
+            torch.cuda.synchronize(self.device)
+        for st in self.states.values():
+            for variants in st.graphs.values():
+                for graph, _, _ in variants:
+                    graph.reset()
+            st.graphs.clear()
+        self.states.clear()
+
     def _capture(self, st: StaticDecode, timed: bool) -> None:
         """Warm up on a side stream (first capture of this shape), then capture the forward (twice when
         timed); the replay after it runs the step itself (warm-up and capture write the same slot of the

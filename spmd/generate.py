@@ -37,6 +37,9 @@ class Stepper(Protocol):
     def release(self) -> None:
         """Drop the batch's KV cache."""
 
+    def close(self) -> None:
+        """End of the run, before the process groups are destroyed (e.g. captured CUDA graphs go)."""
+
     def score(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, T) left-padded ids and mask → (B, T, V) float32 logits at every position; no cache kept."""
 

@@ -75,8 +75,12 @@ class Gate(nn.Module):
 
 
 def _grouped_mm_works(w: torch.Tensor) -> bool:
-    """Whether torch._grouped_mm runs for this device, dtype and our layout (e.g. not fp32 on CUDA)."""
-    if not hasattr(torch, "_grouped_mm"):
+    """Whether torch._grouped_mm runs for this device, dtype and our layout, without a host sync.
+
+    On CUDA only bf16: torch 2.11 runs fp32 through a fallback that copies the offsets to the host,
+    which a CUDA graph cannot capture (seen on H200: "Cannot copy between CPU and CUDA tensors during
+    CUDA graph capture"); fp32 there takes the per-expert loop, and decode stays eager."""
+    if not hasattr(torch, "_grouped_mm") or (w.device.type == "cuda" and w.dtype != torch.bfloat16):
         return False
     b = torch.ones(2, 16, 32, dtype=w.dtype, device=w.device).transpose(1, 2)  # (G, K, N) column-major
     a = torch.ones(5, 32, dtype=w.dtype, device=w.device)

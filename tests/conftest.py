@@ -62,10 +62,16 @@ def noqlora_bf16() -> Path:
     return checkpoint_dir("tiny-noqlora", "bf16")
 
 
+_START_ENV = frozenset(os.environ)  # before this process initializes MPI (a singleton adds OMPI_/PMIX_ vars)
+_LAUNCHED = bool(_START_ENV & {"OMPI_COMM_WORLD_SIZE", "PMIX_RANK"})  # pytest itself started by mpirun
+
+
 def spmd_env() -> dict:
     """The environment launch/env.sh sets, for subprocess launches from tests."""
-    # drop what an MPI singleton in this process may have set: the child mpirun starts its own job
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("PMIX_", "PRTE_", "OMPI_"))}
+    # drop what an MPI launch or singleton set for this process: the child mpirun starts its own job; keep
+    # Open MPI settings the machine itself sets (e.g. a container's launch agent: without it mpirun fails)
+    base = {k: v for k, v in os.environ.items()
+            if not (k.startswith(("PMIX_", "PRTE_", "OMPI_")) and (_LAUNCHED or k not in _START_ENV))}
     out = subprocess.run(["bash", "-c", f". {ROOT}/launch/env.sh && env -0"], capture_output=True,
                          check=True, env=base)
     return dict(kv.split("=", 1) for kv in out.stdout.decode().split("\0") if "=" in kv)

@@ -149,6 +149,7 @@ def run(ckpt: Path, device: str, dtype: str, batch: int, steps: int, trials: int
         "events_per_decode_step": events_per_step, "ns_per_event": cost,
         "estimated_overhead_pct": 100 * events_per_step * cost / (main["ms_off"] * 1e6), "limit_pct": LIMIT_PCT}
     result["pass"] = result["overhead_pct"] < LIMIT_PCT
+    engine.close()
     shutdown(world)
     return result
 

@@ -165,18 +165,19 @@ def run(a) -> int:
             print(f"{a.tag} batch {b}: {r['decode_ms_step']:.2f} ms/step", flush=True)
     if world.rank == 0:
         Path(a.out).write_text(json.dumps(rows))
+    engine.close()
     shutdown(world)
     return 0
 
 
-def _spawn(tag: str, ckpt: Path, work: Path, batches: str) -> list[dict]:
+def _spawn(tag: str, ckpt: Path, work: Path, batches: str, trace_batches: str) -> list[dict]:
     engine, g, weights, opts = CONFIGS[tag]
     out = work / f"{tag}.json"
     if not out.is_file():
         pp = int(opts[opts.index("--pp") + 1]) if "--pp" in opts else 1
         cmd = [*os.environ.get("MPIRUN", "mpirun").split(), "-n", str(g), sys.executable, "-m", "traces.gpu_bench",
                "run", "--engine", engine, "--checkpoint", str(ckpt), "--group-size", str(g // pp), "--weights", weights,
-               "--tag", tag, "--out", str(out), "--batches", batches, *opts]
+               "--tag", tag, "--out", str(out), "--batches", batches, "--trace-batches", trace_batches, *opts]
         r = subprocess.run(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)  # stdout: the rows as they come
         if r.returncode != 0:
             print(f"{tag} failed:\n{r.stderr[-3000:]}", file=sys.stderr, flush=True)
@@ -198,6 +199,7 @@ CONFIGS = {  # tag: (engine, gpus, weights, options of `run`)
     "native-1gpu-bf16": ("native", 1, "bf16", ()), "native-1gpu-bf16-eager": ("native", 1, "bf16", EAGER),
     "native-1gpu-fp8": ("native", 1, "fp8", ()), "native-1gpu-fp8-dequant": ("native", 1, "fp8", DEQUANT),
     "native-2gpu-bf16": ("native", 2, "bf16", ()), "native-2gpu-fp8": ("native", 2, "fp8", ()),
+    "native-2gpu-bf16-eager": ("native", 2, "bf16", EAGER),
     "native-2gpu-pp2-bf16": ("native", 2, "bf16", ("--pp", "2")),
     "hf-1gpu-bf16": ("hf", 1, "bf16", ()), "deepspeed-2gpu-bf16": ("deepspeed", 2, "bf16", ()),
 }
@@ -215,7 +217,7 @@ def all_(a) -> int:
         _, g, weights, _ = CONFIGS[tag]
         if g > torch.cuda.device_count():
             continue
-        rows += _spawn(tag, _checkpoint(weights, Path(a.ckpt_root)), work, a.batches_arg)
+        rows += _spawn(tag, _checkpoint(weights, Path(a.ckpt_root)), work, a.batches_arg, a.trace_batches_arg)
     for r in rows:
         if "decode_floor_bytes" in r:
             r["decode_floor_ms"] = r["decode_floor_bytes"] / (ceil["copy_gbps"] * 1e9) * 1e3
@@ -266,6 +268,8 @@ def main(argv=None) -> int:
     al = sub.add_parser("all")
     al.add_argument("--configs", default=",".join(CONFIGS))
     al.add_argument("--batches", dest="batches_arg", default=",".join(map(str, BATCHES)))
+    al.add_argument("--trace-batches", dest="trace_batches_arg", default="1,32",
+                    help="batches run again with the timers on (time per span, collectives, bubble)")
     al.add_argument("--ckpt-root", default=str(ROOT / "build" / "checkpoints"))
     al.add_argument("--work", default=str(ROOT / "build" / "bench"))
     al.add_argument("--out", default=str(ROOT / "traces" / "bench"))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from spmd.fp8_cast import needs_cast
 from spmd.score import FORMAT, KIND, BaselineError, checkpoint_fingerprint, prompts_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +59,8 @@ def header(args, n_prompts: int, prompt_pairs: list[tuple[str, str]], eos_id: in
             "max_new_tokens": args.max_new_tokens, "top_k": args.top_k, "dtype": args.dtype,
             "device": args.device, "device_name": device_name, "batch_size": args.batch_size,
             "eos_token_id": eos_id, "decoding": "greedy", "versions": versions(), "git_commit": git_commit(),
+            # FP8 weights transformers cannot dequantize itself: read from spmd.fp8_cast's exact copy
+            "fp8_weights_cast_by_spmd": len(needs_cast(args.checkpoint)),
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -91,6 +94,8 @@ def make_baseline(args) -> list[dict]:
     tokenizer = P.load_tokenizer(args.checkpoint)
     ids = P.encode(tokenizer, prompts, args.chat)
     hf_logging.disable_progress_bar()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     model = load_hf(args.checkpoint, args.dtype, args.device, log=False)
     rows = greedy_with_topk(model, ids, args.max_new_tokens, args.top_k, eos, args.batch_size)
     name = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor() or "cpu"
@@ -111,6 +116,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--batch-size", type=int, default=1, help="prompts per generate call (1: no padding)")
     p.add_argument("--no-chat-template", dest="chat", action="store_false")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for building the model (dequantizing "
+                   "FP8, fusing experts); 0: torch's default (OMP_NUM_THREADS, 1 under launch/env.sh)")
     return p
 
 
@@ -122,8 +129,8 @@ def main(argv=None) -> int:
     from spmd.world import UsageError
 
     args = parser().parse_args(argv)
-    if min(args.max_new_tokens, args.top_k, args.batch_size) < 1:
-        print("error: --max-new-tokens, --top-k and --batch-size must be >= 1", file=sys.stderr)
+    if min(args.max_new_tokens, args.top_k, args.batch_size) < 1 or args.threads < 0:
+        print("error: --max-new-tokens, --top-k and --batch-size must be >= 1, --threads >= 0", file=sys.stderr)
         return 2
     try:
         lines = make_baseline(args)

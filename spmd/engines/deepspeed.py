@@ -335,6 +335,10 @@ class DeepSpeedEngine:
     def release(self) -> None:
         self.cache = self.mask = self.pos = None
 
+    def close(self) -> None:
+        """End of the run: nothing outlives a batch here but the DeepSpeed engine."""
+        self.release()
+
     @torch.inference_mode()
     def score(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, T, V) logits at every position, without a cache."""

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
+
+from ..fp8_cast import dequantized_copy, needs_cast
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -26,8 +30,21 @@ def load_hf(checkpoint: Path, dtype: str = "fp32", device: str = "cpu", log: boo
                                                         *skip]})
     # built on the CPU, then moved: transformers fuses the per-expert tensors while loading, and on the GPU
     # that needs a second copy of every MoE layer (the full-width slice does not fit an 80 GB card so)
-    model = cls.from_pretrained(str(checkpoint), dtype=DTYPES[dtype], device_map="cpu", **_dequantized(cfg))
-    return model.to(device).eval()
+    misread = needs_cast(checkpoint)
+    if not misread:
+        model = cls.from_pretrained(str(checkpoint), dtype=DTYPES[dtype], device_map="cpu", **_dequantized(cfg))
+        return model.to(device).eval()
+    # FP8 weights transformers' dequantizer would refuse or misread (spmd/fp8_cast.py): load an exact
+    # dequantized copy instead, written next to nothing the user owns and gone once the model is built
+    with tempfile.TemporaryDirectory(prefix="spmd-fp8cast-", dir=os.environ.get("SPMD_TMPDIR")) as tmp:
+        say = (lambda m: print(m, file=sys.stderr)) if log else None
+        if log:
+            print(f"hf: {len(misread)} FP8 weights are not whole 128-blocks (e.g. {misread[0]}), which "
+                  f"transformers' dequantizer misreads: loading an exact dequantized copy", file=sys.stderr)
+        dequantized_copy(checkpoint, Path(tmp), "cuda" if str(device).startswith("cuda") else "cpu", log=say)
+        model = cls.from_pretrained(tmp, dtype=DTYPES[dtype], device_map="cpu")
+        model = model.to(device).eval()
+    return model
 
 
 def _dequantized(cfg: dict) -> dict:
@@ -75,6 +92,10 @@ class HFEngine:
 
     def release(self) -> None:
         self.cache = self.mask = self.pos = None
+
+    def close(self) -> None:
+        """End of the run: nothing outlives a batch here but the model."""
+        self.release()
 
     @torch.inference_mode()
     def score(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -87,6 +87,13 @@ class NativeEngine:
         self.cache = self.key_mask = self.pos = self.static = None
         self.model.timers.flush()
 
+    def close(self) -> None:
+        """End of the run, before the process groups go: destroy the captured decode graphs."""
+        self.release()
+        if self.graphs is not None:
+            self.graphs.close()
+            self.graphs = None
+
     @torch.inference_mode()
     def score(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, T, V) logits at every position, from a throw-away cache of length T."""

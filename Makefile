@@ -11,7 +11,7 @@ NP ?= 2
 ENV := . launch/env.sh &&
 MPIRUN := $(ENV) mpirun
 
-.PHONY: install install-perf run test test-serial test-mpi checkpoints gpu-native gpu-bench bench baseline validate gpu-validate container clean
+.PHONY: install install-perf run test test-serial test-mpi checkpoints gpu-native gpu-bench bench baseline validate gpu-validate model container clean
 
 install: $(STAMP)
 
@@ -82,6 +82,11 @@ gpu-native:
 gpu-bench:
 	bash launch/deepspeed_site.sh build/site || echo "gpu-bench: DeepSpeed not installed (.whl/ missing?): its row will hold the error"
 	. launch/env.sh && PYTHONPATH=$$PWD/build/site:$$PYTHONPATH python3 -m traces.gpu_bench all --out traces/bench
+
+# The decode performance model: fits to the stored slice measurements, the 2-GPU validation, the
+# projection of DeepSeek-V3.1 FP8 to 1-3 nodes of 8 GPUs (traces/model/model-<gpu>.md and .json)
+model: $(STAMP)
+	$(ENV) python -m traces.model
 
 # Apptainer image (apptainer/deepseek.def: CUDA + PyTorch base, InfiniBand user space, these pins); only
 # where apptainer is installed (a cluster's login node). Not built on the development machines.

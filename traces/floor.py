@@ -48,18 +48,26 @@ def distinct_experts(m: ModelArgs, tokens: int) -> float:
     return e * (1 - (1 - k / e) ** tokens)
 
 
-def decode_bytes(m: ModelArgs, batch: int, context: int, group: int = 1, weights: str = "bf16") -> float:
-    """Bytes one GPU of a group of `group` must read in one decode step of `batch` rows."""
+def layer_bytes(m: ModelArgs, layer: int, batch: int, context: int, group: int = 1, weights: str = "bf16") -> float:
+    """Bytes one GPU of a group of `group` reads for one layer in one decode step of `batch` rows: its
+    weights (routed experts: the distinct ones the rows hit) and its latent cache (not sharded: every
+    rank of a group holds all of it)."""
     wb = WEIGHT_BYTES[weights]
     kv_b = m.kv_lora_rank * m.n_heads * (m.qk_nope_head_dim + m.v_head_dim)  # absorbed: kept in bf16
-    total = 0.0
-    for layer in range(m.n_layers):
-        p = layer_params(m, layer)
-        experts = distinct_experts(m, batch) * p.expert / group
-        total += wb * (p.replicated + p.sharded / group + experts) + (ACT_BYTES - wb) * kv_b / group
-    total += ACT_BYTES * m.vocab_size * m.dim / group  # lm_head (bf16 in the checkpoint)
-    cache = batch * context * (m.kv_lora_rank + m.qk_rope_head_dim) * m.n_layers * ACT_BYTES
-    return total + cache  # the latent cache is not sharded: every rank of a group holds all of it
+    p = layer_params(m, layer)
+    experts = distinct_experts(m, batch) * p.expert / group
+    cache = batch * context * (m.kv_lora_rank + m.qk_rope_head_dim) * ACT_BYTES
+    return wb * (p.replicated + p.sharded / group + experts) + (ACT_BYTES - wb) * kv_b / group + cache
+
+
+def head_bytes(m: ModelArgs, group: int = 1) -> float:
+    """The lm_head's bytes per GPU (bf16 in the checkpoint, split over the group by vocabulary rows)."""
+    return ACT_BYTES * m.vocab_size * m.dim / group
+
+
+def decode_bytes(m: ModelArgs, batch: int, context: int, group: int = 1, weights: str = "bf16") -> float:
+    """Bytes one GPU of a group of `group` must read in one decode step of `batch` rows."""
+    return sum(layer_bytes(m, i, batch, context, group, weights) for i in range(m.n_layers)) + head_bytes(m, group)
 
 
 def prefill_flops(m: ModelArgs, batch: int, prompt: int, group: int = 1) -> float:

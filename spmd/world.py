@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 from mpi4py import MPI
 
+from . import netif
+
 
 class UsageError(Exception):
     """Bad input or topology: reported once by rank 0, every rank exits non-zero."""
@@ -128,28 +130,102 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _master_address() -> str:
-    """An address of this host that the other hosts can reach (the FQDN's address, else loopback)."""
-    try:
-        addr = socket.gethostbyname(socket.getfqdn())
-    except OSError:
-        addr = "127.0.0.1"
-    return addr
+def export_dist_env(comm, local_rank: int, local_size: int, backend: str = "gloo") -> tuple[str, int]:
+    """Export RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_SIZE/MASTER_ADDR/MASTER_PORT before any torch/DeepSpeed init.
 
-
-def export_dist_env(comm, local_rank: int, local_size: int) -> tuple[str, int]:
-    """Export RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_SIZE/MASTER_ADDR/MASTER_PORT before any torch/DeepSpeed init."""
+    MASTER_ADDR: the user's or batch script's, else rank 0's ``netif.rendezvous_address``. A job over
+    several hosts is then checked on every rank before anything waits on the network (``check_network``).
+    """
+    addr = port = error = None
     if comm.rank == 0:  # a MASTER_ADDR set by the user or the batch script wins
-        addr, port = os.environ.get("MASTER_ADDR") or _master_address(), _free_port()
-    else:
-        addr, port = None, None
-    addr, port = comm.bcast((addr, port), root=0)
-    if comm.size > 1 and len(set(comm.allgather(socket.gethostname()))) > 1 and addr.startswith("127."):
-        raise UsageError(f"rank 0's host {socket.gethostname()} resolves to {addr}; ranks on other hosts "
-                         "cannot reach it: set MASTER_ADDR to an address of rank 0's host")
+        try:
+            addr = os.environ.get("MASTER_ADDR") or netif.rendezvous_address(backend)
+        except ValueError as exc:
+            error = str(exc)
+        port = _free_port()
+    addr, port, error = comm.bcast((addr, port, error), root=0)
+    if error is not None:
+        raise UsageError(error)
+    hosts = comm.allgather(socket.gethostname())
+    agree(comm, lambda: check_network(comm, backend, addr, len(set(hosts)) > 1))
     os.environ.update(RANK=str(comm.rank), WORLD_SIZE=str(comm.size), LOCAL_RANK=str(local_rank),
                       LOCAL_SIZE=str(local_size), MASTER_ADDR=addr, MASTER_PORT=str(port))
     return addr, port
+
+
+PROBE_TIMEOUT_S = 10.0
+
+
+def check_network(comm, backend: str, addr: str, multi_host: bool) -> None:
+    """Every rank (agree): the backend's interface setting selects an interface here; over several hosts,
+    neither the rendezvous address nor gloo's interface is loopback, gloo binds the interface that routes
+    to rank 0 when not told one, and a TCP connection reaches rank 0's address and the next rank's gloo
+    address within PROBE_TIMEOUT_S. Every rank takes part in the probe, failed or not (no one waits)."""
+    host = socket.gethostname()
+    problem = None
+    try:
+        addr = socket.gethostbyname(addr)  # MASTER_ADDR may be a name
+        chosen = netif.check_setting(backend)
+        if multi_host and netif.is_loopback(addr):
+            raise ValueError(f"rank 0's rendezvous address is {addr} (loopback) but the job spans hosts: "
+                             "set MASTER_ADDR to an address of rank 0's host, or SPMD_IFNAME to its interface")
+        if backend == "gloo" and multi_host:
+            if not chosen:
+                name, _ = netif.route_to(addr)
+                if name:
+                    os.environ["GLOO_SOCKET_IFNAME"] = name  # not the host name's address: it may not resolve
+            elif all(netif.is_loopback(netif.interfaces()[n]) for n in chosen):
+                raise ValueError(f"GLOO_SOCKET_IFNAME={os.environ['GLOO_SOCKET_IFNAME']} on host {host} is "
+                                 "loopback only: ranks on other hosts cannot reach it")
+    except (ValueError, OSError) as exc:
+        problem = str(exc)
+    if multi_host:
+        mine = None
+        if backend == "gloo" and problem is None:
+            names = netif.check_setting("gloo")
+            mine = netif.interfaces()[names[0]] if names else None
+        problem = _probe(comm, addr, mine, problem)
+    if problem:
+        raise UsageError(problem)
+
+
+def _probe(comm, addr: str, mine: str | None, problem: str | None) -> str | None:
+    """TCP connections, each within PROBE_TIMEOUT_S: every rank to rank 0's `addr`, and (gloo) to the
+    next rank's interface address `mine`. Returns this rank's problem (the one it had, or a failed one)."""
+    listeners = []
+
+    def listen(a: str, hint: str) -> tuple[str, int] | None:
+        nonlocal problem
+        try:
+            s = socket.socket()
+            listeners.append(s)
+            s.bind((a, 0))
+            s.listen(comm.size)
+            return a, s.getsockname()[1]
+        except OSError as exc:
+            problem = problem or f"host {socket.gethostname()} cannot listen on {a}: {exc.strerror or exc} ({hint})"
+            return None
+
+    try:
+        root = listen(addr, "MASTER_ADDR must be an address of rank 0's host") \
+            if comm.rank == 0 and problem is None else None
+        root = comm.bcast(root, root=0)
+        ring = comm.allgather(listen(mine, "GLOO_SOCKET_IFNAME's address") if mine else None)
+        nxt = ring[(comm.rank + 1) % comm.size]
+        for what, target in (("rank 0's rendezvous address", root), ("the next rank's gloo address", nxt)):
+            if problem is None and target is not None:
+                try:
+                    socket.create_connection(target, timeout=PROBE_TIMEOUT_S).close()
+                except OSError as exc:
+                    problem = (f"host {socket.gethostname()} cannot reach {what} {target[0]}:{target[1]} "
+                               f"({exc.strerror or exc}, {PROBE_TIMEOUT_S:g} s): set MASTER_ADDR, or SPMD_IFNAME "
+                               f"(GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME) to an interface the hosts share; "
+                               f"this host has: {netif.describe(netif.interfaces())}")
+        comm.Barrier()  # no listener closes before every rank has tried
+        return problem
+    finally:
+        for s in listeners:
+            s.close()
 
 
 def check_world_size(size: int, group_size: int) -> None:
@@ -212,7 +288,7 @@ def make_world(group_size: int, device: str = "cpu", comm=None, pp: int = 1) -> 
         torch.cuda.set_device(local_rank)
     dev = f"cuda:{local_rank}" if device == "cuda" else "cpu"
     backend = "nccl" if device == "cuda" else "gloo"
-    addr, port = export_dist_env(comm, local_rank, local_size)
+    addr, port = export_dist_env(comm, local_rank, local_size, "nccl" if device == "cuda" else "gloo")
     replica, group_rank = divmod(comm.rank, group_size)
     if not dist.is_initialized():
         kw = {"device_id": torch.device(dev)} if device == "cuda" else {}

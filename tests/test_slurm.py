@@ -8,6 +8,7 @@ slurm-wlm, slurmdbd, munge, mariadb-server and libpmix-dev when they are missing
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -48,13 +49,13 @@ def _logs(state: Path) -> str:
                      for p in sorted((state / "log").glob("*")) if p.is_file())
 
 
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    """The cluster's client environment (SLURM_CONF, PATH); the daemons are stopped afterwards."""
-    state = tmp_path_factory.mktemp("slurm")
+@contextlib.contextmanager
+def slurm_cluster(state: Path, **extra: str):
+    """tests/slurm/cluster.sh under `state` (extra: its SPMD_SLURM_* settings): the client environment
+    (SLURM_CONF, PATH); the daemons are stopped afterwards."""
     env = spmd_env()
     env.update(SPMD_SLURM_DIR=str(state), SPMD_SLURM_PORT_BASE=str(_port_base()),
-               PATH=env["PATH"] + ":/usr/sbin")
+               PATH=env["PATH"] + ":/usr/sbin", **extra)
     try:
         r = subprocess.run(["bash", str(CLUSTER), "start"], env=env, capture_output=True, text=True, timeout=900)
         assert r.returncode == 0, f"cluster.sh start failed:\n{r.stderr[-4000:]}\n{_logs(state)}"
@@ -62,6 +63,13 @@ def slurm(tmp_path_factory):
     finally:
         subprocess.run(["bash", str(CLUSTER), "stop"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(state / "db", ignore_errors=True)  # MariaDB's ~100 MB
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A one-host cluster's client environment."""
+    with slurm_cluster(tmp_path_factory.mktemp("slurm")) as env:
+        yield env
 
 
 def _sbatch(env: dict, *opts: str, timeout: float = 600):

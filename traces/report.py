@@ -12,6 +12,8 @@ comm % is comm time over all timed (leaf) time, compute + comm + io + wait.
 """
 from __future__ import annotations
 
+import json
+
 import argparse
 import sys
 from dataclasses import dataclass
@@ -177,8 +179,43 @@ def pipeline_section(t: Trace) -> str:
             + format_table(["rank", "bubble %"], rows))
 
 
-SECTIONS = (rank_section, phase_section, rank_phase_section, collective_section, layer_section,
-            pipeline_section, *skew.SECTIONS, *report_sources.SECTIONS)
+def group_hosts(t: Trace) -> dict[tuple[int, str], set[str]]:
+    """(rank, event group) -> the hosts of the ranks that collective spans: "tp" the rank's stage of its
+    model group, "pp" and others its whole model group (the world attributes of every rank)."""
+    world = {r: json.loads(a["world"]) for r, a in t.ranks.items() if "world" in a}
+    out = {}
+    for r, w in world.items():
+        same_replica = [q for q, v in world.items() if v.get("replica") == w.get("replica")]
+        stage = [q for q in same_replica if world[q].get("stage", 0) == w.get("stage", 0)]
+        for group in {g.decode() for g in np.unique(t.events["group"])}:
+            members = stage if group == "tp" else same_replica
+            out[r, group] = {world[q].get("hostname", "") for q in members}
+    return out
+
+
+def placement_section(t: Trace) -> str:
+    """Collectives of groups within one host vs across hosts: count, time, bytes, achieved bandwidth."""
+    ev = t.events[t.events["kind"] == b"comm"]
+    hosts = group_hosts(t)
+    if not len(ev) or not hosts:
+        return "collectives by placement\n  (no collectives)"
+    n_hosts = len({h for hs in hosts.values() for h in hs})
+    cross = np.array([len(hosts.get((int(r), g.decode()), ())) > 1 for r, g in zip(ev["rank"], ev["group"])])
+    rows = []
+    for where, sel in (("in-host", ~cross), ("cross-host", cross)):
+        for name in sorted({n.decode() for n in ev["name"][sel]}):
+            x = ev[sel & (ev["name"] == name.encode())]
+            dur, nbytes = x["dur_ns"].astype(np.float64).sum(), x["bytes"].astype(np.float64).sum()
+            rows.append([where, name, str(len(x)), f"{dur / 1e6:.3f}", f"{dur / len(x) / 1e3:.1f}",
+                         si(nbytes / len(x), "B"), si(nbytes / (dur / 1e9) if dur else 0.0, "B/s")])
+    return (f"collectives by placement ({n_hosts} host{'s' if n_hosts > 1 else ''}: a group within one host "
+            f"or across hosts; all ranks)\n"
+            + format_table(["placement", "collective", "count", "total ms", "mean us", "bytes/call", "bandwidth"],
+                           rows, n_left=2))
+
+
+SECTIONS = (rank_section, phase_section, rank_phase_section, collective_section, placement_section,
+            layer_section, pipeline_section, *skew.SECTIONS, *report_sources.SECTIONS)
 
 
 def _header(t: Trace) -> str:

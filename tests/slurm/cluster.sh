@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# A one-host Slurm cluster with accounting, for CI and local tests, without systemd:
+# A Slurm cluster with accounting on this machine, for CI and local tests, without systemd:
 #   tests/slurm/cluster.sh start|stop|status
-# start installs Debian's slurm-wlm, slurmdbd, munge, mariadb-server and libpmix-dev when missing,
+# One host by default. With SPMD_SLURM_HOSTS=N (N >= 2) the compute nodes are N hosts of their own:
+# each a Linux network namespace (veth pair on a bridge, its own address 10.77.0.1I/24, loopback of
+# its own) with its own UTS namespace (hostname spmdhI), running its own slurmd (NodeName spmdhI,
+# NodeAddr its address, spool/pid/log files per node); slurmctld, slurmdbd, MariaDB and munged stay in
+# this machine's namespaces, reachable from the hosts at the bridge's 10.77.0.1. Every daemon of a
+# host and every job step it starts see only that host's network and name, as on separate machines.
+# start installs Debian's slurm-wlm, slurmdbd, munge, mariadb-server, libpmix-dev and iproute2 when missing,
 # writes slurm.conf, slurmdbd.conf and cgroup.conf under $SPMD_SLURM_DIR (default /tmp/spmd-slurm),
 # then starts munged, MariaDB, slurmdbd, slurmctld and slurmd there, every one with its own socket,
 # port, pid file and log in that directory: nothing under /etc or /run is touched, so a site's own
@@ -17,16 +23,19 @@ DB_PORT=$((PORT_BASE + 6))
 # NodeName must be exactly `hostname`: Slurm hands it to PMIx as the node name, and Open MPI 5
 # compares it with gethostname(); a mismatch makes every rank its own "node".
 NODE="$(hostname)"
+HOSTS="${SPMD_SLURM_HOSTS:-0}"                # 0: one host (this machine); N >= 2: N namespace hosts
+NET="${SPMD_SLURM_NET:-10.77.0}"             # the hosts' /24: bridge .1, host I at .1I
+BRIDGE="${SPMD_SLURM_BRIDGE:-spmdbr0}"
 CLUSTER=spmdci
-DAEMONS=(slurmd slurmctld slurmdbd mariadbd munged)   # stop order
-PACKAGES=(slurm-wlm slurmdbd munge mariadb-server libpmix-dev)
+DAEMONS=(slurmd slurmctld slurmdbd mariadbd munged)   # stop order (slurmd: one pid file per node)
+PACKAGES=(slurm-wlm slurmdbd munge mariadb-server libpmix-dev iproute2)
 
 log() { printf 'cluster.sh: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 have_all() {
   local cmd
-  for cmd in slurmctld slurmd slurmdbd sbatch sacct munged mariadbd mariadb-install-db; do
+  for cmd in slurmctld slurmd slurmdbd sbatch sacct munged mariadbd mariadb-install-db ip nsenter unshare; do
     command -v "$cmd" >/dev/null || PATH="$PATH:/usr/sbin" command -v "$cmd" >/dev/null || return 1
   done
   # the mpi/pmix plugin dlopens the unversioned libpmix.so, which only libpmix-dev ships
@@ -63,18 +72,33 @@ wait_for() {
   return 1
 }
 
-pid_of() { [ -s "$DIR/run/$1.pid" ] && cat "$DIR/run/$1.pid"; }
-alive() { local p; p="$(pid_of "$1")" && kill -0 "$p" 2>/dev/null; }
+# the pids of a daemon (slurmd: every node's)
+pid_of() {
+  local f out=()
+  for f in "$DIR/run/$1.pid" "$DIR/run/$1"-*.pid; do [ -s "$f" ] && out+=("$(cat "$f")"); done
+  [ "${#out[@]}" -gt 0 ] && echo "${out[*]}"
+}
+alive() { local p; for p in $(pid_of "$1"); do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
+
+host_names() { local i; for ((i = 1; i <= HOSTS; i++)); do echo "spmdh$i"; done; }
 
 write_configs() {
-  local hw
+  local hw ctld_addr=127.0.0.1 nodes i
   # this host's real CPU/memory layout, so slurmd does not drain the node for a mismatch
-  hw="$(slurmd -C | head -1 | sed -e "s/^NodeName=[^ ]*/NodeName=$NODE/")"
+  hw="$(slurmd -C | head -1 | sed -e "s/^NodeName=[^ ]*//")"
+  nodes="NodeName=$NODE$hw NodeAddr=127.0.0.1 State=UNKNOWN"
+  if [ "$HOSTS" -ge 2 ]; then
+    ctld_addr="$NET.1"
+    nodes=""
+    for ((i = 1; i <= HOSTS; i++)); do
+      nodes+="NodeName=spmdh$i$hw NodeAddr=$NET.1$i State=UNKNOWN"$'\n'
+    done
+  fi
   cat >"$DIR/etc/slurm.conf" <<EOF
 # One-host test cluster written by tests/slurm/cluster.sh; all state under $DIR.
 ClusterName=$CLUSTER
 # addresses given, so nothing depends on the host name resolving
-SlurmctldHost=$NODE(127.0.0.1)
+SlurmctldHost=$NODE($ctld_addr)
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
 # root in a container or a CI VM: daemons and jobs run as root
@@ -84,11 +108,12 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket=$DIR/munge/munge.socket
 StateSaveLocation=$DIR/state
-SlurmdSpoolDir=$DIR/spool
+# %n: the node name, so the slurmd of each namespace host has files of its own
+SlurmdSpoolDir=$DIR/spool/%n
 SlurmctldPidFile=$DIR/run/slurmctld.pid
-SlurmdPidFile=$DIR/run/slurmd.pid
+SlurmdPidFile=$DIR/run/slurmd-%n.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
-SlurmdLogFile=$DIR/log/slurmd.log
+SlurmdLogFile=$DIR/log/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 # no cgroups (none delegated to us, no systemd): track processes through /proc, no task binding
@@ -109,7 +134,7 @@ SelectTypeParameters=CR_CPU
 ReturnToService=2
 KillWait=5
 MinJobAge=600
-$hw NodeAddr=127.0.0.1 State=UNKNOWN
+$nodes
 PartitionName=ci Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
   cat >"$DIR/etc/slurmdbd.conf" <<EOF
@@ -131,6 +156,11 @@ StoragePass=spmdci
 StorageLoc=slurm_acct_db
 EOF
   chmod 600 "$DIR/etc/slurmdbd.conf"   # slurmdbd refuses a config others can read
+  mkdir -p "$DIR/pmix/here"
+  cat >"$DIR/etc/mpi.conf" <<EOF
+# srun --mpi=pmix: the PMIx client directories (namespace hosts: each host mounts its own here)
+PMIxCliTmpDirBase=$DIR/pmix/here
+EOF
   cat >"$DIR/etc/cgroup.conf" <<EOF
 # No cgroup plugin is configured (proctrack/linuxproc, task/none, jobacct_gather/linux); this file
 # only keeps slurmd from looking for one elsewhere.
@@ -174,9 +204,53 @@ start_slurm() {
   sacctmgr -i add cluster "$CLUSTER" >/dev/null 2>&1 || true
   slurmctld -i </dev/null >>"$DIR/log/daemons.out" 2>&1 || die "slurmctld did not start (log: $DIR/log/slurmctld.log)"
   wait_for 30 slurmctld scontrol ping || die "slurmctld does not answer (log: $DIR/log/slurmctld.log)"
-  slurmd -N "$NODE" </dev/null >>"$DIR/log/daemons.out" 2>&1 || die "slurmd did not start (log: $DIR/log/slurmd.log)"
-  node_idle() { sinfo -h -n "$NODE" -o %T | grep -qx idle; }
-  wait_for 60 slurmd node_idle || { sinfo -N -l >&2 || true; die "node $NODE not idle (log: $DIR/log/slurmd.log)"; }
+  local n names=("$NODE")
+  [ "$HOSTS" -ge 2 ] && mapfile -t names < <(host_names)
+  for n in "${names[@]}"; do
+    mkdir -p "$DIR/spool/$n"
+    if [ "$HOSTS" -ge 2 ]; then  # in the host's network namespace, under its own host name
+      # nsenter, not `ip netns exec`: that one remounts /sys, hiding /sys/fs/cgroup from slurmd. A mount
+      # namespace of its own only for PMIx's directory (mpi.conf), which is named by job and step, not
+      # by node: the hosts share every other path, as nodes on a shared file system do
+      mkdir -p "$DIR/pmix/$n"
+      nsenter --net="/run/netns/spmd-$n" unshare --uts --mount --propagation private \
+        sh -c "hostname $n && mount --bind $DIR/pmix/$n $DIR/pmix/here && exec slurmd -N $n" \
+        </dev/null >>"$DIR/log/daemons.out" 2>&1 || die "slurmd of $n did not start (log: $DIR/log/slurmd-$n.log)"
+    else
+      slurmd -N "$n" </dev/null >>"$DIR/log/daemons.out" 2>&1 || die "slurmd did not start (log: $DIR/log/slurmd-$n.log)"
+    fi
+  done
+  all_idle() { [ "$(sinfo -h -o '%T %D' | awk '$1 == "idle" {print $2}')" = "${#names[@]}" ]; }
+  wait_for 60 slurmd all_idle || { sinfo -N -l >&2 || true; die "nodes ${names[*]} not all idle (logs: $DIR/log/slurmd-*.log)"; }
+}
+
+# The namespace hosts: a bridge with NET.1, and per host a namespace spmd-spmdhI whose eth0 (a veth
+# whose other end is on the bridge) has NET.1I, its loopback up, and a default route via the bridge.
+net_up() {
+  command -v ip >/dev/null || die "SPMD_SLURM_HOSTS=$HOSTS needs iproute2 (ip)"
+  net_down
+  if ! { ip link add "$BRIDGE" type bridge && ip addr add "$NET.1/24" dev "$BRIDGE" && ip link set "$BRIDGE" up; }; then
+    die "cannot create bridge $BRIDGE (root, and a kernel with bridges and network namespaces?)"
+  fi
+  local i ns
+  for ((i = 1; i <= HOSTS; i++)); do
+    ns="spmd-spmdh$i"
+    if ! { ip netns add "$ns" && ip link add "veth-spmdh$i" type veth peer name eth0 netns "$ns" &&
+           ip link set "veth-spmdh$i" master "$BRIDGE" up &&
+           ip -n "$ns" addr add "$NET.1$i/24" dev eth0 && ip -n "$ns" link set eth0 up &&
+           ip -n "$ns" link set lo up && ip -n "$ns" route add default via "$NET.1"; }; then
+      die "cannot set up host spmdh$i (namespace $ns)"
+    fi
+  done
+}
+
+net_down() {
+  local i
+  for ((i = 1; i <= 9; i++)); do
+    ip netns del "spmd-spmdh$i" 2>/dev/null || true
+    ip link del "veth-spmdh$i" 2>/dev/null || true
+  done
+  ip link del "$BRIDGE" 2>/dev/null || true
 }
 
 start() {
@@ -192,11 +266,13 @@ start() {
   for p in "$CTLD_PORT" "$SLURMD_PORT" "$DBD_PORT" "$DB_PORT"; do
     port_free "$p" || die "port $p is in use: set SPMD_SLURM_PORT_BASE to another base"
   done
+  [ "$HOSTS" = 0 ] || [ "$HOSTS" -ge 2 ] || die "SPMD_SLURM_HOSTS=$HOSTS: 0 (one host) or at least 2"
+  [ "$HOSTS" -ge 2 ] && net_up
   write_configs
   start_munge
   start_mariadb
   start_slurm
-  log "up in $((SECONDS - t0)) s: node $NODE, export SLURM_CONF=$DIR/etc/slurm.conf"
+  log "up in $((SECONDS - t0)) s: nodes $(sinfo -h -o %N), export SLURM_CONF=$DIR/etc/slurm.conf"
 }
 
 any_alive() { local d; for d in "${DAEMONS[@]}"; do alive "$d" && return 0; done; return 1; }
@@ -205,8 +281,9 @@ stop() {
   # SIGTERM to every daemon at once (each shuts down on its own), then wait up to 15 s, then SIGKILL
   local d p i pids=()
   for d in "${DAEMONS[@]}"; do
-    p="$(pid_of "$d")" || continue
-    kill -TERM "$p" 2>/dev/null && pids+=("$d:$p")
+    for p in $(pid_of "$d"); do
+      kill -TERM "$p" 2>/dev/null && pids+=("$d:$p")
+    done
   done
   for ((i = 0; i < 75; i++)); do
     local left=()
@@ -217,7 +294,8 @@ stop() {
   for d in "${pids[@]}"; do
     if kill -0 "${d#*:}" 2>/dev/null; then log "${d%%:*} (${d#*:}) ignored SIGTERM for 15 s: SIGKILL"; kill -KILL "${d#*:}" 2>/dev/null || true; fi
   done
-  for d in "${DAEMONS[@]}"; do rm -f "$DIR/run/$d.pid"; done
+  for d in "${DAEMONS[@]}"; do rm -f "$DIR/run/$d.pid" "$DIR/run/$d"-*.pid; done
+  [ "$HOSTS" -ge 2 ] && net_down
   return 0
 }
 

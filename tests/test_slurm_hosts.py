@@ -1,0 +1,65 @@
+"""Two hosts on this machine under Slurm (tests/slurm/cluster.sh with SPMD_SLURM_HOSTS=2: a network and
+UTS namespace per host, its own address and slurmd): slurm/infer.sbatch over 2 nodes x 2 tasks, model
+groups of 2 inside a host (2 replicas across the hosts) and one group of 4 spanning both, give the
+outputs of the same layouts on one host; the traces name each rank's host, local ranks count per host,
+and the report splits collectives in-host / cross-host. A wrong interface setting fails the job at
+start-up with the host and its interfaces. Serial; skipped unless SPMD_SLURM_TEST=1 (root: namespaces,
+a bridge, Debian's Slurm)."""
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import h5py
+import pytest
+
+from conftest import PROMPTS20, mpirun
+from test_slurm import N_NEW, _rows, _sbatch, pytestmark, slurm_cluster  # noqa: F401
+
+TWO_NODES = ["--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory):
+    with slurm_cluster(tmp_path_factory.mktemp("slurm-hosts"), SPMD_SLURM_HOSTS="2") as env:
+        yield env
+
+
+def _infer(hosts, tiny_bf16, runs, group: int, name: str, **extra):
+    env = dict(hosts, DEVICE="cpu", CHECKPOINT=str(tiny_bf16), PROMPTS=str(PROMPTS20), ENGINE="native",
+               GROUP_SIZE=str(group), DTYPE="fp32", MAX_NEW_TOKENS=str(N_NEW), RUNS_DIR=str(runs), **extra)
+    rc, job, err = _sbatch(env, f"--job-name={name}", f"--output={runs}/%x-%j.out", *TWO_NODES, "slurm/infer.sbatch")
+    return rc, runs / f"{name}-{job}", (runs / f"{name}-{job}.out")
+
+
+@pytest.mark.parametrize("group,where", [(2, "in-host"), (4, "cross-host")])
+def test_two_hosts_equal_one_host(hosts, tiny_bf16, tmp_path, group, where):
+    rc, run_dir, out = _infer(hosts, tiny_bf16, tmp_path, group, f"hosts-g{group}")
+    assert rc == 0, out.read_text()[-4000:] if out.is_file() else ""
+    ref = tmp_path / "one-host.jsonl"
+    r = mpirun(4, ["--checkpoint", str(tiny_bf16), "--prompts", str(PROMPTS20), "--output", str(ref),
+                   "--engine", "native", "--group-size", str(group), "--dtype", "fp32", "--device", "cpu",
+                   "--max-new-tokens", str(N_NEW), "--no-progress"], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = _rows(run_dir / "outputs.jsonl")
+    assert len(got) == 20 and got == _rows(ref)
+    with h5py.File(run_dir / "merged.h5") as f:
+        world = [json.loads(f[f"ranks/{r}"].attrs["world"]) for r in range(4)]
+    assert [w["hostname"] for w in world] == ["spmdh1", "spmdh1", "spmdh2", "spmdh2"]
+    assert [(w["local_rank"], w["local_size"]) for w in world] == [(0, 2), (1, 2)] * 2
+    report = (run_dir / "report.txt").read_text()
+    section = report[report.index("collectives by placement (2 hosts"):].split("\n\n")[0]
+    places = set(re.findall(r"^\s+(in-host|cross-host)\s+attn\.o_proj\.all_reduce\s", section, re.M))
+    assert places == {where}, section
+
+
+@pytest.mark.parametrize("setting,message", [("nosuch0", "GLOO_SOCKET_IFNAME=nosuch0 selects no interface"),
+                                             ("lo", "rendezvous address is 127.0.0.1 (loopback) but the job spans hosts")])
+def test_wrong_interface_fails_the_job_fast(hosts, tiny_bf16, tmp_path, setting, message):
+    t0 = time.monotonic()
+    rc, _, out = _infer(hosts, tiny_bf16, tmp_path, 2, "hosts-badif", SPMD_IFNAME=setting)
+    assert rc != 0
+    text = out.read_text()
+    assert message in text, text[-3000:]
+    assert time.monotonic() - t0 < 240  # not the 10-minute collective timeout

@@ -1,0 +1,244 @@
+"""`make paper`: the short paper and the EuroHPC proposal, every number taken from a stored result file.
+
+    python -m docs.build [--out build/docs]      # docs/*/NAME.typ.in -> build/docs/NAME.typ -> NAME.pdf
+
+The templates (docs/paper/paper.typ.in, docs/proposal/proposal.typ.in) hold no measured or projected
+number of their own: each is a placeholder ``{{name}}`` (a fact) or ``{{table:name}}`` (a table), filled
+here from the files under validation/results, traces/bench and traces/model, and every fact records the
+file it came from (``facts()``: name -> Fact(text, source)). tests/test_docs.py fails when a template
+has a number outside a placeholder (beyond the allow-listed model and format names) or a placeholder
+without a fact. Typeset with Typst (PyPI ``typst``, the compiler itself as a Python extension).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = {"paper": ROOT / "docs/paper/paper.typ.in", "proposal": ROOT / "docs/proposal/proposal.typ.in"}
+VALID_CPU = ROOT / "validation/results/cpu-vm-2026-11-28.json"
+VALID_GPU = ROOT / "validation/results/NVIDIA_H200-2026-11-28.json"
+BENCH = ROOT / "traces/bench/NVIDIA_H200-2026-11-28.json"
+BENCH_PP = ROOT / "traces/bench/pp-NVIDIA_H200-2026-11-28.json"
+MODEL = ROOT / "traces/model/model-NVIDIA_H200.json"
+FULL_CFG, SLICE_CFG = ROOT / "inputs/models/v3.1-671b.json", ROOT / "inputs/models/slice.json"
+PLACEHOLDER = re.compile(r"\{\{([a-z0-9_:]+)\}\}")
+NODE_GPUS = 8
+# the proposal's experiment plan (a choice, not a result): runs per configuration and generated tokens
+PLAN = {"repeats": 3, "prompts": 2000, "new_tokens": 256, "batches": (1, 32, 128), "nodes": (1, 2, 3)}
+
+
+@dataclass(frozen=True)
+class Fact:
+    text: str
+    source: str
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+def _fmt(x: float, digits: int = 2) -> str:
+    return f"{x:.{digits}f}"
+
+
+def _rng(values, digits: int = 2) -> str:
+    lo, hi = min(values), max(values)
+    return _fmt(lo, digits) if round(lo, digits) == round(hi, digits) else f"{_fmt(lo, digits)}–{_fmt(hi, digits)}"
+
+
+def _bench_row(rows: list[dict], tag: str, batch: int) -> dict:
+    return next(r for r in rows if r.get("tag") == tag and r.get("batch") == batch)
+
+
+def facts() -> dict[str, Fact]:
+    f: dict[str, Fact] = {}
+
+    def put(name: str, text: str, src: Path) -> None:
+        f[name] = Fact(text, _rel(src))
+
+    for cfg, key in ((FULL_CFG, "full"), (SLICE_CFG, "slice")):
+        c = _load(cfg)
+        put(f"{key}_layers", str(c["num_hidden_layers"]), cfg)
+        put(f"{key}_dense", str(c["first_k_dense_replace"]), cfg)
+        put(f"{key}_experts", str(c["n_routed_experts"]), cfg)
+        put(f"{key}_topk", str(c["num_experts_per_tok"]), cfg)
+        put(f"{key}_hidden", str(c["hidden_size"]), cfg)
+    put("node_gpus", str(NODE_GPUS), Path(__file__))
+    cpu, gpu = _load(VALID_CPU), _load(VALID_GPU)
+    fp32 = [r for r in cpu["rows"] if r["dtype"] == "fp32"]
+    put("cpu_rows", str(len(cpu["rows"])), VALID_CPU)
+    put("cpu_pass", str(sum(r["passed"] for r in cpu["rows"])), VALID_CPU)
+    put("cpu_fp32_rows", str(len(fp32)), VALID_CPU)
+    put("cpu_fp32_exact", str(sum(r["exact_prompts"] == r["n_prompts"] for r in fp32)), VALID_CPU)
+    put("cpu_fp32_dlogp", f"{max(r['max_abs_dlogp'] for r in fp32):.1e}", VALID_CPU)
+    bf = [r for r in cpu["rows"] if r["dtype"] == "bf16"]
+    put("cpu_bf16_top1", _rng([r["top1_agreement"] for r in bf if r["weights"] == "bf16"]), VALID_CPU)
+    put("cpu_fp8_top1", _rng([r["top1_agreement"] for r in bf if r["weights"] == "fp8"]), VALID_CPU)
+    put("gpu_rows", str(len(gpu["rows"])), VALID_GPU)
+    put("gpu_pass", str(sum(r["passed"] for r in gpu["rows"])), VALID_GPU)
+    for w in ("bf16", "fp8"):
+        sl = [r for r in gpu["rows"] if r["config"] == "slice" and r["weights"] == w]
+        put(f"slice_{w}_top1", _rng([r["top1_agreement"] for r in sl], 3), VALID_GPU)
+        put(f"slice_{w}_kl", _rng([r["kl_mean"] for r in sl], 3), VALID_GPU)
+        put(f"slice_{w}_div", _rng([r["mean_first_divergence"] for r in sl], 1), VALID_GPU)
+
+    bench = _load(BENCH)
+    rows = bench["rows"]
+    put("gpu_name", bench["gpu"], BENCH)
+    put("copy_gbps", _fmt(bench["ceilings"]["copy_gbps"], 0), BENCH)
+    put("matmul_tflops", _fmt(bench["ceilings"]["matmul_tflops"], 0), BENCH)
+    for tag, key in (("native-1gpu-bf16", "n1_bf16"), ("native-1gpu-fp8", "n1_fp8"),
+                     ("native-2gpu-bf16", "n2_bf16"), ("hf-1gpu-bf16", "hf1"), ("deepspeed-2gpu-bf16", "ds2")):
+        for b in (1, 32):
+            r = _bench_row(rows, tag, b)
+            put(f"{key}_b{b}_ms", _fmt(r["decode_ms_step"]), BENCH)
+            put(f"{key}_b{b}_floor", _fmt(r["decode_vs_floor"]), BENCH)
+    n1, hf = _bench_row(rows, "native-1gpu-bf16", 1), _bench_row(rows, "hf-1gpu-bf16", 1)
+    put("vs_hf_b1", _fmt(hf["decode_ms_step"] / n1["decode_ms_step"], 1), BENCH)
+    a, b = _bench_row(rows, "native-1gpu-bf16", 32), _bench_row(rows, "native-2gpu-bf16", 32)
+    put("speedup_2gpu_b32", _fmt(a["decode_ms_step"] / b["decode_ms_step"]), BENCH)
+    ds = _bench_row(rows, "deepspeed-2gpu-bf16", 32)
+    put("vs_ds_b32", _fmt(ds["decode_ms_step"] / b["decode_ms_step"], 1), BENCH)
+
+    pp = _load(BENCH_PP)["rows"]
+    for bt in (8, 32, 64):
+        r = _bench_row(pp, "native-2gpu-pp2-bf16", bt)
+        put(f"pp2_b{bt}_ms", _fmt(r["decode_ms_step"]), BENCH_PP)
+        put(f"pp2_b{bt}_bubble", _fmt(r["bubble_fraction"]), BENCH_PP)
+        put(f"g2e_b{bt}_ms", _fmt(_bench_row(pp, "native-2gpu-bf16-eager", bt)["decode_ms_step"]), BENCH_PP)
+
+    model = _load(MODEL)
+    fits = {(x["mode"], x["weights"]): x for x in model["fits"]}
+    for (mode, w), x in fits.items():
+        put(f"fit_{mode}_{w}_c_us", _fmt(x["c_layer_s"] * 1e6, 0), MODEL)
+        put(f"fit_{mode}_{w}_eta", _fmt(x["eta"]), MODEL)
+        put(f"fit_{mode}_{w}_rms", _fmt(x["rms_rel_err"] * 100, 1), MODEL)
+    errs = [abs(v["error"]) * 100 for v in model["validation"]]
+    put("model_rows", str(len(errs)), MODEL)
+    put("model_err_mean", _fmt(statistics.mean(errs), 0), MODEL)
+    put("model_err_max", _fmt(max(errs), 0), MODEL)
+    proj = model["projection"]
+    put("context", str(proj[0]["context"]), MODEL)
+    put("ib_source", model["inter"]["source"].removeprefix("stated: "), MODEL)
+
+    def prow(gpu_: str, nodes: int, layout: str, batch: int) -> dict:
+        return next(r for r in proj if (r["gpu"], r["nodes"], r["layout"], r["batch"]) == (gpu_, nodes, layout, batch))
+
+    one = prow("H200", 1, "G8", 32)
+    put("h200_1node_gib", _fmt(prow("H200", 1, "G8", 1)["mem_gib_per_gpu"], 0), MODEL)
+    put("h200_1node_b32_tps", _fmt(one["tokens_per_s"], 0), MODEL)
+    put("h200_1node_b32_ms", _fmt(one["step_ms"], 1), MODEL)
+    for layout, key in (("G16", "g16"), ("G8xP2(M2)", "p2"), ("2xG8", "rep2")):
+        r = prow("H200", 2, layout, 32)
+        put(f"h200_2node_{key}_tps", _fmt(r["tokens_per_s"], 0), MODEL)
+        put(f"h200_2node_{key}_eff", _fmt(r["efficiency"]), MODEL)
+    put("h100_1node_fits", "no" if not prow("H100", 1, "G8", 1)["fits"] else "yes", MODEL)
+    h100 = prow("H100", 2, "G16", 32)
+    put("h100_2node_g16_tps", _fmt(h100["tokens_per_s"], 0), MODEL)
+    f.update(request_facts(proj))
+    return f
+
+
+def request_facts(proj: list[dict]) -> dict[str, Fact]:
+    """The proposal's node-hours: per node count and planned batch, the fitting single-instance layout the
+    model projects fastest, the plan's tokens at its projected tokens/s plus a stated quarter hour of
+    start-up and checkpoint loading per run, times the repeats and the nodes."""
+    src = _rel(MODEL)
+    hours, lines = 0.0, []
+    tokens = PLAN["prompts"] * PLAN["new_tokens"]
+    for n in PLAN["nodes"]:
+        for b in PLAN["batches"]:
+            fit = [r for r in proj if r["gpu"] == "H200" and r["nodes"] == n and r["batch"] == b and r["fits"]
+                   and not r["layout"].startswith(f"{n}x")]  # one model instance over the n nodes
+            if not fit:
+                continue
+            best = max(fit, key=lambda r: r["tokens_per_s"])
+            gen_h = tokens / best["tokens_per_s"] / 3600
+            run_h = (gen_h + 0.25) * n * PLAN["repeats"]  # 15 minutes of start-up and load per run, stated
+            hours += run_h
+            lines.append((n, b, best["layout"], best["tokens_per_s"], run_h))
+    return {"plan_repeats": Fact(str(PLAN["repeats"]), "docs/build.py PLAN"),
+            "plan_prompts": Fact(str(PLAN["prompts"]), "docs/build.py PLAN"),
+            "plan_tokens": Fact(str(PLAN["new_tokens"]), "docs/build.py PLAN"),
+            "node_hours": Fact(_fmt(hours, 0), src),
+            "node_hours_request": Fact(str(int(-(-hours * 2 // 100) * 100)), src),  # x2 margin, rounded up
+            "_plan_lines": Fact(json.dumps(lines), src)}
+
+
+def tables(f: dict[str, Fact]) -> dict[str, str]:
+    """Typst tables, built from the result files."""
+    def table(cols: list[str], rows: list[list[str]]) -> str:
+        cells = ", ".join(f"[{c}]" for c in cols) + ",\n" + ",\n".join(", ".join(f"[{c}]" for c in r) for r in rows)
+        return f"#table(columns: {len(cols)}, stroke: 0.4pt, inset: 4pt,\n{cells})"
+
+    gpu = _load(VALID_GPU)
+    vrows = [[r["config"], r["weights"], r["layout"], f"{r['exact_prompts']}/{r['n_prompts']}",
+              _fmt(r["top1_agreement"], 3), _fmt(r["kl_mean"], 3), "pass" if r["passed"] else "FAIL"] for r in gpu["rows"]]
+    bench = _load(BENCH)["rows"]
+    brows = []
+    for tag in ("native-1gpu-bf16", "native-1gpu-fp8", "native-2gpu-bf16", "native-2gpu-fp8", "hf-1gpu-bf16",
+                "deepspeed-2gpu-bf16"):
+        rs = {r["batch"]: r for r in bench if r.get("tag") == tag}
+        brows.append([tag] + [f"{_fmt(rs[b]['decode_ms_step'])} ({_fmt(rs[b]['decode_vs_floor'], 1)}×)" for b in (1, 8, 32, 64)])
+    model = _load(MODEL)
+    mrows = [[v["tag"], v["layout"], str(v["batch"]), _fmt(v["measured_ms"]), _fmt(v["predicted_ms"]),
+              f"{v['error'] * 100:+.0f} %"] for v in model["validation"]]
+    prows = [[r["gpu"], str(r["nodes"]), r["layout"], str(r["batch"]), _fmt(r["mem_gib_per_gpu"], 0),
+              _fmt(r["step_ms"], 1) if r["fits"] else "does not fit", _fmt(r["tokens_per_s"], 0) if r["fits"] else "–",
+              _fmt(r["efficiency"]) if r["fits"] else "–"] for r in model["projection"] if r["batch"] in (1, 32)]
+    plan = json.loads(f["_plan_lines"].text)
+    qrows = [[str(n), str(b), lay, _fmt(tps, 0), _fmt(h, 1)] for n, b, lay, tps, h in plan]
+    return {
+        "validation_gpu": table(["checkpoint", "weights", "layout", "exact", "top-1", "KL mean", "result"], vrows),
+        "bench": table(["configuration", "batch 1", "batch 8", "batch 32", "batch 64"], brows),
+        "model_validation": table(["measured row", "layout", "batch", "measured ms", "predicted ms", "error"], mrows),
+        "projection": table(["GPU", "nodes", "layout", "batch", "GiB/GPU", "step ms", "tokens/s", "efficiency"], prows),
+        "request": table(["nodes", "batch", "layout", "tokens/s", "node-hours"], qrows),
+    }
+
+
+def render(template: str, f: dict[str, Fact], t: dict[str, str]) -> str:
+    def sub(m: re.Match) -> str:
+        key = m.group(1)
+        if key.startswith("table:"):
+            return t[key.removeprefix("table:")]
+        return f[key].text
+    return PLACEHOLDER.sub(sub, template)
+
+
+def build(out: Path) -> list[Path]:
+    import typst
+
+    f = facts()
+    t = tables(f)
+    out.mkdir(parents=True, exist_ok=True)
+    made = []
+    for name, path in DOCS.items():
+        src = out / f"{name}.typ"
+        src.write_text(render(path.read_text(), f, t))
+        pdf = out / f"{name}.pdf"
+        typst.compile(str(src), output=str(pdf), root=str(out))
+        made.append(pdf)
+    return made
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m docs.build", description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=ROOT / "build" / "docs")
+    a = p.parse_args(argv)
+    for pdf in build(a.out):
+        print(f"wrote {pdf} ({pdf.stat().st_size} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

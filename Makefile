@@ -11,7 +11,7 @@ NP ?= 2
 ENV := . launch/env.sh &&
 MPIRUN := $(ENV) mpirun
 
-.PHONY: install install-perf run test test-serial test-mpi checkpoints gpu-native gpu-bench bench baseline validate gpu-validate model paper container clean
+.PHONY: install install-perf run test test-serial test-mpi checkpoints gpu-native gpu-bench bench baseline validate gpu-validate model scaling paper container clean
 
 install: $(STAMP)
 
@@ -87,6 +87,10 @@ gpu-bench:
 # projection of DeepSeek-V3.1 FP8 to 1-3 nodes of 8 GPUs (traces/model/model-<gpu>.md and .json)
 model: $(STAMP)
 	$(ENV) python -m traces.model
+
+# CPU scaling of the tiny model at 1, 2, 4 ranks: model-group and replica series (traces/scaling/cpu-<host>-<date>.*)
+scaling: $(STAMP) checkpoints
+	$(ENV) python -m traces.cpu_scaling --checkpoint $(CKPT)/tiny-bf16
 
 # The short paper and the EuroHPC proposal, every number from the stored result files: build/docs/{paper,proposal}.pdf
 paper: $(STAMP)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .graph_marks import marks_mode
+from .graph_marks import marks_level, marks_mode
 
 ROUND = 64  # cache lengths are rounded up to this, so similar batches reuse one graph
 
@@ -62,6 +62,7 @@ class GraphDecoder:
         self.states: dict[tuple[int, int], StaticDecode] = {}
         self.pool = torch.cuda.graph_pool_handle() if mode == "graph" else None
         self.marks = marks_mode() if mode == "graph" else "off"  # checked here: a bad value fails at load
+        marks_level()
 
     def state(self, bsz: int, need_len: int) -> StaticDecode:
         """The buffers for bsz rows and at least need_len cache slots (made on first use)."""
@@ -125,5 +126,6 @@ class GraphDecoder:
             graph = torch.cuda.CUDAGraph()
             with self.timers.capturing() as timing, torch.cuda.graph(graph, pool=self.pool):
                 logits = st.forward(self.model)
+                self.timers.end_capture()
             variants.append((graph, logits, timing))
         st.graphs[timed] = variants

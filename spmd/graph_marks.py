@@ -46,6 +46,18 @@ def marks_mode() -> str:
     return mode
 
 
+LEVELS = ("span", "layer")
+
+
+def marks_level() -> str:
+    """SPMD_GRAPH_MARK_LEVEL: span (default: a mark pair per timer span) or layer (a mark per change of
+    kind or layer: one compute span per layer, plus its collectives)."""
+    level = os.environ.get("SPMD_GRAPH_MARK_LEVEL", "").strip() or "span"
+    if level not in LEVELS:
+        raise ValueError(f"SPMD_GRAPH_MARK_LEVEL={level!r}, expected one of {LEVELS}")
+    return level
+
+
 def _stamp():
     """The Triton kernel that writes %globaltimer at buf[slot] (compiled on first use)."""
     global _stamp_kernel

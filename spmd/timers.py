@@ -48,7 +48,10 @@ records them again, and ``replayed(timing)`` after the launch stamps that replay
 and step. A replay is resolved when another graph's launch finds it finished, before its own graph is
 launched again (``before_replay``), or at ``flush()``. So a caller that alternates two graphs of one
 step resolves each step on the host while the GPU runs the next one. NVTX ranges are host calls and
-are not captured: a replay shows as one range.
+are not captured: a replay shows as one range. ``SPMD_GRAPH_MARK_LEVEL=layer`` merges the spans that
+follow each other with the same kind and layer into one (named ``layer.compute`` / ``layer.comm`` when
+their names differ, bytes summed): a mark per compute/comm change instead of per span, for the
+per-layer compute/comm split at a fraction of the marks; the capture ends with ``end_capture()``.
 
 ``on_phase(phase, step)``, when given, is called by every ``set_phase`` (the profiler window hook).
 Not thread safe: one Timers per rank, used from the thread that runs the model.
@@ -71,7 +74,7 @@ import h5py
 import numpy as np
 import torch
 
-from .graph_marks import GraphTiming, StampMarks, marks_mode, new_marks, stamp_anchor
+from .graph_marks import GraphTiming, StampMarks, marks_level, marks_mode, new_marks, stamp_anchor
 
 SCHEMA = "spmd-trace/1"
 KINDS = ("compute", "comm", "io", "wait")
@@ -132,7 +135,7 @@ class _CudaSpan(_HostSpan):
             t._nested(self._name)
         t._open = self._name
         if t._captured is not None:  # a mark recorded by the graph being captured
-            self._start = t._graph_mark(start=True)
+            t._graph_enter(self)
             return self
         if t._nvtx:
             torch.cuda.nvtx.range_push(self._name)
@@ -143,8 +146,7 @@ class _CudaSpan(_HostSpan):
         t = self._t
         t._open = None
         if t._captured is not None:
-            t._captured.spans.append((self._name, self._kind, self._layer, self._start, t._graph_mark(start=False),
-                                      self._nbytes, self._group))
+            t._graph_exit(self)
             return False
         t._pending.append((self._name, self._kind, t._phase, t._step, self._layer,
                            t._anchor, self._start, t._record_now(), self._nbytes, self._group))
@@ -178,6 +180,8 @@ class Timers:
         self._aligned = False
         self._free_events: list = []  # resolved CUDA events, reused: no cudaEventCreate per record
         self._captured: GraphTiming | None = None  # of the CUDA graph being captured (see capturing())
+        self._run: list | None = None  # level "layer": the open run of spans of one kind and layer
+        self._layer_level = False
         self._last_end: int | None = None           # its last mark, when it ended a span
         self._replays: list[tuple] = []              # (timing, phase, step, anchor) not resolved yet
         self._stamp_anchor: tuple[int, int] | None = None  # (host ns, globaltimer ns), stamp marks only
@@ -255,12 +259,13 @@ class Timers:
         if mode == "stamp" and self._stamp_anchor is None:
             self._stamp_anchor = stamp_anchor(self._dev_index)  # also compiles the stamp kernel
         timing = GraphTiming(new_marks(mode, self._dev_index))
-        self._captured, self._last_end = timing, None
+        self._captured, self._last_end, self._run = timing, None, None
+        self._layer_level = marks_level() == "layer"
         try:
             with _host_only(self):
                 yield timing
         finally:
-            self._captured = None
+            self._captured = self._run = None
 
     def replayed(self, timing) -> None:
         """Called right after a graph captured with ``capturing()`` was launched, on the same stream: its
@@ -378,6 +383,40 @@ class Timers:
         ev.record(self._current_stream())
         return ev
 
+    def _graph_enter(self, span) -> None:
+        """A span opens in a capture. Level "layer": it continues the run of spans of its kind and layer
+        (no mark), or its start mark ends that run."""
+        run = self._run
+        if run is not None and (run[1], run[2]) == (span._kind, span._layer):
+            return
+        if run is not None:
+            self._end_run()
+        start = self._graph_mark(start=True)
+        if self._layer_level:
+            self._run = [span._name, span._kind, span._layer, start, 0, span._group]
+        else:
+            span._start = start
+
+    def _graph_exit(self, span) -> None:
+        run = self._run
+        if run is None:
+            self._captured.spans.append((span._name, span._kind, span._layer, span._start,
+                                         self._graph_mark(start=False), span._nbytes, span._group))
+            return
+        run[4] += span._nbytes
+        if run[0] != span._name:
+            run[0] = f"layer.{span._kind}"  # several spans in one run: named by kind (per layer in `layer`)
+
+    def _end_run(self) -> None:
+        name, kind, layer, start, nbytes, group = self._run
+        self._run = None
+        self._captured.spans.append((name, kind, layer, start, self._graph_mark(start=False), nbytes, group))
+
+    def end_capture(self) -> None:
+        """Inside the capture, after the forward: the last run's end mark (level "layer")."""
+        if self._captured is not None and self._run is not None:
+            self._end_run()
+
     def _graph_mark(self, start: bool) -> int:
         """A mark in the graph being captured; a start right after an end reuses that end's mark."""
         if start and self._last_end is not None:
@@ -463,7 +502,7 @@ def run_metadata(world_like: dict) -> dict:
         "versions": _versions(),
         "mpi_library": _mpi_library(),
         "git_commit": _git_commit(),
-        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else "",
+        "cuda_device": torch.cuda.get_device_name() if _on_cuda(world_like) else "",
         "gpu_peak_bytes": _gpu_peak_bytes(str(world_like.get("device", "cpu"))),
         "nccl_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("NCCL_")},
     }
@@ -472,6 +511,11 @@ def run_metadata(world_like: dict) -> dict:
         meta["world_size"] = int(size)
     meta.update(world_like.get("slurm") or {})
     return meta
+
+
+def _on_cuda(world_like: dict) -> bool:
+    """A rank with a GPU (a dedicated orchestrator has none: it must not create a CUDA context)."""
+    return str(world_like.get("device", "cuda")).startswith("cuda") and torch.cuda.is_available()
 
 
 def _gpu_peak_bytes(device: str) -> int:

@@ -120,6 +120,36 @@ def test_graph_replays_record_the_eager_events(world, monkeypatch, marks):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+def _runs(ev) -> list[tuple]:
+    """(kind, layer, summed bytes) of each run of consecutive events with the same kind and layer."""
+    out = []
+    for kind, layer, nbytes in zip(ev["kind"].tolist(), ev["layer"].tolist(), ev["bytes"].tolist()):
+        if out and out[-1][:2] == (kind, layer):
+            out[-1] = (kind, layer, out[-1][2] + nbytes)
+        else:
+            out.append((kind, layer, nbytes))
+    return out
+
+
+@torch.inference_mode()
+def test_layer_level_marks_merge_the_eager_events(world, monkeypatch):
+    """SPMD_GRAPH_MARK_LEVEL=layer: one event per run of the eager step's spans of one kind and layer."""
+    monkeypatch.setenv("SPMD_GRAPH_MARKS", "stamp")
+    monkeypatch.setenv("SPMD_GRAPH_MARK_LEVEL", "layer")
+    ckpt = checkpoint_dir("tiny", "bf16")
+    ids = _prompts(ckpt, 4)
+    eager, graph = (_engine(world, ckpt, 6, cuda_graph=m, fp8_weights="dequant") for m in ("off", "on"))
+    ev_e, _ = _decode_events(eager, ids, 4)
+    ev_g, _ = _decode_events(graph, ids, 4)
+    for step in range(1, 5):
+        e = ev_e[(ev_e["step"] == step) & np.isin(ev_e["kind"], [b"compute", b"comm"])]
+        g = ev_g[ev_g["step"] == step]
+        assert _runs(np.sort(g, order="start_ns")) == _runs(np.sort(e, order="start_ns")), step
+        assert len(g) < len(e) and (g["dur_ns"] > 0).all()
+    layers = ModelArgs.from_checkpoint(ckpt).n_layers
+    assert {b"layer.compute"} <= set(ev_g["name"].tolist()) and set(ev_g["layer"].tolist()) >= set(range(layers))
+
+
 @torch.inference_mode()
 def test_fp8_kept_equals_dequantized(world):
     """fp32 activations (the kernels' tf32x3 dots against cuBLAS fp32): in bf16 a last-bit difference can

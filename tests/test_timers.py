@@ -345,6 +345,45 @@ def test_graph_spans_share_marks_and_resolve_per_replay():
                     ("a", 2, 200, 5, 0, ""), ("b", 2, 205, 10, 0, ""), ("c", 2, 215, 25, 64, "tp")]
 
 
+def test_layer_level_merges_runs_of_one_kind_and_layer():
+    """SPMD_GRAPH_MARK_LEVEL=layer: a mark per change of (kind, layer); merged runs sum their bytes."""
+    from spmd.graph_marks import GraphTiming
+    from spmd.timers import _CudaSpan, _host_only
+
+    t = Timers(0, device="cpu")
+    t._cuda = True
+    with _host_only(t):
+        timing = GraphTiming(FakeMarks())
+        t._dev_span, t._captured, t._last_end, t._run, t._layer_level = _CudaSpan(t), timing, None, None, True
+        for name, kind, layer, nbytes in (("embed", "compute", -1, 0), ("attn", "compute", 0, 0),
+                                          ("rope", "compute", 0, 0), ("attn.out", "comm", 0, 8),
+                                          ("moe", "compute", 0, 0), ("moe.out", "comm", 0, 8),
+                                          ("moe.more", "comm", 0, 4), ("attn", "compute", 1, 0),
+                                          ("head", "compute", -1, 0)):
+            with (t.comm(name, nbytes=nbytes, group="tp", layer=layer) if kind == "comm" else
+                  t.compute(name, layer=layer)):
+                pass
+        t.end_capture()
+        t._captured = None
+    assert [(n, k, layer, a, b, nb) for n, k, layer, a, b, nb, _ in timing.spans] == [
+        ("embed", "compute", -1, 0, 1, 0), ("layer.compute", "compute", 0, 1, 2, 0), ("attn.out", "comm", 0, 2, 3, 8),
+        ("moe", "compute", 0, 3, 4, 0), ("layer.comm", "comm", 0, 4, 5, 12), ("attn", "compute", 1, 5, 6, 0),
+        ("head", "compute", -1, 6, 7, 0)]
+    assert timing.marks.n == 8  # 7 runs back to back: 8 marks for 9 spans (the span level takes 10)
+
+
+def test_graph_mark_level_from_env(monkeypatch):
+    from spmd.graph_marks import marks_level
+
+    monkeypatch.delenv("SPMD_GRAPH_MARK_LEVEL", raising=False)
+    assert marks_level() == "span"
+    monkeypatch.setenv("SPMD_GRAPH_MARK_LEVEL", "layer")
+    assert marks_level() == "layer"
+    monkeypatch.setenv("SPMD_GRAPH_MARK_LEVEL", "kernel")
+    with pytest.raises(ValueError, match="SPMD_GRAPH_MARK_LEVEL='kernel', expected one of"):
+        marks_level()
+
+
 @cuda
 @pytest.mark.parametrize("mode", ["stamp", "event"])
 def test_cuda_graph_marks_time_the_replay(monkeypatch, mode):

@@ -155,9 +155,13 @@ def run(ckpt: Path, device: str, dtype: str, batch: int, steps: int, trials: int
 
 
 def _graph_marks(decode_mode: str) -> str:
-    from spmd.graph_marks import marks_mode
+    """The marks mode of graph replays, with "-layer" at SPMD_GRAPH_MARK_LEVEL=layer ("" when eager)."""
+    from spmd.graph_marks import marks_level, marks_mode
 
-    return marks_mode() if decode_mode == "graph" else ""
+    if decode_mode != "graph":
+        return ""
+    mode = marks_mode()
+    return f"{mode}-layer" if mode != "off" and marks_level() == "layer" else mode
 
 
 def _cpu_name() -> str:

@@ -11,7 +11,7 @@ NP ?= 2
 ENV := . launch/env.sh &&
 MPIRUN := $(ENV) mpirun
 
-.PHONY: install install-perf run test test-serial test-mpi checkpoints gpu-native gpu-bench bench baseline validate gpu-validate model scaling paper container clean
+.PHONY: install install-perf run test test-serial test-mpi checkpoints gpu-native gpu-bench bench baseline validate gpu-validate model scaling gpu-scaling paper container clean
 
 install: $(STAMP)
 
@@ -88,9 +88,21 @@ gpu-bench:
 model: $(STAMP)
 	$(ENV) python -m traces.model
 
-# CPU scaling of the tiny model at 1, 2, 4 ranks: model-group and replica series (traces/scaling/cpu-<host>-<date>.*)
+# CPU scaling of the tiny model at 1, 2, 4 ranks: model-group, replica and orchestration series
+# (traces/scaling/cpu-<host>-<date>.*)
 scaling: $(STAMP) checkpoints
-	$(ENV) python -m traces.cpu_scaling --checkpoint $(CKPT)/tiny-bf16
+	$(ENV) python -m traces.sweep --checkpoint $(CKPT)/tiny-bf16
+
+# On a machine with 1-4 GPUs (python3 with the stack): the FP8 slice at 1, 2, 4 GPUs in every layout that
+# fits, inline vs dedicated orchestrator, 2,000 prompts (traces/scaling/gpu-<gpu>-<date>.*). A subset:
+# LAYOUTS=G1,G2; added to an earlier call's file: MERGE=--merge; elsewhere: SCALING_OUT=dir
+GPU_SLICE := build/checkpoints/slice-fp8
+SCALING_OUT ?= traces/scaling
+gpu-scaling:
+	test -f $(GPU_SLICE)/config.json || python3 -m spmd.synth --config inputs/models/slice.json --out $(GPU_SLICE) \
+	  --weights fp8 --seed 0 --device cuda
+	. launch/env.sh && python3 -m traces.sweep --device cuda --checkpoint $(GPU_SLICE) --prompts 2000 \
+	  --batch-size 32 --dispatch-size 64 --new-tokens 16 --warmup 256 --out $(SCALING_OUT) $(if $(LAYOUTS),--layouts $(LAYOUTS)) $(MERGE)
 
 # The short paper and the EuroHPC proposal, every number from the stored result files: build/docs/{paper,proposal}.pdf
 paper: $(STAMP)

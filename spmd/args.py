@@ -52,6 +52,7 @@ class RunArgs:
     resume: bool = False
     pp: int = 1
     micro_batches: int = 0
+    orchestrator: str = "inline"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -70,7 +71,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--dispatch", choices=("static", "dynamic"), default="static")
+    p.add_argument("--dispatch", choices=("static", "dynamic"), default=None,
+                   help="static: prompts scattered by length at the start; dynamic: chunks of --dispatch-size "
+                        "handed to model groups as they finish (default: static, dynamic with a dedicated "
+                        "orchestrator)")
+    p.add_argument("--orchestrator", choices=("inline", "dedicated"), default="inline",
+                   help="inline: world rank 0 is also a model rank; dedicated: world rank 0 holds no model (no "
+                        "GPU) and only reads, tokenizes, dispatches, decodes and writes: the world is 1 + "
+                        "replicas x group ranks")
     p.add_argument("--dispatch-size", type=int, default=4, help="prompts per chunk (dynamic dispatch)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate batch")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -111,6 +119,11 @@ def parse_args(argv: list[str] | None = None) -> RunArgs:
     ns = parser().parse_args(argv)
     if ns.local_debug:
         ns.device = "cpu"
+    explicit_static = ns.dispatch == "static"
+    ns.dispatch = ns.dispatch or ("dynamic" if ns.orchestrator == "dedicated" else "static")
+    if explicit_static and ns.orchestrator == "dedicated":
+        raise UsageError("--orchestrator dedicated hands out prompts as groups finish: use --dispatch dynamic "
+                         "(or leave --dispatch out)")
     args = RunArgs(**{f.name: getattr(ns, f.name) for f in fields(RunArgs)})
     check_run_args(args)
     return args

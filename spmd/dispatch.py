@@ -3,7 +3,9 @@
 A work item is `(index, token_ids, ...)` (scoring appends the baseline's tokens). Every rank of a
 model group must see the same items in the same order (they run one model together), so items go
 to group leaders and are broadcast inside the group. Results come back as dicts carrying their
-`index`; rank 0 restores input order.
+`index`; rank 0 restores input order. With a dedicated orchestrator (world rank 0, no model) the
+dispatcher runs in its main thread, and each leader's request for more work carries the results of
+its previous chunk, so rank 0 receives, decodes and writes them while the groups compute.
 """
 from __future__ import annotations
 
@@ -35,22 +37,25 @@ def scatter_static(world: World, items: list[Item] | None) -> list[Item]:
     per_rank = None
     if world.rank == 0:
         shares = balance([len(it[1]) for it in items], world.n_replicas)
-        per_rank = [[items[i] for i in shares[r // world.group_size]] for r in range(world.size)]
+        per_rank = [[items[i] for i in shares[(r - world.first) // world.group_size]] if r >= world.first else []
+                    for r in range(world.size)]
     return world.comm.scatter(per_rank, root=0)
 
 
-class _Server(threading.Thread):
+class _Server:
     """Rank 0's dispatcher: hands the next chunk to any leader that asks, until all are told to stop.
 
-    A request that carries True (a leader stopping on a signal) halts it: from then on every leader
-    gets the empty chunk that ends its loop.
+    A request is `(halt, rows)`: halt=True (a leader stopping on a signal, or `should_halt()` on rank 0)
+    halts it: from then on every leader gets the empty chunk that ends its loop. rows (a dedicated
+    orchestrator's leaders) are the results of the leader's previous chunk, handed to `on_rows`.
     """
 
-    def __init__(self, comm, items: list[Item], chunk: int, n_remote: int):
-        super().__init__(name="spmd-dispatch", daemon=True)
+    def __init__(self, comm, items: list[Item], chunk: int, n_remote: int, on_rows=None, timers=None,
+                 should_halt=None):
         self.comm, self.chunk, self.n_remote = comm, chunk, n_remote
         self.items, self.pos, self.lock = items, 0, threading.Lock()
         self.halted = False
+        self.on_rows, self.timers, self.should_halt = on_rows, timers, should_halt
 
     def halt(self) -> None:
         with self.lock:
@@ -67,36 +72,52 @@ class _Server(threading.Thread):
     def run(self) -> None:
         stopped, status = 0, MPI.Status()
         while stopped < self.n_remote:
-            if self.comm.recv(source=MPI.ANY_SOURCE, tag=TAG_REQUEST, status=status):
+            with _waiting(self.timers, "dispatch.serve"):  # a dedicated orchestrator's idle time
+                halt, rows = self.comm.recv(source=MPI.ANY_SOURCE, tag=TAG_REQUEST, status=status)
+            if halt or (self.should_halt is not None and self.should_halt()):
                 self.halt()
             work = self.take()
             self.comm.send(work, dest=status.Get_source(), tag=TAG_WORK)
             stopped += not work
+            if rows and self.on_rows is not None:
+                self.on_rows(rows)  # after the reply: the group computes meanwhile
+
+
+def serve_chunks(world: World, items: list[Item], chunk: int, on_rows, timers=None, should_halt=None) -> None:
+    """A dedicated orchestrator (world rank 0): serve every leader until each got its empty chunk; the
+    results each request carries go to on_rows(rows)."""
+    _Server(world.comm, items, chunk, world.n_replicas, on_rows, timers, should_halt).run()
 
 
 def iter_dynamic(world: World, items: list[Item] | None, chunk: int, timers=None,
-                 stop=None) -> Iterator[list[Item]]:
+                 stop=None, outbox: list | None = None) -> Iterator[list[Item]]:
     """Chunks of `chunk` items, handed to model groups as they ask for more; ends with an empty chunk.
 
     `stop` (a `stop.Agreement`): once its group has decided to stop, the next request halts the dispatcher.
+    `outbox` (leaders, dedicated orchestrator): the caller's finished rows; each request takes them along.
     """
-    if world.n_replicas > 1 and MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+    inline = world.rank == 0 and not world.first
+    if not world.first and world.n_replicas > 1 and MPI.Query_thread() < MPI.THREAD_MULTIPLE:
         raise RuntimeError("dynamic dispatch needs MPI_THREAD_MULTIPLE (rank 0 serves chunks from a thread)")
     server = None
-    if world.rank == 0:
+    if inline:
         server = _Server(world.comm, items, chunk, world.n_replicas - 1)
-        server.start()
+        thread = threading.Thread(target=server.run, name="spmd-dispatch", daemon=True)
+        thread.start()
     while True:
         work = None
         if world.is_leader:
             halt = True if stop is not None and stop.decided else None
+            rows = list(outbox or ())
+            if outbox:
+                outbox.clear()
             with _waiting(timers, "dispatch.request"):
                 if server is not None:
                     if halt:
                         server.halt()
                     work = server.take()
                 else:
-                    world.comm.send(halt, dest=0, tag=TAG_REQUEST)
+                    world.comm.send((halt, rows), dest=0, tag=TAG_REQUEST)
                     work = world.comm.recv(source=0, tag=TAG_WORK)
         with _waiting(timers, "dispatch.group_bcast"):
             work = world.group_comm.bcast(work, root=0)
@@ -104,7 +125,7 @@ def iter_dynamic(world: World, items: list[Item] | None, chunk: int, timers=None
             break
         yield work
     if server is not None:
-        server.join()
+        thread.join()
 
 
 def iter_static(world: World, items: list[Item] | None, batch: int) -> Iterator[list[Item]]:
@@ -127,13 +148,18 @@ class Progress:
             self.bar = tqdm(total=total, initial=initial, unit="prompt", desc="prompts", dynamic_ncols=True)
 
     def update(self, n: int) -> None:
-        if not self.world.is_leader:
+        """A leader finished n prompts (a dedicated orchestrator counts the rows it receives: `add`)."""
+        if not self.world.is_leader or self.world.first:
             return
         if self.world.rank == 0:
             self._count(n)
             self._poll()
         else:
             self.pending.append(self.world.comm.isend(n, dest=0, tag=TAG_PROGRESS))
+
+    def add(self, n: int) -> None:
+        """Rank 0: n more prompts are done."""
+        self._count(n)
 
     def _count(self, n: int) -> None:
         self.done += n
@@ -167,9 +193,11 @@ def gather_results(world: World, results: list[dict], n_items: int | None = None
                    prior: list[dict] = ()) -> list[dict] | None:
     """Leaders' results to rank 0, in input order; rank 0 checks that every index came back once.
 
-    prior (rank 0): results finished by an earlier run (`--resume`), merged in.
+    prior (rank 0): results finished by an earlier run (`--resume`), merged in. A dedicated orchestrator
+    already holds every result (they came with the requests): its own list is the whole.
     """
-    parts = world.comm.gather(results if world.is_leader else [], root=0)
+    mine = world.is_orchestrator or (world.is_leader and not world.first)
+    parts = world.comm.gather(results if mine else [], root=0)
     if world.rank != 0:
         return None
     out = sorted((r for part in [list(prior), *parts] for r in part), key=lambda r: r["index"])

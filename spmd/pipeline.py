@@ -94,16 +94,16 @@ class Placement:
 
     stage: int
     stages: int
-    prev: int | None   # global rank of the same tensor rank one stage up (None on the first stage)
+    prev: int | None   # torch.distributed rank of the same tensor rank one stage up (None on the first stage)
     next: int | None   # ... one stage down (None on the last stage)
-    last_root: int     # global rank whose logits every rank of the group receives
+    last_root: int     # torch.distributed rank whose logits every rank of the group receives
 
 
 def placement(world) -> Placement:
     base = world.replica * world.group_size
     g, s = world.tp_size, world.stage
-    prev = world.rank - g if s > 0 else None
-    nxt = world.rank + g if s < world.pp - 1 else None
+    prev = world.model_rank - g if s > 0 else None
+    nxt = world.model_rank + g if s < world.pp - 1 else None
     return Placement(s, world.pp, prev, nxt, base + (world.pp - 1) * g)
 
 

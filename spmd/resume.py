@@ -171,9 +171,10 @@ def _fsync_dir(d: Path) -> None:
 
 
 class Writer:
-    """A replica leader's `replica-<k>.jsonl`: each batch's rows appended with one write, then fsync'd."""
+    """A replica leader's `replica-<k>.jsonl` (a dedicated orchestrator's `replica-orchestrator.jsonl`):
+    each batch's rows appended with one write, then fsync'd."""
 
-    def __init__(self, output: Path, replica: int, prompt_ids: list[str]):
+    def __init__(self, output: Path, replica: int | str, prompt_ids: list[str]):
         self.dir = progress_dir(output)
         self.path = self.dir / f"replica-{replica}.jsonl"
         self.ids = prompt_ids

@@ -81,7 +81,7 @@ class Agreement:
         if v:
             self.decided = True
             if w.is_leader and not v & 2:  # our own signal: tell the other replicas
-                self.notified = [r * w.group_size for r in range(w.n_replicas) if r != w.replica]
+                self.notified = [w.leader(r) for r in range(w.n_replicas) if r != w.replica]
                 self.sent = [w.comm.isend(None, dest=d, tag=TAG_STOP) for d in self.notified]
         return self.decided
 

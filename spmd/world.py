@@ -4,6 +4,10 @@ World = n_replicas × group_size ranks. Ranks g*G .. g*G+G-1 form model group g 
 model, sharded over those ranks); the G ranks with the same group_rank across replicas are never
 needed together, so only the model groups and the replica leaders get communicators.
 
+With a dedicated orchestrator (``first=1``) world rank 0 holds no model, no device and no
+torch.distributed rank: the model ranks are world ranks 1..N, torch.distributed rank = world rank - 1,
+and model group g is world ranks 1+g*G .. g*G+G. Only world ranks count in traces and MPI messages.
+
 Nothing else in the project reads RANK/LOCAL_RANK/SLURM_*: they are read (or exported) here once
 and travel in the frozen `World`.
 """
@@ -45,6 +49,22 @@ class World:
     device: str                  # "cpu" | "cuda:N"
     pp: int = 1                  # P: pipeline stages per model group (group_size = P x tp_size)
     model_group: Any = None      # torch.distributed group of the whole model group (pipelines only)
+    first: int = 0               # world rank of the first model rank: 1 with a dedicated orchestrator
+    model_comm: Any = None       # MPI communicator of the model ranks (COMM_NULL on the orchestrator)
+
+    @property
+    def is_orchestrator(self) -> bool:
+        """World rank 0 of a run with a dedicated orchestrator: no model, no device."""
+        return self.rank < self.first
+
+    @property
+    def model_rank(self) -> int:
+        """This rank's torch.distributed rank (world rank minus the orchestrator)."""
+        return self.rank - self.first
+
+    def leader(self, replica: int) -> int:
+        """World rank of a model group's leader."""
+        return self.first + replica * self.group_size
 
     @property
     def tp_size(self) -> int:
@@ -61,14 +81,11 @@ class World:
 
     @property
     def n_replicas(self) -> int:
-        return self.size // self.group_size
+        return (self.size - self.first) // self.group_size
 
     @property
     def is_leader(self) -> bool:
         return self.group_rank == 0
-
-    def group_ranks(self, replica: int) -> list[int]:
-        return list(range(replica * self.group_size, (replica + 1) * self.group_size))
 
 
 def on_root(comm, fn: Callable[[], Any], share: bool = True) -> Any:
@@ -228,17 +245,22 @@ def _probe(comm, addr: str, mine: str | None, problem: str | None) -> str | None
             s.close()
 
 
-def check_world_size(size: int, group_size: int) -> None:
-    """The world must be a whole number of model groups."""
+def check_world_size(size: int, group_size: int, first: int = 0) -> None:
+    """The world must be a whole number of model groups (after the dedicated orchestrator, if `first`)."""
     if group_size < 1:
         raise UsageError(f"--group-size={group_size} must be >= 1")
-    if size % group_size:
+    if size - first < 1:
+        raise UsageError(f"--orchestrator dedicated needs model ranks besides rank 0: the world has {size} rank")
+    if (size - first) % group_size:
+        if first:
+            raise UsageError(f"--group-size={group_size} does not divide the {size - first} model ranks (world size "
+                             f"{size} - 1 orchestrator; world = 1 + n_replicas x group_size)")
         raise UsageError(f"--group-size={group_size} does not divide the world size {size} "
                          f"(world = n_replicas x group_size)")
 
 
 def check_topology(size: int, group_size: int, local_size: int, device: str, n_gpus: int) -> None:
-    """Topology checks with the numbers in the message."""
+    """Topology checks with the numbers in the message (size, local_size: model ranks)."""
     check_world_size(size, group_size)
     if device == "cuda" and local_size > n_gpus:
         raise UsageError(f"{local_size} ranks on this node but only {n_gpus} CUDA devices visible")
@@ -264,32 +286,49 @@ def collective_timeout(environ=os.environ) -> float:
     return value
 
 
-def make_world(group_size: int, device: str = "cpu", comm=None, pp: int = 1) -> World:
+def make_world(group_size: int, device: str = "cpu", comm=None, pp: int = 1, first: int = 0) -> World:
     """Discover ranks over MPI, bind a GPU, init torch.distributed and the model-group communicators.
 
     group_size: G, the tensor/expert-parallel ranks of one stage; pp: P stages, so a model group is P x G
-    ranks (``World.group_size``), a stage G consecutive ranks of it (spmd.pipeline).
+    ranks (``World.group_size``), a stage G consecutive ranks of it (spmd.pipeline). first=1: world rank 0
+    is a dedicated orchestrator (no device, no torch.distributed); collective over `comm` all the same.
 
     Every torch.distributed group gets rank 0's ``collective_timeout()``: past it a gloo collective raises
     (the exception aborts the job), an NCCL one ends the process (TORCH_NCCL_ASYNC_ERROR_HANDLING=1).
     """
+    comm = comm or MPI.COMM_WORLD
+    on_root(comm, lambda: check_world_size(comm.size, group_size * pp, first))
+    timeout = datetime.timedelta(seconds=on_root(comm, collective_timeout))  # the same on every rank
+    model = comm.Split(color=0 if comm.rank >= first else MPI.UNDEFINED, key=comm.rank)
+    hosts = comm.allgather(socket.gethostname())
+    replica, group_rank = divmod(comm.rank - first, group_size * pp) if comm.rank >= first else (-1, -1)
+    group_comm = comm.Split(color=replica if replica >= 0 else MPI.UNDEFINED, key=comm.rank)
+    leaders_comm = comm.Split(color=0 if group_rank == 0 else MPI.UNDEFINED, key=comm.rank)
+    w = dict(rank=comm.rank, size=comm.size, hostname=socket.gethostname(), group_size=group_size * pp,
+             replica=replica, group_rank=group_rank, comm=comm, group_comm=group_comm, leaders_comm=leaders_comm,
+             pp=pp, first=first, model_comm=model)
+    if model == MPI.COMM_NULL:  # the orchestrator
+        return World(local_rank=0, local_size=1, tp_group=None, backend="none", device="cpu", **w)
+    from .pipeline import check_placement
+    on_root(model, lambda: check_placement(hosts[first:], pp, group_size))
+    return World(**w, **_model_ranks(model, group_size, pp, device, timeout))
+
+
+def _model_ranks(comm, tp: int, pp: int, device: str, timeout) -> dict:
+    """The model ranks' part of the World (collective over their communicator): local rank and GPU,
+    torch.distributed (rank = rank in `comm`), the stage groups and (pipelines) the model groups."""
     import torch
     import torch.distributed as dist
 
-    comm = comm or MPI.COMM_WORLD
     local_rank, local_size = _local_topology(comm)
     n_gpus = torch.cuda.device_count() if device == "cuda" else 0
-    tp, group_size = group_size, group_size * pp
+    group_size = tp * pp
     on_root(comm, lambda: check_topology(comm.size, group_size, local_size, device, n_gpus))
-    hosts = comm.allgather(socket.gethostname())
-    on_root(comm, lambda: _check_stage_hosts(hosts, pp, tp))
-    timeout = datetime.timedelta(seconds=on_root(comm, collective_timeout))  # the same on every rank
     if device == "cuda":
         torch.cuda.set_device(local_rank)
     dev = f"cuda:{local_rank}" if device == "cuda" else "cpu"
     backend = "nccl" if device == "cuda" else "gloo"
-    addr, port = export_dist_env(comm, local_rank, local_size, "nccl" if device == "cuda" else "gloo")
-    replica, group_rank = divmod(comm.rank, group_size)
+    addr, port = export_dist_env(comm, local_rank, local_size, backend)
     if not dist.is_initialized():
         kw = {"device_id": torch.device(dev)} if device == "cuda" else {}
         dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=comm.rank,
@@ -301,20 +340,10 @@ def make_world(group_size: int, device: str = "cpu", comm=None, pp: int = 1) -> 
             tp_group = pg
     for g in range(comm.size // group_size if pp > 1 else 0):
         pg = dist.new_group(list(range(g * group_size, (g + 1) * group_size)), timeout=timeout)
-        if g == replica:
+        if g == comm.rank // group_size:
             model_group = pg
-    group_comm = comm.Split(color=replica, key=comm.rank)
-    leaders_comm = comm.Split(color=0 if group_rank == 0 else MPI.UNDEFINED, key=comm.rank)
-    return World(rank=comm.rank, size=comm.size, local_rank=local_rank, local_size=local_size,
-                 hostname=socket.gethostname(), group_size=group_size, replica=replica,
-                 group_rank=group_rank, comm=comm, group_comm=group_comm, leaders_comm=leaders_comm,
-                 tp_group=tp_group, backend=backend, device=dev, pp=pp, model_group=model_group)
-
-
-def _check_stage_hosts(hosts: list[str], pp: int, tp: int) -> None:
-    from .pipeline import check_placement
-
-    check_placement(hosts, pp, tp)
+    return dict(local_rank=local_rank, local_size=local_size, tp_group=tp_group, model_group=model_group,
+                backend=backend, device=dev)
 
 
 def shutdown(world: World) -> None:
@@ -323,14 +352,15 @@ def shutdown(world: World) -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
-    for c in (world.group_comm, world.leaders_comm):
+    for c in (world.group_comm, world.leaders_comm, world.model_comm):
         if c != MPI.COMM_NULL:
             c.Free()
 
 
 def topology(world: World) -> dict:
     """The topology as plain data, for trace metadata and outputs."""
-    return {"world_size": world.size, "group_size": world.group_size, "n_replicas": world.n_replicas,
+    return {"world_size": world.size, "role": "orchestrator" if world.is_orchestrator else "model",
+            "orchestrator": "dedicated" if world.first else "inline", "group_size": world.group_size, "n_replicas": world.n_replicas,
             "pp": world.pp, "tp_size": world.tp_size, "stage": world.stage,
             "rank": world.rank, "replica": world.replica, "group_rank": world.group_rank,
             "local_rank": world.local_rank, "local_size": world.local_size,

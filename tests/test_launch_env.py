@@ -1,8 +1,11 @@
-"""launch/env.sh: NVLink multicast stays off whatever the caller set; one knob names the network interface."""
+"""launch/env.sh: NVLink multicast stays off whatever the caller set; one knob names the network interface.
+launch/hybrid.sh refuses a host file without the orchestrator's one-slot host first."""
 from __future__ import annotations
 
 import os
 import subprocess
+
+import pytest
 
 from conftest import ROOT
 
@@ -28,3 +31,13 @@ def test_interface_knob_and_site_settings():
     assert env["NCCL_SOCKET_IFNAME"] == env["GLOO_SOCKET_IFNAME"] == "ib0"
     assert env["NCCL_IB_HCA"] == "mlx5_0"  # the site's value passes through
     assert _env(SPMD_IFNAME="ib0", GLOO_SOCKET_IFNAME="eth0")["GLOO_SOCKET_IFNAME"] == "eth0"
+
+
+@pytest.mark.parametrize("content,message", [
+    ("a slots=2\nb slots=2\n", "the first host is the orchestrator's and needs slots=1 (it has 2)"),
+    ("# cpu\na slots=1\n\n", "at least one GPU host (1 host line(s))")])
+def test_launch_hybrid_sh_checks_the_host_file(tmp_path, content, message):
+    (tmp_path / "hosts").write_text(content)
+    r = subprocess.run(["bash", str(ROOT / "launch" / "hybrid.sh"), str(tmp_path / "hosts"), "--", "--help"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and message in r.stderr

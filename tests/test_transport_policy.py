@@ -34,19 +34,22 @@ host-a:1:1 [0] NCCL INFO Channel 00/0 : 0[0] -> 1[1] via P2P/CUMEM/read
 """
 
 
-def _run_dir(tmp: Path, hosts: list[str], backend: str, log: str | None) -> Path:
-    """A run directory with minimal rank files (and NCCL logs), merged by traces.merge."""
+def _run_dir(tmp: Path, hosts: list[str], backend: str, log: str | None, orchestrator: bool = False) -> Path:
+    """A run directory with minimal rank files (and NCCL logs), merged by traces.merge; orchestrator: rank 0
+    is a dedicated orchestrator (no torch.distributed, no NCCL log), as with --orchestrator dedicated."""
     from traces.merge import merge
 
     ev = np.zeros(1, dtype=[("name", "S8"), ("kind", "S8"), ("phase", "S8"), ("start_ns", "<i8"),
                             ("dur_ns", "<i8")])
     (tmp / "logs").mkdir(parents=True)
     for r, host in enumerate(hosts):
+        orch = orchestrator and r == 0
+        world = {"backend": "none" if orch else backend, "rank": r, "world_size": len(hosts),
+                 "role": "orchestrator" if orch else "model"}
         with h5py.File(tmp / f"rank{r:05d}.h5", "w") as f:
             f.create_dataset("events", data=ev)
-            f.attrs.update(rank=r, world_size=len(hosts), hostname=host,
-                           world=json.dumps({"backend": backend, "rank": r, "world_size": len(hosts)}))
-        if log is not None:
+            f.attrs.update(rank=r, world_size=len(hosts), hostname=host, world=json.dumps(world))
+        if log is not None and not orch:
             (tmp / "logs" / f"rank{r:05d}.nccl.log").write_text(log)
     merge(tmp)
     return tmp
@@ -86,6 +89,15 @@ def test_multi_host_nccl_without_log_cannot_show_ib(tmp_path):
     assert _check(run).returncode == 0
     r = _check(run, "--require-ib")
     assert r.returncode == 3 and "cannot show IB" in r.stderr
+
+
+def test_dedicated_orchestrator_host_is_not_a_model_host(tmp_path):
+    """Rank 0 of --orchestrator dedicated on a CPU node: the model ranks' one GPU host with P2P channels
+    (NCCL loaded only its Socket network, no IB there) is `local`, not a Socket fallback between hosts."""
+    run = _run_dir(tmp_path, ["cpu01", "a", "a"], "nccl", LOCAL_LOG + "host-a:1:1 [0] NCCL INFO Using network Socket\n",
+                   orchestrator=True)
+    r = _check(run, "--require-ib")
+    assert r.returncode == 0 and r.stdout.startswith("transport: local:"), r.stdout + r.stderr
 
 
 def test_missing_merged_trace_is_an_error(tmp_path):

@@ -34,7 +34,7 @@ def test_world_layout_and_group_collective(worlds):
         t = torch.tensor([float(w.rank)])
         if w.tp_group is not None:
             dist.all_reduce(t, group=w.tp_group)
-        assert t.item() == sum(w.group_ranks(w.replica))
+        assert t.item() == sum(range(w.replica * g, (w.replica + 1) * g))
         leaders = w.comm.allgather(w.is_leader)
         assert sum(leaders) == w.n_replicas
 
@@ -97,3 +97,31 @@ def test_gather_detects_a_lost_prompt(worlds):
             dispatch.gather_results(w, res, w.size)
     else:
         dispatch.gather_results(w, res, w.size)
+
+
+def test_dedicated_orchestrator_world_and_dispatch(worlds):
+    """World rank 0 without a model: the others form the groups; requests bring each chunk's rows back."""
+    comm = MPI.COMM_WORLD
+    if comm.size == 1:
+        with pytest.raises(UsageError, match="needs model ranks besides rank 0"):
+            make_world(1, "cpu", first=1)
+        return
+    w = make_world(1, "cpu", first=1)  # groups of one: no torch.distributed group to create
+    assert w.is_orchestrator == (w.rank == 0) and w.n_replicas == w.size - 1
+    assert (w.replica, w.model_rank) == ((-1, -1) if w.rank == 0 else (w.rank - 1, w.rank - 1))
+    assert w.leader(0) == 1
+    assert (w.model_comm == MPI.COMM_NULL) if w.rank == 0 else (w.model_comm.size == w.size - 1)
+    n, got = 11, []
+    if w.is_orchestrator:
+        dispatch.serve_chunks(w, _items(n), 2, got.extend)
+    else:
+        outbox = []
+        for work in dispatch.iter_dynamic(w, None, 2, outbox=outbox):
+            outbox += [{"index": i, "replica": w.replica} for i, _ in work]
+            got += outbox[-len(work):]
+    out = dispatch.gather_results(w, got, n)  # leaders' rows already went to rank 0 with their requests
+    if w.rank == 0:
+        assert [r["index"] for r in out] == list(range(n))
+    shutdown_comms = [c for c in (w.group_comm, w.leaders_comm, w.model_comm) if c != MPI.COMM_NULL]
+    for c in shutdown_comms:
+        c.Free()

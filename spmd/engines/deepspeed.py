@@ -185,9 +185,9 @@ def autotp(model, world, dtype, timers, log):
     tp = {"tp_size": 1}
     if world.group_size > 1:
         tp = {"tp_size": world.group_size, "tp_group": world.tp_group, "mpu": GroupUnit(world.tp_group)}
-    if world.size > 1:  # its RNG broadcast over the world would otherwise count others' build time as compute
+    if world.model_comm.size > 1:  # its RNG broadcast over the world would otherwise count others' build time as compute
         with timers.wait("load.ds.barrier"):
-            world.comm.Barrier()
+            world.model_comm.Barrier()
     out = io.StringIO()
     with timers.compute("load.ds.init_inference"), contextlib.redirect_stdout(out):
         engine = deepspeed.init_inference(model, tensor_parallel=tp, dtype=dtype, replace_with_kernel_inject=False)
@@ -255,7 +255,7 @@ def unlink_shm_buffer(world) -> None:
     leaked them (21 GB of RAM after a day of tests here). Once every rank has mapped every buffer
     (``init_distributed`` returns after that; the barrier makes it true on all ranks), this rank
     unlinks its own: the mappings stay valid and the memory goes back when the job ends, crash or not."""
-    world.comm.Barrier()
+    world.model_comm.Barrier()
     (SHM_DIR / shm_buffer_name(world.rank)).unlink(missing_ok=True)
 
 
@@ -269,17 +269,17 @@ class DeepSpeedEngine:
     def __init__(self, world, args, margs, timers):
         import deepspeed
 
-        if world.size > 1:
+        if world.model_comm.size > 1:
             with timers.wait("load.ds.init_distributed"):  # wraps our default group; on CPU starts its shm op
                 deepspeed.init_distributed(dist_backend=world.backend)
             unlink_shm_buffer(world)
         self.device = torch.device(world.device)
         self.segments = Segments(timers)
         dtype = DTYPES[args.dtype]
-        log = (lambda msg: print(msg, flush=True)) if world.rank == 0 else (lambda msg: None)
+        log = (lambda msg: print(msg, flush=True)) if world.model_rank == 0 else (lambda msg: None)
         model = meta_model(args.checkpoint, margs, world, timers, dtype, self.segments)
         self.ds = autotp(model, world, dtype, timers, log)
-        one_host_world = world.group_size == world.size == world.local_size
+        one_host_world = world.group_size == world.model_comm.size == world.local_size
         reduce = DSAllReduce(world.tp_group, one_host_world, timers, self.segments)
         autotp_layers = trace_and_plan(self.ds.module, margs, reduce, world.group_size)
         peak0 = _rss_peak_bytes()

@@ -65,7 +65,7 @@ class HFEngine:
         self.device = torch.device(world.device)
         self.timers = timers
         with timers.io("load.hf.from_pretrained"):
-            self.model = load_hf(args.checkpoint, args.dtype, world.device, log=world.rank == 0)
+            self.model = load_hf(args.checkpoint, args.dtype, world.device, log=world.model_rank == 0)
         self.cache = self.mask = self.pos = None
 
     @torch.inference_mode()

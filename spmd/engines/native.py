@@ -31,7 +31,7 @@ class NativeEngine:
             self.model = Transformer(margs, world.tp_group, timers, dtype=dtype, layers=layers,
                                      first=world.stage == 0, last=world.stage == pp - 1)
         self.pipe = Pipeline(world, timers, getattr(args, "micro_batches", 0) or pp) if pp > 1 else None
-        log = (lambda msg: print(msg, flush=True)) if world.rank == 0 else (lambda msg: None)
+        log = (lambda msg: print(msg, flush=True)) if world.model_rank == 0 else (lambda msg: None)
         fp8 = keep_fp8(getattr(args, "fp8_weights", "auto"), self.device, margs.fp8)
         peak0 = _rss_peak_bytes()
         stats = agree(world.group_comm, lambda: load(self.model, args.checkpoint, world.tp_rank,

@@ -122,13 +122,16 @@ TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=task=5
 AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=127.0.0.1
+# the namespace hosts reach slurmdbd at the bridge's address (sacct in their jobs), as they reach slurmctld
+AccountingStorageHost=$ctld_addr
 AccountingStoragePort=$DBD_PORT
 # for slurmdbd connections the munge socket is given here, not by AuthInfo
 AccountingStoragePass=$DIR/munge/munge.socket
 JobCompType=jobcomp/none
 MpiDefault=none
 SchedulerType=sched/backfill
+# heterogeneous jobs start only from the backfill scheduler: run it every second, not every 30
+SchedulerParameters=bf_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
@@ -136,6 +139,10 @@ KillWait=5
 MinJobAge=600
 $nodes
 PartitionName=ci Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+# two more over the same nodes, for heterogeneous jobs whose components ask for different partitions
+# (slurm/hybrid.sbatch: the orchestrator on cpu, the model ranks on gpu)
+PartitionName=cpu Nodes=ALL MaxTime=INFINITE State=UP
+PartitionName=gpu Nodes=ALL MaxTime=INFINITE State=UP
 EOF
   cat >"$DIR/etc/slurmdbd.conf" <<EOF
 # slurmdbd of the test cluster: MariaDB on 127.0.0.1:$DB_PORT (TCP: slurmdbd has no socket option)
@@ -220,7 +227,7 @@ start_slurm() {
       slurmd -N "$n" </dev/null >>"$DIR/log/daemons.out" 2>&1 || die "slurmd did not start (log: $DIR/log/slurmd-$n.log)"
     fi
   done
-  all_idle() { [ "$(sinfo -h -o '%T %D' | awk '$1 == "idle" {print $2}')" = "${#names[@]}" ]; }
+  all_idle() { [ "$(sinfo -h -N -t idle -o %N | sort -u | wc -l)" = "${#names[@]}" ]; }  # a node per partition
   wait_for 60 slurmd all_idle || { sinfo -N -l >&2 || true; die "nodes ${names[*]} not all idle (logs: $DIR/log/slurmd-*.log)"; }
 }
 
@@ -272,7 +279,7 @@ start() {
   start_munge
   start_mariadb
   start_slurm
-  log "up in $((SECONDS - t0)) s: nodes $(sinfo -h -o %N), export SLURM_CONF=$DIR/etc/slurm.conf"
+  log "up in $((SECONDS - t0)) s: nodes $(sinfo -h -p ci -o %N), export SLURM_CONF=$DIR/etc/slurm.conf"
 }
 
 any_alive() { local d; for d in "${DAEMONS[@]}"; do alive "$d" && return 0; done; return 1; }

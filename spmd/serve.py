@@ -1,0 +1,102 @@
+"""The work loop of one run: model ranks generate their batches; a dedicated orchestrator feeds them.
+
+`serve` runs on every model rank (and, inline, on rank 0 as well): batches from the static scatter or
+the dynamic dispatcher, generate (and score), progress files, the stop agreement. `orchestrate` is
+world rank 0 with `--orchestrator dedicated`: it holds no model and only hands out chunks, receives
+each group's results with its next request, decodes them and appends them to the progress directory
+while the groups compute.
+"""
+from __future__ import annotations
+
+from . import dispatch
+from . import prompts as P
+from . import resume as R
+from . import score as S
+from . import stop
+from .generate import GenConfig, generate, score
+
+
+def _pending(text, scoring, done):
+    """Rank 0: the work items not finished by an earlier run (--resume)."""
+    items = S.work_items(text[1], scoring and scoring.targets)
+    finished = {r["index"] for r in done or ()}
+    return [it for it in items if it[0] not in finished]
+
+
+def serve(world, engine, args, margs, text, n: int, timers, scoring: S.Scoring | None = None,
+          done: list[dict] | None = None) -> list[dict]:
+    """Generate (and score) this replica's prompts, batch by batch; results carry their input index.
+
+    done (rank 0): prompts finished by an earlier run (--resume), left out. Leaders append each batch's
+    results to the progress directory (with a dedicated orchestrator, rank 0 does). After a stop signal
+    (see spmd.stop) every rank raises Stopped.
+    """
+    items = _pending(text, scoring, done) if world.rank == 0 else None
+    n_prior = world.comm.bcast(len(done or ()) if world.rank == 0 else None, root=0)
+    prompt_ids = world.comm.bcast([p.id for p in text[0]] if world.rank == 0 else None, root=0)
+    halt = stop.Agreement(world, R.progress_dir(args.output))
+    if world.is_orchestrator:
+        return orchestrate(world, args, text, items, n, n_prior, prompt_ids, timers, halt)
+    writer = R.Writer(args.output, world.replica, prompt_ids) if world.is_leader and not world.first else None
+    cfg = GenConfig(args.max_new_tokens, margs.eos_token_id, margs.eos_token_id,
+                    args.temperature, args.top_p, args.seed)
+    outbox = [] if world.first and world.is_leader else None  # rows that go back with the next request
+    if args.dispatch == "static":
+        batches = dispatch.iter_static(world, items, args.batch_size)
+    else:
+        batches = (chunk[i:i + args.batch_size]
+                   for chunk in dispatch.iter_dynamic(world, items, args.dispatch_size, timers, halt, outbox)
+                   for i in range(0, len(chunk), args.batch_size))
+    progress = dispatch.Progress(world, n, enabled=args.progress, initial=n_prior)
+    results = []
+    for batch in batches:
+        if halt.check():  # the group agrees at every batch boundary; dynamic: drain to the halting request
+            continue
+        rows = run_batch(engine, batch, cfg, args.score_only, scoring, timers)
+        rows = [dict(r, replica=world.replica) for r in rows]
+        if writer is not None:
+            writer.append(rows)  # on disk (fsync'd) before anything else
+        if outbox is not None:
+            outbox += rows
+        results += rows
+        progress.update(len(rows))
+    progress.close()
+    if writer is not None:
+        writer.close()
+    halt.finish(len(results), n_prior, n)  # every rank: raises Stopped on all if any group stopped
+    return results
+
+
+def orchestrate(world, args, text, items, n: int, n_prior: int, prompt_ids, timers, halt) -> list[dict]:
+    """World rank 0 without a model: serve chunks; each group's rows, as they come, are decoded (the
+    completion text) and appended to the progress directory. Its own stop signal halts the dispatcher."""
+    tokenizer = text[2]
+    timers.set_phase("other")  # host work and idle time, apart from the load
+    writer = R.Writer(args.output, "orchestrator", prompt_ids)
+    progress = dispatch.Progress(world, n, enabled=args.progress, initial=n_prior)
+    results = []
+
+    def received(rows: list[dict]) -> None:
+        with timers.io("outputs.detokenize"):
+            rows = [dict(r, completion=P.decode(tokenizer, r["tokens"])) for r in rows]
+        with timers.io("progress.write"):
+            writer.append(rows)
+        results.extend(rows)
+        progress.add(len(rows))
+
+    dispatch.serve_chunks(world, items, args.dispatch_size, received, timers, lambda: stop.received() is not None)
+    progress.close()
+    writer.close()
+    halt.decided = stop.received() is not None
+    halt.finish(0, n_prior, n)
+    return results
+
+
+def run_batch(engine, batch: list[tuple], cfg: GenConfig, score_only: bool, scoring, timers) -> list[dict]:
+    """Generate (unless --score-only) and score (with --score) one batch; one dict per row, in batch order."""
+    rows = [{"index": it[0], "tokens": [], "ttft_s": 0.0, "latency_s": 0.0} for it in batch] if score_only \
+        else generate(engine, [it[:2] for it in batch], cfg, timers)
+    if scoring is not None:
+        for row, s in zip(rows, score(engine, batch, scoring.k, timers)):
+            row["score"] = s
+    return rows

@@ -16,11 +16,12 @@ step (two warm-up forwards on a side stream first: cuBLAS, Triton and NCCL set u
 all graphs share one memory pool.
 
 Timing: by default a replayed step is one compute event `decode.graph`. With SPMD_GRAPH_MARKS=stamp
-(or event) and the timers on, a shape gets two graphs, captured inside `Timers.capturing()`, so each
+(or event) and the timers on, a shape gets a graph captured inside `Timers.capturing()`, so each
 per-layer and per-collective span of the eager step is timed by marks that the graph records itself
-(spmd/graph_marks.py); steps alternate between the two graphs and the timers resolve one step's marks
-on the host while the GPU runs the next (no host sync added). With the timers off, one graph without
-marks. Warm-up and capture run with the timers suspended (nothing they do is a step).
+(spmd/graph_marks.py); the timers resolve one step's marks on the host after the next step's launch,
+while the GPU runs it (no host sync added, no timer work before a launch). Event marks are overwritten
+by the launch, so with them a shape gets two graphs that take turns. With the timers off, one graph
+without marks. Warm-up and capture run with the timers suspended (nothing they do is a step).
 mode "static" runs the same static-shape forward eagerly, on any device: what CPU
 tests check.
 """
@@ -42,7 +43,7 @@ class StaticDecode:
         self.tokens = torch.zeros(bsz, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(bsz, 1, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
-        # timed? -> [(graph, logits buffer, GraphTiming)]: two graphs taking turns when timed, else one
+        # timed? -> [(graph, logits buffer, GraphTiming)]: two graphs taking turns with event marks, else one
         self.graphs: dict[bool, list[tuple]] = {}
         self.turn = 0
 
@@ -111,7 +112,7 @@ class GraphDecoder:
 
     def _capture(self, st: StaticDecode, timed: bool) -> None:
         """Warm up on a side stream (first capture of this shape), then capture the forward (twice when
-        timed); the replay after it runs the step itself (warm-up and capture write the same slot of the
+        timed by event marks); the replay after it runs the step itself (warm-up and capture write the same slot of the
         cache with the same values)."""
         current = torch.cuda.current_stream(self.device)
         if not st.graphs:
@@ -122,7 +123,7 @@ class GraphDecoder:
                     st.forward(self.model)
             current.wait_stream(side)
         variants = []
-        for _ in range(2 if timed else 1):
+        for _ in range(2 if timed and self.marks == "event" else 1):
             graph = torch.cuda.CUDAGraph()
             with self.timers.capturing() as timing, torch.cuda.graph(graph, pool=self.pool):
                 logits = st.forward(self.model)

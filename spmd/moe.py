@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused
 from .args import ModelArgs
 from .parallel import (ColumnParallelLinear, Linear, RowParallelLinear, all_reduce, compute_span, group_info,
                        local_slice)
@@ -54,7 +55,7 @@ class Gate(nn.Module):
     def __init__(self, m: ModelArgs, dtype=None, device=None):
         super().__init__()
         self.top_k, self.n_groups, self.topk_groups = m.n_activated_experts, m.n_expert_groups, m.n_limited_groups
-        self.route_scale = m.route_scale
+        self.route_scale, self.fused = m.route_scale, False  # fused: see spmd.model.use_fused
         e = m.n_routed_experts
         self.weight = nn.Parameter(torch.empty(e, m.dim, dtype=dtype, device=device), requires_grad=False)
         self.e_score_correction_bias = nn.Parameter(torch.empty(e, dtype=torch.float32, device=device),
@@ -62,7 +63,12 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, dim) -> weights (N, top_k) float32, expert ids (N, top_k) int64."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # (N, E)
+        logits = F.linear(x.float(), self.weight.float())  # (N, E)
+        if self.fused and logits.is_cuda and fused.available(logits) and \
+                fused.route_fits(logits.shape[1], self.n_groups, self.top_k):
+            return fused.route(logits, self.e_score_correction_bias, self.n_groups, self.topk_groups, self.top_k,
+                               self.route_scale)  # one kernel for the ~18 below
+        scores = logits.sigmoid()
         choice = (scores + self.e_score_correction_bias).view(x.shape[0], self.n_groups, -1)  # (N, groups, E/groups)
         group_score = choice.topk(2, dim=-1).values.sum(-1)  # (N, groups)
         kept = group_score.topk(self.topk_groups, dim=-1).indices  # (N, topk_groups)
@@ -156,11 +162,12 @@ class MoE(nn.Module):
                 e.up_proj.weight_scale_inv = self.s13[i, inter // 128:]
                 e.down_proj.weight_scale_inv = self.s2[i]
 
-    def _gmm(self, x: torch.Tensor, w: torch.Tensor, scale, offs: torch.Tensor) -> torch.Tensor:
-        """Grouped x @ w[e]^T over the rows of each local expert (offs: their end rows)."""
+    def _gmm(self, x: torch.Tensor, w: torch.Tensor, scale, offs: torch.Tensor, row_expert) -> torch.Tensor:
+        """Grouped x @ w[e]^T over the rows of each local expert (offs: their end rows; row_expert: each
+        row's local expert, E_l past them)."""
         if scale is not None:
             from .fp8 import fp8_grouped_mm
-            return fp8_grouped_mm(x, w, scale, offs)
+            return fp8_grouped_mm(x, w, scale, offs, row_expert)
         return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -174,14 +181,14 @@ class MoE(nn.Module):
         flat = ids.flatten()  # (N*k,)
         local = (flat >= self.expert_lo) & (flat < self.expert_hi)
         key = torch.where(local, flat - self.expert_lo, self.w13.shape[0])  # other ranks' slots sort last
-        order = key.argsort(stable=True)  # (N*k,) slots grouped by local expert
+        row_expert, order = key.sort(stable=True)  # (N*k,) slots grouped by local expert
         counts = torch.zeros(self.w13.shape[0] + 1, dtype=torch.int64, device=x.device)
         counts.scatter_add_(0, key, torch.ones_like(key))  # fixed size: bincount would sync to size its output
         offs = counts[:-1].cumsum(0).to(torch.int32)  # (E_l,) end row of each local expert
         xs = x[order // k]  # (N*k, dim); rows past offs[-1] belong to no group and are not computed
         s13, s2 = getattr(self, "s13", None), getattr(self, "s2", None)
-        gate, up = self._gmm(xs, self.w13, s13, offs).chunk(2, dim=-1)
-        h = self._gmm(F.silu(gate) * up, self.w2, s2, offs)  # (N*k, dim)
+        gate, up = self._gmm(xs, self.w13, s13, offs, row_expert).chunk(2, dim=-1)
+        h = self._gmm(F.silu(gate) * up, self.w2, s2, offs, row_expert)  # (N*k, dim)
         w = weights.flatten()[order]  # (N*k,) float32
         h = torch.where(local[order, None], h.float() * w[:, None], 0.0).to(x.dtype)
         return torch.zeros_like(h).index_copy_(0, order, h).view(n, k, -1).sum(1)  # slot order: deterministic

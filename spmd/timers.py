@@ -45,9 +45,12 @@ is). A ``world_size`` attribute, when given, is what ``traces.merge`` checks for
 CUDA graphs (opt-in, ``SPMD_GRAPH_MARKS=stamp|event``): inside ``capturing()`` a compute/comm span is
 timed by marks that the graph being captured records itself (``spmd.graph_marks``); every replay
 records them again, and ``replayed(timing)`` after the launch stamps that replay with the current phase
-and step. A replay is resolved when another graph's launch finds it finished, before its own graph is
-launched again (``before_replay``), or at ``flush()``. So a caller that alternates two graphs of one
-step resolves each step on the host while the GPU runs the next one. NVTX ranges are host calls and
+and step. Stamp marks (the default) are copied to pinned host memory after each replay; the next
+``replayed`` of the same graph, after its launch, reads that copy while the GPU runs the new replay, so
+one graph per shape suffices and no timer work precedes a launch. Event marks are re-recorded by the
+launch itself: ``before_replay`` resolves the previous replay before the graph is launched again (it
+waits for it), so a caller alternates two graphs of one step to keep that off the critical path. Any
+replay is also resolved when another graph's launch finds it finished, or at ``flush()``. NVTX ranges are host calls and
 are not captured: a replay shows as one range. ``SPMD_GRAPH_MARK_LEVEL=layer`` merges the spans that
 follow each other with the same kind and layer into one (named ``layer.compute`` / ``layer.comm`` when
 their names differ, bytes summed): a mark per compute/comm change instead of per span, for the
@@ -274,6 +277,10 @@ class Timers:
         launching the same graph again (the launch overwrites its marks)."""
         if not timing or not self.enabled:
             return
+        if timing.marks.after_launch:  # the previous replay's stamps are on the host until launched() below
+            for entry in [r for r in self._replays if r[0] is timing]:
+                timing.marks.wait()
+                self._resolve_replay(entry)
         timing.marks.launched()
         for entry in [r for r in self._replays if r[0] is not timing and r[0].marks.ready()]:
             self._resolve_replay(entry)
@@ -281,7 +288,12 @@ class Timers:
         self._replays.append((timing, self._phase, self._step, anchor))
 
     def before_replay(self, timing) -> None:
-        """Resolve the previous replay of this graph, if not resolved yet (waits for it to finish)."""
+        """Before this graph is launched again: resolve its previous replay if the launch would overwrite
+        its marks before the host reads them (event marks; waits for that replay to finish). Stamp marks
+        are read from their host copy, which only the next ``replayed`` replaces: they are resolved there,
+        after the launch, while the GPU runs the new replay (no host work before the launch)."""
+        if timing.marks.after_launch:
+            return
         for entry in [r for r in self._replays if r[0] is timing]:
             timing.marks.wait()
             self._resolve_replay(entry)

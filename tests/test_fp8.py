@@ -129,6 +129,7 @@ GROUPED = {  # name: (E, K, N, R, offs)
     "wide-tiles": (4, 64, 256, 200, [60, 120, 130, 190]),
     "no-rows-routed": (4, 64, 96, 5, [0, 0, 0, 0]),
     "decode-8-of-6": (6, 192, 256, 8, [1, 1, 3, 3, 7, 8]),
+    "decode-tail-of-12": (12, 128, 96, 8, [0, 2, 2, 2, 3, 3, 3, 3, 5, 5, 5, 5]),  # 3 rows of no expert
 }
 
 
@@ -142,6 +143,27 @@ def test_grouped(case):
     ref = _ref_grouped(x, w, s, offs)
     _close(out, ref, torch.bfloat16)
     assert (out[offs[-1]:] == 0).all(), "rows past offs[-1] belong to no expert: zeros"
+
+
+@pytest.mark.parametrize("case", ["empty-experts-and-tail", "no-rows-routed", "decode-8-of-6", "decode-tail-of-12"])
+def test_grouped_row_programs(case):
+    """Far fewer rows than experts with each row's expert given: a program per row, the same output."""
+    e, k, n, r, offs = GROUPED[case]
+    # the same rows against more experts, the added ones empty: a case for programs per row
+    e, offs = fp8.ROW_PROGRAMS * r, offs + [offs[-1]] * (fp8.ROW_PROGRAMS * r - len(offs))
+    gen = torch.Generator().manual_seed(7 + len(case))
+    w, s = _weight((e, n, k), gen)
+    x = _act((r, k), torch.bfloat16, gen)
+    offs_t = torch.tensor(offs, dtype=torch.int32, device=DEVICE)
+    row_expert = torch.searchsorted(offs_t, torch.arange(r, dtype=torch.int32, device=DEVICE), right=True)
+    assert row_expert[offs[-1]:].ge(e).all() and row_expert[:offs[-1]].lt(e).all()
+    out = fp8.fp8_grouped_mm(x, w, s, offs_t, row_expert)
+    _close(out, _ref_grouped(x, w, s, offs), torch.bfloat16)
+    assert (out[offs[-1]:] == 0).all(), "rows past offs[-1] belong to no expert: zeros"
+    # the programs follow row_expert, not offs: rows said to have no expert come out zero
+    assert (fp8.fp8_grouped_mm(x, w, s, offs_t, torch.full_like(row_expert, e)) == 0).all()
+    with pytest.raises(ValueError, match="row_expert"):
+        fp8.fp8_grouped_mm(x, w, s, offs_t, row_expert[1:])
 
 
 def test_grouped_plans():

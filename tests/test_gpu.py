@@ -56,6 +56,8 @@ def test_graph_replay_equals_static_step(world):
     ckpt = checkpoint_dir("tiny", "bf16")
     static, graph = (_engine(world, ckpt, 8, cuda_graph=m, fp8_weights="dequant") for m in ("static", "on"))
     assert (static.decode_mode, graph.decode_mode) == ("static", "graph")
+    norms = [m for e in (static, graph) for m in e.model.modules() if hasattr(m, "fused")]
+    assert norms and all(m.fused for m in norms)  # the same fused ops in both (spmd.model.use_fused)
     ids = _prompts(ckpt, 6)
     for batch in (ids, ids[::-1]):  # the second batch replays the first one's graph
         tokens, mask = left_pad(batch, 1, "cuda")

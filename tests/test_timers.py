@@ -283,6 +283,8 @@ def test_cuda_io_wait_use_host_clock_and_clocks_agree():
 class FakeMarks:
     """Marks whose 'replay' times the test sets: the Timers' capture/resolve logic without a GPU."""
 
+    after_launch = False  # like EventMarks: the launch overwrites the marks
+
     def __init__(self):
         self.n, self.now, self.finished = 0, None, False
 
@@ -343,6 +345,44 @@ def test_graph_spans_share_marks_and_resolve_per_replay():
     rows = [(e[0], e[3], e[5], e[6], e[7], e[8]) for e in t._events]
     assert rows == [("a", 1, 100, 10, 0, ""), ("b", 1, 110, 20, 0, ""), ("c", 1, 130, 40, 64, "tp"),
                     ("a", 2, 200, 5, 0, ""), ("b", 2, 205, 10, 0, ""), ("c", 2, 215, 25, 64, "tp")]
+
+
+class FakeStamps(FakeMarks):
+    """Like StampMarks: a replay writes `dev`; launched() queues its copy to the host buffer `now`."""
+
+    after_launch = True
+
+    def __init__(self):
+        super().__init__()
+        self.dev = None
+
+    def launched(self):
+        self.now = list(self.dev)
+
+
+def test_stamp_replays_resolve_after_the_next_launch():
+    """One graph: replay N is read from its host copy after replay N+1's launch, before N+1's copy
+    replaces it; nothing is resolved before a launch."""
+    from spmd.timers import _host_only
+
+    t = Timers(0, device="cpu")
+    t._cuda = True
+    with _host_only(t):
+        timing = _capture_fake(t)
+    timing.marks = FakeStamps()
+    timing.marks.n = 4
+    for step, dev in ((1, [100, 110, 130, 170]), (2, [200, 205, 215, 240]), (3, [300, 301, 302, 303])):
+        t.set_phase("decode", step)
+        t.before_replay(timing)  # a no-op for stamps: no host work before the launch
+        assert len(t._events) == 3 * max(step - 2, 0)
+        timing.marks.dev = dev  # the launch: the graph writes its stamps on the device
+        t.replayed(timing)  # resolves the previous replay from the host copy, then copies this one
+        assert len(t._events) == 3 * (step - 1) and len(t._replays) == 1
+    t._resolve_replay(t._replays[0])  # what flush() does after its synchronize
+    starts = [(e[0], e[3], e[5], e[6]) for e in t._events]
+    assert starts == [("a", 1, 100, 10), ("b", 1, 110, 20), ("c", 1, 130, 40),
+                      ("a", 2, 200, 5), ("b", 2, 205, 10), ("c", 2, 215, 25),
+                      ("a", 3, 300, 1), ("b", 3, 301, 1), ("c", 3, 302, 1)]
 
 
 def test_layer_level_merges_runs_of_one_kind_and_layer():

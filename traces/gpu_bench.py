@@ -223,7 +223,7 @@ def all_(a) -> int:
             r["decode_floor_ms"] = r["decode_floor_bytes"] / (ceil["copy_gbps"] * 1e9) * 1e3
             r["decode_vs_floor"] = r["decode_ms_step"] / r["decode_floor_ms"]
     doc = {"gpu": ceil["gpu"], "date": dt.date.today().isoformat(), "ceilings": ceil, "rows": rows}
-    out = Path(a.out) / f"{ceil['gpu'].replace(' ', '_')}-{doc['date']}.json"
+    out = Path(a.out) / f"{a.prefix}{ceil['gpu'].replace(' ', '_')}-{doc['date']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))
     print(table(rows))
@@ -273,6 +273,8 @@ def main(argv=None) -> int:
     al.add_argument("--ckpt-root", default=str(ROOT / "build" / "checkpoints"))
     al.add_argument("--work", default=str(ROOT / "build" / "bench"))
     al.add_argument("--out", default=str(ROOT / "traces" / "bench"))
+    al.add_argument("--prefix", default="", help="of the result file's name (e.g. 'fused-': a run of some "
+                                                 "configurations beside the full one of the same day)")
     a = p.parse_args(argv)
     if a.cmd == "run":
         a.batches = [int(b) for b in a.batches.split(",")]

@@ -86,9 +86,15 @@ class Fit:
 
 
 def load_bench(paths: list[Path]) -> tuple[dict, list[dict]]:
-    """The ceilings of the first file and the rows of all (errors dropped)."""
+    """The ceilings of the first file and the rows of all (errors dropped; a (config, batch) that an
+    earlier file has is taken from that one)."""
     docs = [json.loads(Path(p).read_text()) for p in paths]
-    rows = [r for d in docs for r in d["rows"] if "error" not in r]
+    rows, seen = [], set()
+    for r in (r for d in docs for r in d["rows"] if "error" not in r):
+        key = (r.get("tag"), r.get("batch"))
+        if key not in seen:
+            seen.add(key)
+            rows.append(r)
     return docs[0]["ceilings"], rows
 
 

@@ -7,7 +7,7 @@ import torch
 
 from ..checkpoint import load
 from ..decode_graph import GraphDecoder
-from ..model import Transformer
+from ..model import Transformer, use_fused
 from ..pipeline import Pipeline, stage_layers
 from ..world import agree
 
@@ -50,6 +50,7 @@ class NativeEngine:
                          stage_layers=[self.model.stage_layers.start, self.model.stage_layers.stop])
         self.graphs = None if self.decode_mode == "eager" else GraphDecoder(self.model, timers, self.device,
                                                                             self.decode_mode)
+        use_fused(self.model, self.decode_mode != "eager")  # graph, and static: the same ops eagerly
         self.cache = self.key_mask = self.pos = self.static = None
         self.cur = 0
 

@@ -48,7 +48,8 @@ def run(comm, argv) -> None:
     W.on_root(comm, lambda: W.check_world_size(comm.size, args.group_size * args.pp, first))
     W.on_root(comm, lambda: A.check_paths(args))
     margs = W.on_root(comm, lambda: A.ModelArgs.from_checkpoint(args.checkpoint))
-    W.on_root(comm, lambda: A.check_model_topology(margs, args.group_size, args.engine, args.pp))
+    W.on_root(comm, lambda: A.check_model_topology(margs, args.group_size, args.engine, args.pp, comm.size,
+                                                   args.orchestrator))
     world = W.make_world(args.group_size, args.device, comm, pp=args.pp, first=first)
     guard.start()  # faults at "start", the watchdog thread
     prof = Profiler.from_args(args, world)  # --profile: a window over decode steps, opened by set_phase

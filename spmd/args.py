@@ -288,14 +288,21 @@ def _model_args(cls, c: dict) -> ModelArgs:
         fp8=q.get("quant_method") == "fp8", scale_fmt=q.get("scale_fmt"), raw=c)
 
 
-def check_model_topology(m: ModelArgs, group_size: int, engine: str, pp: int = 1) -> None:
-    """Divisibility of heads, experts, vocab and FP8 blocks by the model-group size; layers per stage."""
+def check_model_topology(m: ModelArgs, group_size: int, engine: str, pp: int = 1, world_size: int | None = None,
+                         orchestrator: str = "inline") -> None:
+    """Divisibility of heads, experts, vocab and FP8 blocks by the model-group size; layers per stage.
+
+    --engine hf with a group of G > 1 runs transformers' own tensor + expert parallel plan
+    (DistributedConfig), which spans torch.distributed's whole world: one group, inline orchestration."""
     g = group_size
     if pp > m.n_layers:
         raise UsageError(f"--pp {pp} stages for {m.n_layers} layers (num_hidden_layers): each stage needs "
                          f"at least one layer")
-    if engine == "hf" and g != 1:
-        raise UsageError(f"--engine hf replicates the whole model: it needs --group-size 1, got {g}")
+    if engine == "hf" and g != 1 and (world_size != g or orchestrator != "inline"):
+        raise UsageError(f"--engine hf --group-size {g} shards with transformers' tensor/expert parallel plan, "
+                         f"which spans the whole world: it needs one model group (world size {g}, got "
+                         f"{world_size}) and --orchestrator inline (got {orchestrator}); "
+                         f"for replicas use --group-size 1")
     checks = [("n_heads", m.n_heads), ("n_routed_experts", m.n_routed_experts), ("vocab_size", m.vocab_size),
               ("intermediate_size", m.inter_dim), ("shared expert intermediate",
                                                    m.moe_inter_dim * m.n_shared_experts)]

@@ -45,8 +45,11 @@ def test_model_args_of_the_real_config():
     A.check_model_topology(m, 16, "native")
     with pytest.raises(UsageError, match="n_heads=128 not divisible by group size 48"):
         A.check_model_topology(m, 48, "native")
-    with pytest.raises(UsageError, match="needs --group-size 1"):
-        A.check_model_topology(m, 2, "hf")
+    A.check_model_topology(m, 2, "hf", world_size=2)  # one group: transformers' own TP/EP plan
+    with pytest.raises(UsageError, match="it needs one model group"):
+        A.check_model_topology(m, 2, "hf", world_size=4)  # two replicas of a group
+    with pytest.raises(UsageError, match="--orchestrator inline"):
+        A.check_model_topology(m, 2, "hf", world_size=2, orchestrator="dedicated")
 
 
 def test_fp8_block_check_names_the_tensor():

@@ -54,6 +54,26 @@ def test_traces_written_by_every_rank_and_merged(hf_run):
         assert {b"prefill", b"decode", b"load"} <= set(ev["phase"].tolist())
 
 
+def test_hf_engine_with_transformers_tensor_expert_parallel_equals_transformers(tiny_bf16, reference, hf_run,
+                                                                               tmp_path):
+    """--engine hf --group-size 2: transformers' DistributedConfig(tp_plan="auto", expert parallel) over
+    both ranks gives the unsharded model's tokens; its routed experts are split between the ranks."""
+    r = _run(tiny_bf16, tmp_path / "tp.jsonl", "--engine", "hf", "--group-size", "2", "--trace-dir",
+             str(tmp_path / "traces"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _tokens(tmp_path / "tp.jsonl") == reference
+    info = {}
+    for run, d in (("tp", tmp_path / "traces"), ("replicas", hf_run / "traces")):
+        with h5py.File(d / "merged.h5") as f:
+            info[run] = [json.loads(f[f"ranks/{r}"].attrs["engine_info"]) for r in range(2)]
+            if run == "tp":
+                world = json.loads(f["ranks/0"].attrs["world"])
+                assert world["group_size"] == 2 and world["n_replicas"] == 1
+    assert [i["hf_parallel"] for i in info["tp"]] == ["tp+ep"] * 2
+    full = info["replicas"][0]["expert_param_bytes"]
+    assert full > 0 and all(i["expert_param_bytes"] == full // 2 for i in info["tp"])  # experts split in two
+
+
 def test_dynamic_dispatch_gives_the_same_outputs(tiny_bf16, hf_run, tmp_path):
     r = _run(tiny_bf16, tmp_path / "dyn.jsonl", "--engine", "hf", "--dispatch", "dynamic",
              "--dispatch-size", "3", "--batch-size", "2")

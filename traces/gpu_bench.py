@@ -201,7 +201,8 @@ CONFIGS = {  # tag: (engine, gpus, weights, options of `run`)
     "native-2gpu-bf16": ("native", 2, "bf16", ()), "native-2gpu-fp8": ("native", 2, "fp8", ()),
     "native-2gpu-bf16-eager": ("native", 2, "bf16", EAGER),
     "native-2gpu-pp2-bf16": ("native", 2, "bf16", ("--pp", "2")),
-    "hf-1gpu-bf16": ("hf", 1, "bf16", ()), "deepspeed-2gpu-bf16": ("deepspeed", 2, "bf16", ()),
+    "hf-1gpu-bf16": ("hf", 1, "bf16", ()), "hf-2gpu-bf16": ("hf", 2, "bf16", ()),  # 2: transformers' TP/EP
+    "deepspeed-2gpu-bf16": ("deepspeed", 2, "bf16", ()),
 }
 
 

@@ -1,4 +1,8 @@
-"""Reference engine: transformers' DeepseekV3ForCausalLM, the whole model on every rank (data parallel)."""
+"""Reference engine: transformers' DeepseekV3ForCausalLM, the whole model on every rank (data parallel), or,
+with --group-size G > 1 (one group), sharded by transformers' own plan: DistributedConfig(tp_plan="auto",
+enable_expert_parallel=True), i.e. the dense and shared MLPs split by columns/rows and the routed experts
+split over the ranks (MLA attention is not in transformers' plan: replicated). An anchor for the native
+engine's tensor + expert parallelism, run on the same torch.distributed world."""
 from __future__ import annotations
 
 import json
@@ -14,8 +18,11 @@ from ..fp8_cast import dequantized_copy, needs_cast
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def load_hf(checkpoint: Path, dtype: str = "fp32", device: str = "cpu", log: bool = True):
-    """transformers' model on one device, eval mode; the MTP layer(s) after the last layer are skipped."""
+def load_hf(checkpoint: Path, dtype: str = "fp32", device: str = "cpu", log: bool = True, parallel: bool = False):
+    """transformers' model on one device, eval mode; the MTP layer(s) after the last layer are skipped.
+
+    parallel: sharded over torch.distributed's world (initialized) by transformers' tensor + expert
+    parallel plan; it places each rank's shards on that rank's device itself (LOCAL_RANK)."""
     from transformers import DeepseekV3ForCausalLM
 
     cfg = json.loads((Path(checkpoint) / "config.json").read_text())
@@ -25,15 +32,25 @@ def load_hf(checkpoint: Path, dtype: str = "fp32", device: str = "cpu", log: boo
         print(f"hf: skipping MTP layer(s) model.layers.{first}..{first + n_mtp - 1} "
               f"(num_nextn_predict_layers={n_mtp})", file=sys.stderr)
     # transformers ignores only model.layers.61 (the real checkpoint's MTP layer) by itself
-    cls = type("DeepseekV3ForCausalLM", (DeepseekV3ForCausalLM,),
-               {"_keys_to_ignore_on_load_unexpected": [*DeepseekV3ForCausalLM._keys_to_ignore_on_load_unexpected,
-                                                        *skip]})
+    attrs = {"_keys_to_ignore_on_load_unexpected": [*DeepseekV3ForCausalLM._keys_to_ignore_on_load_unexpected,
+                                                     *skip]}
+    if parallel:  # transformers picks the experts' implementation by reading the class's module source; its
+        # expert-parallel plan needs the grouped one (the eager loop's one_hot fails on the plan's sentinel
+        # for other ranks' experts), which it takes only for a class of the modeling module
+        attrs["__module__"] = DeepseekV3ForCausalLM.__module__
+    cls = type("DeepseekV3ForCausalLM", (DeepseekV3ForCausalLM,), attrs)
     # built on the CPU, then moved: transformers fuses the per-expert tensors while loading, and on the GPU
     # that needs a second copy of every MoE layer (the full-width slice does not fit an 80 GB card so)
     misread = needs_cast(checkpoint)
+    if parallel:
+        from transformers import DistributedConfig
+
+        place = {"distributed_config": DistributedConfig(tp_plan="auto", enable_expert_parallel=True)}
+    else:
+        place = {"device_map": "cpu"}
     if not misread:
-        model = cls.from_pretrained(str(checkpoint), dtype=DTYPES[dtype], device_map="cpu", **_dequantized(cfg))
-        return model.to(device).eval()
+        model = cls.from_pretrained(str(checkpoint), dtype=DTYPES[dtype], **place, **_dequantized(cfg))
+        return (model if parallel else model.to(device)).eval()
     # FP8 weights transformers' dequantizer would refuse or misread (spmd/fp8_cast.py): load an exact
     # dequantized copy instead, written next to nothing the user owns and gone once the model is built
     with tempfile.TemporaryDirectory(prefix="spmd-fp8cast-", dir=os.environ.get("SPMD_TMPDIR")) as tmp:
@@ -42,8 +59,8 @@ def load_hf(checkpoint: Path, dtype: str = "fp32", device: str = "cpu", log: boo
             print(f"hf: {len(misread)} FP8 weights are not whole 128-blocks (e.g. {misread[0]}), which "
                   f"transformers' dequantizer misreads: loading an exact dequantized copy", file=sys.stderr)
         dequantized_copy(checkpoint, Path(tmp), "cuda" if str(device).startswith("cuda") else "cpu", log=say)
-        model = cls.from_pretrained(tmp, dtype=DTYPES[dtype], device_map="cpu")
-        model = model.to(device).eval()
+        model = cls.from_pretrained(tmp, dtype=DTYPES[dtype], **place)
+        model = (model if parallel else model.to(device)).eval()
     return model
 
 
@@ -58,6 +75,16 @@ def _dequantized(cfg: dict) -> dict:
         q.get("weight_block_size", (128, 128))))}
 
 
+def _local_bytes(model, contains: str = "") -> int:
+    """Bytes of this rank's parameters (a sharded one's local shard) whose name contains `contains`."""
+    total = 0
+    for name, p in model.named_parameters():
+        if contains in name:
+            local = p.to_local() if hasattr(p, "to_local") else p  # DTensor shards
+            total += local.numel() * local.element_size()
+    return total
+
+
 class HFEngine:
     """A `generate.Stepper` over transformers' model with its own DynamicCache."""
 
@@ -65,7 +92,10 @@ class HFEngine:
         self.device = torch.device(world.device)
         self.timers = timers
         with timers.io("load.hf.from_pretrained"):
-            self.model = load_hf(args.checkpoint, args.dtype, world.device, log=world.model_rank == 0)
+            self.model = load_hf(args.checkpoint, args.dtype, world.device, log=world.model_rank == 0,
+                                 parallel=world.group_size > 1)
+        self.info = {"hf_parallel": "tp+ep" if world.group_size > 1 else "replicated",
+                     "param_bytes": _local_bytes(self.model), "expert_param_bytes": _local_bytes(self.model, "mlp.experts")}
         self.cache = self.mask = self.pos = None
 
     @torch.inference_mode()

@@ -45,6 +45,8 @@ def run(comm, argv) -> None:
     args = A.parse_args(argv)  # same argv everywhere: the same result, or the same UsageError, on every rank
     first = int(args.orchestrator == "dedicated")  # world rank of the first model rank
     guard = W.agree(comm, lambda: F.Guard.from_env(comm.rank, comm.size))  # SPMD_FAULT, SPMD_WATCHDOG_S
+    # before the paths and the model's shape, so a world that fits no group says so first (make_world,
+    # which tools and tests call directly, checks it again)
     W.on_root(comm, lambda: W.check_world_size(comm.size, args.group_size * args.pp, first))
     W.on_root(comm, lambda: A.check_paths(args))
     margs = W.on_root(comm, lambda: A.ModelArgs.from_checkpoint(args.checkpoint))

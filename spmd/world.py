@@ -259,9 +259,9 @@ def check_world_size(size: int, group_size: int, first: int = 0) -> None:
                          f"(world = n_replicas x group_size)")
 
 
-def check_topology(size: int, group_size: int, local_size: int, device: str, n_gpus: int) -> None:
-    """Topology checks with the numbers in the message (size, local_size: model ranks)."""
-    check_world_size(size, group_size)
+def check_gpus_per_node(local_size: int, device: str, n_gpus: int) -> None:
+    """One GPU per model rank of a node (local_size: the node's model ranks). The world's size is checked
+    once, by make_world (check_world_size)."""
     if device == "cuda" and local_size > n_gpus:
         raise UsageError(f"{local_size} ranks on this node but only {n_gpus} CUDA devices visible")
 
@@ -323,7 +323,7 @@ def _model_ranks(comm, tp: int, pp: int, device: str, timeout) -> dict:
     local_rank, local_size = _local_topology(comm)
     n_gpus = torch.cuda.device_count() if device == "cuda" else 0
     group_size = tp * pp
-    on_root(comm, lambda: check_topology(comm.size, group_size, local_size, device, n_gpus))
+    on_root(comm, lambda: check_gpus_per_node(local_size, device, n_gpus))
     if device == "cuda":
         torch.cuda.set_device(local_rank)
     dev = f"cuda:{local_rank}" if device == "cuda" else "cpu"

@@ -7,7 +7,7 @@ import pytest
 
 from spmd import args as A
 from spmd import prompts as P
-from spmd.world import UsageError, check_topology
+from spmd.world import UsageError, check_gpus_per_node, check_world_size
 
 BASE = ["--checkpoint", "c", "--prompts", "p.jsonl", "--output", "o.jsonl"]
 
@@ -31,10 +31,13 @@ def test_bad_arguments_raise_usage_error(extra, msg):
 
 def test_topology_messages_carry_numbers():
     with pytest.raises(UsageError, match="--group-size=3 does not divide the world size 4"):
-        check_topology(4, 3, 4, "cpu", 0)
+        check_world_size(4, 3)
+    with pytest.raises(UsageError, match="does not divide the 4 model ranks"):
+        check_world_size(5, 3, first=1)
     with pytest.raises(UsageError, match="4 ranks on this node but only 2 CUDA devices"):
-        check_topology(4, 2, 4, "cuda", 2)
-    check_topology(4, 2, 4, "cpu", 0)
+        check_gpus_per_node(4, "cuda", 2)
+    check_world_size(4, 2)
+    check_gpus_per_node(4, "cpu", 0)
 
 
 def test_model_args_of_the_real_config():

@@ -13,7 +13,7 @@ def test_series_efficiency_and_orchestration():
                 "decode_ms": 1.0, "decode_comm_pct": 0.0, "group_size": g, "device": "cpu", "engine": "native",
                 "tokens": 100.0, "wall_s": 1.0, "job_s": 2.0, "job_tokens_per_s": 50.0 * r * (1.2 if o else 1.0),
                 "model_idle_pct": 5.0}
-            for n, (_, r, g, _, o) in S.LAYOUTS.items()}
+            for n, (_, r, g, _, twin) in S.LAYOUTS.items() for o in [twin is not None]}
     s = S.series(rows)
     assert [r["layout"] for r in s["replica"]] == ["G1", "2xG1", "2xG2", "4xG1"]
     assert [r["layout"] for r in s["group"]] == ["G1", "G2", "P2", "G4", "P2G2"]
@@ -56,3 +56,21 @@ def test_inline_and_dedicated_layouts_run_and_are_written(tmp_path, tiny_bf16):
     b = [json.loads(x)["completion_token_ids"] for x in (tmp_path / "w" / "G1+O.jsonl").read_text().splitlines()]
     assert a == b and len(a) == 24
     assert doc_path.with_suffix(".png").stat().st_size > 0 and doc_path.with_suffix(".md").is_file()
+
+
+def test_resummarize_rebuilds_the_stored_series(tmp_path):
+    """--resummarize: a stored result file's series, .md and .png come back from its runs alone."""
+    import json
+    import shutil
+
+    for name in ("gpu-NVIDIA_H200-2026-11-28", "cpu-vm-2026-11-28"):
+        src = S.ROOT / "traces" / "scaling" / f"{name}.json"
+        stored = json.loads(src.read_text())
+        path = tmp_path / src.name
+        shutil.copy(src, path)
+        doc = dict(stored, series={})
+        path.write_text(json.dumps(doc))
+        assert S.main(["--resummarize", str(path)]) == 0
+        assert json.loads(path.read_text()) == stored
+        assert path.with_suffix(".md").read_text() == src.with_suffix(".md").read_text()
+        assert path.with_suffix(".png").stat().st_size > 0

@@ -17,7 +17,8 @@ N prompts made of 1 to 3 of the 20 validation prompts (seeded); --warmup K first
 once on K of them, unrecorded (on GPU the first run of a shape compiles Triton kernels inside its
 measured time). Writes OUT/cpu-<host>-<date>.json or
 OUT/gpu-<gpu>-<date>.json, .md and .png, with the core count (CPU: beyond it ranks share cores) or the
-GPU name; on GPU, layouts needing more GPUs than there are are skipped; --merge adds to a file.
+GPU name; on GPU, layouts needing more GPUs than there are are skipped; --merge adds to a file;
+--resummarize FILE recomputes a stored file's series (and .md, .png) from its runs.
 """
 from __future__ import annotations
 
@@ -35,13 +36,14 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "inputs" / "prompts" / "validation20.jsonl"
-# name: (series, model ranks, ranks per stage, stages, dedicated orchestrator)
-LAYOUTS = {"G1": ("both", 1, 1, 1, False), "G2": ("group", 2, 2, 1, False), "G4": ("group", 4, 4, 1, False),
-           "P2": ("group", 2, 1, 2, False), "P2G2": ("group", 4, 2, 2, False),
-           "2xG1": ("replica", 2, 1, 1, False), "4xG1": ("replica", 4, 1, 1, False),
-           "2xG2": ("replica", 4, 2, 1, False),
-           "G1+O": ("orchestration", 1, 1, 1, True), "G2+O": ("orchestration", 2, 2, 1, True),
-           "2xG1+O": ("orchestration", 2, 1, 1, True), "4xG1+O": ("orchestration", 4, 1, 1, True)}
+# name: (series, model ranks, ranks per stage, stages, inline twin): the twin is set for the layouts with a
+# dedicated orchestrator, and names the same layout run inline (what the orchestration series compares)
+LAYOUTS = {"G1": ("both", 1, 1, 1, None), "G2": ("group", 2, 2, 1, None), "G4": ("group", 4, 4, 1, None),
+           "P2": ("group", 2, 1, 2, None), "P2G2": ("group", 4, 2, 2, None),
+           "2xG1": ("replica", 2, 1, 1, None), "4xG1": ("replica", 4, 1, 1, None),
+           "2xG2": ("replica", 4, 2, 1, None),
+           "G1+O": ("orchestration", 1, 1, 1, "G1"), "G2+O": ("orchestration", 2, 2, 1, "G2"),
+           "2xG1+O": ("orchestration", 2, 1, 1, "2xG1"), "4xG1+O": ("orchestration", 4, 1, 1, "4xG1")}
 CPU_LAYOUTS = "G1,G2,G4,P2,P2G2,2xG1,4xG1,G1+O,2xG1+O"
 GPU_LAYOUTS = "G1,G2,G4,P2,P2G2,2xG1,4xG1,2xG2,G2+O,2xG1+O,4xG1+O"
 
@@ -71,7 +73,8 @@ def warm_up(layouts: list[str], a, prompts: Path) -> None:
 
 
 def run_layout(name: str, a, prompts: Path, tag: str = "") -> Path:
-    _, ranks, group, pp, dedicated = LAYOUTS[name]
+    _, ranks, group, pp, twin = LAYOUTS[name]
+    dedicated = twin is not None
     trace = a.work / f"{tag}{name}"
     cmd = [*os.environ.get("MPIRUN", "mpirun").split(), "-n", str(ranks + dedicated), sys.executable, "-m", "mpi4py",
            "-m", "spmd", "--checkpoint", str(a.checkpoint), "--prompts", str(prompts),
@@ -126,15 +129,15 @@ def series(rows: dict[str, dict]) -> dict[str, list[dict]]:
     from traces.scaling import with_efficiency
 
     out = {}
+    twins = {LAYOUTS[n][4] for n in rows if LAYOUTS[n][4]}  # inline layouts run beside their +O layout
     for s in ("group", "replica", "orchestration"):
-        names = [n for n, (ser, *_) in LAYOUTS.items() if ser in (s, "both") and n in rows]
-        if s == "orchestration":
-            names = [n for n in LAYOUTS if n in rows and (n == "G1" or n.endswith("+O") or f"{n}+O" in rows)]
+        names = [n for n, (ser, *_) in LAYOUTS.items() if n in rows and (ser in (s, "both") or
+                                                                        (s == "orchestration" and n in twins))]
         runs = [dict(rows[n], run=n, ranks=LAYOUTS[n][1]) for n in names]
         out[s] = [dict(r, layout=r["run"]) for r in (with_efficiency(runs) if runs else [])]
     for r in out["orchestration"]:
-        inline = rows.get(r["layout"].removesuffix("+O"))
-        if r["layout"].endswith("+O") and inline:
+        inline = rows.get(LAYOUTS[r["layout"]][4])
+        if inline:
             r["vs_inline"] = r["job_tokens_per_s"] / inline["job_tokens_per_s"]
     return out
 
@@ -216,7 +219,13 @@ def main(argv=None) -> int:
                    "unrecorded (Triton's compiles out of the measured runs)")
     p.add_argument("--merge", action="store_true", help="keep the other runs of an existing result file with the "
                    "same settings (one sweep over several calls)")
+    p.add_argument("--resummarize", type=Path, metavar="FILE", help="run nothing: rewrite a result file's series "
+                   "and its .md and .png from the runs it stores (after a change to how series are made)")
     a = p.parse_args(argv)
+    if a.resummarize:
+        doc = resummarize(a.resummarize)
+        print(markdown(doc))
+        return 0
     a.dtype = a.dtype or ("bf16" if a.device == "cuda" else "fp32")
     layouts = (a.layouts or (GPU_LAYOUTS if a.device == "cuda" else CPU_LAYOUTS)).split(",")
     if a.device == "cuda":
@@ -245,6 +254,19 @@ def main(argv=None) -> int:
     print(markdown(doc))
     print(f"wrote {base}.json, .md and {plot(doc, base.with_suffix('.png'))}")
     return 0
+
+
+def resummarize(path: Path) -> dict:
+    """FILE's series recomputed from its runs; FILE, its .md and its .png rewritten (each atomically)."""
+    path = Path(path)
+    doc = json.loads(path.read_text())
+    doc["series"] = series(doc["runs"])
+    for target, text in ((path, json.dumps(doc, indent=1) + "\n"), (path.with_suffix(".md"), markdown(doc))):
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, target)
+    plot(doc, path.with_suffix(".png"))
+    return doc
 
 
 def write(a, rows: dict[str, dict]) -> tuple[Path, dict]:

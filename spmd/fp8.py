@@ -85,10 +85,11 @@ def triton_available(device: torch.device | str) -> bool:
     if triton is None:
         return False
     device = torch.device(device)
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == "cuda" or interpret()
 
 
-def _interpret() -> bool:
+def interpret() -> bool:
+    """Whether Triton runs under its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -290,7 +291,7 @@ def _upcast(dtype: torch.dtype) -> bool:
     """Dot in fp32 instead of bf16: only under TRITON_INTERPRET, whose tl.dot runs np.matmul on bf16's
     uint16 storage (Triton 3.6-3.8). bf16 x fp8 products are exact in fp32 and the sum is fp32 either way,
     so this changes nothing but summation order; on GPUs the dot stays bf16 (tensor cores)."""
-    return dtype == torch.bfloat16 and _interpret()
+    return dtype == torch.bfloat16 and interpret()
 
 
 def _check_scales(w: torch.Tensor, scale_inv: torch.Tensor) -> None:
@@ -325,7 +326,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor) -> tor
     # (deterministic, no atomics). Every element of `dst` is written by the kernel.
     dst = torch.empty((split, m, n) if split > 1 else (m, n), dtype=torch.float32 if split > 1 else x.dtype,
                       device=x.device)
-    linear, _ = _kernels(_interpret())
+    linear, _ = _kernels(interpret())
     linear[(triton.cdiv(m, bm), triton.cdiv(n, bn), split)](
         x2, w, scale_inv, dst, m, n, k,
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), scale_inv.stride(0), scale_inv.stride(1),
@@ -366,7 +367,7 @@ def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, of
     rows = row_expert is not None and ROW_PROGRAMS * r <= e
     if rows and row_expert.shape != (r,):
         raise ValueError(f"fp8_grouped_mm: row_expert {tuple(row_expert.shape)} for {r} rows")
-    _, grouped = _kernels(_interpret())
+    _, grouped = _kernels(interpret())
     grouped[(r if rows else e, triton.cdiv(n, bn))](
         x, w, scale_inv, offs, row_expert if rows else offs, out, r, n, k, e,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),

@@ -14,28 +14,23 @@ top-k experts of the kept groups, their unbiased scores normalized and scaled. O
 holds its E scores in registers; top-k is k rounds of argmax (ties to the lower index). It returns the
 experts in descending order of choice score, as torch.topk does.
 
-Used on CUDA where Triton imports (``available``); elsewhere the torch path runs. Tested against torch
+The model takes them on CUDA where Triton imports (``spmd.model.use_fused`` decides once per module);
+elsewhere the torch path runs. Tested against torch
 under Triton's CPU interpreter (tests/test_fused.py) and on GPUs.
 """
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
+
+from .fp8 import interpret
 
 try:
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = tl = None
-
-
-def available(x: torch.Tensor) -> bool:
-    """Whether the kernels run for x: CUDA with Triton, or CPU under TRITON_INTERPRET=1."""
-    if triton is None:
-        return False
-    return x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, D, stride_x, stride_o, eps, BLOCK: tl.constexpr):
@@ -86,10 +81,6 @@ def _kernels(interpret: bool):
     return triton.jit(_rms_norm_kernel), triton.jit(_route_kernel)
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def route_fits(n_experts: int, n_groups: int, top_k: int) -> bool:
     """Whether ``route`` takes this router: E and top-k powers of two (Triton's block shapes), E / groups too."""
     def pow2(v: int) -> bool:
@@ -109,7 +100,7 @@ def route(logits: torch.Tensor, bias: torch.Tensor, n_groups: int, topk_groups: 
     weights = torch.empty((n, top_k), dtype=torch.float32, device=logits.device)
     ids = torch.empty((n, top_k), dtype=torch.int64, device=logits.device)
     if n:
-        _kernels(_interpret())[1][(n,)](logits, bias.float(), weights, ids, logits.stride(0), float(route_scale),
+        _kernels(interpret())[1][(n,)](logits, bias.float(), weights, ids, logits.stride(0), float(route_scale),
                                         E=e, G=n_groups, TOPK_G=topk_groups, K=top_k, num_warps=4)
     return weights, ids
 
@@ -127,7 +118,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     if x2.shape[0]:
         block = triton.next_power_of_2(d)
-        _kernels(_interpret())[0][(x2.shape[0],)](
+        _kernels(interpret())[0][(x2.shape[0],)](
             x2, weight, out, d, x2.stride(0), out.stride(0), eps, BLOCK=block,
             num_warps=8 if block >= 4096 else 4)
     return out.view(x.shape)

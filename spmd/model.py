@@ -17,6 +17,7 @@ from torch import nn
 
 from . import fused
 from .args import ModelArgs
+from .fp8 import triton_available
 from .moe import MLP, MoE
 from .parallel import ColumnParallelLinear, Linear, ParallelEmbedding, RowParallelLinear, group_info
 
@@ -104,10 +105,14 @@ def use_fused(model: nn.Module, on: bool) -> None:
     graph's ops eagerly): one launch instead of five or eighteen inside a graph, where launches cost GPU
     time. Eager steps keep torch's ops: from Python a Triton launch costs more host time than the few aten
     launches it replaces (H200, slice, batch 1 eager: 8.68 ms per step with them, 5.65 without, in two
-    calls; README, "Fused small ops")."""
+    calls; README, "Fused small ops").
+
+    Availability is decided here, once per module: CUDA parameters, Triton importable, and a shape the
+    kernel takes (``fused_fits``); forward then checks only the flag (and RMSNorm the input's dtype)."""
     for mod in model.modules():
         if hasattr(mod, "fused"):
-            mod.fused = on
+            dev = next(mod.parameters()).device
+            mod.fused = bool(on and dev.type == "cuda" and triton_available(dev) and mod.fused_fits())
 
 
 class RMSNorm(nn.Module):
@@ -116,8 +121,11 @@ class RMSNorm(nn.Module):
         self.eps, self.fused = eps, False
         self.weight = nn.Parameter(torch.empty(dim, dtype=dtype, device=device), requires_grad=False)
 
+    def fused_fits(self) -> bool:
+        return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and x.is_cuda and fused.available(x) and x.dtype == self.weight.dtype:  # one kernel, not five
+        if self.fused and x.dtype == self.weight.dtype:  # one kernel, not five (use_fused)
             return fused.rms_norm(x, self.weight, self.eps)
         xf = x.float()
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)

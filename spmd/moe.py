@@ -61,11 +61,13 @@ class Gate(nn.Module):
         self.e_score_correction_bias = nn.Parameter(torch.empty(e, dtype=torch.float32, device=device),
                                                     requires_grad=False)
 
+    def fused_fits(self) -> bool:
+        return fused.route_fits(self.weight.shape[0], self.n_groups, self.top_k)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, dim) -> weights (N, top_k) float32, expert ids (N, top_k) int64."""
         logits = F.linear(x.float(), self.weight.float())  # (N, E)
-        if self.fused and logits.is_cuda and fused.available(logits) and \
-                fused.route_fits(logits.shape[1], self.n_groups, self.top_k):
+        if self.fused:  # decided by spmd.model.use_fused
             return fused.route(logits, self.e_score_correction_bias, self.n_groups, self.topk_groups, self.top_k,
                                self.route_scale)  # one kernel for the ~18 below
         scores = logits.sigmoid()

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CHECK = r'''
 import sys, torch
 from spmd import fused
-from spmd.model import RMSNorm
+from spmd.fp8 import triton_available
+from spmd.model import RMSNorm, use_fused
 dev = sys.argv[1]
 real = torch.empty
 torch.empty = lambda *a, **k: (lambda t: t.fill_(float("nan")) if t.is_floating_point() else t)(real(*a, **k))
@@ -34,16 +35,21 @@ for dtype, rtol in ((torch.bfloat16, 2e-2), (torch.float32, 1e-5)):
         norm.weight.data = (torch.rand(d, generator=g) + 0.5).to(dtype)
         x = (torch.randn(shape, generator=g) * 3).to(dtype)
         norm, x = norm.to(dev), x.to(dev)
-        assert fused.available(x)
-        xf = x.float()  # RMSNorm's torch path (its forward takes the kernel on CUDA)
+        assert triton_available(x.device)
+        xf = x.float()  # RMSNorm's torch path
         ref = norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)).to(dtype)
         assert torch.equal(norm(x), ref)  # switched off (the default): the torch path
-        if dev == "cuda":
-            norm.fused = True
-            assert torch.equal(norm(x), out)
+        atol = rtol * 1e-2 * (1 + (ref.abs().max().item() if ref.numel() else 0))
         out = fused.rms_norm(x, norm.weight, norm.eps)
         assert out.shape == x.shape and out.dtype == dtype and torch.isfinite(out).all(), shape
-        torch.testing.assert_close(out.float(), ref.float(), rtol=rtol, atol=rtol * 1e-2 * (1 + (ref.abs().max().item() if ref.numel() else 0)))
+        torch.testing.assert_close(out.float(), ref.float(), rtol=rtol, atol=atol)
+        use_fused(norm, True)  # only on CUDA: the interpreter is for tests, never the model's path
+        assert norm.fused == (dev == "cuda")
+        got = norm(x)
+        assert got.shape == x.shape and torch.isfinite(got).all()
+        torch.testing.assert_close(got.float(), ref.float(), rtol=rtol, atol=atol)
+        use_fused(norm, False)
+        assert not norm.fused
         if len(shape) == 3 and shape[1] > 1:  # a strided view (rows of a wider tensor), as MLA's latent
             wide = torch.cat([x, x[..., :16]], -1)[..., :d]
             torch.testing.assert_close(fused.rms_norm(wide, norm.weight, norm.eps), out, rtol=0, atol=0)
@@ -67,15 +73,22 @@ for e, groups, kept, k in ((256, 8, 4, 8), (16, 4, 2, 4)):
         assert ids.dtype == torch.int64 and w.dtype == torch.float32 and torch.isfinite(w).all()
         assert torch.equal(ids.cpu(), ref_ids), (e, n, ids, ref_ids)
         torch.testing.assert_close(w.cpu(), ref_w, rtol=1e-5, atol=1e-6)
-        if dev == "cuda":  # Gate.forward takes the kernel on CUDA once switched on (spmd.model.use_fused)
-            gate.fused = True
-            w2, ids2 = gate.to(dev)(x.to(dev))
-            gate = gate.to("cpu")
-            gate.fused = False
-            assert torch.equal(ids2.cpu(), ref_ids)
+        gate = gate.to(dev)
+        use_fused(gate, True)  # Gate.forward then takes the kernel, on CUDA only
+        assert gate.fused == (dev == "cuda")
+        w2, ids2 = gate(x.to(dev))
+        use_fused(gate, False)
+        gate = gate.to("cpu")
+        assert torch.equal(ids2.cpu(), ref_ids)
+        torch.testing.assert_close(w2.cpu(), ref_w, rtol=1e-5, atol=1e-6)
 w, ids = fused.route(torch.zeros(0, 16, device=dev), torch.zeros(16, device=dev), 4, 2, 4, 2.5)
 assert w.shape == ids.shape == (0, 4)
 assert not fused.route_fits(12, 4, 4) and not fused.route_fits(256, 8, 6)
+m = SimpleNamespace(n_activated_experts=6, n_expert_groups=8, n_limited_groups=4, route_scale=2.5,
+                    n_routed_experts=256, dim=64)
+odd = Gate(m, torch.float32).to(dev)
+use_fused(odd, True)
+assert not odd.fused  # a shape the kernel does not take keeps the torch path
 try:
     fused.rms_norm(x, norm.weight[:-1], norm.eps)
     raise SystemExit("a wrong weight shape was accepted")

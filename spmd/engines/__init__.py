@@ -4,6 +4,17 @@ from __future__ import annotations
 from ..world import UsageError
 
 
+def param_bytes(model, contains: str = "") -> int:
+    """Bytes this rank holds of model's parameters and buffers whose name contains `contains` (of a
+    sharded tensor, its local shard: DTensor.to_local, as transformers' tensor-parallel plans make)."""
+    total = 0
+    for name, t in model.state_dict().items():
+        if contains in name:
+            local = t.to_local() if hasattr(t, "to_local") else t
+            total += local.numel() * local.element_size()
+    return total
+
+
 def build_engine(name: str, world, args, margs, timers):
     """Build the named engine on this rank (loads this rank's weights)."""
     if name == "hf":

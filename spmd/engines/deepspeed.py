@@ -52,7 +52,7 @@ from ..checkpoint import load
 from ..moe import MoE
 from ..parallel import GROUP_NAME
 from ..world import UsageError, agree
-from .native import param_bytes
+from . import param_bytes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")

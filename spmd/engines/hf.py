@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..fp8_cast import dequantized_copy, needs_cast
+from . import param_bytes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -75,16 +76,6 @@ def _dequantized(cfg: dict) -> dict:
         q.get("weight_block_size", (128, 128))))}
 
 
-def _local_bytes(model, contains: str = "") -> int:
-    """Bytes of this rank's parameters (a sharded one's local shard) whose name contains `contains`."""
-    total = 0
-    for name, p in model.named_parameters():
-        if contains in name:
-            local = p.to_local() if hasattr(p, "to_local") else p  # DTensor shards
-            total += local.numel() * local.element_size()
-    return total
-
-
 class HFEngine:
     """A `generate.Stepper` over transformers' model with its own DynamicCache."""
 
@@ -95,7 +86,7 @@ class HFEngine:
             self.model = load_hf(args.checkpoint, args.dtype, world.device, log=world.model_rank == 0,
                                  parallel=world.group_size > 1)
         self.info = {"hf_parallel": "tp+ep" if world.group_size > 1 else "replicated",
-                     "param_bytes": _local_bytes(self.model), "expert_param_bytes": _local_bytes(self.model, "mlp.experts")}
+                     "param_bytes": param_bytes(self.model), "expert_param_bytes": param_bytes(self.model, "mlp.experts.")}
         self.cache = self.mask = self.pos = None
 
     @torch.inference_mode()

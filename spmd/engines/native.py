@@ -6,6 +6,7 @@ import resource
 import torch
 
 from ..checkpoint import load
+from . import param_bytes
 from ..decode_graph import GraphDecoder
 from ..model import Transformer, use_fused
 from ..pipeline import Pipeline, stage_layers
@@ -130,8 +131,3 @@ def decode_mode(flag: str, device: torch.device, moe_path: str) -> str:
                          "run for this device/dtype), which reads counts back to the host and cannot be captured")
     graphable = device.type == "cuda" and moe_path != "loop"
     return "graph" if flag == "on" or (flag == "auto" and graphable) else "eager"
-
-
-def param_bytes(model: torch.nn.Module, contains: str = "") -> int:
-    """Bytes of this rank's parameters and buffers whose name contains `contains`."""
-    return sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if contains in n)

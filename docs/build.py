@@ -28,6 +28,8 @@ MODEL = ROOT / "traces/model/model-NVIDIA_H200.json"
 SWEEP_GPU = ROOT / "traces/scaling/gpu-NVIDIA_H200-2026-11-28.json"
 SWEEP_MARKS = ROOT / "traces/scaling/gpu-NVIDIA_H200-2026-11-28-layer-marks.json"
 SWEEP_CPU = ROOT / "traces/scaling/cpu-vm-2026-11-28.json"
+ORDER = {v: ROOT / f"traces/scaling/dispatch-order-NVIDIA_H200-2026-11-29-r2-{v}.json"  # round 2 of the A/B call
+         for v in ("sorted", "input")}
 TIMERS_GRAPH = ROOT / "traces/bench/timers-NVIDIA_H200-graph-vm-2026-11-28.json"
 TIMERS_LAYER = ROOT / "traces/bench/timers-NVIDIA_H200-graph-stamp-layer-slice-fp8-b1-vm-2026-11-28.json"
 FULL_CFG, SLICE_CFG = ROOT / "inputs/models/v3.1-671b.json", ROOT / "inputs/models/slice.json"
@@ -179,6 +181,16 @@ def sweep_facts() -> dict[str, Fact]:
     f["cpu_g2_eff"] = Fact(_fmt(c["G2"]["efficiency"]), _rel(SWEEP_CPU))
     f["cpu_r2_eff"] = Fact(_fmt(c["2xG1"]["efficiency"]), _rel(SWEEP_CPU))
     f["cpu_r2_orch"] = Fact(_fmt(c["2xG1+O"]["vs_inline"]), _rel(SWEEP_CPU))
+    # the dispatch order, one H200, one call, round 2: longest first (this code) against input order
+    srt, inp = _load(ORDER["sorted"])["runs"], _load(ORDER["input"])["runs"]
+    s_src, i_src = _rel(ORDER["sorted"]), _rel(ORDER["input"])
+    a, b = inp["G1+O"], srt["G1+O"]
+    f["order_gen"] = Fact(_fmt(b["tokens_per_s"] / a["tokens_per_s"]), f"{s_src} (over {i_src})")
+    f["order_decode_sorted"], f["order_decode_input"] = Fact(_fmt(b["decode_ms"]), s_src), Fact(_fmt(a["decode_ms"]), i_src)
+    f["order_prefill_sorted"] = Fact(_fmt(b["per_rank"]["1"]["prefill"]["compute"], 1), s_src)
+    f["order_prefill_input"] = Fact(_fmt(a["per_rank"]["1"]["prefill"]["compute"], 1), i_src)
+    f["order_vs_inline_gen"] = Fact(_fmt(b["tokens_per_s"] / srt["G1"]["tokens_per_s"]), s_src)
+    f["order_vs_inline_job"] = Fact(_fmt(b["job_tokens_per_s"] / srt["G1"]["job_tokens_per_s"]), s_src)
     f["timers_graph_pct"] = Fact(_fmt(_load(TIMERS_GRAPH)["overhead_pct"], 1), _rel(TIMERS_GRAPH))
     f["timers_layer_pct"] = Fact(_fmt(_load(TIMERS_LAYER)["overhead_pct"], 1), _rel(TIMERS_LAYER))
     return f

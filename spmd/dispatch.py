@@ -3,7 +3,8 @@
 A work item is `(index, token_ids, ...)` (scoring appends the baseline's tokens). Every rank of a
 model group must see the same items in the same order (they run one model together), so items go
 to group leaders and are broadcast inside the group. Results come back as dicts carrying their
-`index`; rank 0 restores input order. With a dedicated orchestrator (world rank 0, no model) the
+`index`; rank 0 restores input order. Static shares and dynamic chunks both go longest prompt first
+(`longest_first`). With a dedicated orchestrator (world rank 0, no model) the
 dispatcher runs in its main thread, and each leader's request for more work carries the results of
 its previous chunk, so rank 0 receives, decodes and writes them while the groups compute.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from typing import Iterator
 
 from mpi4py import MPI
@@ -18,6 +20,7 @@ from mpi4py import MPI
 from .world import World
 
 TAG_REQUEST, TAG_WORK, TAG_PROGRESS = 11, 12, 13
+POLL_MIN_S, POLL_MAX_S = 50e-6, 1e-3  # the dispatcher's wait for requests (_Server._next_request)
 Item = tuple[int, list[int]]
 
 
@@ -42,8 +45,15 @@ def scatter_static(world: World, items: list[Item] | None) -> list[Item]:
     return world.comm.scatter(per_rank, root=0)
 
 
+def longest_first(items: list[Item]) -> list[Item]:
+    """Items by prompt length, longest first (ties in input order): a chunk's batches then hold prompts of
+    similar length (less padding), and the short ones come last, where they even out the replicas' finish."""
+    return sorted(items, key=lambda it: (-len(it[1]), it[0]))
+
+
 class _Server:
     """Rank 0's dispatcher: hands the next chunk to any leader that asks, until all are told to stop.
+    Chunks are taken longest prompt first (`longest_first`), as a static share is batched.
 
     A request is `(halt, rows)`: halt=True (a leader stopping on a signal, or `should_halt()` on rank 0)
     halts it: from then on every leader gets the empty chunk that ends its loop. rows (a dedicated
@@ -53,7 +63,7 @@ class _Server:
     def __init__(self, comm, items: list[Item], chunk: int, n_remote: int, on_rows=None, timers=None,
                  should_halt=None):
         self.comm, self.chunk, self.n_remote = comm, chunk, n_remote
-        self.items, self.pos, self.lock = items, 0, threading.Lock()
+        self.items, self.pos, self.lock = longest_first(items), 0, threading.Lock()
         self.halted = False
         self.on_rows, self.timers, self.should_halt = on_rows, timers, should_halt
 
@@ -69,11 +79,21 @@ class _Server:
             self.pos += len(out)
             return out
 
+    def _next_request(self, status: MPI.Status):
+        """The next leader's request, polled with sleeps that grow to POLL_MAX_S: a blocking receive busy-waits
+        in MPI (a whole core for the job's length, on the orchestrator's shared node or, inline, beside rank
+        0's own model work); a request is answered at most POLL_MAX_S late, against chunks of seconds."""
+        delay = POLL_MIN_S
+        while (msg := self.comm.improbe(source=MPI.ANY_SOURCE, tag=TAG_REQUEST, status=status)) is None:
+            time.sleep(delay)
+            delay = min(2 * delay, POLL_MAX_S)
+        return msg.recv()
+
     def run(self) -> None:
         stopped, status = 0, MPI.Status()
         while stopped < self.n_remote:
             with _waiting(self.timers, "dispatch.serve"):  # a dedicated orchestrator's idle time
-                halt, rows = self.comm.recv(source=MPI.ANY_SOURCE, tag=TAG_REQUEST, status=status)
+                halt, rows = self._next_request(status)
             if halt or (self.should_halt is not None and self.should_halt()):
                 self.halt()
             work = self.take()
@@ -131,7 +151,7 @@ def iter_dynamic(world: World, items: list[Item] | None, chunk: int, timers=None
 def iter_static(world: World, items: list[Item] | None, batch: int) -> Iterator[list[Item]]:
     """This replica's share, in batches of similar length (sorted longest first to limit padding)."""
     mine = scatter_static(world, items)
-    mine = sorted(mine, key=lambda it: (-len(it[1]), it[0]))
+    mine = longest_first(mine)
     for i in range(0, len(mine), batch):
         yield mine[i:i + batch]
 

@@ -23,6 +23,8 @@ import sys
 
 from mpi4py import MPI
 
+from .world import finalize_and_exit
+
 EX_TEMPFAIL = 75
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 TAG_STOP = 14
@@ -114,6 +116,4 @@ def exit_stopped(comm, exc: Stopped) -> None:
     if comm.rank == 0:
         print(f"{exc}; the finished ones are in {exc.progress_dir}: rerun with --resume to do the rest "
               f"(exit {EX_TEMPFAIL})", file=sys.stderr, flush=True)
-    comm.Barrier()
-    MPI.Finalize()
-    sys.exit(EX_TEMPFAIL)
+    finalize_and_exit(comm, EX_TEMPFAIL)

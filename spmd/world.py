@@ -128,9 +128,19 @@ def exit_on_usage_error(comm, exc: UsageError, code: int = 2) -> None:
     """Every rank got the same error: rank 0 prints it once, all finalize and exit with `code`."""
     if comm.rank == 0:
         print(f"error: {exc}", file=sys.stderr, flush=True)
+    finalize_and_exit(comm, code)
+
+
+def finalize_and_exit(comm, code: int) -> None:
+    """Every rank, together: leave MPI and exit with `code` at once. Finalized first, so mpi4py does not turn
+    the exit into MPI_Abort; then os._exit, not the interpreter's teardown (torch's, CUDA's: up to seconds):
+    under `srun --kill-on-bad-exit` the first rank to exit non-zero gets the others killed, and a rank still
+    tearing down would end with SIGTERM and the job with 143 instead of `code`."""
     comm.Barrier()
-    MPI.Finalize()  # finalized before exit, so mpi4py does not turn the exit into MPI_Abort
-    sys.exit(code)
+    MPI.Finalize()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _local_topology(comm) -> tuple[int, int]:

@@ -1,6 +1,8 @@
 """pytest-mpi (1 and 2 ranks): world and groups, scatter/gather order, static vs dynamic dispatch."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -73,6 +75,10 @@ def test_dynamic_dispatch_hands_out_everything_once(worlds, chunk):
         got = [i for work in dispatch.iter_dynamic(w, items, chunk) for i, _ in work]
         per_group = w.group_comm.allgather(got)
         assert all(p == per_group[0] for p in per_group)
+        lengths = [len(_items(n)[i][1]) for i in got]
+        assert lengths == sorted(lengths, reverse=True)  # chunks go out longest prompt first
+        if w.n_replicas == 1:  # one group takes every chunk: the whole order, ties by index
+            assert got == [i for i, _ in dispatch.longest_first(_items(n))]
         res = [{"index": i} for i in got]
         out = dispatch.gather_results(w, res, n)  # raises on a lost or duplicated prompt
         if w.rank == 0:
@@ -125,3 +131,27 @@ def test_dedicated_orchestrator_world_and_dispatch(worlds):
     shutdown_comms = [c for c in (w.group_comm, w.leaders_comm, w.model_comm) if c != MPI.COMM_NULL]
     for c in shutdown_comms:
         c.Free()
+
+
+def test_dispatcher_sleeps_while_it_waits():
+    """The dedicated orchestrator polls for requests with sleeps instead of MPI's busy wait: while the
+    leaders hold back their first request for a second, it uses a small part of a core."""
+    comm = MPI.COMM_WORLD
+    if comm.size == 1:  # no dedicated orchestrator without model ranks (checked above)
+        return
+    w = make_world(1, "cpu", first=1)
+    n, got = 2 * w.n_replicas, []
+    if w.is_orchestrator:
+        wall, cpu = time.perf_counter(), time.process_time()
+        dispatch.serve_chunks(w, _items(n), 1, got.extend)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        assert wall > 0.9 and cpu < 0.3 * wall, (wall, cpu)  # a busy wait would spend about the whole wall
+    else:
+        time.sleep(1.0)
+        outbox = []
+        for work in dispatch.iter_dynamic(w, None, 1, outbox=outbox):
+            outbox += [{"index": i} for i, _ in work]
+    dispatch.gather_results(w, got if w.is_orchestrator else [], n)
+    for c in (w.group_comm, w.leaders_comm, w.model_comm):
+        if c != MPI.COMM_NULL:
+            c.Free()

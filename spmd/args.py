@@ -11,11 +11,11 @@ import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from .fp8 import FP8_BLOCK
 from .profile import KINDS as PROFILE_KINDS, parse_steps
 from .world import UsageError
 
 ENGINES = ("hf", "native", "deepspeed")
-FP8_BLOCK = 128
 
 
 class _Parser(argparse.ArgumentParser):

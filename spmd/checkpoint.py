@@ -27,12 +27,11 @@ import torch
 from safetensors import safe_open
 
 from spmd.args import ModelArgs
+from spmd.fp8 import FP8_BLOCK, dequantize, scale_name
 from spmd.parallel import local_slice
 from spmd.world import UsageError
 
 INDEX = "model.safetensors.index.json"
-FP8_BLOCK = 128
-SCALE_SUFFIX = ".weight_scale_inv"
 FP32_NAMES = ("e_score_correction_bias",)  # routing bias stays fp32 whatever the compute dtype
 PLAIN_DTYPES = (torch.bfloat16, torch.float32)  # stored dtypes of unquantized tensors
 SCALE_DTYPES = (torch.float32, torch.float8_e8m0fnu)  # ue8m0 scales may come as e8m0 tensors
@@ -172,10 +171,6 @@ def _shard_infos(root: Path, file: str, names: list[str]) -> dict[str, TensorInf
             for n in names}
 
 
-def scale_name(weight_name: str) -> str:
-    return weight_name.removesuffix(".weight") + SCALE_SUFFIX
-
-
 def _scale_grid(shape: tuple[int, ...]) -> tuple[int, int]:
     return math.ceil(shape[0] / FP8_BLOCK), math.ceil(shape[1] / FP8_BLOCK)
 
@@ -236,17 +231,10 @@ def _read(f, name: str, idx: tuple[slice, ...], timers) -> tuple[torch.Tensor, i
     return t, nbytes
 
 
-def dequantize_slice(q: torch.Tensor, scale: torch.Tensor, row0: int, col0: int) -> torch.Tensor:
-    """fp32 W of an FP8 slice: `scale` holds the 128-blocks covering it; (row0, col0) = its offset in them."""
-    rows, cols = q.shape
-    full = scale.float().repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)
-    return q.float() * full[row0:row0 + rows, col0:col0 + cols]
-
-
 def _read_fp8(index: CheckpointIndex, f, e: Entry, sl: slice, device, timers) -> tuple[torch.Tensor, int]:
     """This rank's slice of an FP8 weight and the scale blocks covering it, dequantized (fp32 on device)."""
     q, s, row0, col0, nbytes = _read_fp8_parts(index, f, e, sl, timers)
-    return dequantize_slice(q.to(device), s.to(device), row0, col0), nbytes
+    return dequantize(q.to(device), s, torch.float32, (row0, col0)), nbytes
 
 
 def _read_fp8_parts(index: CheckpointIndex, f, e: Entry, sl: slice, timers):

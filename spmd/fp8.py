@@ -68,6 +68,7 @@ import os
 import torch
 
 FP8_BLOCK = 128  # DeepSeek-V3's weight quantization block (both dims)
+SCALE_SUFFIX = ".weight_scale_inv"  # an FP8 weight's float32 (V3.1: power-of-two, UE8M0) block scales
 # fp8_grouped_mm runs a program per row (not per expert) when given each row's expert and the experts
 # number at least this many times the rows. Measured on H200 (256 experts, decode shapes): 8 rows
 # 0.091 vs 0.111 ms (gate/up) and 0.047 vs 0.063 ms (down); 64 rows 4 % slower than per expert.
@@ -93,11 +94,21 @@ def interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def dequantize(w: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """FP8 (..., N, K) and block scales (..., ceil(N/128), ceil(K/128)) -> W in `dtype` (2-D or stacked 3-D)."""
+def scale_name(weight_name: str) -> str:
+    """The checkpoint name of an FP8 weight's block scales."""
+    return weight_name.removesuffix(".weight") + SCALE_SUFFIX
+
+
+def dequantize(w: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
+               offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """FP8 (..., N, K) and block scales (..., ceil(N/128), ceil(K/128)) -> W in `dtype` (2-D or stacked 3-D).
+
+    The one dequantization of the project (loader, cast tool, generator, fallbacks). offset: a slice of a
+    weight, (row, col) of its first element inside the 128-blocks that `scale_inv` covers."""
     n, k = w.shape[-2:]
+    r, c = offset
     s = scale_inv.to(device=w.device, dtype=torch.float32)
-    s = s.repeat_interleave(FP8_BLOCK, -2).repeat_interleave(FP8_BLOCK, -1)[..., :n, :k]
+    s = s.repeat_interleave(FP8_BLOCK, -2).repeat_interleave(FP8_BLOCK, -1)[..., r:r + n, c:c + k]
     return (w.to(torch.float32) * s).to(dtype)
 
 

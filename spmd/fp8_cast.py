@@ -26,9 +26,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .fp8 import FP8_BLOCK as BLOCK, SCALE_SUFFIX, dequantize, scale_name
+
 INDEX = "model.safetensors.index.json"
-BLOCK = 128
-SCALE_SUFFIX = ".weight_scale_inv"
 
 
 def _index(ckpt: Path) -> dict[str, str]:
@@ -59,13 +59,6 @@ def needs_cast(ckpt: Path) -> list[str]:
     return sorted(out)
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """float8 (out, in) and its (ceil(out/128), ceil(in/128)) scale blocks -> float32 (out, in)."""
-    out, inp = q.shape
-    full = scale.float().repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)[:out, :inp]
-    return q.float() * full
-
-
 def _exact_in_bf16(scale: torch.Tensor) -> bool:
     """Power-of-two scales: q (3 mantissa bits) times them is exact in bf16 (7 bits, fp32's exponents)."""
     m, _ = torch.frexp(scale.float())
@@ -88,7 +81,7 @@ def dequantized_copy(ckpt: Path, out: Path, device: str = "cpu", log=None) -> Pa
             for n in names:
                 t = f.get_tensor(n)
                 if t.dtype == torch.float8_e4m3fn:
-                    sname = n.removesuffix(".weight") + SCALE_SUFFIX
+                    sname = scale_name(n)
                     if sname not in weights:
                         raise ValueError(f"{ckpt}: FP8 tensor {n} has no {sname}")
                     if weights[sname] == file:
@@ -96,7 +89,7 @@ def dequantized_copy(ckpt: Path, out: Path, device: str = "cpu", log=None) -> Pa
                     else:
                         with safe_open(ckpt / weights[sname], "pt", device=device) as g:
                             s = g.get_tensor(sname)
-                    t = dequantize(t, s).to(torch.bfloat16 if _exact_in_bf16(s) else torch.float32)
+                    t = dequantize(t, s, torch.float32).to(torch.bfloat16 if _exact_in_bf16(s) else torch.float32)
                 tensors[n] = t.cpu().contiguous()
                 new_map[n] = file
         total += sum(t.numel() * t.element_size() for t in tensors.values())

@@ -81,12 +81,12 @@ def is_loopback(addr: str) -> bool:
     return ipaddress.ip_address(addr).is_loopback
 
 
-def route_to(addr: str) -> tuple[str | None, str]:
-    """(interface name or None, local address) the kernel uses to reach `addr`."""
+def route_to(addr: str, ifaces: dict[str, str | None] | None = None) -> tuple[str | None, str]:
+    """(interface name or None, local address) the kernel uses to reach `addr` (ifaces: `interfaces()`)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.connect((addr, 9))  # UDP: no packet is sent, only the route is looked up
         local = s.getsockname()[0]
-    names = [n for n, a in interfaces().items() if a == local]
+    names = [n for n, a in (interfaces() if ifaces is None else ifaces).items() if a == local]
     return (names[0] if names else None), local
 
 

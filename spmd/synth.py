@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-FP8_BLOCK = 128
+from .fp8 import FP8_BLOCK, scale_name
+
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 EMBED_STD = 1.0  # residual stream starts at unit scale; RMSNorm follows anyway
 NORM_STD = 0.1  # norm weights ~ N(1, 0.1)
@@ -162,10 +163,6 @@ def tensor_specs(c: dict, n_tokens: int) -> list[TensorSpec]:
     return specs
 
 
-def scale_name(weight_name: str) -> str:
-    return weight_name.removesuffix(".weight") + ".weight_scale_inv"
-
-
 def stored_entries(spec: TensorSpec, weights: str) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     """(name, shape, dtype) of what `spec` becomes on disk in the given variant."""
     if spec.kind == "bias":
@@ -210,13 +207,6 @@ def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.exp2(torch.ceil(torch.log2((amax / FP8_MAX).clamp(min=2.0**-126))))
     q = (blocks / scale[:, None, :, None]).reshape(bo * FP8_BLOCK, bi * FP8_BLOCK)[:out, :inp]
     return q.to(torch.float8_e4m3fn).contiguous(), scale
-
-
-def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """float8 (out, in) and per-block scale -> fp32 (out, in): W = w * scale per 128x128 block."""
-    out, inp = q.shape
-    full = scale.repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)[:out, :inp]
-    return q.float() * full.to(q.device)
 
 
 def tensor_seed(seed: int, key: str) -> int:

@@ -189,29 +189,28 @@ def check_network(comm, backend: str, addr: str, multi_host: bool) -> None:
     to rank 0 when not told one, and a TCP connection reaches rank 0's address and the next rank's gloo
     address within PROBE_TIMEOUT_S. Every rank takes part in the probe, failed or not (no one waits)."""
     host = socket.gethostname()
-    problem = None
+    problem, gloo_addr = None, None  # gloo_addr: the address of the interface gloo binds here
+    ifaces = netif.interfaces()  # read once
     try:
         addr = socket.gethostbyname(addr)  # MASTER_ADDR may be a name
-        chosen = netif.check_setting(backend)
+        chosen = netif.check_setting(backend, ifaces=ifaces)
         if multi_host and netif.is_loopback(addr):
             raise ValueError(f"rank 0's rendezvous address is {addr} (loopback) but the job spans hosts: "
                              "set MASTER_ADDR to an address of rank 0's host, or SPMD_IFNAME to its interface")
         if backend == "gloo" and multi_host:
             if not chosen:
-                name, _ = netif.route_to(addr)
+                name, _ = netif.route_to(addr, ifaces)
                 if name:
                     os.environ["GLOO_SOCKET_IFNAME"] = name  # not the host name's address: it may not resolve
-            elif all(netif.is_loopback(netif.interfaces()[n]) for n in chosen):
+                    chosen = [name]
+            elif all(netif.is_loopback(ifaces[n]) for n in chosen):
                 raise ValueError(f"GLOO_SOCKET_IFNAME={os.environ['GLOO_SOCKET_IFNAME']} on host {host} is "
                                  "loopback only: ranks on other hosts cannot reach it")
+            gloo_addr = ifaces[chosen[0]] if chosen else None
     except (ValueError, OSError) as exc:
         problem = str(exc)
     if multi_host:
-        mine = None
-        if backend == "gloo" and problem is None:
-            names = netif.check_setting("gloo")
-            mine = netif.interfaces()[names[0]] if names else None
-        problem = _probe(comm, addr, mine, problem)
+        problem = _probe(comm, addr, gloo_addr, problem)
     if problem:
         raise UsageError(problem)
 

@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from spmd import checkpoint as ck
-from spmd.synth import dequantize_fp8, quantize_fp8
+from spmd.fp8 import SCALE_SUFFIX, dequantize as fp8_dequantize
+from spmd.synth import quantize_fp8
 from spmd.timers import Timers
 from spmd.world import UsageError
 from tests.conftest import checkpoint_dir
@@ -121,8 +122,8 @@ def full(ckpt) -> dict[str, torch.Tensor]:
     out = {}
     for name, t in raw.items():
         if t.dtype == torch.float8_e4m3fn:
-            out[name] = dequantize_fp8(t, raw[ck.scale_name(name)])
-        elif not name.endswith(ck.SCALE_SUFFIX):
+            out[name] = fp8_dequantize(t, raw[ck.scale_name(name)], torch.float32)
+        elif not name.endswith(SCALE_SUFFIX):
             out[name] = t.float()
     return out
 
@@ -208,7 +209,7 @@ def unaligned_checkpoint(tmp: Path, src: Path, scale_dtype: torch.dtype) -> dict
         w = torch.randn(shape, generator=torch.Generator().manual_seed(i))
         q, s = quantize_fp8(w)
         tensors[name], tensors[ck.scale_name(name)] = q, s.to(scale_dtype)
-        refs[name] = dequantize_fp8(q, s)
+        refs[name] = fp8_dequantize(q, s, torch.float32)
     save_file(tensors, tmp / "model-00001-of-000001.safetensors")
     index = {"weight_map": dict.fromkeys(tensors, "model-00001-of-000001.safetensors")}
     (tmp / ck.INDEX).write_text(json.dumps(index))

@@ -23,7 +23,6 @@ import torch
 pytest.importorskip("triton")
 
 from spmd import fp8  # noqa: E402  (after the skip: the kernels need triton)
-from spmd.synth import dequantize_fp8  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
@@ -68,7 +67,7 @@ def _close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
 
 
 def _ref_linear(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    return x.float() @ dequantize_fp8(w, s).T
+    return x.float() @ fp8.dequantize(w, s, torch.float32).T
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 128, 256), (3, 64, 96), (37, 320, 200), (16, 256, 128), (2, 640, 96)])
@@ -116,7 +115,7 @@ def _ref_grouped(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, offs: list[i
     start = 0
     for e, end in enumerate(offs):
         if end > start:
-            ref[start:end] = x[start:end].float() @ dequantize_fp8(w[e], s[e]).T
+            ref[start:end] = x[start:end].float() @ fp8.dequantize(w[e], s[e], torch.float32).T
         start = end
     return ref
 
@@ -183,13 +182,18 @@ def test_grouped_dtypes_and_int64_offs(dtype):
     _close(out, _ref_grouped(x, w, s, offs), dtype)
 
 
-def test_dequantize_matches_synth():
+def test_dequantize_is_each_element_times_its_block_scale():
     gen = torch.Generator().manual_seed(5)
     w, s = _weight((3, 200, 320), gen)
+    blocks_r, blocks_c = torch.arange(200, device=w.device) // 128, torch.arange(320, device=w.device) // 128
+    ref = w.float() * s.float()[:, blocks_r][:, :, blocks_c]
     stacked = fp8.dequantize(w, s, torch.float32)
+    assert torch.equal(stacked, ref)
     for e in range(3):
-        assert torch.equal(stacked[e], dequantize_fp8(w[e], s[e]))
-        assert torch.equal(fp8.dequantize(w[e], s[e], torch.float32), stacked[e])
+        assert torch.equal(fp8.dequantize(w[e], s[e], torch.float32), ref[e])
+    # a rank's slice: the scale blocks that cover it and its offset inside the first of them
+    part = fp8.dequantize(w[1, 70:190, 200:320], s[1, :, 1:], torch.float32, (70, 200 - 128))
+    assert torch.equal(part, ref[1, 70:190, 200:320])
     assert fp8.dequantize(w, s).dtype == torch.bfloat16
 
 

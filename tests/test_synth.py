@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from spmd import synth
+from spmd.fp8 import dequantize as fp8_dequantize
 
 MODELS = Path(__file__).resolve().parents[1] / "inputs" / "models"
 TINY, NOQ = MODELS / "tiny.json", MODELS / "tiny-noqlora.json"
@@ -152,7 +153,7 @@ def test_fp8_scales_and_dequant(ckpts):
         wk = sk.removesuffix("_scale_inv")
         q, s = fp[wk], fp[sk]
         assert torch.all(torch.frexp(s).mantissa == 0.5), sk  # exact powers of two
-        w = synth.dequantize_fp8(q, s)
+        w = fp8_dequantize(q, s, torch.float32)
         ref = bf[wk].float()
         assert (w - ref).norm() / ref.norm() < 0.07, wk
         # scale rounded up to a power of two: every block amax lands in (224, 448]
@@ -169,7 +170,7 @@ def test_quantize_fp8_edge_shapes():
     w[:128, :128] = 0.0  # an all-zero block must not give inf/nan
     q, s = synth.quantize_fp8(w)
     assert q.shape == (192, 300) and s.shape == (2, 3) and torch.isfinite(s).all()
-    assert torch.allclose(synth.dequantize_fp8(q, s), w, rtol=0.07, atol=1e-6)
+    assert torch.allclose(fp8_dequantize(q, s, torch.float32), w, rtol=0.07, atol=1e-6)
 
 
 def test_determinism(ckpts, tmp_path):

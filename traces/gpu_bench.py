@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,8 @@ import types
 from pathlib import Path
 
 import torch
+
+from spmd import commands
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCHES = (1, 8, 32, 64)
@@ -175,23 +176,14 @@ def _spawn(tag: str, ckpt: Path, work: Path, batches: str, trace_batches: str) -
     out = work / f"{tag}.json"
     if not out.is_file():
         pp = int(opts[opts.index("--pp") + 1]) if "--pp" in opts else 1
-        cmd = [*os.environ.get("MPIRUN", "mpirun").split(), "-n", str(g), sys.executable, "-m", "traces.gpu_bench",
-               "run", "--engine", engine, "--checkpoint", str(ckpt), "--group-size", str(g // pp), "--weights", weights,
-               "--tag", tag, "--out", str(out), "--batches", batches, "--trace-batches", trace_batches, *opts]
+        cmd = commands.mpirun(g, "traces.gpu_bench", "run", "--engine", engine, "--checkpoint", str(ckpt),
+                              "--group-size", str(g // pp), "--weights", weights, "--tag", tag, "--out", str(out),
+                              "--batches", batches, "--trace-batches", trace_batches, *opts)
         r = subprocess.run(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)  # stdout: the rows as they come
         if r.returncode != 0:
             print(f"{tag} failed:\n{r.stderr[-3000:]}", file=sys.stderr, flush=True)
             return [{"tag": tag, "error": r.stderr[-1500:]}]
     return [dict(row, tag=tag) for row in json.loads(out.read_text())]
-
-
-def _checkpoint(weights: str, root: Path) -> Path:
-    out = root / f"slice-{weights}"
-    if not (out / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "spmd.synth", "--config", str(ROOT / "inputs/models/slice.json"),
-                        "--out", str(out), "--weights", weights, "--seed", "0", "--device", "cuda"],
-                       check=True, cwd=ROOT)
-    return out
 
 
 EAGER, DEQUANT = ("--cuda-graph", "off"), ("--fp8-weights", "dequant")
@@ -218,7 +210,7 @@ def all_(a) -> int:
         _, g, weights, _ = CONFIGS[tag]
         if g > torch.cuda.device_count():
             continue
-        rows += _spawn(tag, _checkpoint(weights, Path(a.ckpt_root)), work, a.batches_arg, a.trace_batches_arg)
+        rows += _spawn(tag, commands.checkpoint("slice", weights, Path(a.ckpt_root), "cuda"), work, a.batches_arg, a.trace_batches_arg)
     for r in rows:
         if "decode_floor_bytes" in r:
             r["decode_floor_ms"] = r["decode_floor_bytes"] / (ceil["copy_gbps"] * 1e9) * 1e3

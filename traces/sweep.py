@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from spmd import commands
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "inputs" / "prompts" / "validation20.jsonl"
 # name: (series, model ranks, ranks per stage, stages, inline twin): the twin is set for the layouts with a
@@ -76,11 +78,11 @@ def run_layout(name: str, a, prompts: Path, tag: str = "") -> Path:
     _, ranks, group, pp, twin = LAYOUTS[name]
     dedicated = twin is not None
     trace = a.work / f"{tag}{name}"
-    cmd = [*os.environ.get("MPIRUN", "mpirun").split(), "-n", str(ranks + dedicated), sys.executable, "-m", "mpi4py",
-           "-m", "spmd", "--checkpoint", str(a.checkpoint), "--prompts", str(prompts),
-           "--output", str(a.work / f"{tag}{name}.jsonl"), "--trace-dir", str(trace), "--engine", "native",
-           "--group-size", str(group), "--pp", str(pp), "--dtype", a.dtype, "--device", a.device,
-           "--max-new-tokens", str(a.new_tokens), "--batch-size", str(a.batch_size), "--no-progress"]
+    cmd = commands.mpirun(ranks + dedicated, "spmd", "--checkpoint", str(a.checkpoint), "--prompts", str(prompts),
+                          "--output", str(a.work / f"{tag}{name}.jsonl"), "--trace-dir", str(trace), "--engine",
+                          "native", "--group-size", str(group), "--pp", str(pp), "--dtype", a.dtype, "--device",
+                          a.device, "--max-new-tokens", str(a.new_tokens), "--batch-size", str(a.batch_size),
+                          "--no-progress", mpi4py=True)
     if dedicated:
         cmd += ["--orchestrator", "dedicated"]
     if dedicated or ranks > group * pp:

@@ -20,7 +20,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from validation.gpu_native import ROOT, agreement, run_engine, write_checkpoint
+from spmd import commands
+from validation.gpu_native import ROOT, agreement, run_engine
 
 
 def comm_per_step(merged: Path, rank: int = 0) -> dict:
@@ -41,7 +42,7 @@ def comm_per_step(merged: Path, rank: int = 0) -> dict:
 
 def check_config(config: str, args) -> dict:
     """deepspeed and native on args.gpus ranks for one config; tokens compared, traces copied to args.out."""
-    ckpt = write_checkpoint(config, args.ckpt_root, args.device)
+    ckpt = commands.checkpoint(config, "bf16", args.ckpt_root, args.device)
     runs = {}
     for engine in ("deepspeed", "native"):
         r = run_engine(ckpt, engine, args.gpus, args.device, args.work, args.max_new_tokens)

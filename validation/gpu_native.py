@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import subprocess
 import sys
 import time
@@ -21,28 +20,20 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from spmd import commands
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "inputs" / "prompts" / "validation20.jsonl"
-
-
-def write_checkpoint(config: str, ckpt_root: Path, device: str) -> Path:
-    out = ckpt_root / f"{config}-bf16"
-    if not (out / "config.json").is_file():
-        synth_dev = "cuda" if device == "cuda" and config != "tiny" else "cpu"
-        cmd = [sys.executable, "-m", "spmd.synth", "--config", str(ROOT / "inputs/models" / f"{config}.json"),
-               "--out", str(out), "--weights", "bf16", "--seed", "0", "--device", synth_dev]
-        subprocess.run(cmd, check=True, cwd=ROOT)
-    return out
 
 
 def run_engine(ckpt: Path, engine: str, n: int, device: str, work: Path, new_tokens: int) -> dict:
     """One SPMD run under mpirun; returns its outputs, wall time and trace summary."""
     tag = f"{ckpt.name}-{engine}-{n}"
     out, trace = work / f"{tag}.jsonl", work / f"{tag}-trace"
-    cmd = [*os.environ.get("MPIRUN", "mpirun").split(), "-n", str(n), sys.executable, "-m", "mpi4py", "-m", "spmd",
-           "--checkpoint", str(ckpt), "--prompts", str(PROMPTS), "--output", str(out), "--trace-dir", str(trace),
-           "--engine", engine, "--group-size", str(n), "--dtype", "bf16", "--device", device,
-           "--max-new-tokens", str(new_tokens), "--batch-size", "20", "--no-progress"]
+    cmd = commands.mpirun(n, "spmd", "--checkpoint", str(ckpt), "--prompts", str(PROMPTS), "--output", str(out),
+                          "--trace-dir", str(trace), "--engine", engine, "--group-size", str(n), "--dtype", "bf16",
+                          "--device", device, "--max-new-tokens", str(new_tokens), "--batch-size", "20",
+                          "--no-progress", mpi4py=True)
     done = work / f"{tag}.wall"
     if not (done.is_file() and out.is_file()):  # a finished run is reused (a second call on a warm machine)
         t0 = time.perf_counter()
@@ -86,7 +77,7 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
 
 
 def check_config(config: str, args) -> dict:
-    ckpt = write_checkpoint(config, args.ckpt_root, args.device)
+    ckpt = commands.checkpoint(config, "bf16", args.ckpt_root, args.device)
     plan = [("hf", 1)] + [("native", n) for n in (1, 2) if n <= args.max_gpus]
     runs = [run_engine(ckpt, e, n, args.device, args.work, args.max_new_tokens) for e, n in plan
             if e in args.engines.split(",")]

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
 
+from spmd import commands
 from spmd.score import BaselineError, checkpoint_fingerprint, read_baseline
 from validation.compare import compare, judge
 from validation.jobs import Job, run_jobs
@@ -80,9 +81,7 @@ def checkpoint_job(config: str, weights: str, args) -> tuple[Path, Job | None]:
     out = args.ckpt_root / f"{config}-{weights}"
     if (out / "config.json").is_file():
         return out, None
-    dev = "cuda" if args.device == "cuda" and config != "tiny" else "cpu"
-    cmd = [sys.executable, "-m", "spmd.synth", "--config", str(ROOT / "inputs/models" / f"{config}.json"),
-           "--out", str(out), "--weights", weights, "--seed", "0", "--device", dev, "--overwrite"]
+    cmd = commands.synth(config, out, weights, args.device, overwrite=True)
     return out, Job(f"synth-{out.name}", cmd, 1, args.work / "logs" / f"synth-{out.name}.log")
 
 
@@ -122,11 +121,10 @@ def baseline_job(ckpt: Path, args) -> tuple[Path, str, Job | None]:
 def run_job(row: Row, ckpt: Path, baseline: Path, args) -> Job:
     """The SPMD program for one row, scored against its baseline."""
     ranks, group, pp = LAYOUTS[row.layout]
-    cmd = [*os.environ.get("MPIRUN", "mpirun").split(), "-n", str(ranks), sys.executable, "-m", "mpi4py", "-m",
-           "spmd", "--checkpoint", str(ckpt), "--prompts", str(PROMPTS), "--output", str(output(row, args)),
-           "--engine", row.engine, "--group-size", str(group), "--dtype", row.dtype, "--device", args.device,
-           "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size), "--no-progress",
-           "--score", str(baseline)]
+    cmd = commands.mpirun(ranks, "spmd", "--checkpoint", str(ckpt), "--prompts", str(PROMPTS), "--output",
+                          str(output(row, args)), "--engine", row.engine, "--group-size", str(group), "--dtype",
+                          row.dtype, "--device", args.device, "--max-new-tokens", str(args.max_new_tokens),
+                          "--batch-size", str(args.batch_size), "--no-progress", "--score", str(baseline), mpi4py=True)
     if pp > 1:
         cmd += ["--pp", str(pp)]
     if ranks > group * pp:

@@ -49,6 +49,13 @@ def test_on_root_shares_result_and_error():
         on_root(comm, lambda: (_ for _ in ()).throw(UsageError("bad on root")))
 
 
+def _free_comms(w) -> None:
+    """The communicators of a dedicated-orchestrator world made by a test (the fixture's are kept)."""
+    for c in (w.group_comm, w.leaders_comm, w.model_comm):
+        if c != MPI.COMM_NULL:
+            c.Free()
+
+
 def _items(n: int):
     return [(i, list(range(1 + (i * 7) % 13))) for i in range(n)]
 
@@ -128,9 +135,7 @@ def test_dedicated_orchestrator_world_and_dispatch(worlds):
     out = dispatch.gather_results(w, got, n)  # leaders' rows already went to rank 0 with their requests
     if w.rank == 0:
         assert [r["index"] for r in out] == list(range(n))
-    shutdown_comms = [c for c in (w.group_comm, w.leaders_comm, w.model_comm) if c != MPI.COMM_NULL]
-    for c in shutdown_comms:
-        c.Free()
+    _free_comms(w)
 
 
 def test_dispatcher_sleeps_while_it_waits():
@@ -152,6 +157,4 @@ def test_dispatcher_sleeps_while_it_waits():
         for work in dispatch.iter_dynamic(w, None, 1, outbox=outbox):
             outbox += [{"index": i} for i, _ in work]
     dispatch.gather_results(w, got if w.is_orchestrator else [], n)
-    for c in (w.group_comm, w.leaders_comm, w.model_comm):
-        if c != MPI.COMM_NULL:
-            c.Free()
+    _free_comms(w)

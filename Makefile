@@ -24,10 +24,10 @@ $(STAMP): requirements.txt
 	touch $@
 
 $(CKPT)/%-bf16/config.json: inputs/models/%.json spmd/synth.py | $(STAMP)
-	$(ENV) python -m spmd.synth --config $< --out $(@D) --weights bf16 --seed 0 --overwrite
+	$(ENV) python -m spmd.weights.synth --config $< --out $(@D) --weights bf16 --seed 0 --overwrite
 
 $(CKPT)/%-fp8/config.json: inputs/models/%.json spmd/synth.py | $(STAMP)
-	$(ENV) python -m spmd.synth --config $< --out $(@D) --weights fp8 --seed 0 --overwrite
+	$(ENV) python -m spmd.weights.synth --config $< --out $(@D) --weights fp8 --seed 0 --overwrite
 
 checkpoints: $(CKPT)/tiny-bf16/config.json $(CKPT)/tiny-fp8/config.json $(CKPT)/tiny-noqlora-bf16/config.json
 
@@ -99,7 +99,7 @@ scaling: $(STAMP) checkpoints
 GPU_SLICE := build/checkpoints/slice-fp8
 SCALING_OUT ?= traces/scaling
 gpu-scaling:
-	test -f $(GPU_SLICE)/config.json || python3 -m spmd.synth --config inputs/models/slice.json --out $(GPU_SLICE) \
+	test -f $(GPU_SLICE)/config.json || python3 -m spmd.weights.synth --config inputs/models/slice.json --out $(GPU_SLICE) \
 	  --weights fp8 --seed 0 --device cuda
 	. launch/env.sh && python3 -m traces.sweep --device cuda --checkpoint $(GPU_SLICE) --prompts 2000 \
 	  --batch-size 32 --dispatch-size 64 --new-tokens 16 --warmup 256 --out $(SCALING_OUT) $(if $(LAYOUTS),--layouts $(LAYOUTS)) $(MERGE)

@@ -23,7 +23,7 @@ def checkpoint_dir(config: str = "tiny", weights: str = "bf16") -> Path:
     comm = _mpi_comm()
     if comm is None or comm.rank == 0:
         if not (out / "config.json").is_file():
-            from spmd.synth import write_checkpoint
+            from spmd.weights.synth import write_checkpoint
             write_checkpoint(ROOT / "inputs" / "models" / f"{config}.json", out, weights=weights, seed=0)
     if comm is not None:
         comm.Barrier()
@@ -33,11 +33,31 @@ def checkpoint_dir(config: str = "tiny", weights: str = "bf16") -> Path:
 @functools.lru_cache(maxsize=None)
 def hf_reference(ckpt: Path, n_new: int) -> tuple[tuple[int, ...], ...]:
     """transformers greedy completions of the 20 chat-templated prompts (fp32, one prompt at a time)."""
-    from spmd.prompts import encode, load_tokenizer, read_prompts
+    from spmd.runtime.prompts import encode, load_tokenizer, read_prompts
     from validation.reference import hf_generate, load_hf
 
     ids = encode(load_tokenizer(ckpt), read_prompts(PROMPTS20), chat=True)
     return tuple(map(tuple, hf_generate(load_hf(ckpt, log=False), ids, n_new, eos_id=1)))
+
+
+FP32_EPS = 2.0 ** -23  # float32 machine epsilon: one ulp at magnitude 1
+
+
+def assert_fp32_close(actual, expected, ulps: float = 16) -> None:
+    """`actual` equals `expected` to within `ulps` float32 ulps of the largest |expected|, elementwise.
+
+    Why not a fixed atol: two fp32 computations of the same sums in another order (micro-batches, a sharded
+    reduction, another GEMM blocking) differ by rounding, and a rounding error is relative to the size of
+    the numbers summed, not absolute. A logit near 128 has an ulp of 1.5e-5, so `atol=1e-5` fails on one
+    ulp there. Each reordered sum of k terms moves a result by at most about k ulps of its largest
+    partial sum; the few reductions in a tiny model's logits (a hidden size of 64-128 accumulated in
+    blocks) stay well under 16 ulps of the largest logit, while a real bug (a wrong row, a missing
+    all-reduce term) moves logits by a sizeable fraction of their magnitude. rtol stays 0: small
+    elements get the same absolute bound as large ones, as their errors come from the same sums."""
+    import torch
+
+    scale = max(expected.detach().abs().max().item(), 1.0) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, atol=ulps * FP32_EPS * scale, rtol=0)
 
 
 def _mpi_comm():

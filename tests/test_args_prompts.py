@@ -5,9 +5,10 @@ import json
 
 import pytest
 
-from spmd import args as A
-from spmd import prompts as P
-from spmd.world import UsageError, check_gpus_per_node, check_world_size
+from spmd import config as A
+from spmd.runtime import prompts as P
+from spmd.config import UsageError
+from spmd.runtime.world import check_gpus_per_node, check_world_size
 
 BASE = ["--checkpoint", "c", "--prompts", "p.jsonl", "--output", "o.jsonl"]
 

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from spmd import checkpoint as ck
-from spmd.fp8 import SCALE_SUFFIX, dequantize as fp8_dequantize
-from spmd.synth import quantize_fp8
-from spmd.timers import Timers
-from spmd.world import UsageError
+from spmd.weights import checkpoint as ck
+from spmd.kernels.fp8 import SCALE_SUFFIX, dequantize as fp8_dequantize
+from spmd.weights.synth import quantize_fp8
+from spmd.obs.timers import Timers
+from spmd.config import UsageError
 from tests.conftest import checkpoint_dir
 
 
@@ -323,8 +323,8 @@ def test_index_names_tensor_absent_from_shard(tmp_path, tiny_bf16):
 
 
 def test_real_model_loads_every_tensor(ckpt, full):
-    model_mod = pytest.importorskip("spmd.model")
-    from spmd.args import ModelArgs
+    model_mod = pytest.importorskip("spmd.model.transformer")
+    from spmd.config import ModelArgs
     model = model_mod.Transformer(ModelArgs.from_checkpoint(ckpt), None, Timers(0), torch.float32, device="meta")
     stats, logs = load(ckpt, model, 0, 1)
     state = model.state_dict()

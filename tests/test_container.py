@@ -67,7 +67,7 @@ def test_smoke_test_is_make_run():
     test_opts = spmd_options(section("test"))
     same = ("-n", "--prompts", "--engine", "--group-size", "--dtype", "--max-new-tokens")
     assert {k: test_opts.get(k) for k in same} == {k: make_opts.get(k) for k in same}
-    assert "python -m spmd.synth --config inputs/models/tiny.json" in section("test")
+    assert "python -m spmd.weights.synth --config inputs/models/tiny.json" in section("test")
 
 
 def test_runscript_runs_the_spmd_program():

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from conftest import PROMPTS20, ROOT, mpirun, spmd_env
-from spmd import faults as F
-from spmd import world as W
-from spmd.faults import Fault
+from spmd.runtime import faults as F
+from spmd.runtime import world as W
+from spmd.runtime.faults import Fault
 
 FAULT_LINE = re.compile(r"^fault: rank (\d+) of \d+ \(.*\): injecting (\w+) at .* at unix time ([\d.]+)$", re.M)
 BOUND_S = 30.0
@@ -143,7 +143,7 @@ def test_watchdog_times_steps_only(monkeypatch, capfd):
 
 
 def test_sigusr2_prints_every_stack_and_the_rank_goes_on():
-    code = ("import sys, time; from spmd.faults import install_stack_dump; install_stack_dump()\n"
+    code = ("import sys, time; from spmd.runtime.faults import install_stack_dump; install_stack_dump()\n"
             "def waiting_here():\n    print('ready', flush=True); time.sleep(3); print('went on', flush=True)\n"
             "waiting_here()\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -175,7 +175,7 @@ def test_generate_ends_in_phase_other():
     """After a batch comes dispatch or the final gather (MPI waits as long as the slowest replica):
     generate leaves the step phases, so the watchdog does not time those waits."""
     import torch
-    from spmd.generate import GenConfig, generate
+    from spmd.runtime.generate import GenConfig, generate
 
     class Stepper:
         device = torch.device("cpu")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from spmd.args import ModelArgs
+from spmd.config import ModelArgs
 from traces.floor import decode_bytes, distinct_experts, floor_ms, layer_params, prefill_flops
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 """Serial: the weight-only FP8 Triton GEMMs of spmd/fp8.py against the dequantized torch reference.
 
 On CUDA the kernels run compiled; without CUDA they run in Triton's CPU interpreter (TRITON_INTERPRET=1,
-set per test by the fixture below: spmd.fp8 wraps its kernels with triton.jit at first call, per mode, so
+set per test by the fixture below: spmd.kernels.fp8 wraps its kernels with triton.jit at first call, per mode, so
 it does not matter whether another test module imported triton first). Outputs are allocated with
 torch.empty; the tests run with torch.empty poisoned (NaN), so an element the kernel fails to write fails.
 
@@ -22,7 +22,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from spmd import fp8  # noqa: E402  (after the skip: the kernels need triton)
+from spmd.kernels import fp8  # noqa: E402  (after the skip: the kernels need triton)
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
@@ -226,9 +226,9 @@ def test_checks():
 
 
 def test_import_without_triton():
-    """`import spmd.fp8` works where triton is missing; the torch fallbacks run."""
+    """`import spmd.kernels.fp8` works where triton is missing; the torch fallbacks run."""
     code = ("import sys; sys.modules['triton'] = None\n"
-            "import torch, spmd.fp8 as f\n"
+            "import torch, spmd.kernels.fp8 as f\n"
             "assert f.triton is None and not f.triton_available('cpu')\n"
             "w = torch.ones(96, 64).to(torch.float8_e4m3fn); s = torch.full((1, 1), 0.5)\n"
             "y = f.fp8_linear(torch.ones(2, 64, dtype=torch.bfloat16), w, s)\n"

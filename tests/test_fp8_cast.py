@@ -1,4 +1,4 @@
-"""spmd.fp8_cast: the FP8 weights transformers' dequantizer misreads are found, and the dequantized copy is
+"""spmd.weights.fp8_cast: the FP8 weights transformers' dequantizer misreads are found, and the dequantized copy is
 exact, complete and what the reference engine (load_hf) builds transformers' model from."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import checkpoint_dir
-from spmd.fp8_cast import dequantize, dequantized_copy, main as cast_main, needs_cast
+from spmd.weights.fp8_cast import dequantize, dequantized_copy, main as cast_main, needs_cast
 
 INDEX = "model.safetensors.index.json"
 

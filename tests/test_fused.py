@@ -20,9 +20,9 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[1]
 CHECK = r'''
 import sys, torch
-from spmd import fused
-from spmd.fp8 import triton_available
-from spmd.model import RMSNorm, use_fused
+from spmd.kernels import fused
+from spmd.kernels.fp8 import triton_available
+from spmd.model.transformer import RMSNorm, use_fused
 dev = sys.argv[1]
 real = torch.empty
 torch.empty = lambda *a, **k: (lambda t: t.fill_(float("nan")) if t.is_floating_point() else t)(real(*a, **k))
@@ -55,7 +55,7 @@ for dtype, rtol in ((torch.bfloat16, 2e-2), (torch.float32, 1e-5)):
             torch.testing.assert_close(fused.rms_norm(wide, norm.weight, norm.eps), out, rtol=0, atol=0)
 # the router: the fused kernel against Gate's torch path (on the same logits), V3's shape and the tiny's
 from types import SimpleNamespace
-from spmd.moe import Gate
+from spmd.model.moe import Gate
 for e, groups, kept, k in ((256, 8, 4, 8), (16, 4, 2, 4)):
     m = SimpleNamespace(n_activated_experts=k, n_expert_groups=groups, n_limited_groups=kept, route_scale=2.5,
                         n_routed_experts=e, dim=64)

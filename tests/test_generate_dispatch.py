@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from spmd.dispatch import balance
-from spmd.generate import GenConfig, generate, left_pad, sample
+from spmd.runtime.dispatch import balance
+from spmd.runtime.generate import GenConfig, generate, left_pad, sample
 
 V = 11
 

@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from conftest import PROMPTS20, checkpoint_dir
-from spmd.args import ModelArgs
-from spmd.generate import GenConfig, generate, left_pad
-from spmd.prompts import encode, load_tokenizer, read_prompts
-from spmd.timers import Timers
+from spmd.config import ModelArgs
+from spmd.runtime.generate import GenConfig, generate, left_pad
+from spmd.runtime.prompts import encode, load_tokenizer, read_prompts
+from spmd.obs.timers import Timers
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.fixture(scope="module")
 def world():
     import torch.distributed as dist
-    from spmd.world import make_world, shutdown
+    from spmd.runtime.world import make_world, shutdown
 
     owned = not dist.is_initialized()
     w = make_world(1, "cuda")
@@ -57,7 +57,7 @@ def test_graph_replay_equals_static_step(world):
     static, graph = (_engine(world, ckpt, 8, cuda_graph=m, fp8_weights="dequant") for m in ("static", "on"))
     assert (static.decode_mode, graph.decode_mode) == ("static", "graph")
     norms = [m for e in (static, graph) for m in e.model.modules() if hasattr(m, "fused")]
-    assert norms and all(m.fused for m in norms)  # the same fused ops in both (spmd.model.use_fused)
+    assert norms and all(m.fused for m in norms)  # the same fused ops in both (spmd.model.transformer.use_fused)
     ids = _prompts(ckpt, 6)
     for batch in (ids, ids[::-1]):  # the second batch replays the first one's graph
         tokens, mask = left_pad(batch, 1, "cuda")

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 from conftest import ROOT, spmd_env
-from spmd.args import ModelArgs
+from spmd.config import ModelArgs
 
 
 def test_bench_rows_and_traced_collectives(tiny_bf16, tmp_path):

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from spmd.args import ModelArgs
-from spmd.moe import MoE
-from spmd.timers import Timers
+from spmd.config import ModelArgs
+from spmd.model.moe import MoE
+from spmd.obs.timers import Timers
 
 ROOT = Path(__file__).resolve().parents[1]
 

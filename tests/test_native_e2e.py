@@ -86,8 +86,8 @@ def test_a_tensor_missing_on_one_rank_fails_every_rank(tiny_bf16, tmp_path):
 
 def test_pipeline_stages_tokens_equal_transformers_and_bubble_reported(tiny_fp8, tmp_path):
     """--pp 2 --group-size 2 on 4 ranks (2 stages of 2 tensor/expert-parallel ranks), 3 micro-batches."""
-    from spmd.args import ModelArgs
-    from spmd.pipeline import stage_layers
+    from spmd.config import ModelArgs
+    from spmd.parallel.pipeline import stage_layers
     from traces.report import report
 
     rows = _native(tiny_fp8, tmp_path / "out.jsonl", 4, 2, trace=tmp_path / "tr",

@@ -13,12 +13,12 @@ import torch.distributed as dist
 from mpi4py import MPI
 
 from conftest import PROMPTS20, checkpoint_dir
-from spmd.args import ModelArgs
+from spmd.config import ModelArgs
 from spmd.engines.native import NativeEngine
-from spmd.generate import GenConfig, generate, left_pad
-from spmd.prompts import encode, load_tokenizer, read_prompts
-from spmd.timers import Timers
-from spmd.world import make_world, shutdown
+from spmd.runtime.generate import GenConfig, generate, left_pad
+from spmd.runtime.prompts import encode, load_tokenizer, read_prompts
+from spmd.obs.timers import Timers
+from spmd.runtime.world import make_world, shutdown
 from validation.reference import hf_last_logits, load_hf
 
 pytestmark = pytest.mark.mpi(min_size=1)

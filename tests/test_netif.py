@@ -1,4 +1,4 @@
-"""spmd.netif: which interfaces a setting selects (gloo's list, NCCL's syntax), the rendezvous address,
+"""spmd.runtime.netif: which interfaces a setting selects (gloo's list, NCCL's syntax), the rendezvous address,
 the route lookup; and a run told a wrong interface ends at start-up with the host and the interfaces it has."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 import pytest
 
 from conftest import PROMPTS20, mpirun
-from spmd import netif
+from spmd.runtime import netif
 
 IFACES = {"lo": "127.0.0.1", "eth0": "10.0.0.5", "eth1": "10.1.0.5", "ib0": "10.2.0.5", "docker0": None}
 

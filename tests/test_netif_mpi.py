@@ -8,8 +8,10 @@ import os
 import pytest
 from mpi4py import MPI
 
-from spmd import netif
-from spmd.world import UsageError, agree, check_network
+from spmd.runtime import netif
+from spmd.config import UsageError
+from spmd.parallel.errors import agree
+from spmd.runtime.world import check_network
 
 pytestmark = pytest.mark.mpi(min_size=1)
 

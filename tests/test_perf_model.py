@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from spmd.args import ModelArgs
+from spmd.config import ModelArgs
 from traces import model as M
 
 SLICE = ModelArgs.from_config(json.loads(M.SLICE.read_text()))

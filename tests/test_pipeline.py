@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from spmd.args import ModelArgs, check_model_topology, parse_args
-from spmd.pipeline import bubble_fraction, check_placement, micro_batches, partition, stage_layers
-from spmd.timers import Timers
-from spmd.world import UsageError
+from spmd.config import ModelArgs, check_model_topology, parse_args
+from spmd.parallel.pipeline import check_placement, micro_batches, partition, stage_layers
+from traces.report import bubble_fraction
+from spmd.obs.timers import Timers
+from spmd.config import UsageError
 
 
 def _brute_force(costs, stages, extra):

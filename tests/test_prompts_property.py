@@ -14,8 +14,8 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from spmd import prompts as P
-from spmd.world import UsageError
+from spmd.runtime import prompts as P
+from spmd.config import UsageError
 
 TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
 JSON_LINE = st.one_of(

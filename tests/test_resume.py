@@ -20,11 +20,11 @@ import pytest
 
 from conftest import PROMPTS20, ROOT, mpirun, spmd_env
 
-from spmd import args as A
-from spmd import resume as R
-from spmd.resume import progress_dir
+from spmd import config as A
+from spmd.runtime import resume as R
+from spmd.runtime.resume import progress_dir
 
-EX_TEMPFAIL = 75  # spmd.stop.EX_TEMPFAIL
+EX_TEMPFAIL = 75  # spmd.runtime.stop.EX_TEMPFAIL
 
 N = 20
 BASE = ["--prompts", str(PROMPTS20), "--engine", "native", "--dtype", "fp32", "--max-new-tokens", "6",

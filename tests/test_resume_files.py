@@ -8,9 +8,9 @@ import pytest
 
 from conftest import PROMPTS20
 
-from spmd import args as A
-from spmd import resume as R
-from spmd.world import UsageError
+from spmd import config as A
+from spmd.runtime import resume as R
+from spmd.config import UsageError
 
 IDS = [json.loads(ln)["id"] for ln in PROMPTS20.read_text().splitlines()]
 

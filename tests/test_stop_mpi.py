@@ -7,8 +7,10 @@ import pytest
 import torch.distributed as dist
 from mpi4py import MPI
 
-from spmd import dispatch, stop
-from spmd.world import make_world, shutdown
+from spmd.runtime import dispatch
+
+from spmd.runtime import stop
+from spmd.runtime.world import make_world, shutdown
 
 pytestmark = pytest.mark.mpi(min_size=1)
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from spmd import synth
-from spmd.fp8 import dequantize as fp8_dequantize
+from spmd.weights import synth
+from spmd.kernels.fp8 import dequantize as fp8_dequantize
 
 MODELS = Path(__file__).resolve().parents[1] / "inputs" / "models"
 TINY, NOQ = MODELS / "tiny.json", MODELS / "tiny-noqlora.json"

@@ -1,4 +1,4 @@
-"""Serial tests of spmd.timers and the traces merge/report on a fake two-rank run."""
+"""Serial tests of spmd.obs.timers and the traces merge/report on a fake two-rank run."""
 
 import json
 import time
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from spmd.timers import Timers, run_metadata
+from spmd.obs.timers import Timers, run_metadata
 from traces.merge import MERGED, merge
 from traces.report import report
 
@@ -152,7 +152,7 @@ def test_run_metadata_keys(monkeypatch):
     assert {"torch", "python", "mpi4py"} <= set(meta["versions"])
     assert isinstance(meta["nccl_env"], dict) and isinstance(meta["git_commit"], str)
     assert meta["gpu_peak_bytes"] == 0 and "SLURM_JOB_ID" not in meta
-    from spmd.world import slurm_ids
+    from spmd.runtime.world import slurm_ids
 
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("SLURM_STEP_ID", "3")
@@ -307,8 +307,8 @@ class FakeMarks:
 
 def _capture_fake(t):
     """What Timers.capturing does on CUDA, with FakeMarks: two spans back to back, a gap, a comm span."""
-    from spmd.graph_marks import GraphTiming
-    from spmd.timers import _CudaSpan
+    from spmd.obs.graph_marks import GraphTiming
+    from spmd.obs.timers import _CudaSpan
 
     timing = GraphTiming(FakeMarks())
     t._dev_span, t._captured, t._last_end = _CudaSpan(t), timing, None
@@ -325,7 +325,7 @@ def _capture_fake(t):
 
 
 def test_graph_spans_share_marks_and_resolve_per_replay():
-    from spmd.timers import _host_only
+    from spmd.obs.timers import _host_only
 
     t = Timers(0, device="cpu")
     t._cuda = True
@@ -363,7 +363,7 @@ class FakeStamps(FakeMarks):
 def test_stamp_replays_resolve_after_the_next_launch():
     """One graph: replay N is read from its host copy after replay N+1's launch, before N+1's copy
     replaces it; nothing is resolved before a launch."""
-    from spmd.timers import _host_only
+    from spmd.obs.timers import _host_only
 
     t = Timers(0, device="cpu")
     t._cuda = True
@@ -387,8 +387,8 @@ def test_stamp_replays_resolve_after_the_next_launch():
 
 def test_layer_level_merges_runs_of_one_kind_and_layer():
     """SPMD_GRAPH_MARK_LEVEL=layer: a mark per change of (kind, layer); merged runs sum their bytes."""
-    from spmd.graph_marks import GraphTiming
-    from spmd.timers import _CudaSpan, _host_only
+    from spmd.obs.graph_marks import GraphTiming
+    from spmd.obs.timers import _CudaSpan, _host_only
 
     t = Timers(0, device="cpu")
     t._cuda = True
@@ -413,7 +413,7 @@ def test_layer_level_merges_runs_of_one_kind_and_layer():
 
 
 def test_graph_mark_level_from_env(monkeypatch):
-    from spmd.graph_marks import marks_level
+    from spmd.obs.graph_marks import marks_level
 
     monkeypatch.delenv("SPMD_GRAPH_MARK_LEVEL", raising=False)
     assert marks_level() == "span"
@@ -457,7 +457,7 @@ def test_cuda_graph_marks_time_the_replay(monkeypatch, mode):
 
 
 def test_graph_marks_mode_from_env(monkeypatch):
-    from spmd.graph_marks import marks_mode
+    from spmd.obs.graph_marks import marks_mode
 
     monkeypatch.delenv("SPMD_GRAPH_MARKS", raising=False)
     assert marks_mode() == "off"

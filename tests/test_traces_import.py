@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from spmd.timers import write_h5_atomic
+from spmd.obs.timers import write_h5_atomic
 from traces.clock import SYNC_PREFIX
 from traces.merge import merge
 from traces.nccl_log import parse_nccl_log
@@ -200,7 +200,8 @@ def test_scaling_table_and_plot(tmp_path):
 
 
 def test_profiler_window_opens_at_a_and_closes_after_b(tmp_path):
-    from spmd.profile import Profiler, parse_steps
+    from spmd.config import parse_steps
+    from spmd.obs.profile import Profiler
 
     assert parse_steps("3:5") == (3, 5) and parse_steps("4") == (4, 4)
     for bad in ("0:2", "5:3", "x"):

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from spmd.timers import Timers, run_metadata
-from spmd.world import make_world
+from spmd.obs.timers import Timers, run_metadata
+from spmd.runtime.world import make_world
 from traces.merge import merge
 
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from conftest import PROMPTS20, mpirun
-from spmd.generate import score
-from spmd.score import FORMAT, KIND, BaselineError, checkpoint_fingerprint, file_sha256, load_targets, \
+from spmd.runtime.generate import score
+from spmd.runtime.score import FORMAT, KIND, BaselineError, checkpoint_fingerprint, file_sha256, load_targets, \
     prompts_fingerprint, read_baseline
 from validation import compare as C
 
@@ -157,7 +157,7 @@ def test_another_checkpoint_or_baseline_is_refused(case, tmp_path):
 
 
 def test_spmd_side_check_refuses_another_checkpoint_and_prompt_set(case, tmp_path):
-    from spmd.prompts import Prompt
+    from spmd.runtime.prompts import Prompt
 
     prompts = [Prompt(i, r["id"], r["prompt"]) for i, r in enumerate(case.rows)]
     ids = [r["prompt_token_ids"] for r in case.rows]
@@ -215,7 +215,7 @@ def test_score_aligns_targets_under_left_padding():
 
 
 def test_baseline_round_trip(tiny_bf16, tmp_path):
-    from spmd.prompts import write_jsonl
+    from spmd.runtime.prompts import write_jsonl
     from validation.baseline import make_baseline, parser
 
     out = tmp_path / "b.jsonl"
@@ -234,7 +234,7 @@ def test_baseline_round_trip(tiny_bf16, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_baseline(tiny_bf16, tmp_path_factory):
-    from spmd.prompts import write_jsonl
+    from spmd.runtime.prompts import write_jsonl
     from validation.baseline import make_baseline, parser
 
     out = tmp_path_factory.mktemp("baseline") / "tiny-bf16.jsonl"

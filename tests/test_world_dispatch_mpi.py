@@ -8,8 +8,10 @@ import torch
 import torch.distributed as dist
 from mpi4py import MPI
 
-from spmd import dispatch
-from spmd.world import UsageError, make_world, on_root, shutdown
+from spmd.runtime import dispatch
+from spmd.config import UsageError
+from spmd.runtime.world import make_world, shutdown
+from spmd.parallel.errors import on_root
 
 pytestmark = pytest.mark.mpi(min_size=1)
 

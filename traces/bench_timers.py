@@ -71,7 +71,7 @@ def toggled_steps(engine, timers, tokens, mask, steps: int, first_on: bool) -> d
 
 def span_cost_ns(device: str, n: int = 20000) -> float:
     """Host ns of one empty ``with timers.compute(...)`` span (CUDA events on GPU)."""
-    from spmd.timers import Timers
+    from spmd.obs.timers import Timers
 
     t = Timers(0, device)
     for _ in range(100):
@@ -86,9 +86,9 @@ def span_cost_ns(device: str, n: int = 20000) -> float:
 
 
 def _engine(world, ckpt: Path, dtype: str, steps: int, cuda_graph: str = "auto"):
-    from spmd.args import ModelArgs
+    from spmd.config import ModelArgs
     from spmd.engines.native import NativeEngine
-    from spmd.timers import Timers
+    from spmd.obs.timers import Timers
 
     margs = ModelArgs.from_checkpoint(ckpt)
     args = types.SimpleNamespace(checkpoint=ckpt, dtype=dtype, max_new_tokens=steps + 1, cuda_graph=cuda_graph)
@@ -112,9 +112,9 @@ def overhead(on: list[float], off: list[float], seed: int = 0) -> dict:
 
 def run(ckpt: Path, device: str, dtype: str, batch: int, steps: int, trials: int, cuda_graph: str = "auto") -> dict:
     """The benchmark; returns the result record."""
-    from spmd.prompts import encode, load_tokenizer, read_prompts
-    from spmd.generate import left_pad
-    from spmd.world import make_world, shutdown
+    from spmd.runtime.prompts import encode, load_tokenizer, read_prompts
+    from spmd.runtime.generate import left_pad
+    from spmd.runtime.world import make_world, shutdown
 
     world = make_world(1, device)
     engine, timers, margs = _engine(world, ckpt, dtype, steps, cuda_graph)
@@ -156,7 +156,7 @@ def run(ckpt: Path, device: str, dtype: str, batch: int, steps: int, trials: int
 
 def _graph_marks(decode_mode: str) -> str:
     """The marks mode of graph replays, with "-layer" at SPMD_GRAPH_MARK_LEVEL=layer ("" when eager)."""
-    from spmd.graph_marks import marks_level, marks_mode
+    from spmd.obs.graph_marks import marks_level, marks_mode
 
     if decode_mode != "graph":
         return ""

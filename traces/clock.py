@@ -3,7 +3,7 @@
 Every imported timestamp is put on the aligned clock of the rank's own events (``start_ns`` in
 spmd/timers.py: ns since the start barrier) as ``aligned = profiler_ns + offset``. The offset comes,
 in order of preference, from
-  sync-marker  a range named ``spmd.sync:<ns>`` that spmd.profile records when its window opens, <ns>
+  sync-marker  a range named ``spmd.sync:<ns>`` that spmd.obs.profile records when its window opens, <ns>
                being the rank's CLOCK_MONOTONIC (perf_counter_ns) just before it: offset =
                (<ns> - clock_t0_ns) - profiler start of that range (µs-exact);
   monotonic    the profiler's clock is CLOCK_MONOTONIC itself (perf record -k CLOCK_MONOTONIC):
@@ -20,7 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-SYNC_PREFIX = "spmd.sync:"  # spmd/profile.py names its marker range with it
+from spmd.obs import SYNC_PREFIX  # the profiler window names its marker range with it
 MAX_NAME = 256  # longer names (templated kernels) are cut: the report needs a readable name only
 _RANK_TAG = re.compile(r"rank(\d+)")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from spmd import commands
+from spmd.runtime import commands
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCHES = (1, 8, 32, 64)
@@ -58,9 +58,9 @@ def ceilings() -> dict:
 
 def _engine(a, world, max_new: int):
     """The engine of a `run`, with timers that record only while `timers.enabled` (the traced batch)."""
-    from spmd.args import ModelArgs
+    from spmd.config import ModelArgs
     from spmd.engines import build_engine
-    from spmd.timers import Timers
+    from spmd.obs.timers import Timers
 
     margs = ModelArgs.from_checkpoint(a.checkpoint)
     args = types.SimpleNamespace(checkpoint=a.checkpoint, dtype="bf16", max_new_tokens=max_new, micro_batches=0,
@@ -102,8 +102,8 @@ def _traced_batch(engine, timers, batch: int, prompt: int, steps: int, vocab: in
     """One batch with the timers on: collectives per decode step, their time, the compute time and the
     time per named span, from this rank's events. Decode steps replay graphs that time themselves
     (SPMD_GRAPH_MARKS=stamp|event), else they run eager (a plain replay is one event)."""
-    from spmd.graph_marks import marks_mode
-    from spmd.pipeline import bubble_fraction
+    from spmd.obs.graph_marks import marks_mode
+    from traces.report import bubble_fraction
 
     graphs = getattr(engine, "graphs", None)
     eager = graphs is not None and graphs.mode == "graph" and marks_mode() == "off"
@@ -137,7 +137,7 @@ def _traced_batch(engine, timers, batch: int, prompt: int, steps: int, vocab: in
 
 def run(a) -> int:
     """One engine configuration over all batch sizes; rank 0 writes the rows to a.tag.json."""
-    from spmd.world import make_world, shutdown
+    from spmd.runtime.world import make_world, shutdown
     from traces.floor import decode_bytes
 
     world = make_world(a.group_size, a.device, pp=a.pp)

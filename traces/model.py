@@ -19,8 +19,8 @@ summed in one) B x dim bf16 values, once for the embedding, and all-gathers the 
 a node is measured (the smallest NCCL all-reduce kernel of the 2-GPU torch.profiler trace, 2x H200); beta
 inside a node and both numbers between nodes are stated parameters (NETWORKS), not measurements.
 
-Pipeline (P stages, M micro-batches, as spmd.pipeline runs them): step = (M + P - 1) x (slowest stage on B/M
-rows + its send) + the logits broadcast; stages get contiguous layers balanced by bytes (spmd.pipeline
+Pipeline (P stages, M micro-batches, as spmd.parallel.pipeline runs them): step = (M + P - 1) x (slowest stage on B/M
+rows + its send) + the logits broadcast; stages get contiguous layers balanced by bytes (spmd.parallel.pipeline
 .partition). Memory per GPU: the stage's weights at the group size (replicated parts whole), its latent
 cache for B rows x context (not sharded over G), 2 GiB for activations and workspace.
 
@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spmd.args import ModelArgs
+from spmd.config import ModelArgs
 from traces.floor import WEIGHT_BYTES, head_bytes, layer_bytes, layer_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,7 +169,7 @@ class Layout:
 
 
 def stages(m: ModelArgs, lay: Layout) -> list[range]:
-    from spmd.pipeline import head_cost, layer_costs, partition
+    from spmd.parallel.pipeline import head_cost, layer_costs, partition
 
     if lay.pp == 1:
         return [range(m.n_layers)]

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spmd import commands
+from spmd.runtime import commands
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "inputs" / "prompts" / "validation20.jsonl"

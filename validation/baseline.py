@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from spmd.fp8_cast import needs_cast
-from spmd.score import FORMAT, KIND, BaselineError, checkpoint_fingerprint, prompts_fingerprint
+from spmd.weights.fp8_cast import needs_cast
+from spmd.runtime.score import FORMAT, KIND, BaselineError, checkpoint_fingerprint, prompts_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,7 +59,7 @@ def header(args, n_prompts: int, prompt_pairs: list[tuple[str, str]], eos_id: in
             "max_new_tokens": args.max_new_tokens, "top_k": args.top_k, "dtype": args.dtype,
             "device": args.device, "device_name": device_name, "batch_size": args.batch_size,
             "eos_token_id": eos_id, "decoding": "greedy", "versions": versions(), "git_commit": git_commit(),
-            # FP8 weights transformers cannot dequantize itself: read from spmd.fp8_cast's exact copy
+            # FP8 weights transformers cannot dequantize itself: read from spmd.weights.fp8_cast's exact copy
             "fp8_weights_cast_by_spmd": len(needs_cast(args.checkpoint)),
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
@@ -81,10 +81,10 @@ def git_commit() -> str:
 
 def make_baseline(args) -> list[dict]:
     """The baseline's lines (header first) for the parsed command line."""
-    from spmd import prompts as P
+    from spmd.runtime import prompts as P
     from transformers.utils import logging as hf_logging
 
-    from spmd.args import ModelArgs
+    from spmd.config import ModelArgs
     from validation.reference import load_hf
 
     if not (Path(args.checkpoint) / "config.json").is_file():
@@ -124,9 +124,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     import mpi4py
 
-    mpi4py.rc.initialize = False  # spmd.prompts imports mpi4py.MPI; this single process needs no MPI job
-    from spmd.prompts import write_jsonl
-    from spmd.world import UsageError
+    mpi4py.rc.initialize = False  # spmd.runtime.prompts imports mpi4py.MPI; this single process needs no MPI job
+    from spmd.runtime.prompts import write_jsonl
+    from spmd.config import UsageError
 
     args = parser().parse_args(argv)
     if min(args.max_new_tokens, args.top_k, args.batch_size) < 1 or args.threads < 0:

@@ -30,7 +30,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from spmd.score import BaselineError, check_prompt_set, checkpoint_fingerprint, file_sha256, \
+from spmd.runtime.score import BaselineError, check_prompt_set, checkpoint_fingerprint, file_sha256, \
     prompts_fingerprint, read_baseline
 
 

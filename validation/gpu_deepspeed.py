@@ -20,7 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from spmd import commands
+from spmd.runtime import commands
 from validation.gpu_native import ROOT, agreement, run_engine
 
 

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
 
-from spmd import commands
-from spmd.score import BaselineError, checkpoint_fingerprint, read_baseline
+from spmd.runtime import commands
+from spmd.runtime.score import BaselineError, checkpoint_fingerprint, read_baseline
 from validation.compare import compare, judge
 from validation.jobs import Job, run_jobs
 from validation.report import write_text

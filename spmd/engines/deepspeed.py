@@ -2,7 +2,7 @@
 with our expert-parallel MoE in place of every DeepseekV3MoE.
 
 How the model gets onto the ranks without any rank holding a full copy (DeepSpeed 0.19.8, transformers 5):
-1. transformers' model is built on the meta device; each MoE layer's `mlp` becomes our `spmd.moe.MoE`
+1. transformers' model is built on the meta device; each MoE layer's `mlp` becomes our `spmd.model.moe.MoE`
    (gate replicated, shared expert split by columns/rows, only this rank's routed experts, one `moe.combine`
    all-reduce), built on meta too, with parameter names equal to the checkpoint's.
 2. `deepspeed.init_inference(replace_with_kernel_inject=False)` runs AutoTP on the meta model. Its layer
@@ -13,7 +13,7 @@ How the model gets onto the ranks without any rank holding a full copy (DeepSpee
    lm_head -> `LmHeadLinearAllreduce` (columns split, input cut to the rank's columns, all-reduce of the
    logits); q_a_proj, kv_a_proj_with_mqa, norms and the embedding stay replicated. Our MoE holds no
    nn.Linear, so AutoTP leaves it alone.
-3. `spmd.checkpoint.load` then reads only this rank's slices by state_dict name: `LinearLayer` gets
+3. `spmd.weights.checkpoint.load` then reads only this rank's slices by state_dict name: `LinearLayer` gets
    `shard_dim = 0`, the row-parallel layers `shard_dim = 1`; AutoTP's split must be the even contiguous one
    our loader reads (checked, else a startup error with the sizes).
 
@@ -48,11 +48,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import load
-from ..moe import MoE
-from ..parallel import GROUP_NAME
-from ..world import UsageError, agree
-from . import param_bytes
+from spmd.weights.checkpoint import load
+from spmd.model.moe import MoE
+from spmd.parallel.layers import GROUP_NAME
+from spmd.config import UsageError
+from spmd.parallel.errors import agree
+from spmd.engines.memory import param_bytes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
@@ -214,7 +215,7 @@ def trace_and_plan(model, margs, reduce: DSAllReduce, size: int) -> dict:
             setattr(model.get_submodule(parent), child,
                     TracedRowParallel(mod, reduce, trace_name, layer, then, isinstance(mod, LmHeadLinearAllreduce)))
         elif type(mod) is LinearLayer:
-            mod.shard_dim = 0  # weight rows split (column parallel): what spmd.checkpoint reads
+            mod.shard_dim = 0  # weight rows split (column parallel): what spmd.weights.checkpoint reads
         else:
             raise UsageError(f"{name}: AutoTP made a {type(mod).__name__}, which this engine does not load")
     return counts

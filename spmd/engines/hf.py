@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ..fp8_cast import dequantized_copy, needs_cast
-from . import param_bytes
+from spmd.weights.fp8_cast import dequantized_copy, needs_cast
+from spmd.engines.memory import param_bytes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

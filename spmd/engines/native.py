@@ -5,12 +5,12 @@ import resource
 
 import torch
 
-from ..checkpoint import load
-from . import param_bytes
-from ..decode_graph import GraphDecoder
-from ..model import Transformer, use_fused
-from ..pipeline import Pipeline, stage_layers
-from ..world import agree
+from spmd.weights.checkpoint import load
+from spmd.engines.memory import param_bytes
+from spmd.engines.decode_graph import GraphDecoder
+from spmd.model.transformer import Transformer, use_fused
+from spmd.parallel.pipeline import Pipeline, stage_layers
+from spmd.parallel.errors import agree
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -114,7 +114,7 @@ def keep_fp8(flag: str, device: torch.device, ckpt_fp8: bool) -> bool:
     """--fp8-weights → whether the loader keeps FP8 weights (auto: on CUDA when Triton imports)."""
     if not ckpt_fp8 or flag == "dequant" or (flag == "auto" and device.type != "cuda"):
         return False  # decided without importing Triton (a large import)
-    from ..fp8 import triton_available
+    from spmd.kernels.fp8 import triton_available
 
     if flag == "keep" and not triton_available(device):
         raise ValueError(f"--fp8-weights keep: the FP8 kernels need Triton and a CUDA device (or "

@@ -1,20 +1,20 @@
 """Fused small ops in Triton, for the decode step on CUDA: RMSNorm and the MoE router, one kernel each.
 
 At decode the step is a chain of small kernels between the weight-bound GEMMs, and each costs a launch
-(~2-3 µs inside a CUDA graph) whatever its size. Torch's RMSNorm (``spmd.model.RMSNorm``) is five of them
+(~2-3 µs inside a CUDA graph) whatever its size. Torch's RMSNorm (``spmd.model.transformer.RMSNorm``) is five of them
 (cast, square, mean, rsqrt-multiply, cast, weight multiply); the slice's step has 13 norms. ``rms_norm``
 is one program per row that reads the row once, with the same arithmetic: fp32 mean of squares,
 ``x * rsqrt(mean + eps)`` in fp32, rounded to x's dtype, then multiplied by the weight (in fp32, rounded
 once more to x's dtype, as torch's bf16 multiply does). It differs from torch only by the summation order
 of the mean (fp32).
 
-``route`` is the noaux_tc router after its matmul (``spmd.moe.Gate``), about 18 torch kernels: sigmoid
+``route`` is the noaux_tc router after its matmul (``spmd.model.moe.Gate``), about 18 torch kernels: sigmoid
 scores, biased choice scores, each group's score as the sum of its two best, the best groups kept, the
 top-k experts of the kept groups, their unbiased scores normalized and scaled. One program per token
 holds its E scores in registers; top-k is k rounds of argmax (ties to the lower index). It returns the
 experts in descending order of choice score, as torch.topk does.
 
-The model takes them on CUDA where Triton imports (``spmd.model.use_fused`` decides once per module);
+The model takes them on CUDA where Triton imports (``spmd.model.transformer.use_fused`` decides once per module);
 elsewhere the torch path runs. Tested against torch
 under Triton's CPU interpreter (tests/test_fused.py) and on GPUs.
 """
@@ -24,7 +24,7 @@ import functools
 
 import torch
 
-from .fp8 import interpret
+from spmd.kernels.fp8 import interpret
 
 try:
     import triton
@@ -106,7 +106,7 @@ def route(logits: torch.Tensor, bias: torch.Tensor, n_groups: int, topk_groups: 
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """weight * (x * rsqrt(mean(x^2) + eps)) over the last dim, as spmd.model.RMSNorm, in one kernel.
+    """weight * (x * rsqrt(mean(x^2) + eps)) over the last dim, as spmd.model.transformer.RMSNorm, in one kernel.
 
     x (..., D) with unit stride in the last dim; out in x.dtype (weight must have x's dtype)."""
     d = x.shape[-1]

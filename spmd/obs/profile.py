@@ -22,22 +22,8 @@ from pathlib import Path
 
 import torch
 
-from traces.clock import SYNC_PREFIX
-
-KINDS = ("none", "torch", "nsys")
-
-
-def parse_steps(text: str) -> tuple[int, int]:
-    """``"A:B"`` → (A, B) with 1 <= A <= B; ValueError otherwise."""
-    a, sep, b = text.partition(":")
-    try:
-        first, last = int(a), int(b if sep else a)
-    except ValueError:
-        raise ValueError(f"--profile-steps {text!r}: expected A:B (decode steps, e.g. 2:5)") from None
-    if not 1 <= first <= last:
-        raise ValueError(f"--profile-steps {text!r}: need 1 <= A <= B")
-    return first, last
-
+from spmd.config import PROFILE_KINDS as KINDS
+from spmd.obs import SYNC_PREFIX
 
 def torch_trace_path(trace_dir, rank: int) -> Path:
     """Where rank `rank` writes its torch.profiler chrome trace."""

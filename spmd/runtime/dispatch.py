@@ -17,7 +17,7 @@ from typing import Iterator
 
 from mpi4py import MPI
 
-from .world import World
+from spmd.runtime.world import World
 
 TAG_REQUEST, TAG_WORK, TAG_PROGRESS = 11, 12, 13
 POLL_MIN_S, POLL_MAX_S = 50e-6, 1e-3  # the dispatcher's wait for requests (_Server._next_request)

@@ -1,4 +1,4 @@
-"""DeepSeek-V3: RMSNorm, YaRN RoPE, MLA with a latent cache, Block, Transformer (the MLPs and MoE: spmd.moe).
+"""DeepSeek-V3: RMSNorm, YaRN RoPE, MLA with a latent cache, Block, Transformer (the MLPs and MoE: spmd.model.moe).
 
 Module and parameter names equal the HF checkpoint's tensor names (``model.layers.3.self_attn.kv_b_proj.weight``,
 ``model.layers.3.mlp.experts.17.up_proj.weight``), so the loader needs no renaming. Sharding over the model
@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fused
-from .args import ModelArgs
-from .fp8 import triton_available
-from .moe import MLP, MoE
-from .parallel import ColumnParallelLinear, Linear, ParallelEmbedding, RowParallelLinear, group_info
+from spmd.kernels import fused
+from spmd.config import ModelArgs
+from spmd.kernels.fp8 import triton_available
+from spmd.model.moe import MLP, MoE
+from spmd.parallel.layers import ColumnParallelLinear, Linear, ParallelEmbedding, RowParallelLinear, group_info
 
 SUB_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm: transformers builds them with the default eps
 

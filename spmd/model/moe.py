@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fused
-from .args import ModelArgs
-from .parallel import (ColumnParallelLinear, Linear, RowParallelLinear, all_reduce, compute_span, group_info,
+from spmd.kernels import fused
+from spmd.config import ModelArgs
+from spmd.parallel.layers import (ColumnParallelLinear, Linear, RowParallelLinear, all_reduce, compute_span, group_info,
                        local_slice)
 
 
@@ -55,7 +55,7 @@ class Gate(nn.Module):
     def __init__(self, m: ModelArgs, dtype=None, device=None):
         super().__init__()
         self.top_k, self.n_groups, self.topk_groups = m.n_activated_experts, m.n_expert_groups, m.n_limited_groups
-        self.route_scale, self.fused = m.route_scale, False  # fused: see spmd.model.use_fused
+        self.route_scale, self.fused = m.route_scale, False  # fused: see spmd.model.transformer.use_fused
         e = m.n_routed_experts
         self.weight = nn.Parameter(torch.empty(e, m.dim, dtype=dtype, device=device), requires_grad=False)
         self.e_score_correction_bias = nn.Parameter(torch.empty(e, dtype=torch.float32, device=device),
@@ -67,7 +67,7 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, dim) -> weights (N, top_k) float32, expert ids (N, top_k) int64."""
         logits = F.linear(x.float(), self.weight.float())  # (N, E)
-        if self.fused:  # decided by spmd.model.use_fused
+        if self.fused:  # decided by spmd.model.transformer.use_fused
             return fused.route(logits, self.e_score_correction_bias, self.n_groups, self.topk_groups, self.top_k,
                                self.route_scale)  # one kernel for the ~18 below
         scores = logits.sigmoid()
@@ -138,7 +138,7 @@ class MoE(nn.Module):
         w = ex[0].gate_proj.weight
         inter = w.shape[0]
         if w.dtype == torch.float8_e4m3fn:
-            from .fp8 import dequantize, triton_available
+            from spmd.kernels.fp8 import dequantize, triton_available
             if inter % 128 == 0 and triton_available(w.device):
                 self._stack(ex, inter, scales=True)
                 return
@@ -168,7 +168,7 @@ class MoE(nn.Module):
         """Grouped x @ w[e]^T over the rows of each local expert (offs: their end rows; row_expert: each
         row's local expert, E_l past them)."""
         if scale is not None:
-            from .fp8 import fp8_grouped_mm
+            from spmd.kernels.fp8 import fp8_grouped_mm
             return fp8_grouped_mm(x, w, scale, offs, row_expert)
         return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
 

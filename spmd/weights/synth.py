@@ -32,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from .fp8 import FP8_BLOCK, scale_name
+from spmd.config import FP8_BLOCK
+
+from spmd.kernels.fp8 import scale_name
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 EMBED_STD = 1.0  # residual stream starts at unit scale; RMSNorm follows anyway
@@ -41,7 +43,7 @@ BIAS_STD = 0.02  # e_score_correction_bias ~ N(0, 0.02): small next to sigmoid s
 LOGIT_STD = 4.0  # lm_head std = LOGIT_STD / sqrt(hidden): peaked enough that greedy follows the context
 EOS_ROW_SCALE = 1.8  # lm_head EOS row x1.8: EOS is the greedy pick at ~1-2% of steps (reachable, rare)
 TOKENIZER_SPARE = 64  # embedding rows kept past the tokenizer, like the real model (129280 > tokenizer)
-DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / "inputs" / "corpus"
+DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "inputs" / "corpus"
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
 USER, ASSISTANT, THINK, END_THINK = "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"
 SPECIAL_TOKENS = (BOS, EOS, PAD, USER, ASSISTANT, THINK, END_THINK)  # ids 0..6, bos=0 and eos=1 as in V3
@@ -362,7 +364,7 @@ def write_checkpoint(config_path: str | Path, out_dir: str | Path, weights: str 
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m spmd.synth", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m spmd.weights.synth", description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True, help="model config json (inputs/models/*.json)")
     ap.add_argument("--out", required=True, help="checkpoint directory to create")
     ap.add_argument("--weights", choices=("bf16", "fp8"), default="bf16")

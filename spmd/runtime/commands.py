@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "inputs" / "models"
 
 
@@ -23,7 +23,7 @@ def synth(config: str, out: Path, weights: str, device: str, overwrite: bool = F
     """Write the synthetic checkpoint of inputs/models/<config>.json (seed 0) to out; the tiny config is
     written on the CPU whatever the device (it is small, and CPU-written tiny checkpoints are the CI's)."""
     dev = "cuda" if device == "cuda" and config != "tiny" else "cpu"
-    return [sys.executable, "-m", "spmd.synth", "--config", str(MODELS / f"{config}.json"), "--out", str(out),
+    return [sys.executable, "-m", "spmd.weights.synth", "--config", str(MODELS / f"{config}.json"), "--out", str(out),
             "--weights", weights, "--seed", "0", "--device", dev, *(("--overwrite",) if overwrite else ())]
 
 

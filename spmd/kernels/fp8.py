@@ -50,7 +50,7 @@ from ``offs`` on the device and loops over it with dynamic bounds, so an expert 
 weight bytes (decode at batch 1 touches 8 of 256 experts). After one warm-up call per shape (Triton
 compiles on first launch), both functions can be captured in a CUDA graph.
 
-Triton is imported lazily: ``import spmd.fp8`` works without it, and the torch fallbacks (dequantize
+Triton is imported lazily: ``import spmd.kernels.fp8`` works without it, and the torch fallbacks (dequantize
 then matmul; the grouped one loops on the host and syncs) run where ``triton_available`` is False.
 The kernels are wrapped with triton.jit at first use, per mode, so TRITON_INTERPRET=1 (Triton's CPU
 interpreter, used by tests/test_fp8.py) works whenever it is set before the first call, even after
@@ -67,7 +67,7 @@ import os
 
 import torch
 
-FP8_BLOCK = 128  # DeepSeek-V3's weight quantization block (both dims)
+from spmd.config import FP8_BLOCK  # DeepSeek-V3's weight quantization block (both dims)
 SCALE_SUFFIX = ".weight_scale_inv"  # an FP8 weight's float32 (V3.1: power-of-two, UE8M0) block scales
 # fp8_grouped_mm runs a program per row (not per expert) when given each row's expert and the experts
 # number at least this many times the rows. Measured on H200 (256 experts, decode shapes): 8 rows

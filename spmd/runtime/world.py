@@ -18,15 +18,13 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from mpi4py import MPI
 
-from . import netif
-
-
-class UsageError(Exception):
-    """Bad input or topology: reported once by rank 0, every rank exits non-zero."""
+from spmd.config import UsageError
+from spmd.parallel.errors import agree, on_root
+from spmd.runtime import netif
 
 
 @dataclass(frozen=True)
@@ -86,42 +84,6 @@ class World:
     @property
     def is_leader(self) -> bool:
         return self.group_rank == 0
-
-
-def on_root(comm, fn: Callable[[], Any], share: bool = True) -> Any:
-    """Run fn on rank 0 only; a UsageError there is raised on every rank.
-
-    With share=True the result is broadcast; with share=False it stays on rank 0 (others get None).
-    """
-    result, error = None, None
-    if comm.rank == 0:
-        try:
-            result = fn()
-        except UsageError as exc:
-            error = str(exc)
-    error = comm.bcast(error, root=0)
-    if error is not None:
-        raise UsageError(error)
-    return comm.bcast(result, root=0) if share else result
-
-
-def agree(comm, fn: Callable[[], Any]) -> Any:
-    """Run fn on every rank; if it raised UsageError on any rank, raise it on all (lowest failing rank's).
-
-    For checks whose outcome can differ by rank (each rank reads different slices): no rank may be
-    left waiting in a collective for a rank that gave up.
-    """
-    result, error = None, None
-    try:
-        result = fn()
-    except UsageError as exc:
-        error = str(exc)
-    errors = comm.allgather(error)
-    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
-    if failed:
-        r, e = failed[0]
-        raise UsageError(e if comm.size == 1 else f"rank {r}: {e}")
-    return result
 
 
 def exit_on_usage_error(comm, exc: UsageError, code: int = 2) -> None:
@@ -299,7 +261,7 @@ def make_world(group_size: int, device: str = "cpu", comm=None, pp: int = 1, fir
     """Discover ranks over MPI, bind a GPU, init torch.distributed and the model-group communicators.
 
     group_size: G, the tensor/expert-parallel ranks of one stage; pp: P stages, so a model group is P x G
-    ranks (``World.group_size``), a stage G consecutive ranks of it (spmd.pipeline). first=1: world rank 0
+    ranks (``World.group_size``), a stage G consecutive ranks of it (spmd.parallel.pipeline). first=1: world rank 0
     is a dedicated orchestrator (no device, no torch.distributed); collective over `comm` all the same.
 
     Every torch.distributed group gets rank 0's ``collective_timeout()``: past it a gloo collective raises
@@ -318,7 +280,7 @@ def make_world(group_size: int, device: str = "cpu", comm=None, pp: int = 1, fir
              pp=pp, first=first, model_comm=model)
     if model == MPI.COMM_NULL:  # the orchestrator
         return World(local_rank=0, local_size=1, tp_group=None, backend="none", device="cpu", **w)
-    from .pipeline import check_placement
+    from spmd.parallel.pipeline import check_placement
     on_root(model, lambda: check_placement(hosts[first:], pp, group_size))
     return World(**w, **_model_ranks(model, group_size, pp, device, timeout))
 

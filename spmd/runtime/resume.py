@@ -22,9 +22,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import score as S
-from .prompts import write_jsonl
-from .world import UsageError
+from spmd.runtime import score as S
+from spmd.runtime.prompts import write_jsonl
+from spmd.config import UsageError
 
 KIND = "spmd-progress"
 FORMAT = 1

@@ -1,6 +1,6 @@
 """An FP8 block-scaled checkpoint as a plain one: every FP8 weight times its 128x128 scale blocks.
 
-    python -m spmd.fp8_cast --checkpoint FP8_DIR --out DIR [--device cuda]
+    python -m spmd.weights.fp8_cast --checkpoint FP8_DIR --out DIR [--device cuda]
 
 Why (the reference engine): transformers 5.17 dequantizes FP8 weights (FineGrainedFP8Config(dequantize=True))
 with a block size derived from the scale grid, rows // grid_rows, not from the checkpoint's
@@ -26,7 +26,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .fp8 import FP8_BLOCK as BLOCK, SCALE_SUFFIX, dequantize, scale_name
+from spmd.config import FP8_BLOCK as BLOCK
+
+from spmd.kernels.fp8 import SCALE_SUFFIX, dequantize, scale_name
 
 INDEX = "model.safetensors.index.json"
 
@@ -108,7 +110,7 @@ def dequantized_copy(ckpt: Path, out: Path, device: str = "cpu", log=None) -> Pa
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m spmd.fp8_cast", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m spmd.weights.fp8_cast", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--device", default="cpu", help="where the products are computed (cuda: faster)")

@@ -10,7 +10,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .world import UsageError
+from spmd.config import UsageError
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,15 @@ class Prompt:
     index: int      # position in the input file; outputs are written in this order
     id: str
     text: str
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Rank 0's prompts, their token ids (input order) and the tokenizer that made them."""
+
+    prompts: list[Prompt]
+    ids: list[list[int]]
+    tokenizer: object
 
 
 def read_prompts(path: Path) -> list[Prompt]:

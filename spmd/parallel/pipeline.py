@@ -11,19 +11,19 @@ micro-batch's hidden states from the same tensor rank of stage s-1 (``pp.recv``)
 sends them on to stage s+1 (``pp.send``, asynchronous), then takes the next micro-batch: stage s works
 on micro-batch k while stage s-1 runs k+1. The last stage's logits go to every rank of the model group
 in one broadcast (``pp.logits``), so every rank samples the same tokens (the Stepper contract of
-``spmd.generate``). A pipeline step leaves (P-1)/(M+P-1) of each stage idle for M micro-batches: the
-time in ``pp.recv`` and ``pp.logits`` is that bubble (``bubble_fraction``).
+``spmd.runtime.generate``). A pipeline step leaves (P-1)/(M+P-1) of each stage idle for M micro-batches: the
+time in ``pp.recv`` and ``pp.logits`` is that bubble (``traces.report.bubble_fraction``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from .args import ModelArgs
-from .world import UsageError
+from spmd.config import ModelArgs, UsageError
+from spmd.config.sizes import distinct_experts, layer_params
 
 REFERENCE_BATCH = 32  # decode rows the layer costs are estimated at (distinct experts grow with rows)
 
@@ -31,8 +31,6 @@ REFERENCE_BATCH = 32  # decode rows the layer costs are estimated at (distinct e
 def layer_costs(m: ModelArgs, group: int = 1, batch: int = REFERENCE_BATCH) -> list[float]:
     """Parameters one rank reads per decode step, per layer (routed experts: the distinct ones `batch`
     rows hit under uniform routing)."""
-    from traces.floor import distinct_experts, layer_params
-
     costs = []
     for layer in range(m.n_layers):
         p = layer_params(m, layer)
@@ -125,12 +123,11 @@ class Pipeline:
     def forward(self, model, tokens, positions, key_mask, cache, start, naive=None, all_positions=False):
         """Like ``Transformer.forward`` on the whole model: (B, V) (or (B, T, V)) float32 logits on every
         rank of the model group."""
-        from .model import Cache
-
         bsz, t = tokens.shape
         outs, sends = [], []
         for k, (a, b) in enumerate(micro_batches(bsz, self.n_micro)):
-            part = Cache([kv.narrow(0, a, b - a) for kv in cache.kv], [pe.narrow(0, a, b - a) for pe in cache.pe])
+            part = replace(cache, kv=[kv.narrow(0, a, b - a) for kv in cache.kv],  # this micro-batch's rows
+                           pe=[pe.narrow(0, a, b - a) for pe in cache.pe])
             hidden = None
             if self.place.prev is not None:
                 hidden = torch.empty(b - a, t, model.margs.dim, dtype=model.dtype, device=tokens.device)
@@ -149,16 +146,3 @@ class Pipeline:
         with self.timers.comm("pp.logits", logits.numel() * logits.element_size(), group="pp"):
             dist.broadcast(logits, self.place.last_root, group=self.group)
         return logits
-
-
-WAITS = (b"pp.recv", b"pp.logits")  # a stage waits for the one before it, and for the last one's logits
-
-
-def bubble_fraction(events: np.ndarray) -> float | None:
-    """Share of the decode steps' timed time that a rank spent in ``pp.recv`` and ``pp.logits``: waiting for
-    the stage before it and for the last stage's logits (None: no pipeline events)."""
-    dec = events[events["phase"] == b"decode"]
-    wait = np.isin(dec["name"], WAITS)
-    if not wait.any():
-        return None
-    return float(dec["dur_ns"][wait].sum() / max(dec["dur_ns"].sum(), 1))

@@ -13,7 +13,7 @@ some ranks got the signal. With dynamic dispatch the stopping leader's next requ
 stop, and rank 0's dispatcher hands out nothing more. After the loop every rank meets once in an
 allgather on COMM_WORLD (replicas with fewer batches simply arrive earlier, nobody waits on a
 message that never comes): if any group stopped, every rank exits with EX_TEMPFAIL (75); the
-finished prompts are already in the progress directory (`spmd.resume`), `--resume` runs the rest.
+finished prompts are already in the progress directory (`spmd.runtime.resume`), `--resume` runs the rest.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import sys
 
 from mpi4py import MPI
 
-from .world import finalize_and_exit
+from spmd.runtime.world import finalize_and_exit
 
 EX_TEMPFAIL = 75
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)

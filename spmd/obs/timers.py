@@ -43,7 +43,7 @@ HDF5 rank file ``rank{r:05d}.h5``: dataset ``events``; file attributes ``schema`
 is). A ``world_size`` attribute, when given, is what ``traces.merge`` checks for missing ranks.
 
 CUDA graphs (opt-in, ``SPMD_GRAPH_MARKS=stamp|event``): inside ``capturing()`` a compute/comm span is
-timed by marks that the graph being captured records itself (``spmd.graph_marks``); every replay
+timed by marks that the graph being captured records itself (``spmd.obs.graph_marks``); every replay
 records them again, and ``replayed(timing)`` after the launch stamps that replay with the current phase
 and step. Stamp marks (the default) are copied to pinned host memory after each replay; the next
 ``replayed`` of the same graph, after its launch, reads that copy while the GPU runs the new replay, so
@@ -77,7 +77,7 @@ import h5py
 import numpy as np
 import torch
 
-from .graph_marks import GraphTiming, StampMarks, marks_level, marks_mode, new_marks, stamp_anchor
+from spmd.obs.graph_marks import GraphTiming, StampMarks, marks_level, marks_mode, new_marks, stamp_anchor
 
 SCHEMA = "spmd-trace/1"
 KINDS = ("compute", "comm", "io", "wait")
@@ -249,7 +249,7 @@ class Timers:
     @contextmanager
     def capturing(self):
         """Context for the capture of a CUDA graph: the compute/comm spans opened inside are timed by
-        marks the graph records itself (``spmd.graph_marks``); yields their ``GraphTiming``, which each
+        marks the graph records itself (``spmd.obs.graph_marks``); yields their ``GraphTiming``, which each
         replay of that graph times again (``replayed``). Spans that follow each other share one mark
         (the end of one is the start of the next), so untimed work between two spans counts in the
         second. io and wait spans record nothing. Disabled timers, a CPU device or SPMD_GRAPH_MARKS=off

@@ -8,37 +8,52 @@ while the groups compute.
 """
 from __future__ import annotations
 
-from . import dispatch
-from . import prompts as P
-from . import resume as R
-from . import score as S
-from . import stop
-from .generate import GenConfig, generate, score
+from dataclasses import dataclass
+from typing import Any
+
+from spmd.config import ModelArgs, RunArgs
+from spmd.runtime import dispatch, prompts, resume, stop
+from spmd.runtime.generate import GenConfig, generate, score
+from spmd.runtime.score import Scoring, work_items
 
 
-def _pending(text, scoring, done):
+@dataclass(frozen=True)
+class ServeContext:
+    """What the work loop needs of the run: topology, engine (None on a dedicated orchestrator), options,
+    model config, this rank's timers, and the baseline's targets under --score."""
+
+    world: Any
+    engine: Any
+    args: RunArgs
+    margs: ModelArgs
+    timers: Any
+    scoring: Scoring | None = None
+
+
+def _pending(prompt_set, scoring, done):
     """Rank 0: the work items not finished by an earlier run (--resume)."""
-    items = S.work_items(text[1], scoring and scoring.targets)
+    items = work_items(prompt_set.ids, scoring and scoring.targets)
     finished = {r["index"] for r in done or ()}
     return [it for it in items if it[0] not in finished]
 
 
-def serve(world, engine, args, margs, text, n: int, timers, scoring: S.Scoring | None = None,
-          done: list[dict] | None = None) -> list[dict]:
+def serve(ctx: ServeContext, prompt_set, n: int, done: list[dict] | None = None) -> list[dict]:
     """Generate (and score) this replica's prompts, batch by batch; results carry their input index.
 
-    done (rank 0): prompts finished by an earlier run (--resume), left out. Leaders append each batch's
-    results to the progress directory (with a dedicated orchestrator, rank 0 does). After a stop signal
-    (see spmd.stop) every rank raises Stopped.
+    prompt_set (rank 0, a PromptSet; None elsewhere): the prompts; n: how many. done (rank 0): prompts
+    finished by an earlier run (--resume), left out. Leaders append each batch's results to the progress
+    directory (with a dedicated orchestrator, rank 0 does). After a stop signal (see spmd.runtime.stop)
+    every rank raises Stopped.
     """
-    items = _pending(text, scoring, done) if world.rank == 0 else None
+    world, args, timers = ctx.world, ctx.args, ctx.timers
+    items = _pending(prompt_set, ctx.scoring, done) if world.rank == 0 else None
     n_prior = world.comm.bcast(len(done or ()) if world.rank == 0 else None, root=0)
-    prompt_ids = world.comm.bcast([p.id for p in text[0]] if world.rank == 0 else None, root=0)
-    halt = stop.Agreement(world, R.progress_dir(args.output))
+    prompt_ids = world.comm.bcast([p.id for p in prompt_set.prompts] if world.rank == 0 else None, root=0)
+    halt = stop.Agreement(world, resume.progress_dir(args.output))
     if world.is_orchestrator:
-        return orchestrate(world, args, text, items, n, n_prior, prompt_ids, timers, halt)
-    writer = R.Writer(args.output, world.replica, prompt_ids) if world.is_leader and not world.first else None
-    cfg = GenConfig(args.max_new_tokens, margs.eos_token_id, margs.eos_token_id,
+        return orchestrate(ctx, prompt_set.tokenizer, items, n, n_prior, prompt_ids, halt)
+    writer = resume.Writer(args.output, world.replica, prompt_ids) if world.is_leader and not world.first else None
+    cfg = GenConfig(args.max_new_tokens, ctx.margs.eos_token_id, ctx.margs.eos_token_id,
                     args.temperature, args.top_p, args.seed)
     outbox = [] if world.first and world.is_leader else None  # rows that go back with the next request
     if args.dispatch == "static":
@@ -52,7 +67,7 @@ def serve(world, engine, args, margs, text, n: int, timers, scoring: S.Scoring |
     for batch in batches:
         if halt.check():  # the group agrees at every batch boundary; dynamic: drain to the halting request
             continue
-        rows = run_batch(engine, batch, cfg, args.score_only, scoring, timers)
+        rows = run_batch(ctx.engine, batch, cfg, args.score_only, ctx.scoring, timers)
         rows = [dict(r, replica=world.replica) for r in rows]
         if writer is not None:
             writer.append(rows)  # on disk (fsync'd) before anything else
@@ -67,18 +82,18 @@ def serve(world, engine, args, margs, text, n: int, timers, scoring: S.Scoring |
     return results
 
 
-def orchestrate(world, args, text, items, n: int, n_prior: int, prompt_ids, timers, halt) -> list[dict]:
+def orchestrate(ctx: ServeContext, tokenizer, items, n: int, n_prior: int, prompt_ids, halt) -> list[dict]:
     """World rank 0 without a model: serve chunks; each group's rows, as they come, are decoded (the
     completion text) and appended to the progress directory. Its own stop signal halts the dispatcher."""
-    tokenizer = text[2]
+    world, args, timers = ctx.world, ctx.args, ctx.timers
     timers.set_phase("other")  # host work and idle time, apart from the load
-    writer = R.Writer(args.output, "orchestrator", prompt_ids)
+    writer = resume.Writer(args.output, "orchestrator", prompt_ids)
     progress = dispatch.Progress(world, n, enabled=args.progress, initial=n_prior)
     results = []
 
     def received(rows: list[dict]) -> None:
         with timers.io("outputs.detokenize"):
-            rows = [dict(r, completion=P.decode(tokenizer, r["tokens"])) for r in rows]
+            rows = [dict(r, completion=prompts.decode(tokenizer, r["tokens"])) for r in rows]
         with timers.io("progress.write"):
             writer.append(rows)
         results.extend(rows)

@@ -43,8 +43,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from .timers import PHASES
-from .world import UsageError
+from spmd.obs.timers import PHASES
+from spmd.config import UsageError
 
 POINTS = ("start",) + PHASES
 ACTIONS = ("raise", "exit", "hang", "kill")

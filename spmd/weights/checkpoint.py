@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from spmd.args import ModelArgs
-from spmd.fp8 import FP8_BLOCK, dequantize, scale_name
-from spmd.parallel import local_slice
-from spmd.world import UsageError
+from spmd.config import ModelArgs
+from spmd.config import FP8_BLOCK
+from spmd.kernels.fp8 import dequantize, scale_name
+from spmd.parallel.layers import local_slice
+from spmd.config import UsageError
 
 INDEX = "model.safetensors.index.json"
 FP32_NAMES = ("e_score_correction_bias",)  # routing bias stays fp32 whatever the compute dtype

@@ -70,7 +70,7 @@ def linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     by the block-scaled Triton kernel with its `weight_scale_inv`."""
     w = module.weight
     if w.dtype == torch.float8_e4m3fn:
-        from .fp8 import fp8_linear
+        from spmd.kernels.fp8 import fp8_linear
         return fp8_linear(x, w, module.weight_scale_inv)
     return F.linear(x, w)
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from .graph_marks import marks_level, marks_mode
+from spmd.obs.graph_marks import marks_level, marks_mode
 
 ROUND = 64  # cache lengths are rounded up to this, so similar batches reuse one graph
 

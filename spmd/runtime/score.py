@@ -12,6 +12,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from spmd.config import UsageError
+from spmd.parallel.errors import on_root
+
 KIND = "spmd-baseline"
 FORMAT = 1
 
@@ -111,14 +114,12 @@ class Scoring:
     baseline_sha256: str = ""
 
 
-def prepare(comm, path: Path, checkpoint: Path, text) -> Scoring:
+def prepare(comm, path: Path, checkpoint: Path, prompt_set) -> Scoring:
     """Rank 0 reads and checks the baseline; a mismatch is a UsageError on every rank."""
-    from .world import UsageError, on_root  # imported here: the checks above stay usable without MPI
-
     def load() -> Scoring:
         try:
-            return Scoring(*load_targets(path, checkpoint, text[0], text[1]), checkpoint_fingerprint(checkpoint),
-                           file_sha256(path))
+            targets = load_targets(path, checkpoint, prompt_set.prompts, prompt_set.ids)
+            return Scoring(*targets, checkpoint_fingerprint(checkpoint), file_sha256(path))
         except BaselineError as exc:
             raise UsageError(str(exc)) from None
 

@@ -6,13 +6,13 @@ engine's tensor + expert parallelism, run on the same torch.distributed world.""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+from spmd.config import env
 from spmd.weights.fp8_cast import dequantized_copy, needs_cast
 from spmd.engines.memory import param_bytes
 
@@ -54,7 +54,7 @@ def load_hf(checkpoint: Path, dtype: str = "fp32", device: str = "cpu", log: boo
         return (model if parallel else model.to(device)).eval()
     # FP8 weights transformers' dequantizer would refuse or misread (spmd/fp8_cast.py): load an exact
     # dequantized copy instead, written next to nothing the user owns and gone once the model is built
-    with tempfile.TemporaryDirectory(prefix="spmd-fp8cast-", dir=os.environ.get("SPMD_TMPDIR")) as tmp:
+    with tempfile.TemporaryDirectory(prefix="spmd-fp8cast-", dir=env.read("SPMD_TMPDIR") or None) as tmp:
         say = (lambda m: print(m, file=sys.stderr)) if log else None
         if log:
             print(f"hf: {len(misread)} FP8 weights are not whole 128-blocks (e.g. {misread[0]}), which "

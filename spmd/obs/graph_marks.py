@@ -25,11 +25,12 @@ apart slowly; flush once per batch keeps that bounded).
 """
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
 import torch
+
+from spmd.config import env
 
 MODES = ("off", "stamp", "event")
 _stamp_kernel = None
@@ -37,7 +38,7 @@ _stamp_kernel = None
 
 def marks_mode() -> str:
     """SPMD_GRAPH_MARKS: off (default), stamp (needs Triton) or event."""
-    mode = os.environ.get("SPMD_GRAPH_MARKS", "").strip() or "off"
+    mode = env.read("SPMD_GRAPH_MARKS") or "off"
     if mode not in MODES:
         raise ValueError(f"SPMD_GRAPH_MARKS={mode!r}, expected one of {MODES}")
     if mode == "stamp":
@@ -54,7 +55,7 @@ LEVELS = ("span", "layer")
 def marks_level() -> str:
     """SPMD_GRAPH_MARK_LEVEL: span (default: a mark pair per timer span) or layer (a mark per change of
     kind or layer: one compute span per layer, plus its collectives)."""
-    level = os.environ.get("SPMD_GRAPH_MARK_LEVEL", "").strip() or "span"
+    level = env.read("SPMD_GRAPH_MARK_LEVEL") or "span"
     if level not in LEVELS:
         raise ValueError(f"SPMD_GRAPH_MARK_LEVEL={level!r}, expected one of {LEVELS}")
     return level

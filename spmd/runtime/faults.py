@@ -43,6 +43,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
+from spmd.config import env
 from spmd.obs.timers import PHASES
 from spmd.config import UsageError
 
@@ -148,8 +149,8 @@ class Guard:
     @classmethod
     def from_env(cls, rank: int, size: int, environ: Mapping[str, str] = os.environ) -> "Guard":
         """From ``SPMD_FAULT`` and ``SPMD_WATCHDOG_S``; UsageError if either is malformed."""
-        faults = parse(environ.get(FAULT_ENV, ""), size)
-        watchdog = parse_seconds(WATCHDOG_ENV, environ.get(WATCHDOG_ENV), WATCHDOG_DEFAULT_S)
+        faults = parse(env.read(FAULT_ENV, environ), size)
+        watchdog = parse_seconds(WATCHDOG_ENV, env.read(WATCHDOG_ENV, environ) or None, WATCHDOG_DEFAULT_S)
         return cls(rank, size, faults, watchdog)
 
     @property

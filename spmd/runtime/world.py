@@ -22,7 +22,7 @@ from typing import Any
 
 from mpi4py import MPI
 
-from spmd.config import UsageError
+from spmd.config import UsageError, env
 from spmd.parallel.errors import agree, on_root
 from spmd.runtime import netif
 
@@ -245,7 +245,7 @@ COLLECTIVE_TIMEOUT_DEFAULT_S = 600.0
 
 def collective_timeout(environ=os.environ) -> float:
     """Seconds a torch.distributed collective (gloo, NCCL) may wait: ``SPMD_COLLECTIVE_TIMEOUT_S`` (> 0)."""
-    text = environ.get(COLLECTIVE_TIMEOUT_ENV, "").strip()
+    text = env.read(COLLECTIVE_TIMEOUT_ENV, environ)
     if not text:
         return COLLECTIVE_TIMEOUT_DEFAULT_S
     try:

@@ -7,6 +7,7 @@ functions) count like the others; only imports under ``if TYPE_CHECKING:`` are l
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -133,3 +134,28 @@ def test_config_imports_neither_torch_nor_mpi4py():
     code = "import sys, spmd.config; print(sorted(m for m in ('torch', 'mpi4py', 'numpy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_spmd_variables_are_read_in_config_env_only():
+    """Every SPMD_* name spmd/ mentions is one of spmd.config.env.VARIABLES, and only that module reads the
+    environment for one (others call env.read)."""
+    from spmd.config.env import VARIABLES
+
+    unknown, direct = [], []
+    for p in _files("spmd"):
+        tree = ast.parse(p.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                    and re.fullmatch(r"SPMD_[A-Z0-9_]+", node.value) and node.value not in VARIABLES:
+                unknown.append(f"{module_name(p)}: {node.value}")
+            if isinstance(node, ast.Call) and p.name != "env.py" and _reads_environ(node):
+                arg = node.args[0] if node.args else None
+                if isinstance(arg, ast.Constant) and str(arg.value).startswith("SPMD_") or \
+                        isinstance(arg, ast.Name) and arg.id.endswith("_ENV"):
+                    direct.append(f"{module_name(p)}:{node.lineno}")
+    assert not unknown and not direct, (unknown, direct)
+
+
+def _reads_environ(call: ast.Call) -> bool:
+    text = ast.unparse(call.func)
+    return text.endswith("environ.get") or text in ("os.getenv", "getenv")

@@ -1,0 +1,28 @@
+"""Every SPMD_* environment variable the program reads: read here (`read`), nowhere else in spmd/.
+
+The launch scripts and tests have variables of their own (SPMD_IFNAME, SPMD_VENV, SPMD_SLURM_*, ...);
+docs/command-line.md tables all of them. A test checks that every SPMD_* name in spmd/ is one of these.
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+VARIABLES = {  # name -> (default, what it sets; who parses it)
+    "SPMD_FAULT": ("", "fault injection RANK:PHASE:STEP:ACTION[,...] (spmd.runtime.faults)"),
+    "SPMD_WATCHDOG_S": ("1800", "seconds a decode step or phase may take before the job is aborted; 0: off "
+                                "(spmd.runtime.faults)"),
+    "SPMD_COLLECTIVE_TIMEOUT_S": ("600", "seconds a torch.distributed collective may wait (spmd.runtime.world)"),
+    "SPMD_GRAPH_MARKS": ("off", "timer marks inside CUDA graphs: off, stamp or event (spmd.obs.graph_marks)"),
+    "SPMD_GRAPH_MARK_LEVEL": ("span", "span or layer: a mark per timer span or per compute/comm change "
+                                      "(spmd.obs.graph_marks)"),
+    "SPMD_TMPDIR": ("", "where --engine hf writes its dequantized copy of an FP8 checkpoint (default: the "
+                        "system's temporary directory)"),
+}
+
+
+def read(name: str, environ: Mapping[str, str] | None = None) -> str:
+    """The variable's value, stripped ("" when unset); `environ` for tests (default: the process's)."""
+    if name not in VARIABLES:
+        raise KeyError(f"{name} is not one of spmd's variables ({', '.join(VARIABLES)})")
+    return (os.environ if environ is None else environ).get(name, "").strip()

@@ -45,9 +45,9 @@ install-perf:
 	  DEBIAN_FRONTEND=noninteractive $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq linux-perf >/dev/null; }
 	@perf stat -e task-clock true >/dev/null 2>&1 || echo "install-perf: perf cannot count here (perf_event_paranoid?)"
 
-# Timer overhead vs a decode step of the tiny native engine (CPU here); writes traces/bench/timers-*.json
+# Timer overhead vs a decode step of the tiny native engine (CPU here); writes traces/results/bench/timers-*.json
 bench: $(STAMP) $(CKPT)/tiny-bf16/config.json
-	$(ENV) python -m traces.bench_timers --checkpoint $(CKPT)/tiny-bf16 --out traces/bench
+	$(ENV) python -m traces.bench_timers --checkpoint $(CKPT)/tiny-bf16 --out traces/results/bench
 
 test-serial: $(STAMP) checkpoints install-perf
 	$(ENV) SPMD_CKPT=$(abspath $(CKPT)) python -m pytest -q tests
@@ -56,8 +56,8 @@ test-mpi: $(STAMP) checkpoints
 	$(MPIRUN) -n 1 env SPMD_CKPT=$(abspath $(CKPT)) python -m pytest -q -p no:cacheprovider --with-mpi -m mpi tests
 	$(MPIRUN) -n 2 env SPMD_CKPT=$(abspath $(CKPT)) python -m pytest -q -p no:cacheprovider --with-mpi -m mpi tests
 
-# One fp32 transformers baseline per tiny checkpoint (validation/baselines/NAME.jsonl), remade when it changes
-BASELINES := validation/baselines
+# One fp32 transformers baseline per tiny checkpoint (validation/results/baselines/NAME.jsonl), remade when it changes
+BASELINES := validation/results/baselines
 $(BASELINES)/%.jsonl: $(CKPT)/%/config.json validation/baseline.py | $(STAMP)
 	$(ENV) python -m validation.baseline --checkpoint $(CKPT)/$* --prompts inputs/prompts/validation20.jsonl \
 	  --out $@ --max-new-tokens 32 --top-k 8 --dtype fp32 --device cpu
@@ -74,30 +74,30 @@ gpu-validate:
 	. launch/env.sh && python3 -m validation.matrix --device cuda --configs tiny,slice --max-gpus 2 --engines native --merge
 
 # On a GPU machine with the project's stack in its python3 (no .venv there): native vs transformers,
-# 1 and 2 GPUs, tiny and full-width slice checkpoints; writes traces/gpu/native-<gpu>-<date>.json
+# 1 and 2 GPUs, tiny and full-width slice checkpoints; writes traces/results/gpu/native-<gpu>-<date>.json
 gpu-native:
-	. launch/env.sh && python3 -m validation.gpu_native --configs tiny,slice --max-gpus 2 --out traces/gpu
+	. launch/env.sh && python3 -m validation.gpu_native --configs tiny,slice --max-gpus 2 --out traces/results/gpu
 
-# Same machine kind: ceilings, then the slice per engine and batch size vs the floor (traces/bench/<gpu>-<date>.json)
+# Same machine kind: ceilings, then the slice per engine and batch size vs the floor (traces/results/bench/<gpu>-<date>.json)
 gpu-bench:
 	bash launch/deepspeed_site.sh build/site || echo "gpu-bench: DeepSpeed not installed (.whl/ missing?): its row will hold the error"
-	. launch/env.sh && PYTHONPATH=$$PWD/build/site:$$PYTHONPATH python3 -m traces.gpu_bench all --out traces/bench
+	. launch/env.sh && PYTHONPATH=$$PWD/build/site:$$PYTHONPATH python3 -m traces.gpu_bench all --out traces/results/bench
 
 # The decode performance model: fits to the stored slice measurements, the 2-GPU validation, the
-# projection of DeepSeek-V3.1 FP8 to 1-3 nodes of 8 GPUs (traces/model/model-<gpu>.md and .json)
+# projection of DeepSeek-V3.1 FP8 to 1-3 nodes of 8 GPUs (traces/results/model/model-<gpu>.md and .json)
 model: $(STAMP)
 	$(ENV) python -m traces.model
 
 # CPU scaling of the tiny model at 1, 2, 4 ranks: model-group, replica and orchestration series
-# (traces/scaling/cpu-<host>-<date>.*)
+# (traces/results/scaling/cpu-<host>-<date>.*)
 scaling: $(STAMP) checkpoints
 	$(ENV) python -m traces.sweep --checkpoint $(CKPT)/tiny-bf16
 
 # On a machine with 1-4 GPUs (python3 with the stack): the FP8 slice at 1, 2, 4 GPUs in every layout that
-# fits, inline vs dedicated orchestrator, 2,000 prompts (traces/scaling/gpu-<gpu>-<date>.*). A subset:
+# fits, inline vs dedicated orchestrator, 2,000 prompts (traces/results/scaling/gpu-<gpu>-<date>.*). A subset:
 # LAYOUTS=G1,G2; added to an earlier call's file: MERGE=--merge; elsewhere: SCALING_OUT=dir
 GPU_SLICE := build/checkpoints/slice-fp8
-SCALING_OUT ?= traces/scaling
+SCALING_OUT ?= traces/results/scaling
 gpu-scaling:
 	test -f $(GPU_SLICE)/config.json || python3 -m spmd.weights.synth --config inputs/models/slice.json --out $(GPU_SLICE) \
 	  --weights fp8 --seed 0 --device cuda

@@ -4,7 +4,7 @@
 
 The templates (docs/paper/paper.typ.in, docs/proposal/proposal.typ.in) hold no measured or projected
 number of their own: each is a placeholder ``{{name}}`` (a fact) or ``{{table:name}}`` (a table), filled
-here from the files under validation/results, traces/bench, traces/scaling and traces/model, and every fact records the
+here from the files under validation/results, traces/results/bench, traces/results/scaling and traces/results/model, and every fact records the
 file it came from (``facts()``: name -> Fact(text, source)). tests/test_docs.py fails when a template
 has a number outside a placeholder (beyond the allow-listed model and format names) or a placeholder
 without a fact. Typeset with Typst (PyPI ``typst``, the compiler itself as a Python extension).
@@ -22,16 +22,16 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = {"paper": ROOT / "docs/paper/paper.typ.in", "proposal": ROOT / "docs/proposal/proposal.typ.in"}
 VALID_CPU = ROOT / "validation/results/cpu-vm-2026-11-28.json"
 VALID_GPU = ROOT / "validation/results/NVIDIA_H200-2026-11-28.json"
-BENCH = ROOT / "traces/bench/NVIDIA_H200-2026-11-28.json"
-BENCH_PP = ROOT / "traces/bench/pp-NVIDIA_H200-2026-11-28.json"
-MODEL = ROOT / "traces/model/model-NVIDIA_H200.json"
-SWEEP_GPU = ROOT / "traces/scaling/gpu-NVIDIA_H200-2026-11-28.json"
-SWEEP_MARKS = ROOT / "traces/scaling/gpu-NVIDIA_H200-2026-11-28-layer-marks.json"
-SWEEP_CPU = ROOT / "traces/scaling/cpu-vm-2026-11-28.json"
-ORDER = {v: ROOT / f"traces/scaling/dispatch-order-NVIDIA_H200-2026-11-29-r2-{v}.json"  # round 2 of the A/B call
+BENCH = ROOT / "traces/results/bench/NVIDIA_H200-2026-11-28.json"
+BENCH_PP = ROOT / "traces/results/bench/pp-NVIDIA_H200-2026-11-28.json"
+MODEL = ROOT / "traces/results/model/model-NVIDIA_H200.json"
+SWEEP_GPU = ROOT / "traces/results/scaling/gpu-NVIDIA_H200-2026-11-28.json"
+SWEEP_MARKS = ROOT / "traces/results/scaling/gpu-NVIDIA_H200-2026-11-28-layer-marks.json"
+SWEEP_CPU = ROOT / "traces/results/scaling/cpu-vm-2026-11-28.json"
+ORDER = {v: ROOT / f"traces/results/scaling/dispatch-order-NVIDIA_H200-2026-11-29-r2-{v}.json"  # round 2 of the A/B call
          for v in ("sorted", "input")}
-TIMERS_GRAPH = ROOT / "traces/bench/timers-NVIDIA_H200-graph-vm-2026-11-28.json"
-TIMERS_LAYER = ROOT / "traces/bench/timers-NVIDIA_H200-graph-stamp-layer-slice-fp8-b1-vm-2026-11-28.json"
+TIMERS_GRAPH = ROOT / "traces/results/bench/timers-NVIDIA_H200-graph-vm-2026-11-28.json"
+TIMERS_LAYER = ROOT / "traces/results/bench/timers-NVIDIA_H200-graph-stamp-layer-slice-fp8-b1-vm-2026-11-28.json"
 FULL_CFG, SLICE_CFG = ROOT / "inputs/models/v3.1-671b.json", ROOT / "inputs/models/slice.json"
 PLACEHOLDER = re.compile(r"\{\{([a-z0-9_:]+)\}\}")
 NODE_GPUS = 8

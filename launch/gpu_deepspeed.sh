@@ -3,7 +3,7 @@
 # DeepSpeed and no network: installs what .whl/ carries (the DeepSpeed sdist, built with this machine's torch,
 # and the wheels it needs that python3 lacks) into $SPMD_SITE (default build/site, kept on a warm machine),
 # writes the checkpoints if missing and runs python3 -m validation.gpu_deepspeed. Results and merged traces
-# go to $OUT (else traces/gpu); finished runs in build/gpu_native are reused.
+# go to $OUT (else traces/results/gpu); finished runs in build/gpu_native are reused.
 #   bash launch/gpu_deepspeed.sh [CONFIGS]      CONFIGS: tiny,slice (default), tiny or slice
 # .whl/ (git-ignored, 7 MB; python 3.12, manylinux x86_64) is made on a machine with network by:
 #   p="--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
@@ -20,4 +20,4 @@ bash launch/deepspeed_site.sh "$site"
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 . launch/env.sh
 python3 -c "import deepspeed, sys; print('gpu_deepspeed: deepspeed', deepspeed.__version__, file=sys.stderr)"
-python3 -m validation.gpu_deepspeed --configs "${1:-tiny,slice}" --gpus 2 --device cuda --out "${OUT:-traces/gpu}"
+python3 -m validation.gpu_deepspeed --configs "${1:-tiny,slice}" --gpus 2 --device cuda --out "${OUT:-traces/results/gpu}"

@@ -6,7 +6,7 @@ import json
 from conftest import ROOT
 from traces.bench_plot import plot_bench
 
-RESULT = ROOT / "traces" / "bench" / "NVIDIA_H200-2026-11-28.json"
+RESULT = ROOT / "traces" / "results" / "bench" / "NVIDIA_H200-2026-11-28.json"
 
 
 def test_plot_of_the_stored_result(tmp_path):

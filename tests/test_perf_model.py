@@ -77,7 +77,7 @@ def _close(a, b) -> bool:
 
 def test_stored_model_is_regenerated_from_the_stored_measurements():
     doc = M.build(M.BENCH)
-    stored = json.loads((M.ROOT / "traces/model/model-NVIDIA_H200.json").read_text())
+    stored = json.loads((M.ROOT / "traces/results/model/model-NVIDIA_H200.json").read_text())
     assert _close(json.loads(json.dumps(doc)), stored)  # numbers to 1e-9: another machine's lstsq may differ in the last bits
     bench = {}  # (config, batch) -> ms from the first file that has it, as load_bench takes it
     for p in M.BENCH:

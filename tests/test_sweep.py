@@ -64,7 +64,7 @@ def test_resummarize_rebuilds_the_stored_series(tmp_path):
     import shutil
 
     for name in ("gpu-NVIDIA_H200-2026-11-28", "cpu-vm-2026-11-28"):
-        src = S.ROOT / "traces" / "scaling" / f"{name}.json"
+        src = S.ROOT / "traces" / "results" / "scaling" / f"{name}.json"
         stored = json.loads(src.read_text())
         path = tmp_path / src.name
         shutil.copy(src, path)

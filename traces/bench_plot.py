@@ -1,6 +1,6 @@
 """Plot a `make gpu-bench` result: decode ms/step and measured/floor against batch size, per configuration.
 
-    python -m traces.bench_plot traces/bench/<gpu>-<date>.json [--out PNG]   (default: beside the JSON)
+    python -m traces.bench_plot traces/results/bench/<gpu>-<date>.json [--out PNG]   (default: beside the JSON)
 
 Left: decode ms/step per configuration (solid) and the floor of each GPU count and weight format
 (dotted); right: measured / floor, with the target of issue 6 (2×) as a line. Rows with an error and

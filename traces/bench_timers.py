@@ -196,7 +196,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=16, help="decode steps per trial (even)")
     p.add_argument("--trials", type=int, default=25)
-    p.add_argument("--out", type=Path, default=ROOT / "traces/bench")
+    p.add_argument("--out", type=Path, default=ROOT / "traces/results/bench")
     p.add_argument("--cuda-graph", choices=("auto", "off"), default="auto",
                    help="auto: decode steps replayed from CUDA graphs on GPU (timed: graphs that record the "
                         "per-layer and per-collective events; untimed: a graph without them); off: eager")

@@ -1,11 +1,11 @@
 """`make gpu-bench`: the machine's ceilings, then prefill and decode of the slice per engine, with floors.
 
-    python -m traces.gpu_bench all --out traces/bench            # driver: everything below, one JSON
+    python -m traces.gpu_bench all --out traces/results/bench            # driver: everything below, one JSON
     mpirun -n G python -m traces.gpu_bench run --engine native --checkpoint DIR --group-size G --tag T
 
 `all` measures the device-to-device copy bandwidth and the bf16 matmul rate, writes the slice checkpoint
 (bf16 and fp8), then runs each configuration in its own process (so the GPU memory of one does not
-bleed into the next) and writes `traces/bench/<gpu>-<date>.json` (and its plot, `.png`) with, per row,
+bleed into the next) and writes `traces/results/bench/<gpu>-<date>.json` (and its plot, `.png`) with, per row,
 prefill tokens/s, time to first token, decode ms/step, GPU memory per rank, the floor (traces.floor)
 and measured/floor; traced batches (1 and 32) add the time per named span and the collectives per step.
 Prompts are random token ids (128 per row), the same for every engine.
@@ -265,7 +265,7 @@ def main(argv=None) -> int:
                     help="batches run again with the timers on (time per span, collectives, bubble)")
     al.add_argument("--ckpt-root", default=str(ROOT / "build" / "checkpoints"))
     al.add_argument("--work", default=str(ROOT / "build" / "bench"))
-    al.add_argument("--out", default=str(ROOT / "traces" / "bench"))
+    al.add_argument("--out", default=str(ROOT / "traces" / "results" / "bench"))
     al.add_argument("--prefix", default="", help="of the result file's name (e.g. 'fused-': a run of some "
                                                  "configurations beside the full one of the same day)")
     a = p.parse_args(argv)

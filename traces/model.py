@@ -1,6 +1,6 @@
 """Performance model: a decode step of a DeepSeek-V3 layout, fitted to the slice on one GPU, projected to nodes.
 
-    python -m traces.model [--bench traces/bench/NVIDIA_H200-2026-11-28.json ...] [--out traces/model]
+    python -m traces.model [--bench traces/results/bench/NVIDIA_H200-2026-11-28.json ...] [--out traces/results/model]
 
 Decode only (the phase that dominates a generation job, and the one the layouts change); all times per step.
 
@@ -44,8 +44,8 @@ from spmd.config import ModelArgs
 from traces.floor import WEIGHT_BYTES, head_bytes, layer_bytes, layer_params
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = [ROOT / "traces/bench/NVIDIA_H200-2026-11-28.json", ROOT / "traces/bench/pp-NVIDIA_H200-2026-11-28.json"]
-TORCH_TRACE = ROOT / "traces/gpu/torchprof-tiny-native-2gpu-NVIDIA_H200/merged.h5"
+BENCH = [ROOT / "traces/results/bench/NVIDIA_H200-2026-11-28.json", ROOT / "traces/results/bench/pp-NVIDIA_H200-2026-11-28.json"]
+TORCH_TRACE = ROOT / "traces/results/gpu/torchprof-tiny-native-2gpu-NVIDIA_H200/merged.h5"
 SLICE = ROOT / "inputs/models/slice.json"
 FULL = ROOT / "inputs/models/v3.1-671b.json"
 PROMPT, STEPS = 128, 16  # gpu_bench: 128-token prompts, 16 timed steps (mean context prompt + steps/2)
@@ -346,7 +346,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m traces.model", description=__doc__.splitlines()[0])
     p.add_argument("--bench", type=Path, nargs="+", default=BENCH)
     p.add_argument("--trace", type=Path, default=TORCH_TRACE)
-    p.add_argument("--out", type=Path, default=ROOT / "traces" / "model")
+    p.add_argument("--out", type=Path, default=ROOT / "traces" / "results" / "model")
     a = p.parse_args(argv)
     doc = build(a.bench, a.trace)
     a.out.mkdir(parents=True, exist_ok=True)

@@ -164,6 +164,19 @@ def layer_section(t: Trace) -> str:
     return "per layer (summed over ranks)\n" + format_table(heads, rows)
 
 
+PIPELINE_WAITS = (b"pp.recv", b"pp.logits")  # a stage waits for the one before it, and for the last one's logits
+
+
+def bubble_fraction(events: np.ndarray) -> float | None:
+    """Share of the decode steps' timed time that a rank spent in ``pp.recv`` and ``pp.logits``: waiting for
+    the stage before it and for the last stage's logits (None: no pipeline events)."""
+    dec = events[events["phase"] == b"decode"]
+    wait = np.isin(dec["name"], PIPELINE_WAITS)
+    if not wait.any():
+        return None
+    return float(dec["dur_ns"][wait].sum() / max(dec["dur_ns"].sum(), 1))
+
+
 def pipeline_section(t: Trace) -> str:
     """Pipeline runs: per rank, the decode time spent waiting for the previous stage (the bubble)."""
     rows = []
@@ -261,16 +274,3 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-PIPELINE_WAITS = (b"pp.recv", b"pp.logits")  # a stage waits for the one before it, and for the last one's logits
-
-
-def bubble_fraction(events: np.ndarray) -> float | None:
-    """Share of the decode steps' timed time that a rank spent in ``pp.recv`` and ``pp.logits``: waiting for
-    the stage before it and for the last stage's logits (None: no pipeline events)."""
-    dec = events[events["phase"] == b"decode"]
-    wait = np.isin(dec["name"], PIPELINE_WAITS)
-    if not wait.any():
-        return None
-    return float(dec["dur_ns"][wait].sum() / max(dec["dur_ns"].sum(), 1))

@@ -216,7 +216,7 @@ def main(argv=None) -> int:
     p.add_argument("--dispatch-size", type=int, default=5, help="prompts per chunk of dynamic dispatch")
     p.add_argument("--dtype", default=None, help="default: fp32 (cpu), bf16 (cuda)")
     p.add_argument("--work", type=Path, default=ROOT / "build" / "scaling")
-    p.add_argument("--out", type=Path, default=ROOT / "traces" / "scaling")
+    p.add_argument("--out", type=Path, default=ROOT / "traces" / "results" / "scaling")
     p.add_argument("--warmup", type=int, default=0, help="first run each model shape on this many prompts, "
                    "unrecorded (Triton's compiles out of the measured runs)")
     p.add_argument("--merge", action="store_true", help="keep the other runs of an existing result file with the "

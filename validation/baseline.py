@@ -1,7 +1,7 @@
 """Baseline for validation: single-process transformers, greedy, with the top-k log-probs of every generated position.
 
     python -m validation.baseline --checkpoint DIR --prompts inputs/prompts/validation20.jsonl
-        --out validation/baselines/NAME.jsonl [--max-new-tokens 32] [--top-k 8] [--dtype fp32|bf16]
+        --out validation/results/baselines/NAME.jsonl [--max-new-tokens 32] [--top-k 8] [--dtype fp32|bf16]
         [--device cpu|cuda] [--batch-size 1] [--no-chat-template]
 
 Output (JSONL, written atomically): a header line (kind "spmd-baseline", checkpoint and prompt-set

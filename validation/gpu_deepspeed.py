@@ -1,6 +1,6 @@
 """GPU check of the DeepSpeed engine: AutoTP + our expert-parallel MoE vs our native engine, same GPUs.
 
-    python3 -m validation.gpu_deepspeed --configs tiny,slice --gpus 2 --out traces/gpu
+    python3 -m validation.gpu_deepspeed --configs tiny,slice --gpus 2 --out traces/results/gpu
 
 For each config: write the synthetic bf16 checkpoint if missing, run `--engine deepspeed` and `--engine native`
 with `--group-size GPUS` (bf16, the 20 prompts in one batch, 32 new tokens, traces), then report decode ms per
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--ckpt-root", type=Path, default=ROOT / "build" / "checkpoints")
     p.add_argument("--work", type=Path, default=ROOT / "build" / "gpu_native")
-    p.add_argument("--out", type=Path, default=ROOT / "traces" / "gpu")
+    p.add_argument("--out", type=Path, default=ROOT / "traces" / "results" / "gpu")
     args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """GPU check of the native engine: 1 and 2 GPUs vs transformers on the same GPU, tiny and full-width slice.
 
-    python -m validation.gpu_native --configs tiny,slice --max-gpus 2 --out traces/gpu
+    python -m validation.gpu_native --configs tiny,slice --max-gpus 2 --out traces/results/gpu
 
 For each config: write the synthetic bf16 checkpoint (random numbers drawn on the GPU for the slice),
 run `--engine hf` on 1 GPU and `--engine native` on 1 and 2 GPUs (bf16, the 20 prompts, greedy), and
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--ckpt-root", type=Path, default=ROOT / "build" / "checkpoints")
     p.add_argument("--work", type=Path, default=ROOT / "build" / "gpu_native")
-    p.add_argument("--out", type=Path, default=ROOT / "traces" / "gpu")
+    p.add_argument("--out", type=Path, default=ROOT / "traces" / "results" / "gpu")
     args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     results = [check_config(c, args) for c in args.configs.split(",")]

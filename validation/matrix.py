@@ -268,7 +268,7 @@ def parse_args(argv=None):
     p.add_argument("--rejudge", type=Path, default=None, metavar="RESULT_JSON",
                    help="only re-apply the current thresholds to a stored result file")
     p.add_argument("--ckpt-root", type=Path, default=ROOT / "build" / "checkpoints")
-    p.add_argument("--baselines", type=Path, default=ROOT / "validation" / "baselines")
+    p.add_argument("--baselines", type=Path, default=ROOT / "validation" / "results" / "baselines")
     p.add_argument("--work", type=Path, default=ROOT / "build" / "validation")
     p.add_argument("--out", type=Path, default=ROOT / "validation" / "results")
     a = p.parse_args(argv)

@@ -1,6 +1,7 @@
 # make run   : install if needed, write the tiny synthetic checkpoint, 2 MPI ranks on CPU (one model group
 #              of 2: tensor + expert parallel), the 20 prompts
-# make test  : install if needed; serial tests, then pytest-mpi on 1 and 2 ranks
+# make test  : install if needed; every test tier: unit, mpi (pytest-mpi on 1 and 2 ranks), e2e, cluster, gpu
+# make test-quick: the unit and mpi tiers (in-process, a few minutes)
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 VENV ?= .venv
@@ -11,7 +12,7 @@ NP ?= 2
 ENV := . launch/env.sh &&
 MPIRUN := $(ENV) mpirun
 
-.PHONY: install install-perf run test test-serial test-mpi checkpoints gpu-native gpu-bench bench baseline validate gpu-validate model scaling gpu-scaling paper container clean
+.PHONY: install install-perf run test test-quick test-unit test-mpi test-launch checkpoints gpu-native gpu-bench bench baseline validate gpu-validate model scaling gpu-scaling paper container clean
 
 install: $(STAMP)
 
@@ -37,7 +38,9 @@ run: $(STAMP) $(CKPT)/tiny-bf16/config.json
 	  --trace-dir traces/runs/local --engine native --group-size 2 --dtype fp32 --max-new-tokens 32
 	$(ENV) python -m traces.report traces/runs/local
 
-test: $(STAMP) checkpoints install-perf test-serial test-mpi
+test: test-quick test-launch
+
+test-quick: test-unit test-mpi
 
 # perf for launch/rank.sh PROFILE=perf (Debian's linux-perf; CI runs as root); quiet when perf is already there
 install-perf:
@@ -49,12 +52,20 @@ install-perf:
 bench: $(STAMP) $(CKPT)/tiny-bf16/config.json
 	$(ENV) python -m traces.bench_timers --checkpoint $(CKPT)/tiny-bf16 --out traces/results/bench
 
-test-serial: $(STAMP) checkpoints install-perf
-	$(ENV) SPMD_CKPT=$(abspath $(CKPT)) python -m pytest -q tests
+PYTEST := $(ENV) SPMD_CKPT=$(abspath $(CKPT)) python -m pytest -q
+
+# tests/unit: in-process, one process
+test-unit: $(STAMP) checkpoints install-perf
+	$(PYTEST) tests/unit
+
+# tests/e2e (the real program under mpirun), tests/cluster (Slurm: skipped unless SPMD_SLURM_TEST=1),
+# tests/gpu (skipped without CUDA)
+test-launch: $(STAMP) checkpoints install-perf
+	$(PYTEST) tests/e2e tests/cluster tests/gpu
 
 test-mpi: $(STAMP) checkpoints
-	$(MPIRUN) -n 1 env SPMD_CKPT=$(abspath $(CKPT)) python -m pytest -q -p no:cacheprovider --with-mpi -m mpi tests
-	$(MPIRUN) -n 2 env SPMD_CKPT=$(abspath $(CKPT)) python -m pytest -q -p no:cacheprovider --with-mpi -m mpi tests
+	$(MPIRUN) -n 1 env SPMD_CKPT=$(abspath $(CKPT)) python -m pytest -q -p no:cacheprovider --with-mpi -m mpi tests/mpi
+	$(MPIRUN) -n 2 env SPMD_CKPT=$(abspath $(CKPT)) python -m pytest -q -p no:cacheprovider --with-mpi -m mpi tests/mpi
 
 # One fp32 transformers baseline per tiny checkpoint (validation/results/baselines/NAME.jsonl), remade when it changes
 BASELINES := validation/results/baselines

@@ -5,7 +5,7 @@
 The templates (docs/paper/paper.typ.in, docs/proposal/proposal.typ.in) hold no measured or projected
 number of their own: each is a placeholder ``{{name}}`` (a fact) or ``{{table:name}}`` (a table), filled
 here from the files under validation/results, traces/results/bench, traces/results/scaling and traces/results/model, and every fact records the
-file it came from (``facts()``: name -> Fact(text, source)). tests/test_docs.py fails when a template
+file it came from (``facts()``: name -> Fact(text, source)). tests/unit/test_docs.py fails when a template
 has a number outside a placeholder (beyond the allow-listed model and format names) or a placeholder
 without a fact. Typeset with Typst (PyPI ``typst``, the compiler itself as a Python extension).
 """

@@ -60,6 +60,21 @@ def assert_fp32_close(actual, expected, ulps: float = 16) -> None:
     torch.testing.assert_close(actual, expected, atol=ulps * FP32_EPS * scale, rtol=0)
 
 
+def h5_digest(path) -> dict:
+    """Every dataset's bytes and every attribute of a file, by path, for equality checks."""
+    out = {}
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        out["/"] = sorted((k, str(v)) for k, v in f.attrs.items())
+
+        def visit(name, obj):
+            out[name] = (obj[()].tobytes() if isinstance(obj, h5py.Dataset) else None,
+                         sorted((k, str(v)) for k, v in obj.attrs.items()))
+        f.visititems(visit)
+    return out
+
+
 def _mpi_comm():
     if "mpi4py.MPI" not in sys.modules:
         return None
@@ -103,3 +118,14 @@ def mpirun(n: int, args: list[str], timeout: float = 300, env_extra: dict | None
     env.update(env_extra or {})
     cmd = ["mpirun", "-n", str(n), sys.executable, "-m", "mpi4py", "-m", "spmd", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+TIERS = ("unit", "mpi", "e2e", "cluster", "gpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Each test carries its tier's marker (the directory it lives in), so `-m e2e` and the like select tiers."""
+    for item in items:
+        tier = Path(str(item.fspath)).parent.name
+        if tier in TIERS:
+            item.add_marker(getattr(pytest.mark, tier))

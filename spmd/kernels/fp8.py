@@ -53,7 +53,7 @@ compiles on first launch), both functions can be captured in a CUDA graph.
 Triton is imported lazily: ``import spmd.kernels.fp8`` works without it, and the torch fallbacks (dequantize
 then matmul; the grouped one loops on the host and syncs) run where ``triton_available`` is False.
 The kernels are wrapped with triton.jit at first use, per mode, so TRITON_INTERPRET=1 (Triton's CPU
-interpreter, used by tests/test_fp8.py) works whenever it is set before the first call, even after
+interpreter, used by tests/unit/test_fp8.py) works whenever it is set before the first call, even after
 triton was imported without it: the kernels call no triton.language @jit helpers (tl.zeros, tl.cdiv),
 which are compiled-or-interpreted once at triton's import. Interpreter workarounds (Triton 3.6-3.8):
 row loops with loaded bounds are `while` loops (its range() cannot take tensors with numpy 2.4), and

@@ -16,7 +16,7 @@ experts in descending order of choice score, as torch.topk does.
 
 The model takes them on CUDA where Triton imports (``spmd.model.transformer.use_fused`` decides once per module);
 elsewhere the torch path runs. Tested against torch
-under Triton's CPU interpreter (tests/test_fused.py) and on GPUs.
+under Triton's CPU interpreter (tests/unit/test_fused.py) and on GPUs.
 """
 from __future__ import annotations
 

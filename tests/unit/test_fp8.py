@@ -24,7 +24,7 @@ pytest.importorskip("triton")
 
 from spmd.kernels import fp8  # noqa: E402  (after the skip: the kernels need triton)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 TOL = {torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float32: 1e-5}

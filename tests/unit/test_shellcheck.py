@@ -1,4 +1,4 @@
-"""shellcheck passes on every shell script: launch/, slurm/ (scripts and batch files), tests/slurm/.
+"""shellcheck passes on every shell script: launch/, slurm/ (scripts and batch files), tests/cluster/.
 
 shellcheck comes from Debian's package; installed here when missing (root), else the test is skipped.
 """
@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT
 
-SCRIPTS = sorted(p for pattern in ("launch/*.sh", "slurm/*.sh", "slurm/*.sbatch", "tests/slurm/*.sh")
+SCRIPTS = sorted(p for pattern in ("launch/*.sh", "slurm/*.sh", "slurm/*.sbatch", "tests/cluster/*.sh")
                  for p in ROOT.glob(pattern))
 
 

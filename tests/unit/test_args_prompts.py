@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from spmd import config as A
+from spmd import config
 from spmd.runtime import prompts as P
 from spmd.config import UsageError
 from spmd.runtime.world import check_gpus_per_node, check_world_size
@@ -14,7 +15,7 @@ BASE = ["--checkpoint", "c", "--prompts", "p.jsonl", "--output", "o.jsonl"]
 
 
 def test_parse_defaults_and_local_debug():
-    a = A.parse_args(BASE + ["--device", "cuda", "--local-debug", "--engine", "hf"])
+    a = config.parse_args(BASE + ["--device", "cuda", "--local-debug", "--engine", "hf"])
     assert a.device == "cpu" and a.engine == "hf" and a.chat and a.group_size == 1
 
 
@@ -27,7 +28,7 @@ def test_parse_defaults_and_local_debug():
 ])
 def test_bad_arguments_raise_usage_error(extra, msg):
     with pytest.raises(UsageError, match=msg):
-        A.parse_args(BASE + extra)
+        config.parse_args(BASE + extra)
 
 
 def test_topology_messages_carry_numbers():
@@ -42,36 +43,36 @@ def test_topology_messages_carry_numbers():
 
 
 def test_model_args_of_the_real_config():
-    cfg = json.loads((A.Path(__file__).parents[1] / "inputs/models/v3.1-671b.json").read_text())
-    m = A.ModelArgs.from_config(cfg)
+    cfg = json.loads((Path(__file__).parents[2] / "inputs/models/v3.1-671b.json").read_text())
+    m = config.ModelArgs.from_config(cfg)
     assert (m.dim, m.n_layers, m.n_dense_layers, m.n_heads, m.n_routed_experts) == (7168, 61, 3, 128, 256)
     assert (m.kv_lora_rank, m.qk_rope_head_dim, m.rope_factor, m.fp8, m.scale_fmt) == (512, 64, 40, True, "ue8m0")
-    A.check_model_topology(m, 16, "native")
+    config.check_model_topology(m, 16, "native")
     with pytest.raises(UsageError, match="n_heads=128 not divisible by group size 48"):
-        A.check_model_topology(m, 48, "native")
-    A.check_model_topology(m, 2, "hf", world_size=2)  # one group: transformers' own TP/EP plan
+        config.check_model_topology(m, 48, "native")
+    config.check_model_topology(m, 2, "hf", world_size=2)  # one group: transformers' own TP/EP plan
     with pytest.raises(UsageError, match="it needs one model group"):
-        A.check_model_topology(m, 2, "hf", world_size=4)  # two replicas of a group
+        config.check_model_topology(m, 2, "hf", world_size=4)  # two replicas of a group
     with pytest.raises(UsageError, match="--orchestrator inline"):
-        A.check_model_topology(m, 2, "hf", world_size=2, orchestrator="dedicated")
+        config.check_model_topology(m, 2, "hf", world_size=2, orchestrator="dedicated")
 
 
 def test_fp8_block_check_names_the_tensor():
-    cfg = json.loads((A.Path(__file__).parents[1] / "inputs/models/v3.1-671b.json").read_text())
-    m = A.ModelArgs.from_config(cfg)
+    cfg = json.loads((Path(__file__).parents[2] / "inputs/models/v3.1-671b.json").read_text())
+    m = config.ModelArgs.from_config(cfg)
     with pytest.raises(UsageError, match="FP8 dense MLP rows per rank = 576 at group size 32"):
-        A.check_model_topology(m, 32, "native")
+        config.check_model_topology(m, 32, "native")
 
 
 def test_config_errors(tmp_path):
     with pytest.raises(UsageError, match="cannot read"):
-        A.ModelArgs.from_checkpoint(tmp_path)
+        config.ModelArgs.from_checkpoint(tmp_path)
     with pytest.raises(UsageError, match="model_type='llama'"):
-        A.ModelArgs.from_config({"model_type": "llama"})
-    cfg = json.loads((A.Path(__file__).parents[1] / "inputs/models/tiny.json").read_text())
+        config.ModelArgs.from_config({"model_type": "llama"})
+    cfg = json.loads((Path(__file__).parents[2] / "inputs/models/tiny.json").read_text())
     del cfg["vocab_size"]
     with pytest.raises(UsageError, match="lacks field 'vocab_size'"):
-        A.ModelArgs.from_config(cfg)
+        config.ModelArgs.from_config(cfg)
 
 
 @pytest.mark.parametrize("change,msg", [
@@ -83,18 +84,18 @@ def test_config_errors(tmp_path):
     ({"num_attention_heads": "8"}, "num_attention_heads=8"),
 ])
 def test_inconsistent_config(change, msg):
-    cfg = json.loads((A.Path(__file__).parents[1] / "inputs/models/tiny.json").read_text())
+    cfg = json.loads((Path(__file__).parents[2] / "inputs/models/tiny.json").read_text())
     with pytest.raises(UsageError, match=f"config.json is inconsistent: .*{msg}"):
-        A.ModelArgs.from_config({**cfg, **change})
+        config.ModelArgs.from_config({**cfg, **change})
 
 
 def test_unwritable_output_directory(tmp_path):
-    base = A.parse_args(["--checkpoint", "build/checkpoints/tiny-bf16", "--prompts", "inputs/prompts/validation20.jsonl",
+    base = config.parse_args(["--checkpoint", "build/checkpoints/tiny-bf16", "--prompts", "inputs/prompts/validation20.jsonl",
                          "--output", "/proc/spmd-no-such/o.jsonl"])
     if not base.checkpoint.is_dir():
         pytest.skip("no tiny checkpoint under build/")
     with pytest.raises(UsageError, match="output directory /proc/spmd-no-such is not writable"):
-        A.check_paths(base)
+        config.check_paths(base)
 
 
 def test_prompt_that_tokenizes_to_nothing():

@@ -12,7 +12,7 @@ from spmd.config import ModelArgs
 from spmd.model.moe import MoE
 from spmd.obs.timers import Timers
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _moe(config: str, dtype) -> MoE:

@@ -1,13 +1,13 @@
 """On a CUDA machine only (skipped elsewhere): the fast paths of the native engine against the plain ones.
 
 - A decode step replayed from a captured CUDA graph gives the logits of the same static-shape step run
-  eagerly (`--cuda-graph static`, which tests/test_native_mpi.py checks against the dynamic path on
+  eagerly (`--cuda-graph static`, which tests/mpi/test_native_mpi.py checks against the dynamic path on
   CPU), and the same greedy tokens; buffers and graphs are reused by a batch of the same shape.
 - With the timers on and SPMD_GRAPH_MARKS=stamp|event, the replayed steps record the per-layer and per-collective events of the eager
   step (events recorded by the graph), stamped with their step, in step order; with them off, the
   untimed graph gives the same logits.
 - FP8 weights kept as FP8 (Triton kernels) give the logits of the dequantizing load.
-Run on the GPU machine: `python3 -m pytest -q tests/test_gpu.py` (one GPU, an MPI singleton world).
+Run on the GPU machine: `python3 -m pytest -q tests/gpu/test_gpu.py` (one GPU, an MPI singleton world).
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import pytest
 from spmd.config import ModelArgs
 from traces.floor import decode_bytes, distinct_experts, floor_ms, layer_params, prefill_flops
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _m(name: str) -> ModelArgs:

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from spmd.weights import synth
 from spmd.kernels.fp8 import dequantize as fp8_dequantize
 
-MODELS = Path(__file__).resolve().parents[1] / "inputs" / "models"
+MODELS = Path(__file__).resolve().parents[2] / "inputs" / "models"
 TINY, NOQ = MODELS / "tiny.json", MODELS / "tiny-noqlora.json"
 PROMPTS = ["What is the capital of France?", "Write a Python function that adds two numbers.",
            "Расскажи сказку про кота.", "日本の首都はどこですか？"]

@@ -4,7 +4,7 @@ Random bytes, random text lines, and JSONL lines mixing valid objects with broke
 empty prompts, duplicate ids and non-UTF-8 bytes go through what rank 0 does before any model work
 (read, tokenize with the tiny checkpoint's tokenizer and chat template, context check). Every outcome
 is either a list of prompts that tokenize to at least one id each, in file order with unique ids, or a
-`UsageError` (what the program reports as one `error:` line with exit 2 on every rank: tests/test_e2e.py
+`UsageError` (what the program reports as one `error:` line with exit 2 on every rank: tests/e2e/test_e2e.py
 checks that path end to end). Anything else (a crash trace) fails the test.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The batch scripts on a real Slurm: a one-host cluster with accounting (tests/slurm/cluster.sh).
+"""The batch scripts on a real Slurm: a one-host cluster with accounting (tests/cluster/cluster.sh).
 
 slurm/infer.sbatch on CPU (1 node, 2 tasks, srun --mpi=pmix) gives the same 20 completions as mpirun
 with the same arguments, and its sacct accounting lands in merged.h5; a topology that does not fit
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(
     os.environ.get("SPMD_SLURM_TEST") != "1",
     reason="starts a Slurm cluster on this host (root; installs Debian packages): set SPMD_SLURM_TEST=1")
 
-CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
+CLUSTER = ROOT / "tests" / "cluster" / "cluster.sh"
 N_NEW = 32
 CPU_TASKS = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
 
@@ -51,7 +51,7 @@ def _logs(state: Path) -> str:
 
 @contextlib.contextmanager
 def slurm_cluster(state: Path, **extra: str):
-    """tests/slurm/cluster.sh under `state` (extra: its SPMD_SLURM_* settings): the client environment
+    """tests/cluster/cluster.sh under `state` (extra: its SPMD_SLURM_* settings): the client environment
     (SLURM_CONF, PATH); the daemons are stopped afterwards."""
     env = spmd_env()
     env.update(SPMD_SLURM_DIR=str(state), SPMD_SLURM_PORT_BASE=str(_port_base()),

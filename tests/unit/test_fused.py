@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHECK = r'''
 import sys, torch
 from spmd.kernels import fused

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A Slurm cluster with accounting on this machine, for CI and local tests, without systemd:
-#   tests/slurm/cluster.sh start|stop|status
+#   tests/cluster/cluster.sh start|stop|status
 # One host by default. With SPMD_SLURM_HOSTS=N (N >= 2) the compute nodes are N hosts of their own:
 # each a Linux network namespace (veth pair on a bridge, its own address 10.77.0.1I/24, loopback of
 # its own) with its own UTS namespace (hostname spmdhI), running its own slurmd (NodeName spmdhI,
@@ -95,7 +95,7 @@ write_configs() {
     done
   fi
   cat >"$DIR/etc/slurm.conf" <<EOF
-# One-host test cluster written by tests/slurm/cluster.sh; all state under $DIR.
+# One-host test cluster written by tests/cluster/cluster.sh; all state under $DIR.
 ClusterName=$CLUSTER
 # addresses given, so nothing depends on the host name resolving
 SlurmctldHost=$NODE($ctld_addr)

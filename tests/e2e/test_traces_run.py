@@ -17,8 +17,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT, checkpoint_dir, spmd_env
-from test_traces_import import h5_digest
+from conftest import ROOT, checkpoint_dir, h5_digest, spmd_env
 
 N_PROMPTS, BATCH, NEW, STEPS = 8, 4, 6, (2, 3)
 pytestmark = pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun")

@@ -8,15 +8,15 @@ import pytest
 
 from conftest import PROMPTS20
 
-from spmd import config as A
+from spmd import config
 from spmd.runtime import resume as R
 from spmd.config import UsageError
 
 IDS = [json.loads(ln)["id"] for ln in PROMPTS20.read_text().splitlines()]
 
 
-def _args(ckpt: Path, out: Path, *extra: str) -> A.RunArgs:
-    return A.parse_args(["--checkpoint", str(ckpt), "--prompts", str(PROMPTS20), "--output", str(out),
+def _args(ckpt: Path, out: Path, *extra: str) -> config.RunArgs:
+    return config.parse_args(["--checkpoint", str(ckpt), "--prompts", str(PROMPTS20), "--output", str(out),
                          "--max-new-tokens", "6", *extra])
 
 
@@ -102,6 +102,6 @@ def test_fingerprint_ignores_the_layout(tiny_bf16, tmp_path):
     assert a == b
     other = tmp_path / "p.jsonl"
     other.write_text(PROMPTS20.read_text().replace("France", "Spain"))
-    c = R.fingerprint(A.parse_args(["--checkpoint", str(tiny_bf16), "--prompts", str(other), "--output", "x",
+    c = R.fingerprint(config.parse_args(["--checkpoint", str(tiny_bf16), "--prompts", str(other), "--output", "x",
                                     "--max-new-tokens", "6"]))
     assert c["prompts_sha256"] != a["prompts_sha256"] and c["checkpoint_sha256"] == a["checkpoint_sha256"]

@@ -1,4 +1,4 @@
-"""Two hosts on this machine under Slurm (tests/slurm/cluster.sh with SPMD_SLURM_HOSTS=2: a network and
+"""Two hosts on this machine under Slurm (tests/cluster/cluster.sh with SPMD_SLURM_HOSTS=2: a network and
 UTS namespace per host, its own address and slurmd): slurm/infer.sbatch over 2 nodes x 2 tasks, model
 groups of 2 inside a host (2 replicas across the hosts) and one group of 4 spanning both, give the
 outputs of the same layouts on one host; the traces name each rank's host, local ranks count per host,

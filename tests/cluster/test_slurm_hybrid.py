@@ -1,5 +1,5 @@
 """A dedicated orchestrator under Slurm: slurm/hybrid.sbatch as a heterogeneous job on the two namespace
-hosts of tests/slurm/cluster.sh (SPMD_SLURM_HOSTS=2; partitions cpu and gpu over both). Component 0 is
+hosts of tests/cluster/cluster.sh (SPMD_SLURM_HOSTS=2; partitions cpu and gpu over both). Component 0 is
 one task in partition cpu, component 1 two tasks in partition gpu; one `srun --het-group=0,1
 --mpi=pmix` makes one MPI world of 3 ranks. The 20 completions equal an inline `mpirun -n 2` run, rank
 0 is the orchestrator on component 0's host (partition cpu, from sacct), the model ranks on component

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, h5_digest
 from spmd.obs.timers import write_h5_atomic
 from traces.clock import SYNC_PREFIX
 from traces.merge import merge
@@ -44,19 +44,6 @@ def fake_run(run_dir, n=2, clock_t0_ns=4_990_000_000, epoch=UTC_START - 5_000_00
                  "world": json.dumps({"replica": 0, "group_size": n}), "engine": "native", **(extra or {})}
         write_h5_atomic(run_dir / f"rank{r:05d}.h5", {"events": events(rows)}, attrs)
     return run_dir
-
-
-def h5_digest(path) -> dict:
-    """Every dataset's bytes and every attribute of a file, by path, for equality checks."""
-    out = {}
-    with h5py.File(path, "r") as f:
-        out["/"] = sorted((k, str(v)) for k, v in f.attrs.items())
-
-        def visit(name, obj):
-            out[name] = (obj[()].tobytes() if isinstance(obj, h5py.Dataset) else None,
-                         sorted((k, str(v)) for k, v in obj.attrs.items()))
-        f.visititems(visit)
-    return out
 
 
 def test_nsys_reader_follows_the_schema():

@@ -24,10 +24,10 @@ $(STAMP): requirements.txt
 	$(ENV) python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load(verbose=False)" >/dev/null
 	touch $@
 
-$(CKPT)/%-bf16/config.json: inputs/models/%.json spmd/synth.py | $(STAMP)
+$(CKPT)/%-bf16/config.json: inputs/models/%.json spmd/weights/synth.py | $(STAMP)
 	$(ENV) python -m spmd.weights.synth --config $< --out $(@D) --weights bf16 --seed 0 --overwrite
 
-$(CKPT)/%-fp8/config.json: inputs/models/%.json spmd/synth.py | $(STAMP)
+$(CKPT)/%-fp8/config.json: inputs/models/%.json spmd/weights/synth.py | $(STAMP)
 	$(ENV) python -m spmd.weights.synth --config $< --out $(@D) --weights fp8 --seed 0 --overwrite
 
 checkpoints: $(CKPT)/tiny-bf16/config.json $(CKPT)/tiny-fp8/config.json $(CKPT)/tiny-noqlora-bf16/config.json
@@ -52,7 +52,7 @@ install-perf:
 bench: $(STAMP) $(CKPT)/tiny-bf16/config.json
 	$(ENV) python -m traces.bench_timers --checkpoint $(CKPT)/tiny-bf16 --out traces/results/bench
 
-PYTEST := $(ENV) SPMD_CKPT=$(abspath $(CKPT)) python -m pytest -q
+PYTEST := $(ENV) SPMD_CKPT=$(abspath $(CKPT)) python -m pytest -q --durations=15
 
 # tests/unit: in-process, one process
 test-unit: $(STAMP) checkpoints install-perf
@@ -77,7 +77,7 @@ baseline: $(BASELINES)/tiny-bf16.jsonl $(BASELINES)/tiny-fp8.jsonl
 
 # Engines x layouts x dtypes x weights on CPU, scored against the baselines: validation/results/<machine>-<date>.md
 validate: $(STAMP) baseline
-	$(ENV) python -m validation.matrix --device cpu --configs tiny --ckpt-root $(CKPT) --baselines $(BASELINES)
+	$(ENV) python -m validation.matrix --device cpu --configs tiny,tiny-noqlora --ckpt-root $(CKPT) --baselines $(BASELINES)
 
 # On a GPU machine (python3 with the stack, no .venv): the matrix for native, bf16 compute, tiny + slice,
 # bf16 + fp8 weights, 1-2 GPUs; adds to validation/results/<gpu>-<date>.md

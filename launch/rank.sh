@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Per-rank wrapper: mpirun -n N launch/rank.sh python -m mpi4py -m spmd ... --trace-dir DIR
-# (srun launch/rank.sh ... works the same). Besides spmd/world.py, the one place that reads the
+# (srun launch/rank.sh ... works the same). Besides spmd/runtime/world.py, the one place that reads the
 # launcher's rank variables (OMPI_COMM_WORLD_RANK, PMIX_RANK, SLURM_PROCID).
 #
 #   PROFILE=none|perf|torch|nsys  what wraps or drives each rank (default none)

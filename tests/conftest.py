@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -73,6 +74,57 @@ def h5_digest(path) -> dict:
                          sorted((k, str(v)) for k, v in obj.attrs.items()))
         f.visititems(visit)
     return out
+
+
+def _ckpt_copy(ckpt: Path, dst: Path, change) -> Path:
+    """A checkpoint of symlinks to `ckpt`'s files; `change(dst)` then replaces or breaks some of them."""
+    dst.mkdir()
+    for f in ckpt.iterdir():
+        (dst / f.name).symlink_to(f)
+    change(dst)
+    return dst
+
+
+def _truncate_first_shard(d: Path) -> None:
+    shard = sorted(d.glob("*.safetensors"))[0]
+    data = shard.read_bytes()
+    shard.unlink()
+    shard.write_bytes(data[: len(data) // 2])
+
+
+def _drop_config_field(d: Path) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["num_attention_heads"]
+    (d / "config.json").unlink()
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def bad_inputs(tmp: Path, ckpt: Path) -> dict:
+    """Bad input case name -> (command-line arguments, the message its one `error:` line contains); the files
+    they name are written under `tmp` (checkpoint copies are symlinks to `ckpt`'s files, one file changed)."""
+    (tmp / "empty.jsonl").write_text("")
+    (tmp / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    (tmp / "long.txt").write_text("word " * 3000 + "\n")
+    (tmp / "garbled.jsonl").write_text('{"id": "a", "prompt": "hi"}\n{"id": "b", "prompt": \n')
+    (tmp / "dup.jsonl").write_text('{"id": "a", "prompt": "hi"}\n{"id": "a", "prompt": "ho"}\n')
+    p = str(PROMPTS20)
+    no_tok = lambda: _ckpt_copy(ckpt, tmp / "notok", lambda d: (d / "tokenizer.json").unlink())  # noqa: E731
+    cut = lambda: _ckpt_copy(ckpt, tmp / "cut", _truncate_first_shard)  # noqa: E731
+    no_field = lambda: _ckpt_copy(ckpt, tmp / "nofield", _drop_config_field)  # noqa: E731
+    return {
+        "malformed JSONL": (["--prompts", str(tmp / "garbled.jsonl")], "garbled.jsonl:2: invalid JSON"),
+        "duplicate ids": (["--prompts", str(tmp / "dup.jsonl")], "duplicate ids: a"),
+        "unwritable output": (["--prompts", p, "--output", "/proc/spmd/o.jsonl"], "is not writable"),
+        "no tokenizer": (["--prompts", p, "--checkpoint", str(no_tok())], "cannot load the tokenizer"),
+        "truncated shard": (["--prompts", p, "--checkpoint", str(cut()), "--engine", "native"], "truncated"),
+        "config field": (["--prompts", p, "--checkpoint", str(no_field())], "num_attention_heads"),
+        "missing prompts": (["--prompts", str(tmp / "none.jsonl")], "does not exist"),
+        "empty prompts": (["--prompts", str(tmp / "empty.jsonl")], "has no prompts"),
+        "non-UTF-8": (["--prompts", str(tmp / "latin1.txt")], "is not UTF-8"),
+        "too long": (["--prompts", str(tmp / "long.txt")], "> the model's context of 2048"),
+        "missing checkpoint": (["--checkpoint", str(tmp / "nockpt"), "--prompts", p], "does not exist"),
+        "group size": (["--prompts", p, "--group-size", "3"], "does not divide the world size 2"),
+    }
 
 
 def _mpi_comm():

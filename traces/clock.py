@@ -1,7 +1,7 @@
 """What the profiler importers share: each rank's clock, the sync marker, and table writing.
 
 Every imported timestamp is put on the aligned clock of the rank's own events (``start_ns`` in
-spmd/timers.py: ns since the start barrier) as ``aligned = profiler_ns + offset``. The offset comes,
+spmd/obs/timers.py: ns since the start barrier) as ``aligned = profiler_ns + offset``. The offset comes,
 in order of preference, from
   sync-marker  a range named ``spmd.sync:<ns>`` that spmd.obs.profile records when its window opens, <ns>
                being the rank's CLOCK_MONOTONIC (perf_counter_ns) just before it: offset =

@@ -1,7 +1,7 @@
 """Merge a run's per-rank trace files into RUN_DIR/merged.h5: ``python -m traces.merge RUN_DIR``.
 
 merged.h5 layout (each source in its own group; every ``start_ns`` on the aligned clock of the rank):
-    events          every rank's events (schema in spmd/timers.py) with a leading ``rank`` int32 column,
+    events          every rank's events (schema in spmd/obs/timers.py) with a leading ``rank`` int32 column,
                     sorted by (rank, start_ns); strings fixed-width bytes, widened to the widest rank
     ranks/<r>       one empty group per rank holding that rank file's attributes unchanged
     nccl/<r>        NCCL transports seen in logs/rank*.log (traces/nccl_log.py)

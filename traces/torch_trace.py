@@ -1,6 +1,6 @@
 """Importer of torch.profiler chrome traces: RUN_DIR/torch/rank{r:05d}.json → merged.h5 ``torch/<r>/events``.
 
-The program writes them with ``--profile torch`` (spmd/profile.py; ``export_chrome_trace``). The JSON
+The program writes them with ``--profile torch`` (spmd/obs/profile.py; ``export_chrome_trace``). The JSON
 (Kineto's chrome-trace export) is an object with ``traceEvents``, a list of trace events, and, in
 recent versions, ``baseTimeNanoseconds``: UTC ns that ``ts`` counts from. Complete events have
 ``ph == "X"``, ``name``, ``cat``, ``ts`` and ``dur`` in µs (float, ns resolution), ``pid``, ``tid`` and

@@ -1,15 +1,16 @@
 """The validation matrix: engines × layouts × dtypes × weights, each run scored against its checkpoint's baseline.
 
     python -m validation.matrix [--device cpu|cuda] [--configs tiny[,slice]] [--engines auto|hf,native,...]
-        [--layouts G1,G2,G4,2xG1,P2,P2G2,2xP2] [--dtypes fp32,bf16] [--weights bf16,fp8] [--max-gpus N] [--slots N]
+        [--layouts G1,G2,G4,2xG1,P2,P2G2,2xP2,G2s,G1+O,2xG1+O,G2+O] [--dtypes fp32,bf16] [--weights bf16,fp8]
+        [--max-gpus N] [--slots N]
         [--max-new-tokens 32] [--batch-size B] [--reuse] [--merge] [--out validation/results]
     python -m validation.matrix --rejudge validation/results/NAME.json
 
 Per config × weights: the synthetic checkpoint (written if missing) and one transformers baseline
 (`validation.baseline`, fp32; `<baselines>/NAME.jsonl` on CPU, `NAME-cuda.jsonl` on GPUs; reused while
 its checkpoint fingerprint and settings match). Per row: the SPMD program under mpirun (`MPIRUN`,
-default `mpirun`; `sys.executable`, so no .venv is needed) with `--score`, greedy (2xG1: dynamic
-dispatch in chunks of 5), all prompts in one batch on GPUs, batches of 4 on CPU (the prompts run from
+default `mpirun`; `sys.executable`, so no .venv is needed) with `--score`, greedy (2xG1 and the +O
+layouts: dynamic dispatch in chunks of 5), all prompts in one batch on GPUs, batches of 4 on CPU (the prompts run from
 6 to 165 tokens; on CPU bf16 matmuls are slow, and padding to the longest prompt made batches of 20
 cost 1.7× more for transformers), then `validation.compare` at the row's precision: fp32 compute →
 fp32; bf16 compute → bf16 (bf16 weights) or fp8 (fp8 weights, dequantized). Jobs share `--slots`
@@ -39,17 +40,34 @@ from validation.summary import matrix_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "inputs" / "prompts" / "validation20.jsonl"
-# name: (ranks, ranks per pipeline stage (--group-size), pipeline stages (--pp))
-LAYOUTS = {"G1": (1, 1, 1), "G2": (2, 2, 1), "G4": (4, 4, 1), "2xG1": (2, 1, 1),
-           "P2": (2, 1, 2), "P2G2": (4, 2, 2), "2xP2": (4, 1, 2)}
-PIPELINED = ("P2", "P2G2", "2xP2")  # native engine only, fp32 only (the exactness check; CI time)
+# name: (ranks, ranks per pipeline stage (--group-size), pipeline stages (--pp), more options). G2s: the CUDA
+# graph's static-shape decode step run eagerly; +O: a dedicated orchestrator (world rank 0, no model) besides
+LAYOUTS = {"G1": (1, 1, 1, ()), "G2": (2, 2, 1, ()), "G4": (4, 4, 1, ()), "2xG1": (2, 1, 1, ()),
+           "P2": (2, 1, 2, ()), "P2G2": (4, 2, 2, ()), "2xP2": (4, 1, 2, ()),
+           "G2s": (2, 2, 1, ("--cuda-graph", "static")),
+           "G1+O": (2, 1, 1, ("--orchestrator", "dedicated")), "2xG1+O": (3, 1, 1, ("--orchestrator", "dedicated")),
+           "G2+O": (3, 2, 1, ("--orchestrator", "dedicated"))}
+# native engine only, fp32 only (the exactness check; CI time): pipelines, the static step, the orchestrator;
+# the static step with FP8 weights only (its path for them), the orchestrator with bf16 weights only
+NATIVE_FP32 = ("P2", "P2G2", "2xP2", "G2s", "G1+O", "2xG1+O", "G2+O")
+ONE_WEIGHTS = {"G2s": "fp8", "G1+O": "bf16", "2xG1+O": "bf16", "G2+O": "bf16"}
 REPLICATED = {"hf": ("G1", "2xG1")}  # engines that hold the whole model on every rank
+# configs that check another model shape only: the native engine's plain layouts, fp32, bf16 weights
+SHAPE_CONFIGS, SHAPE_LAYOUTS = ("tiny-noqlora",), ("G1", "G2", "G4", "2xG1")
 
 
 def layout_fits(engine: str, layout: str, dtype: str) -> bool:
-    if layout in PIPELINED:
+    if layout in NATIVE_FP32:
         return engine == "native" and dtype == "fp32"
     return layout in REPLICATED.get(engine, LAYOUTS)
+
+
+def row_fits(config: str, weights: str, engine: str, layout: str, dtype: str) -> bool:
+    """Every engine x layout x dtype that fits; a SHAPE_CONFIGS model (tiny-noqlora: a plain q projection,
+    64 experts in 8 groups) only the native engine's plain layouts in fp32 with bf16 weights."""
+    if config in SHAPE_CONFIGS:
+        return weights == "bf16" and engine == "native" and dtype == "fp32" and layout in SHAPE_LAYOUTS
+    return layout_fits(engine, layout, dtype) and ONE_WEIGHTS.get(layout, weights) == weights
 
 
 @dataclass(frozen=True)
@@ -73,7 +91,7 @@ def plan(args, engines: list[str]) -> list[Row]:
     """Every row to run, in table order; layouts needing more ranks than GPUs are left out on cuda."""
     fits = [lay for lay in args.layouts if args.device == "cpu" or LAYOUTS[lay][0] <= args.max_gpus]
     return [Row(c, w, e, lay, d) for c in args.configs for w in args.weights for e in engines for lay in fits
-            for d in args.dtypes if layout_fits(e, lay, d)]
+            for d in args.dtypes if row_fits(c, w, e, lay, d)]
 
 
 def checkpoint_job(config: str, weights: str, args) -> tuple[Path, Job | None]:
@@ -120,11 +138,12 @@ def baseline_job(ckpt: Path, args) -> tuple[Path, str, Job | None]:
 
 def run_job(row: Row, ckpt: Path, baseline: Path, args) -> Job:
     """The SPMD program for one row, scored against its baseline."""
-    ranks, group, pp = LAYOUTS[row.layout]
+    ranks, group, pp, extra = LAYOUTS[row.layout]
     cmd = commands.mpirun(ranks, "spmd", "--checkpoint", str(ckpt), "--prompts", str(PROMPTS), "--output",
                           str(output(row, args)), "--engine", row.engine, "--group-size", str(group), "--dtype",
                           row.dtype, "--device", args.device, "--max-new-tokens", str(args.max_new_tokens),
-                          "--batch-size", str(args.batch_size), "--no-progress", "--score", str(baseline), mpi4py=True)
+                          "--batch-size", str(args.batch_size), "--no-progress", "--score", str(baseline), *extra,
+                          mpi4py=True)
     if pp > 1:
         cmd += ["--pp", str(pp)]
     if ranks > group * pp:

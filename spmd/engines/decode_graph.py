@@ -18,7 +18,7 @@ all graphs share one memory pool.
 Timing: by default a replayed step is one compute event `decode.graph`. With SPMD_GRAPH_MARKS=stamp
 (or event) and the timers on, a shape gets a graph captured inside `Timers.capturing()`, so each
 per-layer and per-collective span of the eager step is timed by marks that the graph records itself
-(spmd/graph_marks.py); the timers resolve one step's marks on the host after the next step's launch,
+(spmd/obs/graph_marks.py); the timers resolve one step's marks on the host after the next step's launch,
 while the GPU runs it (no host sync added, no timer work before a launch). Event marks are overwritten
 by the launch, so with them a shape gets two graphs that take turns. With the timers off, one graph
 without marks. Warm-up and capture run with the timers suspended (nothing they do is a step).

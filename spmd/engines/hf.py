@@ -52,7 +52,7 @@ def load_hf(checkpoint: Path, dtype: str = "fp32", device: str = "cpu", log: boo
     if not misread:
         model = cls.from_pretrained(str(checkpoint), dtype=DTYPES[dtype], **place, **_dequantized(cfg))
         return (model if parallel else model.to(device)).eval()
-    # FP8 weights transformers' dequantizer would refuse or misread (spmd/fp8_cast.py): load an exact
+    # FP8 weights transformers' dequantizer would refuse or misread (spmd/weights/fp8_cast.py): load an exact
     # dequantized copy instead, written next to nothing the user owns and gone once the model is built
     with tempfile.TemporaryDirectory(prefix="spmd-fp8cast-", dir=env.read("SPMD_TMPDIR") or None) as tmp:
         say = (lambda m: print(m, file=sys.stderr)) if log else None

@@ -100,7 +100,7 @@ def attention_bias(key_mask: torch.Tensor, start, seqlen: int, dtype) -> torch.T
 
 
 def use_fused(model: nn.Module, on: bool) -> None:
-    """Switch the Triton-fused small ops (spmd/fused.py: RMSNorm, the router) of every module of model.
+    """Switch the Triton-fused small ops (spmd/kernels/fused.py: RMSNorm, the router) of every module of model.
     NativeEngine turns them on when decode steps replay CUDA graphs (and in "static" mode, which runs the
     graph's ops eagerly): one launch instead of five or eighteen inside a graph, where launches cost GPU
     time. Eager steps keep torch's ops: from Python a Triton launch costs more host time than the few aten

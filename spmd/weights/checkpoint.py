@@ -1,7 +1,7 @@
 """HF-layout checkpoint loader: each rank reads only its slices (safetensors get_slice); FP8 dequantized,
 or kept (``keep_fp8``) for modules that run FP8 kernels.
 
-Contract with the model (spmd/model.py, spmd/parallel.py):
+Contract with the model (spmd/model/transformer.py, spmd/parallel/layers.py):
 - state_dict() names equal the checkpoint names; a rank's model holds only its local routed experts,
   named with their global index, so loading is by name with no renaming table.
 - A module owning ``weight`` may set ``shard_dim``: 0 (rows split), 1 (columns split) or None (replicated).

@@ -3,7 +3,7 @@
 Tables and columns follow the Nsight Systems "SQLite Export Schema Reference" (a subset of each
 table's columns; nsys creates tables lazily, so readers must cope with missing ones). Event times
 are ns since the session start, whose UTC time is TARGET_INFO_SESSION_START_TIME.utcEpochNs.
-The NVTX range "spmd.sync:5000000000" is the marker spmd/profile.py records when its window opens
+The NVTX range "spmd.sync:5000000000" is the marker spmd/obs/profile.py records when its window opens
 (5000000000 = the rank's perf_counter_ns then). Run: python tests/data/make_nsys_sqlite.py
 """
 import sqlite3

@@ -1,8 +1,8 @@
 """DeepSpeed engine end to end under mpirun: AutoTP on our model group + our expert-parallel MoE.
 
-Every layout (group size 1, group size 2, 2 replicas x group 1) gives transformers' greedy tokens on the 20
-prompts (fp32, 32 new tokens, one batch of 20), for the tiny bf16 and fp8 checkpoints (fp8: G1 and G2). Each
-run writes traces, which the sharding and trace tests read; runs are made once per module.
+Two runs (group size 2, 2 replicas x group 1; tiny bf16, fp32, one batch of 20) and their traces: the
+sharding, the named all-reduces, no collective in a one-rank group, DeepSpeed's shared-memory buffers
+unlinked. Its tokens for every layout, checkpoint and dtype are `make validate`'s deepspeed rows.
 """
 from __future__ import annotations
 
@@ -13,14 +13,12 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import PROMPTS20, hf_reference, mpirun
+from conftest import PROMPTS20, mpirun
 
 pytest.importorskip("deepspeed")
 
 N_NEW = 32
-LAYOUTS = {"G1": (1, 1), "G2": (2, 2), "2xG1": (2, 1)}  # name: (ranks, group size)
-# fp8 x 2xG1 adds nothing to fp8 x G1 (whole tensors dequantized) and costs a 2-rank run: left out for time
-CASES = [("tiny_bf16", "G1"), ("tiny_bf16", "G2"), ("tiny_bf16", "2xG1"), ("tiny_fp8", "G1"), ("tiny_fp8", "G2")]
+LAYOUTS = {"G2": (2, 2), "2xG1": (2, 1)}  # name: (ranks, group size); tokens: make validate's deepspeed rows
 N_LAYERS, N_DENSE = 4, 1  # inputs/models/tiny.json
 SHM = Path("/dev/shm")
 COMM_NAMES = {b"attn.o_proj.all_reduce", b"mlp.down.all_reduce", b"moe.combine", b"head.all_reduce"}
@@ -49,17 +47,6 @@ def ds_run(request, tmp_path_factory):
         return done[ckpt_name, layout]
 
     return run
-
-
-@pytest.mark.parametrize("ckpt_name,layout", CASES)
-def test_deepspeed_tokens_equal_transformers(request, ds_run, ckpt_name, layout):
-    rows, _ = ds_run(ckpt_name, layout)
-    ref = [list(t) for t in hf_reference(request.getfixturevalue(ckpt_name), N_NEW)]
-    got = [r["completion_token_ids"] for r in rows]
-    diff = [i for i, (a, b) in enumerate(zip(got, ref)) if a != b]
-    assert not diff, f"{len(diff)} prompts differ, first {diff[0]}: {got[diff[0]]} vs {ref[diff[0]]}"
-    n, g = LAYOUTS[layout]
-    assert {r["model_group"] for r in rows} == set(range(n // g))
 
 
 def _engine_info(trace: Path) -> list[dict]:

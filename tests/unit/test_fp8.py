@@ -1,4 +1,4 @@
-"""Serial: the weight-only FP8 Triton GEMMs of spmd/fp8.py against the dequantized torch reference.
+"""Serial: the weight-only FP8 Triton GEMMs of spmd/kernels/fp8.py against the dequantized torch reference.
 
 On CUDA the kernels run compiled; without CUDA they run in Triton's CPU interpreter (TRITON_INTERPRET=1,
 set per test by the fixture below: spmd.kernels.fp8 wraps its kernels with triton.jit at first call, per mode, so

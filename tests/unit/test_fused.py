@@ -1,5 +1,5 @@
-"""Serial: the fused Triton RMSNorm and router (spmd/fused.py) against the torch paths of spmd/model.py and
-spmd/moe.py (Gate).
+"""Serial: the fused Triton RMSNorm and router (spmd/kernels/fused.py) against the torch paths of spmd/model/transformer.py and
+spmd/model/moe.py (Gate).
 
 On CUDA it runs compiled; without CUDA in a subprocess under Triton's CPU interpreter (TRITON_INTERPRET=1
 set before triton is imported). Outputs come from torch.empty, poisoned with NaN here, so a row the

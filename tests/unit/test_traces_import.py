@@ -25,7 +25,7 @@ UTC_START = 1_800_000_000_000_000_000  # tests/data/make_nsys_sqlite.py
 
 
 def events(rows):
-    """Rank events in the spmd/timers.py schema from (name, kind, phase, step, layer, start, dur, bytes)."""
+    """Rank events in the spmd/obs/timers.py schema from (name, kind, phase, step, layer, start, dur, bytes)."""
     dt = [("name", "S32"), ("kind", "S8"), ("phase", "S8"), ("step", "<i4"), ("layer", "<i4"),
           ("start_ns", "<i8"), ("dur_ns", "<i8"), ("bytes", "<i8"), ("group", "S4")]
     return np.array([r + ((b"tp" if r[1] == b"comm" else b""),) for r in rows], dtype=dt)

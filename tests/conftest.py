@@ -172,6 +172,21 @@ def mpirun(n: int, args: list[str], timeout: float = 300, env_extra: dict | None
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """The cluster tier's Slurm cluster (tests/cluster/slurm_helpers.py): two namespace hosts, started once
+    for every test that asks for it in this session, stopped at its end; yields the client environment."""
+    import importlib.util
+
+    path = ROOT / "tests" / "cluster" / "slurm_helpers.py"
+    spec = importlib.util.spec_from_file_location("slurm_helpers", path)
+    helpers = sys.modules.get("slurm_helpers") or importlib.util.module_from_spec(spec)
+    if "slurm_helpers" not in sys.modules:
+        spec.loader.exec_module(helpers)
+    with helpers.slurm_cluster(tmp_path_factory.mktemp("slurm"), SPMD_SLURM_HOSTS="2") as env:
+        yield env
+
+
 TIERS = ("unit", "mpi", "e2e", "cluster", "gpu")
 
 

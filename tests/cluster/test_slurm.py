@@ -1,4 +1,4 @@
-"""The batch scripts on a real Slurm: a one-host cluster with accounting (tests/cluster/cluster.sh).
+"""The batch scripts on a real Slurm (tests/cluster/cluster.sh; the tier shares one cluster of two namespace hosts).
 
 slurm/infer.sbatch on CPU (1 node, 2 tasks, srun --mpi=pmix) gives the same 20 completions as mpirun
 with the same arguments, and its sacct accounting lands in merged.h5; a topology that does not fit
@@ -8,81 +8,18 @@ slurm-wlm, slurmdbd, munge, mariadb-server and libpmix-dev when they are missing
 """
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import shutil
-import socket
 import subprocess
 import time
-from pathlib import Path
 
 import h5py
 import pytest
 
-from conftest import PROMPTS20, ROOT, mpirun, spmd_env
+from conftest import PROMPTS20, ROOT, mpirun
+from slurm_helpers import N_NEW, needs_slurm, rows as _rows, sbatch as _sbatch
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("SPMD_SLURM_TEST") != "1",
-    reason="starts a Slurm cluster on this host (root; installs Debian packages): set SPMD_SLURM_TEST=1")
+pytestmark = needs_slurm
 
-CLUSTER = ROOT / "tests" / "cluster" / "cluster.sh"
-N_NEW = 32
 CPU_TASKS = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
-
-
-def _port_base() -> int:
-    """A base whose ports (+6..+9: MariaDB, slurmctld, slurmd, slurmdbd) are all free."""
-    for base in range(16810, 18000, 100):
-        if all(_port_free(base + k) for k in range(6, 10)):
-            return base
-    pytest.fail("no free port range for the test cluster")
-
-
-def _logs(state: Path) -> str:
-    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-1500:]}"
-                     for p in sorted((state / "log").glob("*")) if p.is_file())
-
-
-@contextlib.contextmanager
-def slurm_cluster(state: Path, **extra: str):
-    """tests/cluster/cluster.sh under `state` (extra: its SPMD_SLURM_* settings): the client environment
-    (SLURM_CONF, PATH); the daemons are stopped afterwards."""
-    env = spmd_env()
-    env.update(SPMD_SLURM_DIR=str(state), SPMD_SLURM_PORT_BASE=str(_port_base()),
-               PATH=env["PATH"] + ":/usr/sbin", **extra)
-    try:
-        r = subprocess.run(["bash", str(CLUSTER), "start"], env=env, capture_output=True, text=True, timeout=900)
-        assert r.returncode == 0, f"cluster.sh start failed:\n{r.stderr[-4000:]}\n{_logs(state)}"
-        yield dict(env, SLURM_CONF=str(state / "etc" / "slurm.conf"))
-    finally:
-        subprocess.run(["bash", str(CLUSTER), "stop"], env=env, capture_output=True, timeout=120)
-        shutil.rmtree(state / "db", ignore_errors=True)  # MariaDB's ~100 MB
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    """A one-host cluster's client environment."""
-    with slurm_cluster(tmp_path_factory.mktemp("slurm")) as env:
-        yield env
-
-
-def _sbatch(env: dict, *opts: str, timeout: float = 600):
-    """`sbatch --wait` from the repository root: (returncode, job id, job output text)."""
-    r = subprocess.run(["sbatch", "--wait", "--parsable", *opts], env=env, cwd=ROOT, capture_output=True,
-                       text=True, timeout=timeout)
-    job = r.stdout.strip().split(";")[0]
-    return r.returncode, job, r.stderr
-
-
-def _rows(path: Path) -> list[tuple]:
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    return [(r["id"], r["completion_token_ids"], r["completion"]) for r in rows]
 
 
 @pytest.fixture(scope="module")

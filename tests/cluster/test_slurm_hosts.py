@@ -15,27 +15,23 @@ import h5py
 import pytest
 
 from conftest import PROMPTS20, mpirun
-from test_slurm import N_NEW, _rows, _sbatch, pytestmark, slurm_cluster  # noqa: F401
+from slurm_helpers import N_NEW, needs_slurm, rows as _rows, sbatch as _sbatch
+
+pytestmark = needs_slurm
 
 TWO_NODES = ["--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
 
 
-@pytest.fixture(scope="module")
-def hosts(tmp_path_factory):
-    with slurm_cluster(tmp_path_factory.mktemp("slurm-hosts"), SPMD_SLURM_HOSTS="2") as env:
-        yield env
-
-
-def _infer(hosts, tiny_bf16, runs, group: int, name: str, **extra):
-    env = dict(hosts, DEVICE="cpu", CHECKPOINT=str(tiny_bf16), PROMPTS=str(PROMPTS20), ENGINE="native",
+def _infer(slurm, tiny_bf16, runs, group: int, name: str, **extra):
+    env = dict(slurm, DEVICE="cpu", CHECKPOINT=str(tiny_bf16), PROMPTS=str(PROMPTS20), ENGINE="native",
                GROUP_SIZE=str(group), DTYPE="fp32", MAX_NEW_TOKENS=str(N_NEW), RUNS_DIR=str(runs), **extra)
     rc, job, err = _sbatch(env, f"--job-name={name}", f"--output={runs}/%x-%j.out", *TWO_NODES, "slurm/infer.sbatch")
     return rc, runs / f"{name}-{job}", (runs / f"{name}-{job}.out")
 
 
 @pytest.mark.parametrize("group,where", [(2, "in-host"), (4, "cross-host")])
-def test_two_hosts_equal_one_host(hosts, tiny_bf16, tmp_path, group, where):
-    rc, run_dir, out = _infer(hosts, tiny_bf16, tmp_path, group, f"hosts-g{group}")
+def test_two_hosts_equal_one_host(slurm, tiny_bf16, tmp_path, group, where):
+    rc, run_dir, out = _infer(slurm, tiny_bf16, tmp_path, group, f"hosts-g{group}")
     assert rc == 0, out.read_text()[-4000:] if out.is_file() else ""
     ref = tmp_path / "one-host.jsonl"
     r = mpirun(4, ["--checkpoint", str(tiny_bf16), "--prompts", str(PROMPTS20), "--output", str(ref),
@@ -56,9 +52,9 @@ def test_two_hosts_equal_one_host(hosts, tiny_bf16, tmp_path, group, where):
 
 @pytest.mark.parametrize("setting,message", [("nosuch0", "GLOO_SOCKET_IFNAME=nosuch0 selects no interface"),
                                              ("lo", "rendezvous address is 127.0.0.1 (loopback) but the job spans hosts")])
-def test_wrong_interface_fails_the_job_fast(hosts, tiny_bf16, tmp_path, setting, message):
+def test_wrong_interface_fails_the_job_fast(slurm, tiny_bf16, tmp_path, setting, message):
     t0 = time.monotonic()
-    rc, _, out = _infer(hosts, tiny_bf16, tmp_path, 2, "hosts-badif", SPMD_IFNAME=setting)
+    rc, _, out = _infer(slurm, tiny_bf16, tmp_path, 2, "hosts-badif", SPMD_IFNAME=setting)
     assert rc != 0
     text = out.read_text()
     assert message in text, text[-3000:]

@@ -19,21 +19,17 @@ import h5py
 import pytest
 
 from conftest import PROMPTS20, mpirun
-from test_slurm import N_NEW, _rows, _sbatch, pytestmark, slurm_cluster  # noqa: F401
+from slurm_helpers import N_NEW, needs_slurm, rows as _rows, sbatch as _sbatch
+
+pytestmark = needs_slurm
 
 CPU_PART = ["--partition=cpu", "--ntasks=1", "--cpus-per-task=1", "--time=10"]
 GPU_PART = ["--partition=gpu", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1"]
 
 
-@pytest.fixture(scope="module")
-def hosts(tmp_path_factory):
-    with slurm_cluster(tmp_path_factory.mktemp("slurm-hybrid"), SPMD_SLURM_HOSTS="2") as env:
-        yield env
-
-
-def _hybrid(hosts, tiny_bf16, runs: Path, name: str, *args: str, cpu=CPU_PART, **extra):
+def _hybrid(slurm, tiny_bf16, runs: Path, name: str, *args: str, cpu=CPU_PART, **extra):
     """sbatch [component 0] : [component 1] slurm/hybrid.sbatch ARGS: (rc, run dir, job output text)."""
-    env = dict(hosts, DEVICE="cpu", CHECKPOINT=str(tiny_bf16), PROMPTS=str(PROMPTS20), ENGINE="native",
+    env = dict(slurm, DEVICE="cpu", CHECKPOINT=str(tiny_bf16), PROMPTS=str(PROMPTS20), ENGINE="native",
                DTYPE="fp32", MAX_NEW_TOKENS=str(N_NEW), RUNS_DIR=str(runs), **extra)
     rc, job, _ = _sbatch(env, f"--job-name={name}", f"--output={runs}/%x-%j.out", *cpu, ":", *GPU_PART,
                          "slurm/hybrid.sbatch", *args)
@@ -53,9 +49,9 @@ def inline(tiny_bf16, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hybrid_run(hosts, tiny_bf16, tmp_path_factory):
+def hybrid_run(slurm, tiny_bf16, tmp_path_factory):
     """Two replicas of one rank behind the orchestrator: (run dir, job output)."""
-    rc, run_dir, text = _hybrid(hosts, tiny_bf16, tmp_path_factory.mktemp("runs"), "hybrid", GROUP_SIZE="1")
+    rc, run_dir, text = _hybrid(slurm, tiny_bf16, tmp_path_factory.mktemp("runs"), "hybrid", GROUP_SIZE="1")
     assert rc == 0, text[-4000:]
     return run_dir, text
 
@@ -98,7 +94,7 @@ def test_rank0_is_the_orchestrator_on_the_cpu_component(hybrid_run):
     ("two orchestrators", "the first of 2 tasks"),
     ("pipeline", "does not divide the 2 model ranks"),
 ])
-def test_layout_that_does_not_fit_fails_the_job(hosts, tiny_bf16, tmp_path, case, message):
+def test_layout_that_does_not_fit_fails_the_job(slurm, tiny_bf16, tmp_path, case, message):
     """Found by the batch script (exit 2, no step starts), or by rank 0 on the CPU node (the step fails:
     every rank exits 2 together, so srun --kill-on-bad-exit has no rank left to end with SIGTERM: 143)."""
     cpu, args, extra = CPU_PART, (), {"GROUP_SIZE": "3"}
@@ -106,20 +102,20 @@ def test_layout_that_does_not_fit_fails_the_job(hosts, tiny_bf16, tmp_path, case
         cpu, extra = [*CPU_PART[:1], "--ntasks=2", *CPU_PART[2:]], {}
     if case == "pipeline":  # one model group of 2 x 2 stages does not fit 2 model ranks
         args, extra = ("--pp", "2"), {"GROUP_SIZE": "2"}
-    rc, _, text = _hybrid(hosts, tiny_bf16, tmp_path, "hybrid-bad", *args, cpu=cpu, **extra)
+    rc, _, text = _hybrid(slurm, tiny_bf16, tmp_path, "hybrid-bad", *args, cpu=cpu, **extra)
     assert rc == 2, text[-3000:]
     errors = [line for line in text.splitlines() if line.startswith("error:")]
     assert errors and message in errors[0], text[-3000:]
 
 
-def test_launch_hybrid_sh_puts_rank0_on_the_first_host(hosts, tiny_bf16, inline, tmp_path):
+def test_launch_hybrid_sh_puts_rank0_on_the_first_host(slurm, tiny_bf16, inline, tmp_path):
     """launch/hybrid.sh with a host file in a 2-node allocation: mpirun starts its daemons through Slurm,
     rank 0 in the first host's one slot, one model group of 2 on the other host."""
     (tmp_path / "hosts").write_text("# the orchestrator's host first\nspmdh1 slots=1\nspmdh2 slots=2\n")
     out, traces = tmp_path / "out.jsonl", tmp_path / "traces"
     cmd = (f"launch/hybrid.sh {tmp_path}/hosts -- --checkpoint {tiny_bf16} --prompts {PROMPTS20} --output {out} "
            f"--trace-dir {traces} --group-size 2 --device cpu --dtype fp32 --max-new-tokens {N_NEW} --no-progress")
-    rc, job, _ = _sbatch(hosts, "--job-name=hybrid-mpirun", f"--output={tmp_path}/%x-%j.out", "--nodes=2",
+    rc, job, _ = _sbatch(slurm, "--job-name=hybrid-mpirun", f"--output={tmp_path}/%x-%j.out", "--nodes=2",
                          "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10", f"--wrap={cmd}")
     text = (tmp_path / f"hybrid-mpirun-{job}.out").read_text()
     assert rc == 0, text[-4000:]

@@ -50,7 +50,7 @@ from torch import nn
 
 from spmd.weights.checkpoint import load
 from spmd.model.moe import MoE
-from spmd.parallel.layers import GROUP_NAME
+from spmd.parallel.comm import Group, attach_timers
 from spmd.config import UsageError
 from spmd.parallel.errors import agree
 from spmd.engines.memory import param_bytes
@@ -95,19 +95,20 @@ def following(kind: str, layer: int, n_layers: int, n_dense: int) -> Next:
 
 
 class DSAllReduce:
-    """DeepSpeed's all-reduce on the model group, timed as one comm event; the compute segment is cut around it."""
+    """DeepSpeed's all-reduce on the model group `tp`, timed as one comm event of group `tp.name`; the
+    compute segment is cut around it."""
 
-    def __init__(self, group, whole_world_one_host: bool, timers, segments: Segments):
+    def __init__(self, tp: Group, whole_world_one_host: bool, timers, segments: Segments):
         import deepspeed.comm as ds_comm
 
-        self.group, self.timers, self.segments = group, timers, segments
+        self.tp, self.timers, self.segments = tp, timers, segments
         # the CPU shared-memory op ignores `group`: only right when the group is the world (on one host)
         self._reduce = ds_comm.inference_all_reduce if whole_world_one_host else ds_comm.all_reduce
 
     def __call__(self, y: torch.Tensor, name: str, layer: int, then: Next) -> torch.Tensor:
         self.segments.close()
-        with self.timers.comm(name, y.numel() * y.element_size(), group=GROUP_NAME, layer=layer):
-            self._reduce(y, group=self.group)
+        with self.timers.comm(name, y.numel() * y.element_size(), group=self.tp.name, layer=layer):
+            self._reduce(y, group=self.tp.group)
         self.segments.open(then.name, then.layer)
         return y
 
@@ -134,10 +135,11 @@ class TracedRowParallel(nn.Module):
 
 
 class TracedMoE(MoE):
-    """Our expert-parallel MoE (it times itself); the surrounding compute segment is closed while it runs."""
+    """Our expert-parallel MoE (it times itself once the engine attaches its timers); the surrounding
+    compute segment is closed while it runs."""
 
-    def __init__(self, layer: int, margs, group, timers, dtype, segments: Segments, then: Next):
-        super().__init__(layer, margs, group, timers, dtype)
+    def __init__(self, layer: int, margs, tp: Group, dtype, segments: Segments, then: Next):
+        super().__init__(layer, margs, tp, dtype)
         self.segments, self.then = segments, then
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -165,8 +167,8 @@ class GroupUnit:
         return dist.get_world_size(self.group)
 
 
-def meta_model(checkpoint, margs, world, timers, dtype, segments: Segments):
-    """transformers' model on meta with our MoE (TracedMoE) in every MoE layer."""
+def meta_model(checkpoint, margs, tp: Group, dtype, segments: Segments):
+    """transformers' model on meta with our MoE (TracedMoE, over the model group `tp`) in every MoE layer."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     config = DeepseekV3Config.from_pretrained(checkpoint)
@@ -175,7 +177,7 @@ def meta_model(checkpoint, margs, world, timers, dtype, segments: Segments):
         for i, block in enumerate(model.model.layers):
             if i >= margs.n_dense_layers:
                 then = following("moe", i, margs.n_layers, margs.n_dense_layers)
-                block.mlp = TracedMoE(i, margs, world.tp_group, timers, dtype, segments, then)
+                block.mlp = TracedMoE(i, margs, tp, dtype, segments, then)
     return model.eval()
 
 
@@ -278,11 +280,13 @@ class DeepSpeedEngine:
         self.segments = Segments(timers)
         dtype = DTYPES[args.dtype]
         log = (lambda msg: print(msg, flush=True)) if world.model_rank == 0 else (lambda msg: None)
-        model = meta_model(args.checkpoint, margs, world, timers, dtype, self.segments)
+        tp = Group(world.tp_group, "tp")
+        model = meta_model(args.checkpoint, margs, tp, dtype, self.segments)
         self.ds = autotp(model, world, dtype, timers, log)
         one_host_world = world.group_size == world.model_comm.size == world.local_size
-        reduce = DSAllReduce(world.tp_group, one_host_world, timers, self.segments)
+        reduce = DSAllReduce(tp, one_host_world, timers, self.segments)
         autotp_layers = trace_and_plan(self.ds.module, margs, reduce, world.group_size)
+        attach_timers(self.ds.module, timers)  # our MoE's spans and its moe.combine
         peak0 = _rss_peak_bytes()
         stats = agree(world.group_comm, lambda: load(self.ds.module, args.checkpoint, world.group_rank,
                                                      world.group_size, dtype, self.device, timers, log))

@@ -9,6 +9,7 @@ from spmd.weights.checkpoint import load
 from spmd.engines.memory import param_bytes
 from spmd.engines.decode_graph import GraphDecoder
 from spmd.model.transformer import Transformer, use_fused
+from spmd.parallel.comm import Group, attach_timers
 from spmd.parallel.pipeline import Pipeline, stage_layers
 from spmd.parallel.errors import agree
 
@@ -20,18 +21,22 @@ def _rss_peak_bytes() -> int:
 
 
 class NativeEngine:
-    """A `generate.Stepper`: builds the model on meta, loads this rank's slices, generates with a static cache."""
+    """A `generate.Stepper`: builds the model on meta, loads this rank's slices, generates with a static cache;
+    `timers` are attached to the model and the pipeline once built (spmd.parallel.comm.attach_timers)."""
 
     def __init__(self, world, args, margs, timers):
-        self.device = torch.device(world.device)
+        self.device, self.timers = torch.device(world.device), timers
         self.max_new_tokens = args.max_new_tokens
         dtype = DTYPES[args.dtype]
         pp = world.pp
         layers = stage_layers(margs, pp, world.tp_size)[world.stage] if pp > 1 else None
         with torch.device("meta"):
-            self.model = Transformer(margs, world.tp_group, timers, dtype=dtype, layers=layers,
+            self.model = Transformer(margs, Group(world.tp_group, "tp"), dtype=dtype, layers=layers,
                                      first=world.stage == 0, last=world.stage == pp - 1)
-        self.pipe = Pipeline(world, timers, getattr(args, "micro_batches", 0) or pp) if pp > 1 else None
+        self.pipe = Pipeline(world, getattr(args, "micro_batches", 0) or pp) if pp > 1 else None
+        attach_timers(self.model, timers)
+        if self.pipe is not None:
+            attach_timers(self.pipe, timers)
         log = (lambda msg: print(msg, flush=True)) if world.model_rank == 0 else (lambda msg: None)
         fp8 = keep_fp8(getattr(args, "fp8_weights", "auto"), self.device, margs.fp8)
         peak0 = _rss_peak_bytes()
@@ -87,7 +92,7 @@ class NativeEngine:
     def release(self) -> None:
         """End of a batch: drop its cache; resolve the timers' pending GPU events (one sync per batch)."""
         self.cache = self.key_mask = self.pos = self.static = None
-        self.model.timers.flush()
+        self.timers.flush()
 
     def close(self) -> None:
         """End of the run, before the process groups go: destroy the captured decode graphs."""

@@ -1,7 +1,8 @@
 """The MLPs: SwiGLU MLP (dense layers, shared expert), noaux_tc Gate, Expert, and MoE over this rank's contiguous range of experts.
 
 Rank r of a group of G owns experts [r*E/G, (r+1)*E/G), named by their global index so the loader reads
-them by checkpoint name; the shared expert is split like a dense MLP; one all-reduce sums both. Routed
+them by checkpoint name; the shared expert is split like a dense MLP; one all-reduce, ``tp.all_reduce("moe.combine", ...)``,
+sums both. Routed
 experts run as grouped GEMMs over the (token, expert) slots sorted by local expert (`torch._grouped_mm`,
 or the Triton FP8 kernel for kept FP8 weights), with no host synchronisation, so a CUDA graph can capture
 them; where neither runs (e.g. fp32 on CUDA), a per-expert loop with one host sync.
@@ -14,24 +15,26 @@ from torch import nn
 
 from spmd.kernels import fused
 from spmd.config import ModelArgs
-from spmd.parallel.layers import (ColumnParallelLinear, Linear, RowParallelLinear, all_reduce, compute_span, group_info,
-                       local_slice)
+from spmd.parallel.comm import UNTIMED, Group
+from spmd.parallel.layers import ColumnParallelLinear, Linear, RowParallelLinear, local_slice, own_span
 
 
 class MLP(nn.Module):
     """SwiGLU MLP, gate/up column-parallel, down row-parallel; timed as `name` iff it ends in its all-reduce."""
 
-    def __init__(self, dim: int, inter: int, group, timers, name: str, layer: int, dtype=None,
+    timers = UNTIMED  # attach_timers
+
+    def __init__(self, dim: int, inter: int, tp: Group, name: str, layer: int, dtype=None,
                  reduce_output: bool = True, device=None):
         super().__init__()
-        self.timers, self.name, self.layer = timers, name, layer
-        self.gate_proj = ColumnParallelLinear(dim, inter, group, dtype, device=device)
-        self.up_proj = ColumnParallelLinear(dim, inter, group, dtype, device=device)
-        self.down_proj = RowParallelLinear(inter, dim, group, dtype, reduce_output, name=f"{name}.down",
-                                           timers=timers, layer=layer, device=device)
+        self.name, self.layer = name, layer
+        self.gate_proj = ColumnParallelLinear(dim, inter, tp, dtype, device=device)
+        self.up_proj = ColumnParallelLinear(dim, inter, tp, dtype, device=device)
+        self.down_proj = RowParallelLinear(inter, dim, tp, dtype, reduce_output, name=f"{name}.down",
+                                           layer=layer, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with compute_span(self.timers, self.name, self.layer, self.down_proj.reduce_output):
+        with own_span(self, self.down_proj.reduce_output):
             h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (..., inter/G)
         return self.down_proj(h)
 
@@ -102,14 +105,15 @@ def _grouped_mm_works(w: torch.Tensor) -> bool:
 class MoE(nn.Module):
     """Routed experts (this rank's range) + shared expert (column/row split), summed by one all-reduce."""
 
-    def __init__(self, layer: int, m: ModelArgs, group, timers, dtype=None, device=None):
+    timers = UNTIMED  # attach_timers
+
+    def __init__(self, layer: int, m: ModelArgs, tp: Group, dtype=None, device=None):
         super().__init__()
-        rank, size = group_info(group)
-        owned = local_slice(m.n_routed_experts, rank, size)
-        self.group, self.timers, self.layer = group, timers, layer
+        owned = local_slice(m.n_routed_experts, tp.rank, tp.size)
+        self.tp, self.layer = tp, layer
         self.n_experts, self.expert_lo, self.expert_hi = m.n_routed_experts, owned.start, owned.stop
         self.gate = Gate(m, dtype, device)
-        self.shared_experts = MLP(m.dim, m.moe_inter_dim * m.n_shared_experts, group, timers, "moe.shared",
+        self.shared_experts = MLP(m.dim, m.moe_inter_dim * m.n_shared_experts, tp, "moe.shared",
                                   layer, dtype, reduce_output=False, device=device)
         # keyed by the GLOBAL expert index, so parameter names match the checkpoint's
         self.experts = nn.ModuleDict({str(e): Expert(m.dim, m.moe_inter_dim, dtype, device)
@@ -124,7 +128,7 @@ class MoE(nn.Module):
             y = self.routed(x, weights, ids)  # (N, dim), partial: this rank's experts only
         with self.timers.compute("moe.shared", layer=self.layer):
             y += self.shared_experts(x)  # partial: this rank's columns of the shared expert
-        return all_reduce(y, self.group, self.timers, "moe.combine", self.layer).view(shape)
+        return self.tp.all_reduce("moe.combine", y, self.layer).view(shape)
 
     def pack(self) -> None:
         """Stack the local experts into (E_l, 2I, dim) and (E_l, dim, I) for grouped GEMMs; experts become views.

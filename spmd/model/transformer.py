@@ -2,9 +2,11 @@
 
 Module and parameter names equal the HF checkpoint's tensor names (``model.layers.3.self_attn.kv_b_proj.weight``,
 ``model.layers.3.mlp.experts.17.up_proj.weight``), so the loader needs no renaming. Sharding over the model
-group (``group=None``: one device) follows DESIGN.md §4: heads, dense and shared MLP columns, and vocab by
-tensor parallelism; routed experts by contiguous ranges (rank r of G owns experts [r*E/G, (r+1)*E/G));
-the numerics follow transformers 5.17's DeepseekV3ForCausalLM.
+group ``tp`` (a ``spmd.parallel.comm.Group``; ``Group()``: one device) follows DESIGN.md §4: heads, dense
+and shared MLP columns, and vocab by tensor parallelism; routed experts by contiguous ranges (rank r of G
+owns experts [r*E/G, (r+1)*E/G)); the numerics follow transformers 5.17's DeepseekV3ForCausalLM. The
+compute spans named here are recorded once an engine attaches its timers
+(``spmd.parallel.comm.attach_timers``); until then each is a null context.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from spmd.kernels import fused
 from spmd.config import ModelArgs
 from spmd.kernels.fp8 import triton_available
 from spmd.model.moe import MLP, MoE
-from spmd.parallel.layers import ColumnParallelLinear, Linear, ParallelEmbedding, RowParallelLinear, group_info
+from spmd.parallel.comm import UNTIMED, Group
+from spmd.parallel.layers import ColumnParallelLinear, Linear, ParallelEmbedding, RowParallelLinear
 
 SUB_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm: transformers builds them with the default eps
 
@@ -134,12 +137,13 @@ class RMSNorm(nn.Module):
 class MLA(nn.Module):
     """Multi-head latent attention over a cache of normalized latents and rotated shared keys."""
 
-    def __init__(self, layer: int, m: ModelArgs, group, timers, dtype=None, device=None):
+    timers = UNTIMED  # attach_timers
+
+    def __init__(self, layer: int, m: ModelArgs, tp: Group, dtype=None, device=None):
         super().__init__()
-        _, size = group_info(group)
-        if m.n_heads % size:
-            raise ValueError(f"n_heads={m.n_heads} not divisible by group size {size}")
-        self.n_local_heads, self.timers, self.layer = m.n_heads // size, timers, layer
+        if m.n_heads % tp.size:
+            raise ValueError(f"n_heads={m.n_heads} not divisible by group size {tp.size}")
+        self.n_local_heads, self.layer = m.n_heads // tp.size, layer
         self.nope, self.rope, self.v_dim = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
         self.rank, self.q_lora = m.kv_lora_rank, bool(m.q_lora_rank)
         self.softmax_scale = softmax_scale(m)
@@ -147,16 +151,16 @@ class MLA(nn.Module):
         if self.q_lora:
             self.q_a_proj = Linear(m.dim, m.q_lora_rank, dtype, device)
             self.q_a_layernorm = RMSNorm(m.q_lora_rank, SUB_NORM_EPS, dtype, device)
-            self.q_b_proj = ColumnParallelLinear(m.q_lora_rank, heads_qk, group, dtype, device=device)
+            self.q_b_proj = ColumnParallelLinear(m.q_lora_rank, heads_qk, tp, dtype, device=device)
         else:
-            self.q_proj = ColumnParallelLinear(m.dim, heads_qk, group, dtype, device=device)
+            self.q_proj = ColumnParallelLinear(m.dim, heads_qk, tp, dtype, device=device)
         self.kv_a_proj_with_mqa = Linear(m.dim, m.kv_lora_rank + m.qk_rope_head_dim, dtype, device)
         self.kv_a_layernorm = RMSNorm(m.kv_lora_rank, SUB_NORM_EPS, dtype, device)
         self.kv_b_proj = ColumnParallelLinear(m.kv_lora_rank, m.n_heads * (m.qk_nope_head_dim + m.v_head_dim),
-                                              group, dtype, device=device)
+                                              tp, dtype, device=device)
         self.kv_b_proj.fp8_ok = False  # absorbed into q and the output as a plain matrix (`_absorb`)
-        self.o_proj = RowParallelLinear(m.n_heads * m.v_head_dim, m.dim, group, dtype, name="attn.o_proj",
-                                        timers=timers, layer=layer, device=device)
+        self.o_proj = RowParallelLinear(m.n_heads * m.v_head_dim, m.dim, tp, dtype, name="attn.o_proj",
+                                        layer=layer, device=device)
 
     def forward(self, x, rope, bias, kv_cache, pe_cache, start, naive: bool) -> torch.Tensor:
         """Timed attend + o_proj (with its all-reduce); x (B, T, dim) already normalized."""
@@ -204,14 +208,16 @@ class MLA(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, layer: int, m: ModelArgs, group, timers, dtype=None, device=None):
+    timers = UNTIMED  # attach_timers
+
+    def __init__(self, layer: int, m: ModelArgs, tp: Group, dtype=None, device=None):
         super().__init__()
-        self.layer, self.timers = layer, timers
-        self.self_attn = MLA(layer, m, group, timers, dtype, device)
+        self.layer = layer
+        self.self_attn = MLA(layer, m, tp, dtype, device)
         if layer < m.n_dense_layers:
-            self.mlp = MLP(m.dim, m.inter_dim, group, timers, "mlp", layer, dtype, device=device)
+            self.mlp = MLP(m.dim, m.inter_dim, tp, "mlp", layer, dtype, device=device)
         else:
-            self.mlp = MoE(layer, m, group, timers, dtype, device)
+            self.mlp = MoE(layer, m, tp, dtype, device)
         self.input_layernorm = RMSNorm(m.dim, m.norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(m.dim, m.norm_eps, dtype, device)
 
@@ -238,13 +244,13 @@ class Decoder(nn.Module):
     """Embedding (first stage), the blocks of `layers` (other indices hold parameter-free placeholders,
     so names keep their checkpoint layer index), final norm (last stage)."""
 
-    def __init__(self, m: ModelArgs, group, timers, dtype=None, device=None, layers: range | None = None,
+    def __init__(self, m: ModelArgs, tp: Group, dtype=None, device=None, layers: range | None = None,
                  first: bool = True, last: bool = True):
         super().__init__()
         layers = range(m.n_layers) if layers is None else layers
         if first:
-            self.embed_tokens = ParallelEmbedding(m.vocab_size, m.dim, group, dtype, timers, "embed", device)
-        self.layers = nn.ModuleList(Block(i, m, group, timers, dtype, device) if i in layers else nn.Module()
+            self.embed_tokens = ParallelEmbedding(m.vocab_size, m.dim, tp, dtype, "embed", device)
+        self.layers = nn.ModuleList(Block(i, m, tp, dtype, device) if i in layers else nn.Module()
                                     for i in range(m.n_layers))
         if last:
             self.norm = RMSNorm(m.dim, m.norm_eps, dtype, device)
@@ -253,19 +259,21 @@ class Decoder(nn.Module):
 class Transformer(nn.Module):
     """The whole model (MTP layers skipped), or one pipeline stage of it: `layers` (a contiguous range),
     the embedding when `first`, final norm and head when `last`. Logits are float32, full vocab, the same
-    on every rank of the (tensor-parallel) group; a stage that is not last returns its hidden states."""
+    on every rank of the (tensor-parallel) group `tp`; a stage that is not last returns its hidden states."""
 
-    def __init__(self, margs: ModelArgs, group, timers, dtype=torch.float32, device=None,
+    timers = UNTIMED  # attach_timers
+
+    def __init__(self, margs: ModelArgs, tp: Group, dtype=torch.float32, device=None,
                  layers: range | None = None, first: bool = True, last: bool = True):
         super().__init__()
-        self.margs, self.group, self.timers, self.dtype = margs, group, timers, dtype
+        self.margs, self.tp, self.dtype = margs, tp, dtype
         self.stage_layers = range(margs.n_layers) if layers is None else layers
         self.first, self.last = first, last
         self.rope_factor = rope_attention_factor(margs)
-        self.model = Decoder(margs, group, timers, dtype, device, self.stage_layers, first, last)
+        self.model = Decoder(margs, tp, dtype, device, self.stage_layers, first, last)
         if last:
-            self.lm_head = ColumnParallelLinear(margs.dim, margs.vocab_size, group, dtype, gather_output=True,
-                                                timers=timers, name="head", device=device)
+            self.lm_head = ColumnParallelLinear(margs.dim, margs.vocab_size, tp, dtype, gather_output=True,
+                                                name="head", device=device)
         self.register_buffer("rope_inv_freq", torch.empty(0, device=device), persistent=False)
         self.init_buffers(self.rope_inv_freq.device)
 

@@ -15,6 +15,10 @@ Schema (one row per event, dataset ``events`` of a rank file, numpy dtype ``EVEN
 Strings are stored as fixed-width bytes (numpy ``S``, UTF-8 encoded), the width being the longest value
 in that file; ``table()`` returns the same dtype, so compare with ``b"comm"``.
 
+Callers: the engines attach one Timers per rank to what they build (``spmd.parallel.comm.attach_timers``);
+layers open their compute spans through it and ``spmd.parallel.comm.Group`` times each named collective
+(no layer takes a Timers argument); the runtime records io, wait and phases, the engines their own spans.
+
 Leaf rule: events are LEAF intervals. Code times the compute between two collectives as one event and
 each collective as its own event, never one around the other, so summing ``dur_ns`` per kind never counts
 a nanosecond twice. Opening a context while another one is open raises RuntimeError. ``record()`` is not

@@ -12,7 +12,9 @@ sends them on to stage s+1 (``pp.send``, asynchronous), then takes the next micr
 on micro-batch k while stage s-1 runs k+1. The last stage's logits go to every rank of the model group
 in one broadcast (``pp.logits``), so every rank samples the same tokens (the Stepper contract of
 ``spmd.runtime.generate``). A pipeline step leaves (P-1)/(M+P-1) of each stage idle for M micro-batches: the
-time in ``pp.recv`` and ``pp.logits`` is that bubble (``traces.report.bubble_fraction``).
+time in ``pp.recv`` and ``pp.logits`` is that bubble (``traces.report.bubble_fraction``). The three are
+calls of the Group ``pp`` (the model group, trace group "pp"), timed once an engine attaches its timers
+(``spmd.parallel.comm.attach_timers(pipeline, timers)``).
 """
 from __future__ import annotations
 
@@ -20,10 +22,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from spmd.config import ModelArgs, UsageError
 from spmd.config.sizes import distinct_experts, layer_params
+from spmd.parallel.comm import Group
 
 REFERENCE_BATCH = 32  # decode rows the layer costs are estimated at (distinct experts grow with rows)
 
@@ -115,10 +117,10 @@ def micro_batches(rows: int, n: int) -> list[tuple[int, int]]:
 class Pipeline:
     """Runs a stage's share of each forward: receive, compute, send, per micro-batch; then the logits."""
 
-    def __init__(self, world, timers, n_micro: int):
+    def __init__(self, world, n_micro: int):
         self.place = placement(world)
-        self.group = world.model_group
-        self.timers, self.n_micro = timers, int(n_micro)
+        self.pp = Group(world.model_group, "pp")
+        self.n_micro = int(n_micro)
 
     def forward(self, model, tokens, positions, key_mask, cache, start, naive=None, all_positions=False):
         """Like ``Transformer.forward`` on the whole model: (B, V) (or (B, T, V)) float32 logits on every
@@ -131,18 +133,14 @@ class Pipeline:
             hidden = None
             if self.place.prev is not None:
                 hidden = torch.empty(b - a, t, model.margs.dim, dtype=model.dtype, device=tokens.device)
-                with self.timers.comm("pp.recv", hidden.numel() * hidden.element_size(), group="pp"):
-                    dist.recv(hidden, self.place.prev, tag=k)
+                self.pp.recv("pp.recv", hidden, self.place.prev, tag=k)
             out = model(tokens[a:b], positions[a:b], key_mask[a:b], part, start, naive, all_positions, hidden=hidden)
             if self.place.next is not None:
-                with self.timers.comm("pp.send", out.numel() * out.element_size(), group="pp"):
-                    sends.append((dist.isend(out, self.place.next, tag=k), out))
+                sends.append((self.pp.isend("pp.send", out, self.place.next, tag=k), out))
             else:
                 outs.append(out)
         for work, _ in sends:
             work.wait()
         shape = (bsz, t, model.margs.vocab_size) if all_positions else (bsz, model.margs.vocab_size)
         logits = torch.cat(outs) if outs else torch.empty(shape, dtype=torch.float32, device=tokens.device)
-        with self.timers.comm("pp.logits", logits.numel() * logits.element_size(), group="pp"):
-            dist.broadcast(logits, self.place.last_root, group=self.group)
-        return logits
+        return self.pp.broadcast("pp.logits", logits, self.place.last_root)

@@ -78,7 +78,7 @@ def test_graph_replay_equals_static_step(world):
 
 
 def _decode_events(engine, ids, steps):
-    timers = engine.model.timers
+    timers = engine.timers
     tokens, mask = left_pad(ids, 1, "cuda")
     timers.set_phase("prefill", 0)
     nxt = engine.prefill(tokens, mask).argmax(-1)
@@ -116,7 +116,7 @@ def test_graph_replays_record_the_eager_events(world, monkeypatch, marks):
     ends = [(ev_g["start_ns"] + ev_g["dur_ns"])[ev_g["step"] == s].max() for s in range(1, 6)]
     starts = [ev_g["start_ns"][ev_g["step"] == s].min() for s in range(1, 6)]
     assert all(e <= s for e, s in zip(ends[:-1], starts[1:])), (starts, ends)
-    graph.model.timers.enabled = False  # the untimed graph of the same shape: same logits
+    graph.timers.enabled = False  # the untimed graph of the same shape: same logits
     _, logits_plain = _decode_events(graph, ids, 5)
     for a, b in zip(logits_timed, logits_plain):
         torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -1,5 +1,6 @@
 """pytest-mpi (1 and 2 ranks): each parallel layer, the MoE and attention blocks and the whole model,
-sharded over the world == unsharded, with the named collectives in the trace."""
+sharded over the world == unsharded (a one-device Group), with the named collectives in the trace of the
+timers attached after construction."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,8 +14,8 @@ from mpi4py import MPI
 from conftest import ROOT, assert_fp32_close
 from spmd.config import ModelArgs
 from spmd.model.transformer import MLA, MoE, Transformer, attention_bias, rope_attention_factor, rope_cos_sin, yarn_inv_freq
-from spmd.parallel.layers import (ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, all_gather_last,
-                           group_info, local_slice)
+from spmd.parallel.comm import UNTIMED, Group, attach_timers
+from spmd.parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, local_slice
 from spmd.obs.timers import Timers
 from spmd.runtime.world import make_world, shutdown
 
@@ -49,9 +50,9 @@ def seeded_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return module
 
 
-def load_shards(full: torch.nn.Module, sharded: torch.nn.Module, group) -> None:
+def load_shards(full: torch.nn.Module, sharded: torch.nn.Module, tp: Group) -> None:
     """Copy this rank's slices of full's weights into sharded, as the checkpoint loader does."""
-    rank, size = group_info(group)
+    rank, size = tp.rank, tp.size
     src = full.state_dict()
     with torch.no_grad():
         for name, p in sharded.named_parameters():
@@ -62,6 +63,14 @@ def load_shards(full: torch.nn.Module, sharded: torch.nn.Module, group) -> None:
                 index[dim] = local_slice(w.shape[dim], rank, size)
                 w = w[tuple(index)]
             p.copy_(w)
+
+
+def timed(world, *parts) -> Timers:
+    """Fresh timers of this rank, attached to parts (modules or Groups)."""
+    timers = Timers(world.rank)
+    for part in parts:
+        attach_timers(part, timers)
+    return timers
 
 
 def comm_events(timers: Timers) -> list[tuple[str, int]]:
@@ -88,9 +97,14 @@ def _close(a, b, ulps: float = 16):
         assert_fp32_close(a, b, ulps)
 
 
-def test_group_info_and_local_slice(world):
-    assert group_info(None) == (0, 1)
-    assert group_info(world.tp_group) == (world.group_rank, world.group_size)
+def test_group_and_local_slice(world):
+    one, tp = Group(), Group(world.tp_group)
+    assert (one.rank, one.size) == (0, 1)
+    assert (tp.rank, tp.size) == (world.group_rank, world.group_size)
+    x = torch.ones(3)
+    timers = timed(world, one)
+    assert one.all_reduce("sum", x) is x and one.all_gather_last("gather", x) is x  # one device: no-ops
+    assert timers.table().size == 0
     assert local_slice(12, 1, 3) == slice(4, 8)
     with pytest.raises(ValueError, match="10 not divisible by group size 3"):
         local_slice(10, 0, 3)
@@ -98,14 +112,15 @@ def test_group_info_and_local_slice(world):
 
 @torch.inference_mode()
 def test_column_parallel(world):
-    group, timers = world.tp_group, Timers(world.rank)
-    rank, size = group_info(group)
-    full = seeded_(ColumnParallelLinear(64, 32, None))
+    tp, timers = Group(world.tp_group), Timers(world.rank)
+    rank, size = tp.rank, tp.size
+    full = seeded_(ColumnParallelLinear(64, 32, Group()))
     x = _randn(3, 5, 64)
     ref = full(x)
     for gather in (False, True):
-        sharded = ColumnParallelLinear(64, 32, group, gather_output=gather, timers=timers, name="col")
-        load_shards(full, sharded, group)
+        sharded = ColumnParallelLinear(64, 32, tp, gather_output=gather, name="col")
+        attach_timers(sharded, timers)
+        load_shards(full, sharded, tp)
         assert sharded.weight.shape == (32 // size, 64)
         _close(sharded(x), ref if gather else ref[..., local_slice(32, rank, size)])
     assert comm_events(timers) == ([("col.all_gather", 3 * 5 * (32 // size) * F32)] if size > 1 else [])
@@ -113,33 +128,36 @@ def test_column_parallel(world):
 
 @torch.inference_mode()
 def test_row_parallel(world):
-    group, timers = world.tp_group, Timers(world.rank)
-    rank, size = group_info(group)
-    full = seeded_(RowParallelLinear(64, 32, None, timers=Timers(0, enabled=False)))
+    tp = Group(world.tp_group)
+    rank, size = tp.rank, tp.size
+    full = seeded_(RowParallelLinear(64, 32, Group()))
     x = _randn(3, 5, 64)
     ref = full(x)
     cols = local_slice(64, rank, size)
-    reduced = RowParallelLinear(64, 32, group, timers=timers, name="row")
-    partial = RowParallelLinear(64, 32, group, reduce_output=False, timers=timers, name="row.partial")
+    reduced = RowParallelLinear(64, 32, tp, name="row")
+    partial = RowParallelLinear(64, 32, tp, reduce_output=False, name="row.partial")
+    timers = timed(world, reduced, partial)
     for m in (reduced, partial):
-        load_shards(full, m, group)
+        load_shards(full, m, tp)
         assert m.weight.shape == (32, 64 // size)
     _close(reduced(x[..., cols]), ref)
     part = partial(x[..., cols])
     _close(part, x[..., cols] @ full.weight[:, cols].T)
-    if group is not None:
-        dist.all_reduce(part, group=group)
+    if tp.group is not None:
+        dist.all_reduce(part, group=tp.group)
     _close(part, ref)
     assert comm_events(timers) == ([("row.all_reduce", 3 * 5 * 32 * F32)] if size > 1 else [])
+    assert compute_names(timers) == {"row"}  # the partial layer times nothing: its caller's span covers it
 
 
 @torch.inference_mode()
 def test_parallel_embedding(world):
-    group, timers = world.tp_group, Timers(world.rank)
-    _, size = group_info(group)
-    full = seeded_(ParallelEmbedding(96, 16, None, timers=Timers(0, enabled=False)))
-    sharded = ParallelEmbedding(96, 16, group, timers=timers)
-    load_shards(full, sharded, group)
+    tp = Group(world.tp_group)
+    size = tp.size
+    full = seeded_(ParallelEmbedding(96, 16, Group()))
+    sharded = ParallelEmbedding(96, 16, tp)
+    timers = timed(world, sharded)
+    load_shards(full, sharded, tp)
     ids = torch.randint(0, 96, (3, 7), generator=torch.Generator().manual_seed(3))
     ids[0, :2] = torch.tensor([0, 95])  # both ends of the vocabulary
     _close(sharded(ids), full(ids), ulps=0)
@@ -149,21 +167,24 @@ def test_parallel_embedding(world):
 
 @torch.inference_mode()
 def test_all_gather_last(world):
-    group, timers = world.tp_group, Timers(world.rank)
-    rank, size = group_info(group)
+    tp = Group(world.tp_group)
+    timers = timed(world, tp)
+    rank, size = tp.rank, tp.size
     x = torch.full((2, 3), float(rank))
-    out = all_gather_last(x, group, timers, "gather")
+    out = tp.all_gather_last("gather", x, layer=4)
     assert torch.equal(out, torch.arange(size).float().repeat_interleave(3).expand(2, -1))
     assert comm_events(timers) == ([("gather", 2 * 3 * F32)] if size > 1 else [])
+    assert (timers.table()["layer"] == 4).all()
 
 
 @torch.inference_mode()
 def test_moe_block(world, margs):
-    group, timers = world.tp_group, Timers(world.rank)
-    rank, size = group_info(group)
-    full = seeded_(MoE(1, margs, None, Timers(0, enabled=False)))
-    sharded = MoE(1, margs, group, timers)
-    load_shards(full, sharded, group)
+    tp = Group(world.tp_group)
+    rank, size = tp.rank, tp.size
+    full = seeded_(MoE(1, margs, Group()))
+    sharded = MoE(1, margs, tp)
+    timers = timed(world, sharded)
+    load_shards(full, sharded, tp)
     per_rank = margs.n_routed_experts // size
     assert sorted(map(int, sharded.experts)) == list(range(rank * per_rank, (rank + 1) * per_rank))
     x = _randn(2, 5, margs.dim)
@@ -177,11 +198,12 @@ def test_moe_block(world, margs):
 
 @torch.inference_mode()
 def test_attention_block(world, margs):
-    group, timers = world.tp_group, Timers(world.rank)
-    _, size = group_info(group)
-    full = seeded_(MLA(0, margs, None, Timers(0, enabled=False)))
-    sharded = MLA(0, margs, group, timers)
-    load_shards(full, sharded, group)
+    tp = Group(world.tp_group)
+    size = tp.size
+    full = seeded_(MLA(0, margs, Group()))
+    sharded = MLA(0, margs, tp)
+    timers = timed(world, sharded)
+    load_shards(full, sharded, tp)
     bsz, t = 2, 6
     x = _randn(bsz, t, margs.dim)
     mask = torch.ones(bsz, t, dtype=torch.bool)
@@ -200,11 +222,12 @@ def test_attention_block(world, margs):
 
 @torch.inference_mode()
 def test_transformer(world, margs):
-    group, timers = world.tp_group, Timers(world.rank)
-    rank, size = group_info(group)
-    full = seeded_(Transformer(margs, None, Timers(0, enabled=False)))
-    sharded = Transformer(margs, group, timers)
-    load_shards(full, sharded, group)
+    tp = Group(world.tp_group)
+    rank, size = tp.rank, tp.size
+    full = seeded_(Transformer(margs, Group()))
+    sharded = Transformer(margs, tp)
+    timers = timed(world, sharded)
+    load_shards(full, sharded, tp)
     owned = local_slice(margs.n_routed_experts, rank, size)
     assert {int(e) for e in sharded.model.layers[2].mlp.experts} == set(range(owned.start, owned.stop))
 
@@ -238,3 +261,24 @@ def _check_model_trace(timers, margs, size, n_forward, bsz):
     assert events[-1] == ("head.all_gather", bsz * (margs.vocab_size // size) * F32)
     assert {"embed", "rope", "attn", "attn.o_proj", "norm", "mlp", "mlp.down", "moe.gate", "moe.experts",
             "moe.shared", "head"} <= compute_names(timers)
+
+
+@torch.inference_mode()
+def test_timers_attach_and_detach(world, margs):
+    """Built untimed (nothing recorded), timed once attached: every span-opening module and the Group get
+    the timers; attaching None detaches them again."""
+    tp = Group(world.tp_group)
+    model = Transformer(margs, tp)
+    assert tp.timers is UNTIMED and all(getattr(m, "timers", UNTIMED) is UNTIMED for m in model.modules())
+    tokens = torch.randint(2, margs.vocab_size, (1, 3), generator=torch.Generator().manual_seed(5))
+    mask, pos = torch.ones(1, 3, dtype=torch.bool), torch.arange(3)[None]
+    seeded_(model)(tokens, pos, mask, model.new_cache(1, 3), 0)  # untimed: no timers to record into
+    timers = timed(world, model)
+    assert tp.timers is timers and model.model.layers[1].mlp.shared_experts.down_proj.timers is timers
+    model(tokens, pos, mask, model.new_cache(1, 3), 0)
+    assert {"embed", "rope", "attn", "head"} <= compute_names(timers)
+    attach_timers(model)
+    assert tp.timers is UNTIMED and model.timers is UNTIMED
+    n = len(timers.table())
+    model(tokens, pos, mask, model.new_cache(1, 3), 0)
+    assert len(timers.table()) == n

@@ -325,7 +325,8 @@ def test_index_names_tensor_absent_from_shard(tmp_path, tiny_bf16):
 def test_real_model_loads_every_tensor(ckpt, full):
     model_mod = pytest.importorskip("spmd.model.transformer")
     from spmd.config import ModelArgs
-    model = model_mod.Transformer(ModelArgs.from_checkpoint(ckpt), None, Timers(0), torch.float32, device="meta")
+    from spmd.parallel.comm import Group
+    model = model_mod.Transformer(ModelArgs.from_checkpoint(ckpt), Group(), torch.float32, device="meta")
     stats, logs = load(ckpt, model, 0, 1)
     state = model.state_dict()
     assert stats.n_tensors == len(state) and len(logs) == 1 and "MTP" in logs[0], logs

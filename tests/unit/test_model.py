@@ -11,6 +11,7 @@ from spmd.config import ModelArgs
 from spmd.engines.hf import load_hf
 from spmd.model.transformer import Transformer, softmax_scale, yarn_inv_freq
 from spmd.obs.timers import Timers
+from spmd.parallel.comm import Group, attach_timers
 
 from conftest import assert_fp32_close, checkpoint_dir
 
@@ -40,7 +41,8 @@ def models(request):
     ckpt = checkpoint_dir(request.param, "bf16")
     hf = load_hf(ckpt, "fp32", log=False)
     margs = ModelArgs.from_checkpoint(ckpt)
-    ours = Transformer(margs, None, Timers(0)).eval()  # enabled Timers: a nested timer would raise
+    ours = Transformer(margs, Group()).eval()
+    attach_timers(ours, Timers(0))  # enabled Timers: a nested timer would raise
     ours.load_state_dict(hf_state(hf), strict=True)
     return ckpt, margs, hf, ours
 
@@ -147,7 +149,7 @@ def _checkpoint_shapes(ckpt, n_layers: int) -> dict[str, tuple]:
 def test_meta_construction_names_match_checkpoint(models):
     ckpt, margs, _, _ = models
     with torch.device("meta"):
-        model = Transformer(margs, None, Timers(0, enabled=False), torch.bfloat16)
+        model = Transformer(margs, Group(), torch.bfloat16)
     state = model.state_dict()
     assert all(t.is_meta for t in state.values())
     assert {k: tuple(v.shape) for k, v in state.items()} == _checkpoint_shapes(ckpt, margs.n_layers)

@@ -10,14 +10,14 @@ import torch
 
 from spmd.config import ModelArgs
 from spmd.model.moe import MoE
-from spmd.obs.timers import Timers
+from spmd.parallel.comm import Group
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _moe(config: str, dtype) -> MoE:
     m = ModelArgs.from_config(json.loads((ROOT / "inputs" / "models" / f"{config}.json").read_text()))
-    moe = MoE(1, m, None, Timers(0, enabled=False), dtype)
+    moe = MoE(1, m, Group(), dtype)
     g = torch.Generator().manual_seed(zlib.crc32(config.encode()))
     for p in moe.parameters():
         p.data.copy_(torch.randn(p.shape, generator=g) * 0.05)

@@ -21,14 +21,14 @@ import h5py
 import numpy as np
 
 from spmd.obs import SYNC_PREFIX  # the profiler window names its marker range with it
+from spmd.obs.merge import rank_files
+
 MAX_NAME = 256  # longer names (templated kernels) are cut: the report needs a readable name only
 _RANK_TAG = re.compile(r"rank(\d+)")
 
 
 def rank_clocks(run_dir: Path) -> dict[int, dict]:
     """Rank → {clock_t0_ns, local_epoch_ns} from the rank files' attributes (absent keys left out)."""
-    from traces.merge import rank_files  # merge imports the importers, which import this module
-
     out = {}
     for r, path in rank_files(run_dir).items():
         with h5py.File(path, "r") as f:

@@ -12,7 +12,7 @@ FLOPs / measured matmul rate; measured/floor is the gap.
 from __future__ import annotations
 
 from spmd.config import ModelArgs
-from spmd.config.sizes import LayerParams, distinct_experts, layer_params  # noqa: F401 (readers of traces.floor)
+from spmd.config.sizes import distinct_experts, layer_params
 
 WEIGHT_BYTES = {"bf16": 2.0, "fp8": 1.0 + 4.0 / (128 * 128)}  # fp8: one fp32 scale per 128x128 block
 ACT_BYTES = 2.0  # bf16 cache and activations

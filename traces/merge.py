@@ -26,8 +26,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from spmd.obs.merge import MERGED, SCHEMA, import_ranks, rank_files  # noqa: F401 (readers import them from here)
-from spmd.obs.merge import merge as merge_with
+from spmd.obs.merge import import_ranks, merge as merge_with
 from traces.nccl_log import import_nccl_logs
 from traces.nsys import import_nsys
 from traces.perf import import_perf

@@ -41,7 +41,8 @@ from pathlib import Path
 import numpy as np
 
 from spmd.config import ModelArgs
-from traces.floor import WEIGHT_BYTES, head_bytes, layer_bytes, layer_params
+from spmd.config.sizes import layer_params
+from traces.floor import WEIGHT_BYTES, head_bytes, layer_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = [ROOT / "traces/results/bench/NVIDIA_H200-2026-11-28.json", ROOT / "traces/results/bench/pp-NVIDIA_H200-2026-11-28.json"]

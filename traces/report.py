@@ -24,7 +24,8 @@ import h5py
 import numpy as np
 
 from traces import report_sources, skew
-from traces.merge import MERGED, merge, rank_files
+from spmd.obs.merge import MERGED, rank_files
+from traces.merge import merge
 from traces.table import format_table, si
 
 KINDS = ("compute", "comm", "io", "wait")

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import h5py
 
+from spmd.obs.merge import rank_files
 from traces.clock import write_table
 
 FIELDS = ("JobID", "JobName", "Elapsed", "TotalCPU", "MaxRSS", "NTasks", "NodeList", "State")
@@ -144,8 +145,6 @@ def _write(path: Path, text: str) -> Path:
 
 
 def _job_id(run_dir: Path) -> str:
-    from traces.merge import rank_files
-
     for path in rank_files(run_dir).values():
         with h5py.File(path, "r") as f:
             if "SLURM_JOB_ID" in f.attrs:

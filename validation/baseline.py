@@ -81,7 +81,7 @@ def git_commit() -> str:
 
 def make_baseline(args) -> list[dict]:
     """The baseline's lines (header first) for the parsed command line."""
-    from spmd.runtime import prompts as P
+    from spmd.runtime import prompts as prompt_io
     from transformers.utils import logging as hf_logging
 
     from spmd.config import ModelArgs
@@ -90,9 +90,9 @@ def make_baseline(args) -> list[dict]:
     if not (Path(args.checkpoint) / "config.json").is_file():
         raise BaselineError(f"checkpoint {args.checkpoint} has no config.json")
     eos = ModelArgs.from_checkpoint(args.checkpoint).eos_token_id
-    prompts = P.read_prompts(args.prompts)
-    tokenizer = P.load_tokenizer(args.checkpoint)
-    ids = P.encode(tokenizer, prompts, args.chat)
+    prompts = prompt_io.read_prompts(args.prompts)
+    tokenizer = prompt_io.load_tokenizer(args.checkpoint)
+    ids = prompt_io.encode(tokenizer, prompts, args.chat)
     hf_logging.disable_progress_bar()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -101,7 +101,7 @@ def make_baseline(args) -> list[dict]:
     name = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor() or "cpu"
     head = header(args, len(prompts), [(p.id, p.text) for p in prompts], eos, name)
     return [head] + [{"id": p.id, "prompt": p.text, "prompt_token_ids": t,
-                      "completion": P.decode(tokenizer, r["completion_token_ids"]), **r}
+                      "completion": prompt_io.decode(tokenizer, r["completion_token_ids"]), **r}
                      for p, t, r in zip(prompts, ids, rows)]
 
 

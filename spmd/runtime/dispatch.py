@@ -1,8 +1,8 @@
 """Work distribution over MPI: static scatter, dynamic dispatch, progress, ordered gather.
 
-A work item is `(index, token_ids, ...)` (scoring appends the baseline's tokens). Every rank of a
+A work item is a `WorkItem` (index, token ids; scoring adds the baseline's tokens). Every rank of a
 model group must see the same items in the same order (they run one model together), so items go
-to group leaders and are broadcast inside the group. Results come back as dicts carrying their
+to group leaders and are broadcast inside the group. Results come back as `Result`s carrying their
 `index`; rank 0 restores input order. Static shares and dynamic chunks both go longest prompt first
 (`longest_first`). With a dedicated orchestrator (world rank 0, no model) the
 dispatcher runs in its main thread, and each leader's request for more work carries the results of
@@ -17,11 +17,11 @@ from typing import Iterator
 
 from mpi4py import MPI
 
+from spmd.runtime.records import Result, WorkItem
 from spmd.runtime.world import World
 
 TAG_REQUEST, TAG_WORK, TAG_PROGRESS = 11, 12, 13
 POLL_MIN_S, POLL_MAX_S = 50e-6, 1e-3  # the dispatcher's wait for requests (_Server._next_request)
-Item = tuple[int, list[int]]
 
 
 def balance(lengths: list[int], n_bins: int) -> list[list[int]]:
@@ -35,20 +35,20 @@ def balance(lengths: list[int], n_bins: int) -> list[list[int]]:
     return [sorted(b) for b in bins]
 
 
-def scatter_static(world: World, items: list[Item] | None) -> list[Item]:
+def scatter_static(world: World, items: list[WorkItem] | None) -> list[WorkItem]:
     """Rank 0 splits the items over the replicas by length; every rank gets its replica's share."""
     per_rank = None
     if world.rank == 0:
-        shares = balance([len(it[1]) for it in items], world.n_replicas)
+        shares = balance([len(it.ids) for it in items], world.n_replicas)
         per_rank = [[items[i] for i in shares[(r - world.first) // world.group_size]] if r >= world.first else []
                     for r in range(world.size)]
     return world.comm.scatter(per_rank, root=0)
 
 
-def longest_first(items: list[Item]) -> list[Item]:
+def longest_first(items: list[WorkItem]) -> list[WorkItem]:
     """Items by prompt length, longest first (ties in input order): a chunk's batches then hold prompts of
     similar length (less padding), and the short ones come last, where they even out the replicas' finish."""
-    return sorted(items, key=lambda it: (-len(it[1]), it[0]))
+    return sorted(items, key=lambda it: (-len(it.ids), it.index))
 
 
 class _Server:
@@ -60,7 +60,7 @@ class _Server:
     orchestrator's leaders) are the results of the leader's previous chunk, handed to `on_rows`.
     """
 
-    def __init__(self, comm, items: list[Item], chunk: int, n_remote: int, on_rows=None, timers=None,
+    def __init__(self, comm, items: list[WorkItem], chunk: int, n_remote: int, on_rows=None, timers=None,
                  should_halt=None):
         self.comm, self.chunk, self.n_remote = comm, chunk, n_remote
         self.items, self.pos, self.lock = longest_first(items), 0, threading.Lock()
@@ -71,7 +71,7 @@ class _Server:
         with self.lock:
             self.halted = True
 
-    def take(self) -> list[Item]:
+    def take(self) -> list[WorkItem]:
         with self.lock:
             if self.halted:
                 return []
@@ -103,14 +103,14 @@ class _Server:
                 self.on_rows(rows)  # after the reply: the group computes meanwhile
 
 
-def serve_chunks(world: World, items: list[Item], chunk: int, on_rows, timers=None, should_halt=None) -> None:
+def serve_chunks(world: World, items: list[WorkItem], chunk: int, on_rows, timers=None, should_halt=None) -> None:
     """A dedicated orchestrator (world rank 0): serve every leader until each got its empty chunk; the
     results each request carries go to on_rows(rows)."""
     _Server(world.comm, items, chunk, world.n_replicas, on_rows, timers, should_halt).run()
 
 
-def iter_dynamic(world: World, items: list[Item] | None, chunk: int, timers=None,
-                 stop=None, outbox: list | None = None) -> Iterator[list[Item]]:
+def iter_dynamic(world: World, items: list[WorkItem] | None, chunk: int, timers=None,
+                 stop=None, outbox: list | None = None) -> Iterator[list[WorkItem]]:
     """Chunks of `chunk` items, handed to model groups as they ask for more; ends with an empty chunk.
 
     `stop` (a `stop.Agreement`): once its group has decided to stop, the next request halts the dispatcher.
@@ -148,7 +148,7 @@ def iter_dynamic(world: World, items: list[Item] | None, chunk: int, timers=None
         thread.join()
 
 
-def iter_static(world: World, items: list[Item] | None, batch: int) -> Iterator[list[Item]]:
+def iter_static(world: World, items: list[WorkItem] | None, batch: int) -> Iterator[list[WorkItem]]:
     """This replica's share, in batches of similar length (sorted longest first to limit padding)."""
     mine = scatter_static(world, items)
     mine = longest_first(mine)
@@ -209,8 +209,8 @@ class Progress:
         MPI.Request.waitall(self.pending)
 
 
-def gather_results(world: World, results: list[dict], n_items: int | None = None,
-                   prior: list[dict] = ()) -> list[dict] | None:
+def gather_results(world: World, results: list[Result], n_items: int | None = None,
+                   prior: list[Result] = ()) -> list[Result] | None:
     """Leaders' results to rank 0, in input order; rank 0 checks that every index came back once.
 
     prior (rank 0): results finished by an earlier run (`--resume`), merged in. A dedicated orchestrator
@@ -220,8 +220,8 @@ def gather_results(world: World, results: list[dict], n_items: int | None = None
     parts = world.comm.gather(results if mine else [], root=0)
     if world.rank != 0:
         return None
-    out = sorted((r for part in [list(prior), *parts] for r in part), key=lambda r: r["index"])
-    idx = [r["index"] for r in out]
+    out = sorted((r for part in [list(prior), *parts] for r in part), key=lambda r: r.index)
+    idx = [r.index for r in out]
     if n_items is not None and idx != list(range(n_items)):
         raise RuntimeError(f"gather got {len(idx)} results for {n_items} prompts (lost or duplicated)")
     return out

@@ -12,6 +12,8 @@ from typing import Protocol
 
 import torch
 
+from spmd.runtime.records import Result, WorkItem
+
 
 @dataclass(frozen=True)
 class GenConfig:
@@ -74,15 +76,15 @@ def _generators(indices: list[int], cfg: GenConfig, device) -> list[torch.Genera
     return [torch.Generator(device=device).manual_seed(cfg.seed + i) for i in indices]
 
 
-def generate(stepper: Stepper, batch: list[tuple[int, list[int]]], cfg: GenConfig, timers=None) -> list[dict]:
-    """Generate for a batch of (index, prompt ids); one result dict per row, in batch order.
+def generate(stepper: Stepper, batch: list[WorkItem], cfg: GenConfig, timers=None) -> list[Result]:
+    """Generate for a batch of work items; one Result per row, in batch order.
 
     ttft_s: batch start → first token of the row; latency_s: batch start → the row's last token.
     A row stops after EOS (included in its tokens) or max_new_tokens.
     """
     t0 = time.perf_counter()
-    indices = [i for i, _ in batch]
-    tokens, mask = left_pad([ids for _, ids in batch], cfg.pad_id, stepper.device)
+    indices = [it.index for it in batch]
+    tokens, mask = left_pad([it.ids for it in batch], cfg.pad_id, stepper.device)
     gens = _generators(indices, cfg, stepper.device)
     _phase(timers, "prefill", 0)
     nxt = sample(stepper.prefill(tokens, mask), cfg, gens).tolist()
@@ -103,29 +105,28 @@ def generate(stepper: Stepper, batch: list[tuple[int, list[int]]], cfg: GenConfi
         nxt = sample(stepper.decode(feed), cfg, gens).tolist()
     stepper.release()
     _phase(timers, "other", -1)  # what follows (dispatch, gather) is no step: the watchdog stops timing
-    return [{"index": i, "tokens": o, "ttft_s": ttft, "latency_s": f} for i, o, f in zip(indices, out, finish)]
+    return [Result(i, o, ttft, f) for i, o, f in zip(indices, out, finish)]
 
 
 @torch.inference_mode()
-def score(stepper: Stepper, batch: list[tuple], k: int, timers=None) -> list[dict]:
+def score(stepper: Stepper, batch: list[WorkItem], k: int, timers=None) -> list[dict]:
     """Teacher-forced scoring: prompt + target ids through the model; per target position the run's numbers.
 
-    batch rows: (index, prompt ids, target ids, support ids: one list per target position). Per row:
+    batch: work items with their target ids and support ids (one list per target position). Per row:
     target_logprob (the run's log-prob of each target id), top1, topk_ids/topk_logprobs (the run's own
     top k) and support_logprobs (the run's log-probs of the support ids), in batch order. Rows of similar
     length share a forward (little padding); each (B, T, V) logits tensor is reduced here and dropped.
     """
     _phase(timers, "other", -1)
-    seqs = [list(p) + list(t[:-1]) for _, p, t, _ in batch]  # the last target is predicted, never fed
+    seqs = [list(it.ids) + list(it.target[:-1]) for it in batch]  # the last target is predicted, never fed
     out: list[dict] = [{} for _ in batch]
     for chunk in _similar_lengths([len(s) for s in seqs]):
         tokens, mask = left_pad([seqs[r] for r in chunk], 0, stepper.device)
         logits = stepper.score(tokens, mask)  # (B, T, V) float32
         for b, r in enumerate(chunk):
-            index, prompt, target, support = batch[r]
-            first = tokens.shape[1] - len(seqs[r]) + len(prompt) - 1  # the position that predicts target[0]
-            out[r] = _position_numbers(logits[b, first:first + len(target)], target, support, k)
-            out[r]["index"] = index
+            it = batch[r]
+            first = tokens.shape[1] - len(seqs[r]) + len(it.ids) - 1  # the position that predicts target[0]
+            out[r] = _position_numbers(logits[b, first:first + len(it.target)], it.target, it.support, k)
         del logits
     return out
 

@@ -124,11 +124,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
         raise
 
 
-def output_rows(prompts: list[Prompt], ids: list[list[int]], results: list[dict], tokenizer) -> list[dict]:
-    """One row per prompt, in input order (a result's `completion`, if a dedicated orchestrator decoded it
-    already, is taken as it is)."""
+def output_rows(prompts: list[Prompt], ids: list[list[int]], results: list, tokenizer) -> list[dict]:
+    """One output row per prompt and its `spmd.runtime.records.Result`, in input order (a result's
+    `completion`, if a dedicated orchestrator decoded it already, is taken as it is)."""
     return [{"id": p.id, "prompt": p.text,
-             "completion": r["completion"] if "completion" in r else decode(tokenizer, r["tokens"]),
-             "completion_token_ids": r["tokens"], "prompt_tokens": len(t),
-             "ttft_s": r["ttft_s"], "latency_s": r["latency_s"], "model_group": r["replica"]}
+             "completion": r.completion if r.completion is not None else decode(tokenizer, r.tokens),
+             "completion_token_ids": r.tokens, "prompt_tokens": len(t),
+             "ttft_s": r.ttft_s, "latency_s": r.latency_s, "model_group": r.replica}
             for p, t, r in zip(prompts, ids, results)]

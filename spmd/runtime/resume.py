@@ -22,8 +22,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from spmd.runtime import score as S
+from spmd.runtime import score
 from spmd.runtime.prompts import write_jsonl
+from spmd.runtime.records import Result
 from spmd.config import UsageError
 
 KIND = "spmd-progress"
@@ -41,12 +42,12 @@ def progress_dir(output: Path) -> Path:
 def fingerprint(args) -> dict:
     """What decides the output tokens of a run with these RunArgs (rank 0: reads the files)."""
     try:
-        ckpt = S.checkpoint_fingerprint(args.checkpoint)
-    except S.BaselineError as exc:
+        ckpt = score.checkpoint_fingerprint(args.checkpoint)
+    except score.BaselineError as exc:
         raise UsageError(str(exc)) from None
     try:
-        prompts = S.file_sha256(args.prompts)
-        baseline = S.file_sha256(args.score) if args.score is not None else None
+        prompts = score.file_sha256(args.prompts)
+        baseline = score.file_sha256(args.score) if args.score is not None else None
     except OSError as exc:
         raise UsageError(f"cannot fingerprint {exc.filename}: {exc.strerror}") from None
     return {"prompts_sha256": prompts, "checkpoint_sha256": ckpt, "engine": args.engine, "dtype": args.dtype,
@@ -58,11 +59,10 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def prepare(args, prompt_ids: list[str], log=_log) -> list[dict]:
+def prepare(args, prompt_ids: list[str], log=_log) -> list[Result]:
     """Rank 0, before any prompt runs: a fresh progress directory, or (--resume) the finished results.
 
-    Returns the finished prompts as result dicts (`index, tokens, ttft_s, latency_s, replica[, score]`),
-    sorted by index; [] for a fresh run. A progress directory of another run → UsageError.
+    Returns the finished prompts' Results, sorted by index; [] for a fresh run. A progress directory of another run → UsageError.
     """
     d = progress_dir(args.output)
     fp = fingerprint(args)
@@ -103,10 +103,10 @@ def _check_fingerprint(d: Path, theirs, ours: dict) -> None:
                          f"rerun with that run's arguments, or without --resume to start over")
 
 
-def read_rows(d: Path, prompt_ids: list[str], scored: bool) -> tuple[list[dict], int]:
+def read_rows(d: Path, prompt_ids: list[str], scored: bool) -> tuple[list[Result], int]:
     """Finished prompts of every `replica-*.jsonl` (first valid line per index), and how many lines were
     ignored. Files with ignored lines are rewritten without them, so that appending goes on cleanly."""
-    done: dict[int, dict] = {}
+    done: dict[int, Result] = {}
     ignored = 0
     for f in sorted(d.glob("replica-*.jsonl")):
         raw = f.read_bytes()
@@ -118,15 +118,15 @@ def read_rows(d: Path, prompt_ids: list[str], scored: bool) -> tuple[list[dict],
                 bad += 1
                 continue
             good.append(line)
-            done.setdefault(row["index"], row)
+            done.setdefault(row.index, row)
         if bad:
             ignored += bad
             _rewrite(f, b"".join(good))
     return [done[i] for i in sorted(done)], ignored
 
 
-def _parse_row(line: bytes, prompt_ids: list[str], scored: bool) -> dict | None:
-    """A complete, well-formed progress line of this prompt set → result dict; anything else → None."""
+def _parse_row(line: bytes, prompt_ids: list[str], scored: bool) -> Result | None:
+    """A complete, well-formed progress line of this prompt set → its Result; anything else → None."""
     if not line.endswith(b"\n"):
         return None  # torn: the write did not finish
     try:
@@ -141,11 +141,7 @@ def _parse_row(line: bytes, prompt_ids: list[str], scored: bool) -> dict | None:
     toks = obj["completion_token_ids"]
     if not isinstance(toks, list) or not all(isinstance(t, int) for t in toks):
         return None
-    res = {"index": i, "tokens": toks, "ttft_s": obj["ttft_s"], "latency_s": obj["latency_s"],
-           "replica": obj["model_group"]}
-    if scored:
-        res["score"] = obj["score"]
-    return res
+    return Result(i, toks, obj["ttft_s"], obj["latency_s"], obj["model_group"], obj["score"] if scored else None)
 
 
 def _rewrite(path: Path, data: bytes) -> None:
@@ -180,15 +176,15 @@ class Writer:
         self.ids = prompt_ids
         self.fd: int | None = None
 
-    def append(self, rows: list[dict]) -> None:
-        """Result dicts (`index, tokens, ttft_s, latency_s, replica[, score]`) → lines on disk."""
+    def append(self, rows: list[Result]) -> None:
+        """Results → lines on disk (ROW_KEYS, and `score` when scored)."""
         if not rows:
             return
         if self.fd is None:
             self.dir.mkdir(parents=True, exist_ok=True)  # rank 0 made it; a slow shared file system may lag
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             _fsync_dir(self.dir)
-        data = "".join(json.dumps(_row(r, self.ids[r["index"]]), ensure_ascii=False) + "\n" for r in rows)
+        data = "".join(json.dumps(_row(r, self.ids[r.index]), ensure_ascii=False) + "\n" for r in rows)
         buf = memoryview(data.encode("utf-8"))
         while buf:
             buf = buf[os.write(self.fd, buf):]
@@ -200,11 +196,11 @@ class Writer:
             self.fd = None
 
 
-def _row(r: dict, prompt_id: str) -> dict:
-    row = {"index": r["index"], "id": prompt_id, "completion_token_ids": r["tokens"], "ttft_s": r["ttft_s"],
-           "latency_s": r["latency_s"], "model_group": r["replica"]}
-    if "score" in r:
-        row["score"] = {k: v for k, v in r["score"].items() if k != "index"}
+def _row(r: Result, prompt_id: str) -> dict:
+    row = {"index": r.index, "id": prompt_id, "completion_token_ids": r.tokens, "ttft_s": r.ttft_s,
+           "latency_s": r.latency_s, "model_group": r.replica}
+    if r.score is not None:
+        row["score"] = r.score
     return row
 
 

@@ -127,8 +127,8 @@ def write_outputs(args: RunArgs, prompt_set: PromptSet, results, scoring, done, 
     resume.finish(args.output)  # the output is complete: drop the progress directory
     if not done:
         return results
-    earlier = {r["index"] for r in done}  # traces count this run's tokens only
-    return [r for r in results if r["index"] not in earlier]
+    earlier = {r.index for r in done}  # traces count this run's tokens only
+    return [r for r in results if r.index not in earlier]
 
 
 def write_traces(world, args: RunArgs, margs: ModelArgs, timers, engine, results) -> None:
@@ -139,7 +139,7 @@ def write_traces(world, args: RunArgs, margs: ModelArgs, timers, engine, results
     meta.update(config=margs.raw, args={k: str(v) for k, v in asdict(args).items()}, engine=args.engine,
                 engine_info=getattr(engine, "info", {}))
     if results is not None:
-        meta["tokens_generated"] = sum(len(r["tokens"]) for r in results)
+        meta["tokens_generated"] = sum(len(r.tokens) for r in results)
     timers.write(args.trace_dir, meta)
     world.comm.Barrier()
     if world.rank == 0:

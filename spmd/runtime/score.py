@@ -14,6 +14,7 @@ from pathlib import Path
 
 from spmd.config import UsageError
 from spmd.parallel.errors import on_root
+from spmd.runtime.records import Result, WorkItem
 
 KIND = "spmd-baseline"
 FORMAT = 1
@@ -128,18 +129,18 @@ def prepare(comm, path: Path, checkpoint: Path, prompt_set) -> Scoring:
     return got if comm.rank == 0 else Scoring(k)
 
 
-def work_items(ids: list[list[int]], targets: list[tuple] | None) -> list[tuple]:
-    """(index, prompt ids) per prompt, plus (baseline ids, support ids) when scoring."""
+def work_items(ids: list[list[int]], targets: list[tuple] | None) -> list[WorkItem]:
+    """One per prompt, in input order; with the baseline's ids and support ids when scoring."""
     if targets is None:
-        return list(enumerate(ids))
-    return [(i, t, tgt, sup) for i, (t, (tgt, sup)) in enumerate(zip(ids, targets))]
+        return [WorkItem(i, t) for i, t in enumerate(ids)]
+    return [WorkItem(i, t, tgt, sup) for i, (t, (tgt, sup)) in enumerate(zip(ids, targets))]
 
 
-def attach(rows: list[dict], results: list[dict], scoring: Scoring | None) -> list[dict]:
+def attach(rows: list[dict], results: list[Result], scoring: Scoring | None) -> list[dict]:
     """Output rows with each result's scores (and the fingerprints they belong to) added as `score`."""
     if scoring is None:
         return rows
     for row, res in zip(rows, results):
         row["score"] = {"checkpoint_sha256": scoring.checkpoint_sha256, "baseline_sha256": scoring.baseline_sha256,
-                        **{k: v for k, v in res["score"].items() if k != "index"}}
+                        **res.score}
     return rows

@@ -14,6 +14,7 @@ from typing import Any
 from spmd.config import ModelArgs, RunArgs
 from spmd.runtime import dispatch, prompts, resume, stop
 from spmd.runtime.generate import GenConfig, generate, score
+from spmd.runtime.records import Result, WorkItem
 from spmd.runtime.score import Scoring, work_items
 
 
@@ -33,11 +34,11 @@ class ServeContext:
 def _pending(prompt_set, scoring, done):
     """Rank 0: the work items not finished by an earlier run (--resume)."""
     items = work_items(prompt_set.ids, scoring and scoring.targets)
-    finished = {r["index"] for r in done or ()}
-    return [it for it in items if it[0] not in finished]
+    finished = {r.index for r in done or ()}
+    return [it for it in items if it.index not in finished]
 
 
-def serve(ctx: ServeContext, prompt_set, n: int, done: list[dict] | None = None) -> list[dict]:
+def serve(ctx: ServeContext, prompt_set, n: int, done: list[Result] | None = None) -> list[Result]:
     """Generate (and score) this replica's prompts, batch by batch; results carry their input index.
 
     prompt_set (rank 0, a PromptSet; None elsewhere): the prompts; n: how many. done (rank 0): prompts
@@ -68,7 +69,7 @@ def serve(ctx: ServeContext, prompt_set, n: int, done: list[dict] | None = None)
         if halt.check():  # the group agrees at every batch boundary; dynamic: drain to the halting request
             continue
         rows = run_batch(ctx.engine, batch, cfg, args.score_only, ctx.scoring, timers)
-        rows = [dict(r, replica=world.replica) for r in rows]
+        rows = [r.but(replica=world.replica) for r in rows]
         if writer is not None:
             writer.append(rows)  # on disk (fsync'd) before anything else
         if outbox is not None:
@@ -93,7 +94,7 @@ def orchestrate(ctx: ServeContext, tokenizer, items, n: int, n_prior: int, promp
 
     def received(rows: list[dict]) -> None:
         with timers.io("outputs.detokenize"):
-            rows = [dict(r, completion=prompts.decode(tokenizer, r["tokens"])) for r in rows]
+            rows = [r.but(completion=prompts.decode(tokenizer, r.tokens)) for r in rows]
         with timers.io("progress.write"):
             writer.append(rows)
         results.extend(rows)
@@ -107,11 +108,9 @@ def orchestrate(ctx: ServeContext, tokenizer, items, n: int, n_prior: int, promp
     return results
 
 
-def run_batch(engine, batch: list[tuple], cfg: GenConfig, score_only: bool, scoring, timers) -> list[dict]:
-    """Generate (unless --score-only) and score (with --score) one batch; one dict per row, in batch order."""
-    rows = [{"index": it[0], "tokens": [], "ttft_s": 0.0, "latency_s": 0.0} for it in batch] if score_only \
-        else generate(engine, [it[:2] for it in batch], cfg, timers)
+def run_batch(engine, batch: list[WorkItem], cfg: GenConfig, score_only: bool, scoring, timers) -> list[Result]:
+    """Generate (unless --score-only) and score (with --score) one batch; one Result per row, in batch order."""
+    rows = [Result(it.index, []) for it in batch] if score_only else generate(engine, batch, cfg, timers)
     if scoring is not None:
-        for row, s in zip(rows, score(engine, batch, scoring.k, timers)):
-            row["score"] = s
+        rows = [r.but(score=s) for r, s in zip(rows, score(engine, batch, scoring.k, timers))]
     return rows

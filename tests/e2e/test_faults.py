@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from conftest import PROMPTS20, ROOT, mpirun, spmd_env
-from spmd.runtime import faults as F
-from spmd.runtime import world as W
+from spmd.runtime import faults as fault_inj
+from spmd.runtime.records import WorkItem
+from spmd.runtime import world as world_mod
 from spmd.runtime.faults import Fault
 
 FAULT_LINE = re.compile(r"^fault: rank (\d+) of \d+ \(.*\): injecting (\w+) at .* at unix time ([\d.]+)$", re.M)
@@ -30,9 +31,9 @@ TIMEOUT_S = 120  # mpirun as a whole (startup included); a job that hangs fails 
 
 
 def test_parse_one_and_many():
-    assert F.parse("") == [] and F.parse("  ") == []
-    assert F.parse("1:decode:2:raise") == [Fault(1, "decode", 2, "raise")]
-    assert F.parse(" 0:load:*:exit , 1:start:*:kill,1:prefill:0:hang,0:other:-1:raise", size=2) == [
+    assert fault_inj.parse("") == [] and fault_inj.parse("  ") == []
+    assert fault_inj.parse("1:decode:2:raise") == [Fault(1, "decode", 2, "raise")]
+    assert fault_inj.parse(" 0:load:*:exit , 1:start:*:kill,1:prefill:0:hang,0:other:-1:raise", size=2) == [
         Fault(0, "load", None, "exit"), Fault(1, "start", None, "kill"), Fault(1, "prefill", 0, "hang"),
         Fault(0, "other", -1, "raise")]
     assert str(Fault(1, "decode", None, "hang")) == "1:decode:*:hang"
@@ -52,32 +53,32 @@ def test_parse_one_and_many():
     ("1:decode:2:raise,", "'': 1 field(s), need 4"),
 ])
 def test_parse_errors_name_the_entry_and_field(text, why):
-    with pytest.raises(W.UsageError) as e:
-        F.parse(text, size=2)
+    with pytest.raises(world_mod.UsageError) as e:
+        fault_inj.parse(text, size=2)
     msg = str(e.value)
     assert msg.startswith("SPMD_FAULT entry ") and why in msg and "RANK:PHASE:STEP:ACTION" in msg
 
 
 def test_seconds_variables():
-    assert F.parse_seconds("X", None, 7) == 7 and F.parse_seconds("X", " ", 7) == 7
-    assert F.parse_seconds("X", "2.5", 7) == 2.5 and F.parse_seconds("X", "0", 7) == 0
+    assert fault_inj.parse_seconds("X", None, 7) == 7 and fault_inj.parse_seconds("X", " ", 7) == 7
+    assert fault_inj.parse_seconds("X", "2.5", 7) == 2.5 and fault_inj.parse_seconds("X", "0", 7) == 0
     for bad in ("soon", "-1", "nan", "inf"):
-        with pytest.raises(W.UsageError, match="X="):
-            F.parse_seconds("X", bad, 7)
-    assert W.collective_timeout({}) == W.COLLECTIVE_TIMEOUT_DEFAULT_S == 600
-    assert W.collective_timeout({"SPMD_COLLECTIVE_TIMEOUT_S": "30"}) == 30
+        with pytest.raises(world_mod.UsageError, match="X="):
+            fault_inj.parse_seconds("X", bad, 7)
+    assert world_mod.collective_timeout({}) == world_mod.COLLECTIVE_TIMEOUT_DEFAULT_S == 600
+    assert world_mod.collective_timeout({"SPMD_COLLECTIVE_TIMEOUT_S": "30"}) == 30
     for bad in ("0", "-5", "x", "inf"):
-        with pytest.raises(W.UsageError, match="SPMD_COLLECTIVE_TIMEOUT_S="):
-            W.collective_timeout({"SPMD_COLLECTIVE_TIMEOUT_S": bad})
+        with pytest.raises(world_mod.UsageError, match="SPMD_COLLECTIVE_TIMEOUT_S="):
+            world_mod.collective_timeout({"SPMD_COLLECTIVE_TIMEOUT_S": bad})
 
 
 def test_guard_from_env_defaults_and_errors():
-    g = F.Guard.from_env(1, 2, {})
-    assert g.faults == [] and g.watchdog_s == F.WATCHDOG_DEFAULT_S == 1800
-    g = F.Guard.from_env(1, 2, {"SPMD_FAULT": "0:load:*:raise,1:decode:3:hang", "SPMD_WATCHDOG_S": "0"})
+    g = fault_inj.Guard.from_env(1, 2, {})
+    assert g.faults == [] and g.watchdog_s == fault_inj.WATCHDOG_DEFAULT_S == 1800
+    g = fault_inj.Guard.from_env(1, 2, {"SPMD_FAULT": "0:load:*:raise,1:decode:3:hang", "SPMD_WATCHDOG_S": "0"})
     assert g.faults == [Fault(1, "decode", 3, "hang")] and g.watchdog_s == 0  # this rank's only
-    with pytest.raises(W.UsageError, match="SPMD_WATCHDOG_S="):
-        F.Guard.from_env(0, 2, {"SPMD_WATCHDOG_S": "-3"})
+    with pytest.raises(world_mod.UsageError, match="SPMD_WATCHDOG_S="):
+        fault_inj.Guard.from_env(0, 2, {"SPMD_WATCHDOG_S": "-3"})
 
 
 # --- the guard in process ------------------------------------------------------------------------
@@ -86,17 +87,17 @@ def test_guard_from_env_defaults_and_errors():
 def test_hook_is_the_profilers_callback_when_idle():
     def prof(phase, step):
         pass
-    idle = F.Guard(0, 2, [Fault(1, "decode", 1, "raise")], watchdog_s=0)  # a fault for another rank
+    idle = fault_inj.Guard(0, 2, [Fault(1, "decode", 1, "raise")], watchdog_s=0)  # a fault for another rank
     assert idle.hook(prof) is prof and idle.hook(None) is None
     seen = []
-    g = F.Guard(0, 2, [], watchdog_s=60)
+    g = fault_inj.Guard(0, 2, [], watchdog_s=60)
     assert g.hook(None) == g.on_phase
     g.hook(lambda p, s: seen.append((p, s)))("decode", 4)
     assert seen == [("decode", 4)] and g._beat[1:] == ("decode", 4)
 
 
 def test_raise_fires_once_at_its_step(capsys):
-    g = F.Guard(1, 2, F.parse("1:decode:2:raise,1:prefill:*:raise"), watchdog_s=0)
+    g = fault_inj.Guard(1, 2, fault_inj.parse("1:decode:2:raise,1:prefill:*:raise"), watchdog_s=0)
     g.on_phase("decode", 1)
     with pytest.raises(RuntimeError, match=r"injected fault 1:decode:2:raise \(SPMD_FAULT\) at decode step 2"):
         g.on_phase("decode", 2)
@@ -123,7 +124,7 @@ def _wait_for(calls, seconds):
 def test_watchdog_times_steps_only(monkeypatch, capfd):
     monkeypatch.setattr(threading, "excepthook", threading.excepthook)  # start() chains it; undone after
     calls, abort = _aborts()
-    g = F.Guard(0, 2, [], watchdog_s=0.3, abort=abort)
+    g = fault_inj.Guard(0, 2, [], watchdog_s=0.3, abort=abort)
     g.start()
     try:
         for phase in ("start", "load", "other"):  # paused: reading the checkpoint, waiting for the others
@@ -159,7 +160,7 @@ def test_sigusr2_prints_every_stack_and_the_rank_goes_on():
 def test_exception_in_a_program_thread_aborts(monkeypatch, capsys):
     monkeypatch.setattr(threading, "excepthook", threading.excepthook)
     calls, abort = _aborts()
-    F.Guard(0, 1, [], watchdog_s=0, abort=abort).start()
+    fault_inj.Guard(0, 1, [], watchdog_s=0, abort=abort).start()
 
     def boom():
         raise ValueError("x")
@@ -197,12 +198,12 @@ def test_generate_ends_in_phase_other():
             self.seen.append((phase, step))
 
     t = Phases()
-    generate(Stepper(), [(0, [1]), (1, [2, 3])], GenConfig(4, eos_id=15, pad_id=0), t)
+    generate(Stepper(), [WorkItem(0, [1]), WorkItem(1, [2, 3])], GenConfig(4, eos_id=15, pad_id=0), t)
     assert t.seen == [("prefill", 0), ("decode", 1), ("decode", 2), ("decode", 3), ("other", -1)]
 
 
 def test_report_error_names_the_rank(capsys):
-    F.report_error(1, 2, RuntimeError("first line\nsecond"))
+    fault_inj.report_error(1, 2, RuntimeError("first line\nsecond"))
     err = capsys.readouterr().err
     assert re.fullmatch(r"error: rank 1 of 2 \(.+\): RuntimeError: first line \.\.\.\n", err)
 

@@ -21,7 +21,7 @@ import pytest
 from conftest import PROMPTS20, ROOT, mpirun, spmd_env
 
 from spmd import config
-from spmd.runtime import resume as R
+from spmd.runtime import resume as progress_files
 from spmd.runtime.resume import progress_dir
 
 EX_TEMPFAIL = 75  # spmd.runtime.stop.EX_TEMPFAIL
@@ -201,7 +201,7 @@ def test_fingerprint_mismatch_is_refused(tiny_bf16, tmp_path):
     """A progress directory made with --max-new-tokens 6, resumed with 7: `error: ...`, exit 2, nothing touched."""
     out = tmp_path / "out.jsonl"
     ids = [json.loads(ln)["id"] for ln in PROMPTS20.read_text().splitlines()]
-    R.prepare(config.parse_args(_args(tiny_bf16, out)), ids, log=lambda msg: None)  # the header a run writes
+    progress_files.prepare(config.parse_args(_args(tiny_bf16, out)), ids, log=lambda msg: None)  # the header a run writes
     (progress_dir(out) / "replica-0.jsonl").write_text(json.dumps(
         {"index": 0, "id": ids[0], "completion_token_ids": [5], "ttft_s": 0.1, "latency_s": 0.2,
          "model_group": 0}) + "\n")

@@ -15,9 +15,10 @@ import torch
 
 from conftest import PROMPTS20, mpirun
 from spmd.runtime.generate import score
+from spmd.runtime.records import WorkItem
 from spmd.runtime.score import FORMAT, KIND, BaselineError, checkpoint_fingerprint, file_sha256, load_targets, \
     prompts_fingerprint, read_baseline
-from validation import compare as C
+from validation import compare as comparison
 
 V, K, N = 40, 4, 6  # vocabulary, top-k, generated positions per prompt
 
@@ -71,7 +72,7 @@ def _run_row(b: dict, lp: torch.Tensor, ckpt: Path, base: Path) -> dict:
 
 
 def _compare(case, run, precision="fp32"):
-    return C.compare(_write(case.dir / "run.jsonl", run), case.base, precision)
+    return comparison.compare(_write(case.dir / "run.jsonl", run), case.base, precision)
 
 
 def test_identical_run_passes(case):
@@ -79,7 +80,7 @@ def test_identical_run_passes(case):
     s = res["summary"]
     assert res["passed"] and s["exact_prompts"] == 5 and s["top1_agreement"] == 1.0
     assert s["max_abs_dlogp"] == 0 and s["kl_max"] < 1e-9
-    assert C.main([str(case.dir / "run.jsonl"), str(case.base), "--report", str(case.dir / "rep")]) == 0
+    assert comparison.main([str(case.dir / "run.jsonl"), str(case.base), "--report", str(case.dir / "rep")]) == 0
     assert (case.dir / "rep" / "report.md").read_text().startswith("# Validation: PASS")
     assert (case.dir / "rep" / "report.png").stat().st_size > 1000
 
@@ -92,7 +93,7 @@ def test_one_changed_token_gives_its_position(case):
     assert not res["passed"] and res["summary"]["exact_prompts"] == 4
     assert per[3]["first_divergence"] == 4 and not per[3]["exact"]
     assert per[2]["first_divergence"] == N and per[2]["exact"]  # identical: counts its whole length
-    assert C.main([str(case.dir / "run.jsonl"), str(case.base)]) == 1
+    assert comparison.main([str(case.dir / "run.jsonl"), str(case.base)]) == 1
 
 
 def test_a_shifted_logit_is_flagged_by_top1_dlogp_and_kl(case):
@@ -124,8 +125,8 @@ def test_coarse_kl_is_zero_for_equal_and_a_lower_bound_of_full_kl():
     p, q = (torch.log_softmax(torch.randn(V, generator=g), -1) for _ in range(2))
     top = p.topk(K).indices
     full = float((p.exp() * (p - q)).sum())
-    coarse = C.coarse_kl(p[top].tolist(), q[top].tolist())
-    assert C.coarse_kl(p[top].tolist(), p[top].tolist()) < 1e-12
+    coarse = comparison.coarse_kl(p[top].tolist(), q[top].tolist())
+    assert comparison.coarse_kl(p[top].tolist(), p[top].tolist()) < 1e-12
     assert 0 < coarse <= full + 1e-9
 
 
@@ -134,7 +135,7 @@ def test_reordered_prompts_are_refused_at_the_right_place(case):
     run[2], run[3] = run[3], run[2]
     with pytest.raises(BaselineError, match=r"prompt 2 is 'p3' here but 'p2' in the baseline \(same ids, other"):
         _compare(case, run)
-    assert C.main([str(case.dir / "run.jsonl"), str(case.base)]) == 2
+    assert comparison.main([str(case.dir / "run.jsonl"), str(case.base)]) == 2
 
 
 def test_another_checkpoint_or_baseline_is_refused(case, tmp_path):
@@ -146,14 +147,14 @@ def test_another_checkpoint_or_baseline_is_refused(case, tmp_path):
     other = _fake_checkpoint(tmp_path / "other", tag="b")
     unscored = [{k: v for k, v in r.items() if k != "score"} for r in case.run]
     with pytest.raises(BaselineError, match="is not the baseline's"):
-        C.compare(_write(tmp_path / "u.jsonl", unscored), case.base, "fp32", checkpoint=other)
-    res = C.compare(tmp_path / "u.jsonl", case.base, "fp32")  # fp32 without scores: tokens only, and a note
+        comparison.compare(_write(tmp_path / "u.jsonl", unscored), case.base, "fp32", checkpoint=other)
+    res = comparison.compare(tmp_path / "u.jsonl", case.base, "fp32")  # fp32 without scores: tokens only, and a note
     assert res["passed"] and any("not verified" in n for n in res["notes"])
-    assert not C.compare(tmp_path / "u.jsonl", case.base, "bf16")["passed"]  # bf16 bounds need scores
+    assert not comparison.compare(tmp_path / "u.jsonl", case.base, "bf16")["passed"]  # bf16 bounds need scores
     base2 = tmp_path / "b2.jsonl"
     base2.write_text(case.base.read_text() + "\n")  # same rows, other bytes: the run was scored against case.base
     with pytest.raises(BaselineError, match="scored against another baseline"):
-        C.compare(_write(tmp_path / "r.jsonl", case.run), base2, "fp32")
+        comparison.compare(_write(tmp_path / "r.jsonl", case.run), base2, "fp32")
 
 
 def test_spmd_side_check_refuses_another_checkpoint_and_prompt_set(case, tmp_path):
@@ -178,20 +179,20 @@ def test_text_baseline_mode(case, tmp_path):
     text = _write(tmp_path / "text.jsonl", [{"id": r["id"], "completion": r["completion"]} for r in case.rows])
     run = copy.deepcopy(case.run)
     run[0]["completion"] = run[0]["completion"][:3] + "#" + run[0]["completion"][4:]
-    res = C.compare(_write(tmp_path / "run.jsonl", run), text, "fp32")
+    res = comparison.compare(_write(tmp_path / "run.jsonl", run), text, "fp32")
     assert res["mode"] == "text" and res["summary"]["exact_prompts"] == 4 and not res["passed"]
     per = res["per_prompt"]
     assert per[0]["prefix_chars"] == 3 and per[1]["prefix_chars"] == len(run[1]["completion"])
-    assert C.compare(tmp_path / "run.jsonl", text, "bf16")["passed"]  # only fp32 gates on another system's text
+    assert comparison.compare(tmp_path / "run.jsonl", text, "bf16")["passed"]  # only fp32 gates on another system's text
     run[0], run[1] = run[1], run[0]
     with pytest.raises(BaselineError, match="prompt 0 is 'p1' here but 'p0'"):
-        C.compare(_write(tmp_path / "run.jsonl", run), text, "fp32")
+        comparison.compare(_write(tmp_path / "run.jsonl", run), text, "fp32")
 
 
 def test_text_baseline_token_prefix_with_the_checkpoint_tokenizer(tiny_bf16, tmp_path):
     text = _write(tmp_path / "text.jsonl", [{"id": "a", "completion": "The capital of France is Paris."}])
     run = _write(tmp_path / "run.jsonl", [{"id": "a", "completion": "The capital of France is Lyon."}])
-    m = C.compare(run, text, "bf16", tokenizer=tiny_bf16)["per_prompt"][0]
+    m = comparison.compare(run, text, "bf16", tokenizer=tiny_bf16)["per_prompt"][0]
     assert 0 < m["prefix_tokens"] < m["n_tokens"] and m["prefix_chars"] == len("The capital of France is ")
 
 
@@ -205,10 +206,10 @@ class ShiftStepper:
 
 
 def test_score_aligns_targets_under_left_padding():
-    batch = [(7, [1, 2, 3, 4], [5, 6, 7], [[5, 0], [6, 0], [7, 9]]), (3, [10], [11, 13], [[11, 1], [12, 13]])]
+    batch = [WorkItem(7, [1, 2, 3, 4], [5, 6, 7], [[5, 0], [6, 0], [7, 9]]),
+             WorkItem(3, [10], [11, 13], [[11, 1], [12, 13]])]
     out = score(ShiftStepper(), batch, k=2)
     hit, miss = torch.log_softmax(torch.tensor([4.0] + [0.0] * (V - 1)), 0)[:2].tolist()
-    assert [o["index"] for o in out] == [7, 3]
     assert out[0]["top1"] == [5, 6, 7] and out[0]["target_logprob"] == pytest.approx([hit] * 3)
     assert out[1]["top1"] == [11, 12] and out[1]["target_logprob"] == pytest.approx([hit, miss])
     assert out[1]["support_logprobs"][1] == pytest.approx([hit, miss]) and len(out[0]["topk_ids"][0]) == 2
@@ -249,7 +250,7 @@ def test_score_native_g2_fp32_agrees_with_the_baseline(tiny_bf16, tiny_baseline,
                    "--engine", "native", "--group-size", "2", "--dtype", "fp32", "--max-new-tokens", "8",
                    "--no-progress", "--score", str(tiny_baseline)], timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    res = C.compare(out, tiny_baseline, "fp32")
+    res = comparison.compare(out, tiny_baseline, "fp32")
     s = res["summary"]
     assert res["passed"] and s["exact_prompts"] == 20, res["failures"]
     assert s["top1_agreement"] == 1.0 and s["max_abs_dlogp"] < 1e-4

@@ -22,6 +22,7 @@ import torch
 from conftest import PROMPTS20, checkpoint_dir
 from spmd.config import ModelArgs
 from spmd.runtime.generate import GenConfig, generate, left_pad
+from spmd.runtime.score import work_items
 from spmd.runtime.prompts import encode, load_tokenizer, read_prompts
 from spmd.obs.timers import Timers
 
@@ -70,8 +71,8 @@ def test_graph_replay_equals_static_step(world):
         static.release(), graph.release()
     assert len(graph.graphs.states) == 1 and len(next(iter(graph.graphs.states.values())).graphs[False]) == 1
     cfg = GenConfig(8, eos_id=1, pad_id=1)
-    rows = [generate(e, list(enumerate(ids)), cfg) for e in (static, graph)]
-    assert [r["tokens"] for r in rows[0]] == [r["tokens"] for r in rows[1]]
+    rows = [generate(e, work_items(ids, None), cfg) for e in (static, graph)]
+    assert [r.tokens for r in rows[0]] == [r.tokens for r in rows[1]]
     graphs = [g for st in graph.graphs.states.values() for v in st.graphs.values() for g, _, _ in v]
     graph.close()  # the graphs are destroyed (a live one hangs NCCL's teardown on 2 GPUs)
     assert graph.graphs is None and graphs

@@ -16,6 +16,7 @@ from conftest import PROMPTS20, checkpoint_dir
 from spmd.config import ModelArgs
 from spmd.engines.native import NativeEngine
 from spmd.runtime.generate import GenConfig, generate, left_pad
+from spmd.runtime.score import work_items
 from spmd.runtime.prompts import encode, load_tokenizer, read_prompts
 from spmd.obs.timers import Timers
 from spmd.runtime.world import make_world, shutdown
@@ -80,14 +81,14 @@ def test_sampling_gives_the_same_tokens_on_every_rank(world):
     ids = encode(load_tokenizer(ckpt), read_prompts(PROMPTS20), chat=True)[:6]
     engine = _engine(world, ckpt, max_new=12)
     cfg = GenConfig(12, eos_id=1, pad_id=1, temperature=0.8, top_p=0.9, seed=7)
-    rows = generate(engine, list(enumerate(ids)), cfg)
-    tokens = [r["tokens"] for r in rows]
+    rows = generate(engine, work_items(ids, None), cfg)
+    tokens = [r.tokens for r in rows]
     every = world.comm.allgather(tokens)
     assert all(t == every[0] for t in every)
-    greedy = generate(engine, list(enumerate(ids)), GenConfig(12, eos_id=1, pad_id=1))
-    assert [r["tokens"] for r in greedy] != tokens  # sampling really sampled
-    again = generate(engine, list(enumerate(ids))[::-1], cfg)  # other batch order: same per-prompt draws
-    assert [r["tokens"] for r in again][::-1] == tokens
+    greedy = generate(engine, work_items(ids, None), GenConfig(12, eos_id=1, pad_id=1))
+    assert [r.tokens for r in greedy] != tokens  # sampling really sampled
+    again = generate(engine, work_items(ids, None)[::-1], cfg)  # other batch order: same per-prompt draws
+    assert [r.tokens for r in again][::-1] == tokens
 
 
 def test_static_shape_decode_equals_eager(world):
@@ -109,8 +110,8 @@ def test_static_shape_decode_equals_eager(world):
         eager.release(), static.release()
     assert len(static.graphs.states) == 1
     cfg = GenConfig(6, eos_id=1, pad_id=1)
-    rows = [generate(e, list(enumerate(ids[:7])), cfg) for e in (eager, static)]
-    assert [r["tokens"] for r in rows[0]] == [r["tokens"] for r in rows[1]]
+    rows = [generate(e, work_items(ids[:7], None), cfg) for e in (eager, static)]
+    assert [r.tokens for r in rows[0]] == [r.tokens for r in rows[1]]
     static.close()  # end of run: the buffers (graphs, on CUDA) are gone before the process groups
     assert static.graphs is None and static.static is None
 

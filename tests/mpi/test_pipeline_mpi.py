@@ -18,6 +18,7 @@ from conftest import PROMPTS20, assert_fp32_close, checkpoint_dir
 from spmd.config import ModelArgs
 from spmd.engines.native import NativeEngine
 from spmd.runtime.generate import GenConfig, generate, left_pad
+from spmd.runtime.score import work_items
 from spmd.parallel.pipeline import stage_layers
 from spmd.runtime.prompts import encode, load_tokenizer, read_prompts
 from spmd.obs.timers import Timers
@@ -67,9 +68,9 @@ def test_pipeline_generate_and_score_equal_one_rank(worlds):
     ids = encode(load_tokenizer(ckpt), read_prompts(PROMPTS20), chat=True)[:7]
     cfg = GenConfig(8, eos_id=1, pad_id=1)
     staged, whole = _engine(pipe, ckpt, 8, micro=3), _engine(single, ckpt, 8)
-    rows = [generate(e, list(enumerate(ids)), cfg) for e in (staged, whole)]
-    assert [r["tokens"] for r in rows[0]] == [r["tokens"] for r in rows[1]]
-    tokens, mask = left_pad([i + r["tokens"] for i, r in zip(ids, rows[1])], 1, "cpu")
+    rows = [generate(e, work_items(ids, None), cfg) for e in (staged, whole)]
+    assert [r.tokens for r in rows[0]] == [r.tokens for r in rows[1]]
+    tokens, mask = left_pad([i + r.tokens for i, r in zip(ids, rows[1])], 1, "cpu")
     assert_fp32_close(staged.score(tokens, mask), whole.score(tokens, mask))  # another micro-batch split: rounding
 
 

@@ -8,6 +8,7 @@ import torch.distributed as dist
 from mpi4py import MPI
 
 from spmd.runtime import dispatch
+from spmd.runtime.records import WorkItem
 
 from spmd.runtime import stop
 from spmd.runtime.world import make_world, shutdown
@@ -72,7 +73,7 @@ def test_static_stop_with_unequal_batch_counts(worlds, who):
 def test_dynamic_stop_halts_the_dispatcher(worlds, who):
     n = 40
     for w in worlds.values():
-        items = [(i, [1, 2]) for i in range(n)] if w.rank == 0 else None
+        items = [WorkItem(i, [1, 2]) for i in range(n)] if w.rank == 0 else None
         halt = stop.Agreement(w)
         batches = (chunk for chunk in dispatch.iter_dynamic(w, items, 2, None, halt))
         at = {"rank0": {0: 1}, "last": {w.size - 1: 1}, "nobody": {}}[who]

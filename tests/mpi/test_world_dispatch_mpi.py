@@ -9,6 +9,7 @@ import torch.distributed as dist
 from mpi4py import MPI
 
 from spmd.runtime import dispatch
+from spmd.runtime.records import Result, WorkItem
 from spmd.config import UsageError
 from spmd.runtime.world import make_world, shutdown
 from spmd.parallel.errors import on_root
@@ -59,7 +60,7 @@ def _free_comms(w) -> None:
 
 
 def _items(n: int):
-    return [(i, list(range(1 + (i * 7) % 13))) for i in range(n)]
+    return [WorkItem(i, list(range(1 + (i * 7) % 13))) for i in range(n)]
 
 
 @pytest.mark.parametrize("n", [0, 1, 5, 23])
@@ -67,13 +68,13 @@ def test_static_scatter_gather_keeps_order_and_count(worlds, n):
     for w in worlds.values():
         items = _items(n) if w.rank == 0 else None
         mine = dispatch.scatter_static(w, items)
-        same = w.group_comm.allgather([i for i, _ in mine])
+        same = w.group_comm.allgather([it.index for it in mine])
         assert all(s == same[0] for s in same)  # every rank of a group holds the same share
-        res = [{"index": i, "tokens": ids[-1:], "replica": w.replica} for i, ids in mine]
+        res = [Result(it.index, it.ids[-1:], replica=w.replica) for it in mine]
         out = dispatch.gather_results(w, res, n)
         if w.rank == 0:
-            assert [r["index"] for r in out] == list(range(n))
-            assert all(r["tokens"] == _items(n)[r["index"]][1][-1:] for r in out)
+            assert [r.index for r in out] == list(range(n))
+            assert all(r.tokens == _items(n)[r.index].ids[-1:] for r in out)
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 50])
@@ -81,17 +82,17 @@ def test_dynamic_dispatch_hands_out_everything_once(worlds, chunk):
     n = 17
     for w in worlds.values():
         items = _items(n) if w.rank == 0 else None
-        got = [i for work in dispatch.iter_dynamic(w, items, chunk) for i, _ in work]
+        got = [it.index for work in dispatch.iter_dynamic(w, items, chunk) for it in work]
         per_group = w.group_comm.allgather(got)
         assert all(p == per_group[0] for p in per_group)
-        lengths = [len(_items(n)[i][1]) for i in got]
+        lengths = [len(_items(n)[i].ids) for i in got]
         assert lengths == sorted(lengths, reverse=True)  # chunks go out longest prompt first
         if w.n_replicas == 1:  # one group takes every chunk: the whole order, ties by index
-            assert got == [i for i, _ in dispatch.longest_first(_items(n))]
-        res = [{"index": i} for i in got]
+            assert got == [it.index for it in dispatch.longest_first(_items(n))]
+        res = [Result(i, []) for i in got]
         out = dispatch.gather_results(w, res, n)  # raises on a lost or duplicated prompt
         if w.rank == 0:
-            assert [r["index"] for r in out] == list(range(n))
+            assert [r.index for r in out] == list(range(n))
 
 
 def test_progress_counts_every_leader(worlds):
@@ -106,7 +107,7 @@ def test_progress_counts_every_leader(worlds):
 
 def test_gather_detects_a_lost_prompt(worlds):
     w = worlds[1]
-    res = [{"index": w.rank}] if w.rank != 0 else []
+    res = [Result(w.rank, [])] if w.rank != 0 else []
     if w.rank == 0:
         with pytest.raises(RuntimeError, match="lost or duplicated"):
             dispatch.gather_results(w, res, w.size)
@@ -132,11 +133,11 @@ def test_dedicated_orchestrator_world_and_dispatch(worlds):
     else:
         outbox = []
         for work in dispatch.iter_dynamic(w, None, 2, outbox=outbox):
-            outbox += [{"index": i, "replica": w.replica} for i, _ in work]
+            outbox += [Result(it.index, [], replica=w.replica) for it in work]
             got += outbox[-len(work):]
     out = dispatch.gather_results(w, got, n)  # leaders' rows already went to rank 0 with their requests
     if w.rank == 0:
-        assert [r["index"] for r in out] == list(range(n))
+        assert [r.index for r in out] == list(range(n))
     _free_comms(w)
 
 
@@ -157,6 +158,6 @@ def test_dispatcher_sleeps_while_it_waits():
         time.sleep(1.0)
         outbox = []
         for work in dispatch.iter_dynamic(w, None, 1, outbox=outbox):
-            outbox += [{"index": i} for i, _ in work]
+            outbox += [Result(it.index, []) for it in work]
     dispatch.gather_results(w, got if w.is_orchestrator else [], n)
     _free_comms(w)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from spmd import config
-from spmd.runtime import prompts as P
+from spmd.runtime import prompts as prompt_io
 from spmd.config import UsageError
 from spmd.runtime.world import check_gpus_per_node, check_world_size
 
@@ -106,16 +106,16 @@ def test_prompt_that_tokenizes_to_nothing():
             return {"input_ids": []}
 
     with pytest.raises(UsageError, match="prompt 'q7' \\(prompt 3 of the file\\) tokenizes to zero tokens"):
-        P.encode(Empty(), [P.Prompt(2, "q7", "\u200b")], chat=False)
+        prompt_io.encode(Empty(), [prompt_io.Prompt(2, "q7", "\u200b")], chat=False)
 
 
 def test_read_prompts_jsonl_and_txt(tmp_path):
     j = tmp_path / "p.jsonl"
     j.write_text('{"id": "a", "prompt": "x"}\n\n{"id": "b", "prompt": "héllo 世界"}\n', encoding="utf-8")
-    assert [(p.index, p.id, p.text) for p in P.read_prompts(j)] == [(0, "a", "x"), (1, "b", "héllo 世界")]
+    assert [(p.index, p.id, p.text) for p in prompt_io.read_prompts(j)] == [(0, "a", "x"), (1, "b", "héllo 世界")]
     t = tmp_path / "p.txt"
     t.write_text("one\n\n two \n")
-    assert [p.text for p in P.read_prompts(t)] == ["one", " two "]
+    assert [p.text for p in prompt_io.read_prompts(t)] == ["one", " two "]
 
 
 @pytest.mark.parametrize("content,msg", [
@@ -130,32 +130,32 @@ def test_bad_prompt_files(tmp_path, content, msg):
     f = tmp_path / "p.jsonl"
     f.write_bytes(content)
     with pytest.raises(UsageError, match=msg):
-        P.read_prompts(f)
+        prompt_io.read_prompts(f)
 
 
 def test_missing_prompt_file(tmp_path):
     with pytest.raises(UsageError, match="cannot read prompt file"):
-        P.read_prompts(tmp_path / "none.jsonl")
+        prompt_io.read_prompts(tmp_path / "none.jsonl")
 
 
 def test_context_check_names_prompt():
-    ps = [P.Prompt(0, "long", "...")]
+    ps = [prompt_io.Prompt(0, "long", "...")]
     with pytest.raises(UsageError, match="prompt 'long' has 100 tokens \\+ 32 new tokens > the model's context of 128"):
-        P.check_context(ps, [[1] * 100], 32, 128)
-    P.check_context(ps, [[1] * 96], 32, 128)
+        prompt_io.check_context(ps, [[1] * 100], 32, 128)
+    prompt_io.check_context(ps, [[1] * 96], 32, 128)
 
 
 def test_write_jsonl_is_atomic(tmp_path):
     out = tmp_path / "sub" / "o.jsonl"
-    P.write_jsonl(out, [{"a": 1}, {"b": "ü"}])
+    prompt_io.write_jsonl(out, [{"a": 1}, {"b": "ü"}])
     assert out.read_text(encoding="utf-8").splitlines() == ['{"a": 1}', '{"b": "ü"}']
     assert sorted(x.name for x in out.parent.iterdir()) == ["o.jsonl"]  # no temp file left
 
 
 def test_tokenizer_encode_decode(tiny_bf16):
-    tok = P.load_tokenizer(tiny_bf16)
-    ps = [P.Prompt(0, "a", "Hello world"), P.Prompt(1, "b", "Привет, 世界")]
-    chat, raw = P.encode(tok, ps, chat=True), P.encode(tok, ps, chat=False)
+    tok = prompt_io.load_tokenizer(tiny_bf16)
+    ps = [prompt_io.Prompt(0, "a", "Hello world"), prompt_io.Prompt(1, "b", "Привет, 世界")]
+    chat, raw = prompt_io.encode(tok, ps, chat=True), prompt_io.encode(tok, ps, chat=False)
     assert all(len(c) > len(r) for c, r in zip(chat, raw))  # template adds role tokens
-    assert P.decode(tok, raw[1]) == "Привет, 世界"
-    assert P.decode(tok, raw[0] + [len(tok) + 5]) == "Hello world"  # embedding-padding ids dropped
+    assert prompt_io.decode(tok, raw[1]) == "Привет, 世界"
+    assert prompt_io.decode(tok, raw[0] + [len(tok) + 5]) == "Hello world"  # embedding-padding ids dropped

@@ -7,51 +7,51 @@ import re
 
 import pytest
 
-from docs import build as B
+from docs import build as docs_build
 
 # names that contain digits but are no results: models, formats, GPUs, programs, Typst lengths
 ALLOWED = re.compile(r"DeepSeek-V3(\.1)?|DeepseekV3ForCausalLM|top-1|H[12]00|mpi4py|HDF5|[Ff][Pp](8|16|32)|bf16|e4m3|UE8M0|kv_a_proj_with_mqa|"
                      r"\b\d+(\.\d+)?(pt|cm)\b|\"a4\"")
 
 
-@pytest.mark.parametrize("name", sorted(B.DOCS))
+@pytest.mark.parametrize("name", sorted(docs_build.DOCS))
 def test_templates_hold_no_numbers_of_their_own(name):
-    text = B.DOCS[name].read_text()
+    text = docs_build.DOCS[name].read_text()
     for n, line in enumerate(text.splitlines(), 1):
         if line.startswith(("#set ", "#show ")):
             continue  # styling
-        rest = ALLOWED.sub("", B.PLACEHOLDER.sub("", line))
-        assert not re.search(r"\d", rest), f"{B.DOCS[name].name}:{n}: a number not from a result file: {line!r}"
+        rest = ALLOWED.sub("", docs_build.PLACEHOLDER.sub("", line))
+        assert not re.search(r"\d", rest), f"{docs_build.DOCS[name].name}:{n}: a number not from a result file: {line!r}"
 
 
 def test_every_placeholder_has_a_fact_from_an_existing_file():
-    facts, tables = B.facts(), None
-    tables = B.tables(facts)
-    for path in B.DOCS.values():
-        for key in B.PLACEHOLDER.findall(path.read_text()):
+    facts, tables = docs_build.facts(), None
+    tables = docs_build.tables(facts)
+    for path in docs_build.DOCS.values():
+        for key in docs_build.PLACEHOLDER.findall(path.read_text()):
             if key.startswith("table:"):
                 assert key.removeprefix("table:") in tables, key
             else:
                 assert key in facts, f"{path.name}: {{{{{key}}}}} has no fact"
     for key, fact in facts.items():
         src = fact.source.split()[0]
-        assert (B.ROOT / src).is_file(), f"{key}: source {fact.source} is no file"
+        assert (docs_build.ROOT / src).is_file(), f"{key}: source {fact.source} is no file"
 
 
 def test_facts_are_the_result_files_numbers():
-    f = B.facts()
-    bench = json.loads(B.BENCH.read_text())
+    f = docs_build.facts()
+    bench = json.loads(docs_build.BENCH.read_text())
     row = next(r for r in bench["rows"] if r.get("tag") == "native-1gpu-bf16" and r["batch"] == 1)
     assert f["n1_bf16_b1_ms"].text == f"{row['decode_ms_step']:.2f}"
-    gpu = json.loads(B.VALID_GPU.read_text())
+    gpu = json.loads(docs_build.VALID_GPU.read_text())
     assert f["gpu_pass"].text == str(sum(r["passed"] for r in gpu["rows"]))
-    model = json.loads(B.MODEL.read_text())
+    model = json.loads(docs_build.MODEL.read_text())
     assert f["model_err_max"].text == f"{max(abs(v['error']) for v in model['validation']) * 100:.0f}"
 
 
 def test_pdfs_build(tmp_path):
     pytest.importorskip("typst")
-    for pdf in B.build(tmp_path):
+    for pdf in docs_build.build(tmp_path):
         assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 20_000
     text = (tmp_path / "paper.typ").read_text()
-    assert "{{" not in text and B.facts()["n1_bf16_b1_ms"].text in text
+    assert "{{" not in text and docs_build.facts()["n1_bf16_b1_ms"].text in text

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from spmd.config import ModelArgs
-from traces.floor import decode_bytes, distinct_experts, floor_ms, layer_params, prefill_flops
+from spmd.config.sizes import distinct_experts, layer_params
+from traces.floor import decode_bytes, floor_ms, prefill_flops
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from spmd.runtime.dispatch import balance
+from spmd.runtime.records import WorkItem
 from spmd.runtime.generate import GenConfig, generate, left_pad, sample
 
 V = 11
@@ -40,14 +41,14 @@ def test_left_pad():
 def test_generate_stops_per_row_on_eos_and_max_tokens():
     s = CountingStepper()
     cfg = GenConfig(max_new_tokens=5, eos_id=3, pad_id=0)
-    out = generate(s, [(7, [1]), (9, [8, 9])], cfg)
-    assert [r["index"] for r in out] == [7, 9]
-    assert out[0]["tokens"] == [2, 3]                  # EOS included, then the row stops
-    assert out[1]["tokens"] == [10, 0, 1, 2, 3]        # wraps; EOS on the last allowed step
+    out = generate(s, [WorkItem(7, [1]), WorkItem(9, [8, 9])], cfg)
+    assert [r.index for r in out] == [7, 9]
+    assert out[0].tokens == [2, 3]                     # EOS included, then the row stops
+    assert out[1].tokens == [10, 0, 1, 2, 3]           # wraps; EOS on the last allowed step
     decoded = [c[1].tolist() for c in s.calls if c[0] == "decode"]
     assert decoded[1][0] == 0                          # a finished row is fed the pad id
     assert s.calls[-1] == ("release",)
-    assert all(0 < r["ttft_s"] <= r["latency_s"] for r in out)
+    assert all(0 < r.ttft_s <= r.latency_s for r in out)
 
 
 def test_sampling_is_seeded_per_prompt_not_per_batch():

@@ -8,18 +8,18 @@ import math
 import pytest
 
 from spmd.config import ModelArgs
-from traces import model as M
+from traces import model as perf_model
 
-SLICE = ModelArgs.from_config(json.loads(M.SLICE.read_text()))
-FULL = ModelArgs.from_config(json.loads(M.FULL.read_text()))
-INTRA = M.Link(3e-6, 450e9, "test")
-INTER = M.Link(5e-6, 12.5e9, "test")
+SLICE = ModelArgs.from_config(json.loads(perf_model.SLICE.read_text()))
+FULL = ModelArgs.from_config(json.loads(perf_model.FULL.read_text()))
+INTRA = perf_model.Link(3e-6, 450e9, "test")
+INTER = perf_model.Link(5e-6, 12.5e9, "test")
 
 
 def _rows(c: float, eta: float, copy_gbps: float, weights: str = "bf16") -> list[dict]:
     out = []
     for b in (1, 8, 32, 64):
-        nb = M._stage_bytes(SLICE, range(SLICE.n_layers), b, 1, weights, True)
+        nb = perf_model._stage_bytes(SLICE, range(SLICE.n_layers), b, 1, weights, True)
         t = c * (SLICE.n_layers + 1) + nb / (eta * copy_gbps * 1e9)
         out.append({"engine": "native", "gpus": 1, "pp": 1, "weights": weights, "decode_mode": "graph",
                     "batch": b, "decode_ms_step": t * 1e3, "tag": f"native-1gpu-{weights}"})
@@ -27,7 +27,7 @@ def _rows(c: float, eta: float, copy_gbps: float, weights: str = "bf16") -> list
 
 
 def test_fit_recovers_known_parameters():
-    fits = M.fit_compute(_rows(150e-6, 0.7, 4000.0) + _rows(90e-6, 0.5, 4000.0, "fp8"), SLICE, 4000.0)
+    fits = perf_model.fit_compute(_rows(150e-6, 0.7, 4000.0) + _rows(90e-6, 0.5, 4000.0, "fp8"), SLICE, 4000.0)
     bf, f8 = fits["graph", "bf16"], fits["graph", "fp8"]
     assert bf.c_layer_s == pytest.approx(150e-6, rel=1e-6) and bf.eta == pytest.approx(0.7, rel=1e-6)
     assert f8.c_layer_s == pytest.approx(90e-6, rel=1e-6) and f8.eta == pytest.approx(0.5, rel=1e-6)
@@ -35,34 +35,34 @@ def test_fit_recovers_known_parameters():
 
 
 def test_collectives():
-    assert M.ring_allreduce_s(1e6, 1, INTRA) == 0.0
-    assert M.ring_allreduce_s(1e6, 2, INTRA) == pytest.approx(2 * (3e-6 + 1e6 / (2 * 450e9)))
-    assert M.allreduce_s(1e6, 8, INTRA, INTER) == M.ring_allreduce_s(1e6, 8, INTRA)  # one node: one ring
-    two = M.allreduce_s(1e6, 16, INTRA, INTER)
-    assert two == pytest.approx(M.ring_allreduce_s(1e6, 8, INTRA) + M.ring_allreduce_s(1e6 / 8, 2, INTER))
-    assert two > M.allreduce_s(1e6, 8, INTRA, INTER)
+    assert perf_model.ring_allreduce_s(1e6, 1, INTRA) == 0.0
+    assert perf_model.ring_allreduce_s(1e6, 2, INTRA) == pytest.approx(2 * (3e-6 + 1e6 / (2 * 450e9)))
+    assert perf_model.allreduce_s(1e6, 8, INTRA, INTER) == perf_model.ring_allreduce_s(1e6, 8, INTRA)  # one node: one ring
+    two = perf_model.allreduce_s(1e6, 16, INTRA, INTER)
+    assert two == pytest.approx(perf_model.ring_allreduce_s(1e6, 8, INTRA) + perf_model.ring_allreduce_s(1e6 / 8, 2, INTER))
+    assert two > perf_model.allreduce_s(1e6, 8, INTRA, INTER)
 
 
 def test_pipeline_step():
-    fit = M.Fit("graph", "bf16", 100e-6, 0.8, 4, 0.0)
-    gpu = M.Gpu("x", 4000.0, 141.0)
-    plain = M.step_s(SLICE, M.Layout(1), 32, fit, gpu, INTRA, INTER)
+    fit = perf_model.Fit("graph", "bf16", 100e-6, 0.8, 4, 0.0)
+    gpu = perf_model.Gpu("x", 4000.0, 141.0)
+    plain = perf_model.step_s(SLICE, perf_model.Layout(1), 32, fit, gpu, INTRA, INTER)
     assert plain["bubble"] == 0 and plain["p2p_s"] == 0 and plain["allreduce_s"] == 0  # one GPU
     assert plain["step_s"] == pytest.approx(plain["compute_s"])
-    pipe = M.step_s(SLICE, M.Layout(1, pp=2, micro=2), 32, fit, gpu, INTRA, INTER)
+    pipe = perf_model.step_s(SLICE, perf_model.Layout(1, pp=2, micro=2), 32, fit, gpu, INTRA, INTER)
     assert pipe["bubble"] == pytest.approx(1 / 3)
     slowest = pipe["compute_s"] + pipe["allreduce_s"] + pipe["p2p_s"]
     assert pipe["step_s"] > 3 * slowest  # (M + P - 1) stage times, then the logits broadcast
-    assert M.step_s(SLICE, M.Layout(2), 32, fit, gpu, INTRA, INTER)["allreduce_s"] > 0
+    assert perf_model.step_s(SLICE, perf_model.Layout(2), 32, fit, gpu, INTRA, INTER)["allreduce_s"] > 0
 
 
 def test_memory_says_what_fits():
     """The full FP8 model on one node: about 690 GB of weights over 8 GPUs, so an H200 node (141 GB each)
     holds it and an H100 node (80 GB) does not; two pipeline stages halve the weights per GPU."""
-    one = M.memory_gib(FULL, M.Layout(8), 1, 4096, "fp8")
+    one = perf_model.memory_gib(FULL, perf_model.Layout(8), 1, 4096, "fp8")
     assert 70 < one < 95
-    assert M.memory_gib(FULL, M.Layout(8, pp=2, micro=2), 1, 4096, "fp8") < 0.6 * one
-    assert M.memory_gib(FULL, M.Layout(8), 64, 4096, "fp8") > one  # the latent cache grows with rows
+    assert perf_model.memory_gib(FULL, perf_model.Layout(8, pp=2, micro=2), 1, 4096, "fp8") < 0.6 * one
+    assert perf_model.memory_gib(FULL, perf_model.Layout(8), 64, 4096, "fp8") > one  # the latent cache grows with rows
 
 
 def _close(a, b) -> bool:
@@ -76,11 +76,11 @@ def _close(a, b) -> bool:
 
 
 def test_stored_model_is_regenerated_from_the_stored_measurements():
-    doc = M.build(M.BENCH)
-    stored = json.loads((M.ROOT / "traces/results/model/model-NVIDIA_H200.json").read_text())
+    doc = perf_model.build(perf_model.BENCH)
+    stored = json.loads((perf_model.ROOT / "traces/results/model/model-NVIDIA_H200.json").read_text())
     assert _close(json.loads(json.dumps(doc)), stored)  # numbers to 1e-9: another machine's lstsq may differ in the last bits
     bench = {}  # (config, batch) -> ms from the first file that has it, as load_bench takes it
-    for p in M.BENCH:
+    for p in perf_model.BENCH:
         for r in json.loads(p.read_text())["rows"]:
             if "error" not in r:
                 bench.setdefault((r["tag"], r["batch"]), r["decode_ms_step"])

@@ -14,7 +14,7 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from spmd.runtime import prompts as P
+from spmd.runtime import prompts as prompt_io
 from spmd.config import UsageError
 
 TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
@@ -29,14 +29,14 @@ JSON_LINE = st.one_of(
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_bf16):
-    return P.load_tokenizer(tiny_bf16)
+    return prompt_io.load_tokenizer(tiny_bf16)
 
 
 def _check(path, tokenizer) -> None:
     try:
-        prompts = P.read_prompts(path)
-        ids = P.encode(tokenizer, prompts, chat=True)
-        P.check_context(prompts, ids, 32, 2048)
+        prompts = prompt_io.read_prompts(path)
+        ids = prompt_io.encode(tokenizer, prompts, chat=True)
+        prompt_io.check_context(prompts, ids, 32, 2048)
     except UsageError as exc:
         assert str(exc) and "\n" not in str(exc).strip()  # one line for the `error:` report
         return

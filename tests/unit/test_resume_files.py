@@ -9,7 +9,8 @@ import pytest
 from conftest import PROMPTS20
 
 from spmd import config
-from spmd.runtime import resume as R
+from spmd.runtime import resume as progress_files
+from spmd.runtime.records import Result
 from spmd.config import UsageError
 
 IDS = [json.loads(ln)["id"] for ln in PROMPTS20.read_text().splitlines()]
@@ -20,20 +21,20 @@ def _args(ckpt: Path, out: Path, *extra: str) -> config.RunArgs:
                          "--max-new-tokens", "6", *extra])
 
 
-def _result(i: int, replica: int = 0, **kw) -> dict:
-    return {"index": i, "tokens": [i, i + 1], "ttft_s": 0.5 * i, "latency_s": 1.0 * i, "replica": replica, **kw}
+def _result(i: int, replica: int = 0, **kw) -> Result:
+    return Result(i, [i, i + 1], 0.5 * i, 1.0 * i, replica, **kw)
 
 
 def test_fresh_run_writes_a_header_and_replaces_a_stale_directory(tiny_bf16, tmp_path):
     out = tmp_path / "o.jsonl"
     logs: list[str] = []
-    assert R.prepare(_args(tiny_bf16, out), IDS, logs.append) == [] and logs == []
-    d = R.progress_dir(out)
+    assert progress_files.prepare(_args(tiny_bf16, out), IDS, logs.append) == [] and logs == []
+    d = progress_files.progress_dir(out)
     assert d == tmp_path / "o.jsonl.progress"
     header = json.loads((d / "header.json").read_text())
     assert header["kind"] == "spmd-progress" and header["n_prompts"] == len(IDS)
     (d / "replica-3.jsonl").write_text("old\n")
-    assert R.prepare(_args(tiny_bf16, out), IDS, logs.append) == []
+    assert progress_files.prepare(_args(tiny_bf16, out), IDS, logs.append) == []
     assert "starting over (pass --resume to continue it)" in logs[-1]
     assert sorted(f.name for f in d.iterdir()) == ["header.json"]
 
@@ -41,21 +42,21 @@ def test_fresh_run_writes_a_header_and_replaces_a_stale_directory(tiny_bf16, tmp
 def test_resume_without_a_directory_starts_from_scratch(tiny_bf16, tmp_path):
     out = tmp_path / "o.jsonl"
     logs: list[str] = []
-    assert R.prepare(_args(tiny_bf16, out, "--resume"), IDS, logs.append) == []
+    assert progress_files.prepare(_args(tiny_bf16, out, "--resume"), IDS, logs.append) == []
     assert "no progress directory" in logs[0] and "starting from scratch" in logs[0]
-    assert (R.progress_dir(out) / "header.json").is_file()
+    assert (progress_files.progress_dir(out) / "header.json").is_file()
 
 
 def test_rows_round_trip_and_torn_lines_are_dropped(tiny_bf16, tmp_path):
     out = tmp_path / "o.jsonl"
-    R.prepare(_args(tiny_bf16, out), IDS, lambda m: None)
-    w0, w1 = R.Writer(out, 0, IDS), R.Writer(out, 1, IDS)
+    progress_files.prepare(_args(tiny_bf16, out), IDS, lambda m: None)
+    w0, w1 = progress_files.Writer(out, 0, IDS), progress_files.Writer(out, 1, IDS)
     w0.append([_result(3), _result(0)])
     w1.append([_result(7, 1)])
     w0.append([_result(5)])
     w0.close()
     w1.close()
-    d = R.progress_dir(out)
+    d = progress_files.progress_dir(out)
     f1 = d / "replica-1.jsonl"
     good = f1.read_bytes()
     f1.write_bytes(good + b'{"index": 9, "id": "' + IDS[9].encode()[:2])  # a write cut short
@@ -63,25 +64,25 @@ def test_rows_round_trip_and_torn_lines_are_dropped(tiny_bf16, tmp_path):
                                                    "ttft_s": 0, "latency_s": 0, "model_group": 2}) + "\n"
                                        + json.dumps({"index": 3, "id": IDS[3], "completion_token_ids": [9],
                                                      "ttft_s": 0, "latency_s": 0, "model_group": 2}) + "\n")
-    rows, ignored = R.read_rows(d, IDS, scored=False)
-    assert [r["index"] for r in rows] == [0, 3, 5, 7] and ignored == 2  # torn line, wrong id; dup index 3 kept once
+    rows, ignored = progress_files.read_rows(d, IDS, scored=False)
+    assert [r.index for r in rows] == [0, 3, 5, 7] and ignored == 2  # torn line, wrong id; dup index 3 kept once
     assert rows[1] == _result(3) and rows[3] == _result(7, 1)  # replica-0's line for 3 wins (files in name order)
     assert f1.read_bytes() == good  # rewritten without the torn tail: appending goes on cleanly
     logs: list[str] = []
-    got = R.prepare(_args(tiny_bf16, out, "--resume", "--group-size", "2", "--dispatch", "dynamic"), IDS, logs.append)
-    assert [r["index"] for r in got] == [0, 3, 5, 7] and "4 of 20 prompts already done" in logs[0]
+    got = progress_files.prepare(_args(tiny_bf16, out, "--resume", "--group-size", "2", "--dispatch", "dynamic"), IDS, logs.append)
+    assert [r.index for r in got] == [0, 3, 5, 7] and "4 of 20 prompts already done" in logs[0]
 
 
 def test_scores_round_trip(tiny_bf16, tmp_path):
     out = tmp_path / "o.jsonl"
-    R.prepare(_args(tiny_bf16, out), IDS, lambda m: None)
-    score = {"index": 2, "target_logprob": [-0.1, float("-inf")], "top1": [4, 5]}
-    w = R.Writer(out, 0, IDS)
+    progress_files.prepare(_args(tiny_bf16, out), IDS, lambda m: None)
+    score = {"target_logprob": [-0.1, float("-inf")], "top1": [4, 5]}
+    w = progress_files.Writer(out, 0, IDS)
     w.append([_result(2, score=score)])
     w.close()
-    rows, ignored = R.read_rows(R.progress_dir(out), IDS, scored=True)
-    assert ignored == 0 and rows[0]["score"] == {k: v for k, v in score.items() if k != "index"}
-    assert R.read_rows(R.progress_dir(out), IDS, scored=False)[0] == []  # a scored row is not a plain one
+    rows, ignored = progress_files.read_rows(progress_files.progress_dir(out), IDS, scored=True)
+    assert ignored == 0 and rows[0] == _result(2, score=score)
+    assert progress_files.read_rows(progress_files.progress_dir(out), IDS, scored=False)[0] == []  # a scored row is not a plain one
 
 
 @pytest.mark.parametrize("change,field", [(["--max-new-tokens", "7"], "max_new_tokens 6 there, 7 here"),
@@ -90,18 +91,18 @@ def test_scores_round_trip(tiny_bf16, tmp_path):
                                           (["--no-chat-template"], "chat True there, False here")])
 def test_fingerprint_mismatch(tiny_bf16, tmp_path, change, field):
     out = tmp_path / "o.jsonl"
-    R.prepare(_args(tiny_bf16, out), IDS, lambda m: None)
+    progress_files.prepare(_args(tiny_bf16, out), IDS, lambda m: None)
     with pytest.raises(UsageError, match=f"--resume: .* belongs to a run with other inputs or settings .*{field}"):
-        R.prepare(_args(tiny_bf16, out, "--resume", *change), IDS, lambda m: None)  # a later option wins
+        progress_files.prepare(_args(tiny_bf16, out, "--resume", *change), IDS, lambda m: None)  # a later option wins
 
 
 def test_fingerprint_ignores_the_layout(tiny_bf16, tmp_path):
-    a = R.fingerprint(_args(tiny_bf16, tmp_path / "o.jsonl"))
-    b = R.fingerprint(_args(tiny_bf16, tmp_path / "o.jsonl", "--group-size", "2", "--dispatch", "dynamic",
+    a = progress_files.fingerprint(_args(tiny_bf16, tmp_path / "o.jsonl"))
+    b = progress_files.fingerprint(_args(tiny_bf16, tmp_path / "o.jsonl", "--group-size", "2", "--dispatch", "dynamic",
                             "--batch-size", "3", "--dispatch-size", "5"))
     assert a == b
     other = tmp_path / "p.jsonl"
     other.write_text(PROMPTS20.read_text().replace("France", "Spain"))
-    c = R.fingerprint(config.parse_args(["--checkpoint", str(tiny_bf16), "--prompts", str(other), "--output", "x",
+    c = progress_files.fingerprint(config.parse_args(["--checkpoint", str(tiny_bf16), "--prompts", str(other), "--output", "x",
                                     "--max-new-tokens", "6"]))
     assert c["prompts_sha256"] != a["prompts_sha256"] and c["checkpoint_sha256"] == a["checkpoint_sha256"]

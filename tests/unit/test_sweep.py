@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from traces import sweep as S
+from traces import sweep as sweeps
 
 
 def test_series_efficiency_and_orchestration():
@@ -13,8 +13,8 @@ def test_series_efficiency_and_orchestration():
                 "decode_ms": 1.0, "decode_comm_pct": 0.0, "group_size": g, "device": "cpu", "engine": "native",
                 "tokens": 100.0, "wall_s": 1.0, "job_s": 2.0, "job_tokens_per_s": 50.0 * r * (1.2 if o else 1.0),
                 "model_idle_pct": 5.0}
-            for n, (_, r, g, _, twin) in S.LAYOUTS.items() for o in [twin is not None]}
-    s = S.series(rows)
+            for n, (_, r, g, _, twin) in sweeps.LAYOUTS.items() for o in [twin is not None]}
+    s = sweeps.series(rows)
     assert [r["layout"] for r in s["replica"]] == ["G1", "2xG1", "2xG2", "4xG1"]
     assert [r["layout"] for r in s["group"]] == ["G1", "G2", "P2", "G4", "P2G2"]
     eff = {r["layout"]: r["efficiency"] for r in s["group"]}
@@ -25,18 +25,18 @@ def test_series_efficiency_and_orchestration():
 
 
 def test_synthesized_prompts_join_the_twenty(tmp_path):
-    path = S.prompt_file(50, tmp_path)
+    path = sweeps.prompt_file(50, tmp_path)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    base = [json.loads(line)["prompt"] for line in S.PROMPTS.read_text().splitlines()]
+    base = [json.loads(line)["prompt"] for line in sweeps.PROMPTS.read_text().splitlines()]
     assert len(rows) == 50 and len({r["id"] for r in rows}) == 50
     assert all(any(b in r["prompt"] for b in base) for r in rows)
     assert len({len(r["prompt"]) for r in rows}) > 10  # lengths vary
-    assert S.prompt_file(50, tmp_path).read_text() == path.read_text()  # seeded
-    assert S.prompt_file(20, tmp_path) == S.PROMPTS
+    assert sweeps.prompt_file(50, tmp_path).read_text() == path.read_text()  # seeded
+    assert sweeps.prompt_file(20, tmp_path) == sweeps.PROMPTS
 
 
 def test_inline_and_dedicated_layouts_run_and_are_written(tmp_path, tiny_bf16):
-    assert S.main(["--checkpoint", str(tiny_bf16), "--layouts", "G1,G1+O,2xG1", "--new-tokens", "2",
+    assert sweeps.main(["--checkpoint", str(tiny_bf16), "--layouts", "G1,G1+O,2xG1", "--new-tokens", "2",
                    "--prompts", "24", "--warmup", "3", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")]) == 0
     warm = (tmp_path / "w" / "warmup-G1.jsonl").read_text().splitlines()
     assert len(warm) == 3 and not (tmp_path / "w" / "warmup-2xG1.jsonl").exists()  # one run per model shape
@@ -64,13 +64,13 @@ def test_resummarize_rebuilds_the_stored_series(tmp_path):
     import shutil
 
     for name in ("gpu-NVIDIA_H200-2026-11-28", "cpu-vm-2026-11-28"):
-        src = S.ROOT / "traces" / "results" / "scaling" / f"{name}.json"
+        src = sweeps.ROOT / "traces" / "results" / "scaling" / f"{name}.json"
         stored = json.loads(src.read_text())
         path = tmp_path / src.name
         shutil.copy(src, path)
         doc = dict(stored, series={})
         path.write_text(json.dumps(doc))
-        assert S.main(["--resummarize", str(path)]) == 0
+        assert sweeps.main(["--resummarize", str(path)]) == 0
         assert json.loads(path.read_text()) == stored
         assert path.with_suffix(".md").read_text() == src.with_suffix(".md").read_text()
         assert path.with_suffix(".png").stat().st_size > 0

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from spmd.obs.timers import Timers, run_metadata
-from traces.merge import MERGED, merge
+from spmd.obs.merge import MERGED
+from traces.merge import merge
 from traces.report import report
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

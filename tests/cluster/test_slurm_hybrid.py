@@ -1,7 +1,7 @@
 """A dedicated orchestrator under Slurm: slurm/hybrid.sbatch as a heterogeneous job on the two namespace
 hosts of tests/cluster/cluster.sh (SPMD_SLURM_HOSTS=2; partitions cpu and gpu over both). Component 0 is
 one task in partition cpu, component 1 two tasks in partition gpu; one `srun --het-group=0,1
---mpi=pmix` makes one MPI world of 3 ranks. The 20 completions equal an inline `mpirun -n 2` run, rank
+--mpi=pmix` makes one MPI world of 3 ranks. The 20 completions equal transformers' (as an inline run's do), rank
 0 is the orchestrator on component 0's host (partition cpu, from sacct), the model ranks on component
 1's; a layout that does not fit fails the job with the numbers. The same layout under plain mpirun with
 a host file (launch/hybrid.sh, inside a 2-node allocation) gives the same completions. Serial; skipped
@@ -18,8 +18,8 @@ from pathlib import Path
 import h5py
 import pytest
 
-from conftest import PROMPTS20, mpirun
-from slurm_helpers import N_NEW, needs_slurm, rows as _rows, sbatch as _sbatch
+from conftest import PROMPTS20
+from slurm_helpers import N_NEW, needs_slurm, reference, rows as _rows, sbatch as _sbatch
 
 pytestmark = needs_slurm
 
@@ -38,14 +38,9 @@ def _hybrid(slurm, tiny_bf16, runs: Path, name: str, *args: str, cpu=CPU_PART, *
 
 
 @pytest.fixture(scope="module")
-def inline(tiny_bf16, tmp_path_factory):
-    """The same prompts under plain mpirun, rank 0 inline (one model group of 2)."""
-    ref = tmp_path_factory.mktemp("inline") / "mpirun.jsonl"
-    r = mpirun(2, ["--checkpoint", str(tiny_bf16), "--prompts", str(PROMPTS20), "--output", str(ref),
-                   "--engine", "native", "--group-size", "2", "--dtype", "fp32", "--device", "cpu",
-                   "--max-new-tokens", str(N_NEW), "--no-progress"], timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return _rows(ref)
+def inline(tiny_bf16):
+    """What an inline run gives: transformers' tokens (make validate, every fp32 layout)."""
+    return reference(tiny_bf16)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +56,7 @@ def _worlds(trace: Path) -> list[dict]:
         return [json.loads(f[f"ranks/{r}"].attrs["world"]) for r in sorted(map(int, f["ranks"]))]
 
 
-def test_hybrid_job_equals_inline_mpirun(hybrid_run, inline):
+def test_hybrid_job_equals_transformers(hybrid_run, inline):
     run_dir, _ = hybrid_run
     got = _rows(run_dir / "outputs.jsonl")
     assert len(got) == 20 and got == inline

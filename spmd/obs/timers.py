@@ -40,7 +40,8 @@ flushes. Their times are GPU-stream times (when the stream reached the events). 
 clock. ``nvtx=True`` also pushes an NVTX range with the event's name (CUDA only). Resolved events are
 reused and Stream objects cached, so recording a CUDA interval costs ~8 µs of host time (H200 host).
 
-HDF5 rank file ``rank{r:05d}.h5``: dataset ``events``; file attributes ``schema``, ``rank``,
+HDF5 rank file ``rank{r:05d}.h5`` (written atomically by spmd.obs.rankfile; run metadata: spmd.obs.metadata):
+dataset ``events``; file attributes ``schema``, ``rank``,
 ``epoch_ns`` (rank 0's wall clock at t0), ``local_epoch_ns`` (this rank's), ``clock_t0_ns`` (this rank's
 ``perf_counter_ns``, i.e. CLOCK_MONOTONIC, at t0: what profiler importers subtract), ``aligned`` (bool),
 ``device``, plus every key of the caller's ``meta`` (dict/list/tuple/None as JSON strings, scalars as
@@ -66,22 +67,15 @@ Not thread safe: one Timers per rank, used from the thread that runs the model.
 
 from __future__ import annotations
 
-import importlib.metadata
-import json
-import os
-import platform
-import socket
-import subprocess
-import sys
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
 from spmd.obs.graph_marks import GraphTiming, StampMarks, marks_level, marks_mode, new_marks, stamp_anchor
+from spmd.obs.rankfile import attr_value, encode_column, write_h5_atomic
 
 SCHEMA = "spmd-trace/1"
 KINDS = ("compute", "comm", "io", "wait")
@@ -360,7 +354,7 @@ class Timers:
         dtype, arrays = [], []
         for i, (field, typ) in enumerate(EVENT_FIELDS):
             col = [e[i] for e in ev]  # per column: zip(*ev) is much slower for long lists
-            arr = _encode_column(col) if typ == "S" else np.array(col, dtype=typ)
+            arr = encode_column(col) if typ == "S" else np.array(col, dtype=typ)
             if field == "start_ns":
                 arr = arr - self._t0
             dtype.append((field, arr.dtype))
@@ -383,7 +377,7 @@ class Timers:
         clash = [k for k in _RESERVED if k in meta and not (k == "rank" and meta[k] == self.rank)]
         if clash:
             raise ValueError(f"meta keys {clash} are reserved for Timers")
-        attrs = {k: _attr_value(v) for k, v in meta.items()}
+        attrs = {k: attr_value(v) for k, v in meta.items()}
         attrs.update(schema=SCHEMA, rank=self.rank, epoch_ns=self._epoch_ns,
                      local_epoch_ns=self._local_epoch_ns, clock_t0_ns=self._t0, aligned=self._aligned,
                      device=str(self.device))
@@ -474,93 +468,3 @@ def _host_only(timers: Timers):
 class _NullSpan(nullcontext):
     def arm(self, *args):
         return self
-
-
-def _encode_column(col: list[str]) -> np.ndarray:
-    """UTF-8 ``S`` array (width = longest value) of a column with few distinct strings."""
-    codes: dict[str, int] = {}
-    idx = np.fromiter((codes.setdefault(s, len(codes)) for s in col), dtype=np.intp, count=len(col))
-    return np.array([s.encode() for s in codes] or [b""], dtype=bytes)[idx]
-
-
-def _attr_value(v):
-    """HDF5 attribute value: JSON for containers and None, the value for scalars."""
-    if v is None or isinstance(v, (dict, list, tuple)):
-        return json.dumps(v, sort_keys=True, default=str)
-    if isinstance(v, (str, bool, int, float, np.generic)):
-        return v
-    return str(v)
-
-
-def write_h5_atomic(path: Path, datasets: dict, attrs: dict) -> None:
-    """Write datasets and file attributes to ``path`` via a hidden tmp file and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            for key, data in datasets.items():
-                opts = dict(compression="gzip", compression_opts=4, shuffle=True) if len(data) else {}
-                f.create_dataset(key, data=data, **opts)
-            for key, value in attrs.items():
-                f.attrs[key] = value
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def run_metadata(world_like: dict) -> dict:
-    """What a rank knows by itself: host, versions, MPI library, git commit, GPU, NCCL env; SLURM ids
-    from ``world_like["slurm"]`` (world.topology reads them) as top-level ``SLURM_*`` keys."""
-    meta = {
-        "hostname": socket.gethostname(),
-        "world": dict(world_like),
-        "versions": _versions(),
-        "mpi_library": _mpi_library(),
-        "git_commit": _git_commit(),
-        "cuda_device": torch.cuda.get_device_name() if _on_cuda(world_like) else "",
-        "gpu_peak_bytes": _gpu_peak_bytes(str(world_like.get("device", "cpu"))),
-        "nccl_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("NCCL_")},
-    }
-    size = world_like.get("world_size", world_like.get("size"))
-    if size is not None:
-        meta["world_size"] = int(size)
-    meta.update(world_like.get("slurm") or {})
-    return meta
-
-
-def _on_cuda(world_like: dict) -> bool:
-    """A rank with a GPU (a dedicated orchestrator has none: it must not create a CUDA context)."""
-    return str(world_like.get("device", "cuda")).startswith("cuda") and torch.cuda.is_available()
-
-
-def _gpu_peak_bytes(device: str) -> int:
-    """Peak bytes allocated by PyTorch on this rank's GPU (0 on CPU)."""
-    return torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else 0
-
-
-def _versions() -> dict:
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "mpi4py", "numpy", "h5py"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = ""
-    return out
-
-
-def _mpi_library() -> str:
-    # only if the program already imported mpi4py.MPI: importing it here would initialize MPI
-    mpi = sys.modules.get("mpi4py.MPI")
-    if mpi is None:
-        return ""
-    return mpi.Get_library_version().replace("\0", "").strip().splitlines()[0]  # Open MPI ends in NUL
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return out.stdout.strip()

@@ -17,7 +17,8 @@ from spmd.config import ModelArgs, RunArgs, UsageError
 from spmd.engines import build_engine
 from spmd.obs.merge import merge
 from spmd.obs.profile import Profiler
-from spmd.obs.timers import Timers, run_metadata
+from spmd.obs.metadata import run_metadata
+from spmd.obs.timers import Timers
 from spmd.parallel.errors import agree, on_root
 from spmd.runtime import dispatch, faults, prompts, resume, score, stop, world as world_mod
 from spmd.runtime.prompts import PromptSet

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from spmd.obs.timers import Timers, run_metadata
+from spmd.obs.metadata import run_metadata
+from spmd.obs.timers import Timers
 from spmd.runtime.world import make_world
 from traces.merge import merge
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from spmd.obs.timers import Timers, run_metadata
+from spmd.obs.metadata import run_metadata
+from spmd.obs.timers import Timers
 from spmd.obs.merge import MERGED
 from traces.merge import merge
 from traces.report import report

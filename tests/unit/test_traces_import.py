@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, h5_digest
-from spmd.obs.timers import write_h5_atomic
+from spmd.obs.rankfile import write_h5_atomic
 from traces.clock import SYNC_PREFIX
 from traces.merge import merge
 from traces.nccl_log import parse_nccl_log

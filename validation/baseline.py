@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from spmd.config import UsageError
+from spmd.runtime.prompts import write_jsonl
 from spmd.weights.fp8_cast import needs_cast
 from spmd.runtime.score import FORMAT, KIND, BaselineError, checkpoint_fingerprint, prompts_fingerprint
 
@@ -122,12 +124,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    import mpi4py
-
-    mpi4py.rc.initialize = False  # spmd.runtime.prompts imports mpi4py.MPI; this single process needs no MPI job
-    from spmd.runtime.prompts import write_jsonl
-    from spmd.config import UsageError
-
     args = parser().parse_args(argv)
     if min(args.max_new_tokens, args.top_k, args.batch_size) < 1 or args.threads < 0:
         print("error: --max-new-tokens, --top-k and --batch-size must be >= 1, --threads >= 0", file=sys.stderr)

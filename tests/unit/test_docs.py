@@ -55,3 +55,19 @@ def test_pdfs_build(tmp_path):
         assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 20_000
     text = (tmp_path / "paper.typ").read_text()
     assert "{{" not in text and docs_build.facts()["n1_bf16_b1_ms"].text in text
+
+
+def test_every_spmd_variable_is_in_the_one_table():
+    """docs/command-line.md's table names every SPMD_* variable the repository's code and scripts name (a
+    prefix such as SPMD_SLURM_* is no variable)."""
+    import subprocess
+
+    from conftest import ROOT
+    from spmd.config.env import VARIABLES
+
+    table = {m for line in (ROOT / "docs" / "command-line.md").read_text().splitlines() if line.startswith("| `SPMD_")
+             for m in re.findall(r"^\| `(SPMD_[A-Z0-9_]*)`", line)}
+    files = subprocess.run(["git", "ls-files", "*.py", "*.sh", "*.sbatch", "Makefile", "*.def"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    used = {m for f in files for m in re.findall(r"SPMD_[A-Z0-9_]*[A-Z0-9](?![A-Z0-9_*])", (ROOT / f).read_text(errors="replace"))}
+    assert set(VARIABLES) <= table and used <= table, (sorted(set(VARIABLES) - table), sorted(used - table))

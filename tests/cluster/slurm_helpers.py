@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -58,12 +59,42 @@ def slurm_cluster(state: Path, **extra: str):
         shutil.rmtree(state / "db", ignore_errors=True)  # MariaDB's ~100 MB
 
 
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
+         "DEADLINE"}
+
+
 def sbatch(env: dict, *opts: str, timeout: float = 600):
-    """`sbatch --wait` from the repository root: (returncode, job id, job output text)."""
-    r = subprocess.run(["sbatch", "--wait", "--parsable", *opts], env=env, cwd=ROOT, capture_output=True,
-                       text=True, timeout=timeout)
+    """Submit from the repository root and wait for the job: (returncode, job id, sbatch's stderr). The
+    returncode is what `sbatch --wait` would give (the job's exit code; 1 for a job that failed without
+    one), but the job is polled every second: `sbatch --wait` sleeps 2, 8, then 32 s between its looks,
+    so a 45 s job was seen ended after 74 s."""
+    r = subprocess.run(["sbatch", "--parsable", *opts], env=env, cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
     job = r.stdout.strip().split(";")[0]
-    return r.returncode, job, r.stderr
+    if r.returncode != 0 or not job:
+        return r.returncode or 1, job, r.stderr
+    deadline = time.monotonic() + timeout
+    while True:
+        states = _job_states(env, job)  # one (state, exit code) per component of a heterogeneous job
+        if states and all(state in ENDED for state, _ in states):
+            codes = [code for _, code in states]
+            failed = any(state != "COMPLETED" for state, _ in states)
+            return max(codes) or int(failed), job, r.stderr
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", job], env=env, capture_output=True)
+            pytest.fail(f"job {job} did not end in {timeout:g} s: {states}")
+        time.sleep(1.0)
+
+
+def _job_states(env: dict, job: str) -> list[tuple[str, int]]:
+    """(JobState, exit code) of each component of `job` from `scontrol -o show job` ([] while unknown)."""
+    out = subprocess.run(["scontrol", "-o", "show", "job", job], env=env, capture_output=True, text=True).stdout
+    found = []
+    for line in out.splitlines():
+        fields = dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+        if "JobState" in fields:
+            found.append((fields["JobState"], int(fields.get("ExitCode", "0:0").split(":")[0])))
+    return found
 
 
 def rows(path: Path) -> list[tuple]:

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.metadata
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 from spmd.config import UsageError
+from spmd.obs.metadata import git_commit, versions
 from spmd.runtime.prompts import write_jsonl
 from spmd.weights.fp8_cast import needs_cast
 from spmd.runtime.score import FORMAT, KIND, BaselineError, checkpoint_fingerprint, prompts_fingerprint
@@ -60,25 +59,11 @@ def header(args, n_prompts: int, prompt_pairs: list[tuple[str, str]], eos_id: in
             "prompts_sha256": prompts_fingerprint(prompt_pairs), "n_prompts": n_prompts, "chat": args.chat,
             "max_new_tokens": args.max_new_tokens, "top_k": args.top_k, "dtype": args.dtype,
             "device": args.device, "device_name": device_name, "batch_size": args.batch_size,
-            "eos_token_id": eos_id, "decoding": "greedy", "versions": versions(), "git_commit": git_commit(),
+            "eos_token_id": eos_id, "decoding": "greedy", "versions": versions(("torch", "transformers")),
+            "git_commit": git_commit(),
             # FP8 weights transformers cannot dequantize itself: read from spmd.weights.fp8_cast's exact copy
             "fp8_weights_cast_by_spmd": len(needs_cast(args.checkpoint)),
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = ""
-    return out
-
-
-def git_commit() -> str:
-    r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return r.stdout.strip() if r.returncode == 0 else ""
 
 
 def make_baseline(args) -> list[dict]:

@@ -19,9 +19,9 @@ def run_metadata(world_like: dict) -> dict:
     meta = {
         "hostname": socket.gethostname(),
         "world": dict(world_like),
-        "versions": _versions(),
+        "versions": versions(),
         "mpi_library": _mpi_library(),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "cuda_device": torch.cuda.get_device_name() if _on_cuda(world_like) else "",
         "gpu_peak_bytes": _gpu_peak_bytes(str(world_like.get("device", "cpu"))),
         "nccl_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("NCCL_")},
@@ -43,9 +43,10 @@ def _gpu_peak_bytes(device: str) -> int:
     return torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else 0
 
 
-def _versions() -> dict:
+def versions(packages=("torch", "transformers", "mpi4py", "numpy", "h5py")) -> dict:
+    """Python's version and each package's installed version ("" when it is not installed)."""
     out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "mpi4py", "numpy", "h5py"):
+    for pkg in packages:
         try:
             out[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
@@ -61,7 +62,8 @@ def _mpi_library() -> str:
     return mpi.Get_library_version().replace("\0", "").strip().splitlines()[0]  # Open MPI ends in NUL
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
+    """The checkout's HEAD commit ("" outside a git checkout)."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
                              capture_output=True, text=True, timeout=5, check=True)

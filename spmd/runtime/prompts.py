@@ -1,6 +1,7 @@
-"""Rank-0 text I/O: read and validate prompts, chat template, tokenize, detokenize, write outputs.
+"""Rank-0 text I/O: read and validate prompts, chat template, tokenize, detokenize, stop strings, outputs.
 
-Generation sees token ids only; text never leaves this module except as output rows.
+Generation sees token ids only; text never leaves this module (and spmd.runtime.prompts_formats, the
+file formats) except as output rows, and as the stop strings that `StopStrings` matches for it.
 """
 from __future__ import annotations
 
@@ -8,16 +9,16 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
+from os.path import commonprefix
 from pathlib import Path
 
 from spmd.config import UsageError
+from spmd.runtime.prompts_formats import Prompt, batch_rows, parse_lines
+from spmd.runtime.records import Sampling
 
-
-@dataclass(frozen=True)
-class Prompt:
-    index: int      # position in the input file; outputs are written in this order
-    id: str
-    text: str
+__all__ = ["Prompt", "PromptSet", "StopStrings", "batch_rows", "check_context", "cut_at_stop", "decode",
+           "encode", "file_format", "load_tokenizer", "output_rows", "read_prompts", "sampling_of",
+           "write_jsonl"]
 
 
 @dataclass(frozen=True)
@@ -27,10 +28,13 @@ class PromptSet:
     prompts: list[Prompt]
     ids: list[list[int]]
     tokenizer: object
+    sampling: list[Sampling] | None = None  # per prompt: its settings over the run's (sampling_of)
+    format: str = "plain"                   # "plain" | "openai": the input's format, and so the output's
 
 
 def read_prompts(path: Path) -> list[Prompt]:
-    """Prompts from `.txt` (one per non-empty line) or `.jsonl` (one {"id", "prompt"} object per line)."""
+    """Prompts from `.txt` (one per non-empty line) or `.jsonl`: one {"id", "prompt", settings...} object
+    per line, or one OpenAI batch request per line (spmd.runtime.prompts_formats)."""
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
@@ -43,7 +47,7 @@ def read_prompts(path: Path) -> list[Prompt]:
     lines = [(n, ln) for n, ln in enumerate(text.splitlines(), 1) if ln.strip()]
     if not lines:
         raise UsageError(f"prompt file {path} has no prompts")
-    prompts = _parse_jsonl(path, lines) if Path(path).suffix == ".jsonl" else \
+    prompts = parse_lines(path, lines) if Path(path).suffix == ".jsonl" else \
         [Prompt(i, str(n), ln) for i, (n, ln) in enumerate(lines)]
     ids = [p.id for p in prompts]
     if len(set(ids)) != len(ids):
@@ -52,17 +56,22 @@ def read_prompts(path: Path) -> list[Prompt]:
     return prompts
 
 
-def _parse_jsonl(path: Path, lines: list[tuple[int, str]]) -> list[Prompt]:
-    prompts = []
-    for i, (n, ln) in enumerate(lines):
-        try:
-            obj = json.loads(ln)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{path}:{n}: invalid JSON ({exc.msg})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
-            raise UsageError(f"{path}:{n}: expected an object with a non-empty string \"prompt\"")
-        prompts.append(Prompt(i, str(obj.get("id", n)), obj["prompt"]))
-    return prompts
+def file_format(prompts: list[Prompt]) -> str:
+    """"openai" for OpenAI batch requests (they carry chat messages), else "plain"."""
+    return "openai" if prompts and prompts[0].messages is not None else "plain"
+
+
+def sampling_of(prompt: Prompt, index: int, args) -> Sampling:
+    """A prompt's generation settings: its own (prompt.settings), else the run's options (RunArgs);
+    its seed defaults to --seed + its index, so that its draws do not depend on its neighbours."""
+    own = prompt.settings
+    stop = own.get("stop", ())
+    return Sampling(max_new_tokens=own.get("max_new_tokens", args.max_new_tokens),
+                    temperature=float(own.get("temperature", args.temperature)),
+                    top_p=float(own.get("top_p", args.top_p)),
+                    seed=own.get("seed", args.seed + index),
+                    stop=(stop,) if isinstance(stop, str) else tuple(stop),
+                    ignore_eos=own.get("ignore_eos", False))
 
 
 def load_tokenizer(checkpoint: Path):
@@ -76,13 +85,17 @@ def load_tokenizer(checkpoint: Path):
 
 
 def encode(tokenizer, prompts: list[Prompt], chat: bool) -> list[list[int]]:
-    """Token ids per prompt: the chat template with a generation prompt, or the raw text with BOS."""
+    """Token ids per prompt: the chat template with a generation prompt (over the whole chat of an OpenAI
+    batch request), or the raw text with BOS."""
+    if not chat and any(p.messages is not None for p in prompts):
+        raise UsageError("OpenAI batch requests carry chat messages: they need the chat template "
+                         "(drop --no-chat-template)")
     if chat and not tokenizer.chat_template:
         raise UsageError("the tokenizer has no chat_template: pass --no-chat-template")
     out = []
     for p in prompts:
         if chat:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": p.text}],
+            ids = tokenizer.apply_chat_template(p.messages or [{"role": "user", "content": p.text}],
                                                 add_generation_prompt=True, tokenize=True)
             ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         else:
@@ -93,11 +106,14 @@ def encode(tokenizer, prompts: list[Prompt], chat: bool) -> list[list[int]]:
     return out
 
 
-def check_context(prompts: list[Prompt], ids: list[list[int]], max_new_tokens: int, max_seq_len: int) -> None:
-    """Every prompt plus its new tokens must fit the model's context."""
-    for p, t in zip(prompts, ids):
-        if len(t) + max_new_tokens > max_seq_len:
-            raise UsageError(f"prompt {p.id!r} has {len(t)} tokens + {max_new_tokens} new tokens > "
+def check_context(prompts: list[Prompt], ids: list[list[int]], sampling: list[Sampling] | int,
+                  max_seq_len: int) -> None:
+    """Every prompt plus its own max_new_tokens (its Sampling; an int: the same for all) must fit the
+    model's context."""
+    for i, (p, t) in enumerate(zip(prompts, ids)):
+        new = sampling if isinstance(sampling, int) else sampling[i].max_new_tokens
+        if len(t) + new > max_seq_len:
+            raise UsageError(f"prompt {p.id!r} has {len(t)} tokens + {new} new tokens > "
                              f"the model's context of {max_seq_len}")
 
 
@@ -107,15 +123,50 @@ def decode(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode([i for i in ids if i < n], skip_special_tokens=True)
 
 
+class StopStrings:
+    """Whether a row's last token completed one of its stop strings, on the text `decode` gives.
+
+    Only a tail of the tokens is decoded: a stop string of B UTF-8 bytes spans at most B tokens that
+    give text (each gives at least one byte), so B + MARGIN tokens hold it (the margin: tokens that give
+    none, special or beyond the vocabulary, and a character cut at the tail's start). Cost per step:
+    two decodes of that tail, whatever the row's length."""
+
+    MARGIN = 8
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def hit(self, tokens: list[int], stops: tuple[str, ...]) -> bool:
+        """True when the text of `tokens` holds a stop string that the text before the last token did not."""
+        if not stops or not tokens:
+            return False
+        tail = tokens[-(max(len(s.encode("utf-8")) for s in stops) + self.MARGIN):]
+        now, before = decode(self.tokenizer, tail), decode(self.tokenizer, tail[:-1])
+        # text both share was there before; a new match must end past it. Not just len(before): a
+        # character whose bytes were cut short decodes to U+FFFD before its last token comes
+        kept = len(commonprefix([before, now]))
+        return any(now.find(s, max(0, kept - len(s) + 1)) >= 0 for s in stops)
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
+    """The completion up to, not including, its first stop string (OpenAI's semantics)."""
+    ends = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return text[:min(ends)] if ends else text
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     """Write rows as JSONL atomically: a temp file in the same directory, then rename."""
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a text file atomically: a temp file in the same directory, fsync, then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -124,11 +175,24 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
         raise
 
 
-def output_rows(prompts: list[Prompt], ids: list[list[int]], results: list, tokenizer) -> list[dict]:
+def output_rows(prompts: list[Prompt], ids: list[list[int]], results: list, tokenizer,
+                sampling: list[Sampling] | None = None) -> list[dict]:
     """One output row per prompt and its `spmd.runtime.records.Result`, in input order (a result's
-    `completion`, if a dedicated orchestrator decoded it already, is taken as it is)."""
-    return [{"id": p.id, "prompt": p.text,
-             "completion": r.completion if r.completion is not None else decode(tokenizer, r.tokens),
-             "completion_token_ids": r.tokens, "prompt_tokens": len(t),
-             "ttft_s": r.ttft_s, "latency_s": r.latency_s, "model_group": r.replica}
-            for p, t, r in zip(prompts, ids, results)]
+    `completion`, if a dedicated orchestrator decoded it already, is taken as it is), the completion cut
+    at its first stop string (`sampling`: per prompt; None: no stop strings)."""
+    rows = []
+    for i, (p, t, r) in enumerate(zip(prompts, ids, results)):
+        text = r.completion if r.completion is not None else decode(tokenizer, r.tokens)
+        cut = cut_at_stop(text, sampling[i].stop if sampling else ())
+        reason = r.finish_reason or _finish_reason(r, cut != text, tokenizer)
+        rows.append({"id": p.id, "prompt": p.text, "completion": cut, "completion_token_ids": r.tokens,
+                     "prompt_tokens": len(t), "finish_reason": reason, "ttft_s": r.ttft_s, "queue_s": r.queue_s,
+                     "latency_s": r.latency_s, "model_group": r.replica})
+    return rows
+
+
+def _finish_reason(result, stopped: bool, tokenizer) -> str:
+    """For a Result that does not say (an engine or a progress file from before finish_reason): "stop"
+    when a stop string or EOS ended it, else "length"."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return "stop" if stopped or (result.tokens and result.tokens[-1] == eos) else "length"

@@ -5,7 +5,8 @@
   that decides the output tokens (prompt file bytes, checkpoint, engine, dtype, max_new_tokens,
   sampling, chat template, score settings), not the layout (ranks, group size, dispatch, batch size).
 - `replica-<k>.jsonl`: appended by the leader of model group k after every batch, one line per
-  finished prompt `{index, id, completion_token_ids, ttft_s, latency_s, model_group[, score]}`,
+  finished prompt `{index, id, completion_token_ids, ttft_s, latency_s, model_group, finish_reason,
+  queue_s[, score]}` (files from before finish_reason and queue_s are read too: "" and 0.0),
   written with one `write` and fsync'd. A line cut short by a kill (no newline, bad JSON, wrong
   fields) is ignored on resume and the prompt runs again.
 
@@ -141,7 +142,11 @@ def _parse_row(line: bytes, prompt_ids: list[str], scored: bool) -> Result | Non
     toks = obj["completion_token_ids"]
     if not isinstance(toks, list) or not all(isinstance(t, int) for t in toks):
         return None
-    return Result(i, toks, obj["ttft_s"], obj["latency_s"], obj["model_group"], obj["score"] if scored else None)
+    reason, queue_s = obj.get("finish_reason", ""), obj.get("queue_s", 0.0)
+    if not isinstance(reason, str) or not isinstance(queue_s, (int, float)):
+        return None
+    return Result(i, toks, obj["ttft_s"], obj["latency_s"], obj["model_group"], obj["score"] if scored else None,
+                  finish_reason=reason, queue_s=queue_s)
 
 
 def _rewrite(path: Path, data: bytes) -> None:
@@ -198,7 +203,8 @@ class Writer:
 
 def _row(r: Result, prompt_id: str) -> dict:
     row = {"index": r.index, "id": prompt_id, "completion_token_ids": r.tokens, "ttft_s": r.ttft_s,
-           "latency_s": r.latency_s, "model_group": r.replica}
+           "latency_s": r.latency_s, "model_group": r.replica, "finish_reason": r.finish_reason,
+           "queue_s": r.queue_s}
     if r.score is not None:
         row["score"] = r.score
     return row

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from spmd.config import UsageError
 from spmd.parallel.errors import on_root
-from spmd.runtime.records import Result, WorkItem
+from spmd.runtime.records import Result, Sampling, WorkItem
 
 KIND = "spmd-baseline"
 FORMAT = 1
@@ -129,11 +129,14 @@ def prepare(comm, path: Path, checkpoint: Path, prompt_set) -> Scoring:
     return got if comm.rank == 0 else Scoring(k)
 
 
-def work_items(ids: list[list[int]], targets: list[tuple] | None) -> list[WorkItem]:
-    """One per prompt, in input order; with the baseline's ids and support ids when scoring."""
+def work_items(ids: list[list[int]], targets: list[tuple] | None,
+               sampling: list[Sampling] | None = None) -> list[WorkItem]:
+    """One per prompt, in input order; with the baseline's ids and support ids when scoring, and each
+    prompt's Sampling (PromptSet.sampling; None: the run's settings)."""
+    per_prompt = sampling if sampling is not None else [None] * len(ids)
     if targets is None:
-        return [WorkItem(i, t) for i, t in enumerate(ids)]
-    return [WorkItem(i, t, tgt, sup) for i, (t, (tgt, sup)) in enumerate(zip(ids, targets))]
+        return [WorkItem(i, t, sampling=s) for i, (t, s) in enumerate(zip(ids, per_prompt))]
+    return [WorkItem(i, t, tgt, sup, s) for i, (t, (tgt, sup), s) in enumerate(zip(ids, targets, per_prompt))]
 
 
 def attach(rows: list[dict], results: list[Result], scoring: Scoring | None) -> list[dict]:

@@ -1,7 +1,8 @@
 """Report of a run's traces: ``python -m traces.report RUN_DIR [--plots]`` or ``--scaling RUN_DIR...``.
 
 RUN_DIR is a run's trace directory (merged first if merged.h5 is missing or older than a rank file)
-or a merged .h5 file. Sections (functions of the loaded ``Trace``, in ``SECTIONS``): per rank the
+or a merged .h5 file. After the header, the run summary rank 0 stored (spmd.runtime.summary), when the
+run has one. Sections (functions of the loaded ``Trace``, in ``SECTIONS``): per rank the
 compute / comm / io / wait split and wall time; per phase, and per rank and phase; the collectives by
 total time with count, bytes and achieved bandwidth (bytes of this rank's buffer / time in the call);
 per layer; arrival skew per collective and decode step time per rank (traces/skew.py); then what the
@@ -25,6 +26,7 @@ import numpy as np
 
 from traces import report_sources, skew
 from spmd.obs.merge import MERGED, rank_files
+from spmd.runtime.summary import format_summary
 from traces.merge import merge
 from traces.table import format_table, si
 
@@ -242,10 +244,16 @@ def _header(t: Trace) -> str:
             + (", " + " ".join(extra) if extra else ""))
 
 
+def _summary(t: Trace) -> list[str]:
+    """The run summary rank 0 stored in its metadata (spmd.runtime.summary), when the run has one."""
+    text = t.ranks.get(0, {}).get("summary")
+    return ["\n".join(format_summary(json.loads(text)))] if text else []
+
+
 def report(run_dir) -> str:
-    """The full text report of run_dir."""
+    """The full text report of run_dir: the header, the run summary, the sections."""
     t = load(run_dir)
-    return "\n\n".join([_header(t)] + [section(t) for section in SECTIONS]) + "\n"
+    return "\n\n".join([_header(t), *_summary(t)] + [section(t) for section in SECTIONS]) + "\n"
 
 
 def main(argv=None) -> int:

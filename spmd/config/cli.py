@@ -6,6 +6,7 @@ reaches every rank (see `world.on_root`).
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -17,7 +18,19 @@ PROFILE_KINDS = ("none", "torch", "nsys")  # --profile: spmd.obs.profile opens t
 ENGINES = ("hf", "native", "deepspeed")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every option's default; not of required options and flags, where it says nothing."""
+
+    def _get_help_string(self, action):
+        if action.required or action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, formatter_class=_HelpFormatter, **kwargs)
+
     def error(self, message):  # argparse would print and exit on every rank; report once instead
         raise UsageError(message)
 
@@ -52,6 +65,11 @@ class RunArgs:
     pp: int = 1
     micro_batches: int = 0
     orchestrator: str = "inline"
+    batching: str = "auto"
+    slots: int = 0
+    prefill_tokens: int = 0
+    gpu_memory_fraction: float = 0.9
+    max_context: int = 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -59,38 +77,60 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True, help="HF-layout checkpoint directory")
     p.add_argument("--prompts", type=Path, required=True, help=".txt (one per line) or .jsonl {id, prompt}")
     p.add_argument("--output", type=Path, required=True, help="output JSONL (written atomically by rank 0)")
-    p.add_argument("--trace-dir", type=Path, default=None, help="per-rank HDF5 traces + merged.h5")
-    p.add_argument("--engine", choices=ENGINES, default="native")
+    p.add_argument("--trace-dir", type=Path, default=None,
+                   help="per-rank HDF5 traces + merged.h5 (None: timers off, no traces)")
+    p.add_argument("--engine", choices=ENGINES, default="native", help="native, hf (transformers) or deepspeed")
     p.add_argument("--group-size", type=int, default=1, help="tensor/expert-parallel ranks per model group "
                    "(per pipeline stage with --pp)")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages per model group (native engine): a model "
                    "group is PP x GROUP_SIZE ranks")
     p.add_argument("--micro-batches", type=int, default=0,
-                   help="micro-batches per pipeline step (default: --pp); rows are split evenly")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+                   help="micro-batches per pipeline step (0: as many as --pp); rows are split evenly")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt (EOS ends a row "
+                   "sooner)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16", help="compute dtype")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="cpu (gloo) or cuda (NCCL, one GPU per rank); None: cuda when any rank sees a GPU (an "
+                        "NVIDIA driver's /dev/nvidiactl or /proc/driver/nvidia/gpus/*, or ROCm's /dev/kfd; all "
+                        "hidden when CUDA_VISIBLE_DEVICES is empty or -1), else cpu; --local-debug forces cpu")
     p.add_argument("--dispatch", choices=("static", "dynamic"), default=None,
                    help="static: prompts scattered by length at the start; dynamic: chunks of --dispatch-size "
-                        "handed to model groups as they finish (default: static, dynamic with a dedicated "
+                        "handed to model groups as they finish (None: static, dynamic with a dedicated "
                         "orchestrator)")
     p.add_argument("--orchestrator", choices=("inline", "dedicated"), default="inline",
                    help="inline: world rank 0 is also a model rank; dedicated: world rank 0 holds no model (no "
                         "GPU) and only reads, tokenizes, dispatches, decodes and writes: the world is 1 + "
                         "replicas x group ranks")
     p.add_argument("--dispatch-size", type=int, default=4, help="prompts per chunk (dynamic dispatch)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate batch")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch of --batching static")
+    p.add_argument("--batching", choices=("auto", "continuous", "static"), default="auto",
+                   help="continuous: a fixed set of decode slots, a finished row's slot refilled at the next step, "
+                        "prompts prefilled in chunks of --prefill-tokens (native engine); static: batches of "
+                        "--batch-size decoded until their longest row ends (auto: continuous for --engine native)")
+    p.add_argument("--slots", type=int, default=0,
+                   help="continuous batching: decode slots per model group (0: as many as the memory left after "
+                        "the weights holds, see --gpu-memory-fraction; at most 512)")
+    p.add_argument("--prefill-tokens", type=int, default=0,
+                   help="continuous batching: prompt tokens per prefill forward (0: from the memory left, at most "
+                        "16384); longer prompts are prefilled in chunks")
+    p.add_argument("--gpu-memory-fraction", type=float, default=0.9,
+                   help="continuous batching on CUDA: the share of the GPU's memory the run may use (weights, "
+                        "slots' latent cache, activations)")
+    p.add_argument("--max-context", type=int, default=0,
+                   help="continuous batching: cache length of a slot (0: the longest prompt + its max new tokens)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="top-p of sampling, in (0, 1]")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (per prompt: seed + prompt index)")
     p.add_argument("--no-chat-template", dest="chat", action="store_false", help="tokenize prompts raw")
     p.add_argument("--local-debug", action="store_true", help="CPU, gloo, no DeepSpeed/NCCL setup")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (finished prompts, output tokens/s) on rank 0")
     p.add_argument("--profile", choices=PROFILE_KINDS, default="none",
                    help="profiler window over decode steps (torch: chrome trace in TRACE_DIR/torch; nsys: "
                         "cudaProfilerStart/Stop for launch/rank.sh PROFILE=nsys)")
     p.add_argument("--score", type=Path, default=None, metavar="BASELINE",
-                   help="teacher-forced scoring of a validation.baseline file's tokens (adds `score` to each row)")
+                   help="teacher-forced scoring of a validation.baseline file's tokens (adds `score` to each row; "
+                        "None: no scoring)")
     p.add_argument("--score-only", action="store_true", help="with --score: score, do not generate")
     p.add_argument("--resume", action="store_true",
                    help="continue the unfinished run of OUTPUT.progress/ (same prompts, checkpoint and token-"
@@ -102,8 +142,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8-weights", choices=("auto", "keep", "dequant"), default="auto",
                    help="native engine, FP8 checkpoint: keep FP8 weights on the GPU (Triton w8a16 kernels) or "
                         "dequantize them at load (auto: keep on CUDA when Triton is there)")
-    p.add_argument("--profile-steps", type=_steps, default=(2, 5), metavar="A:B",
-                   help="decode steps A..B inside the window (default 2:5)")
+    p.add_argument("--profile-steps", type=_steps, default="2:5", metavar="A:B",  # a str default goes through type
+                   help="decode steps A..B inside the window")
     return p
 
 
@@ -126,10 +166,25 @@ def parse_steps(text: str) -> tuple[int, int]:
     return first, last
 
 
-def parse_args(argv: list[str] | None = None) -> RunArgs:
+def gpu_visible(environ=os.environ, root: Path = Path("/")) -> bool:
+    """Whether this node has a GPU for torch, found without importing torch (spmd.config must not): an NVIDIA
+    driver (/dev/nvidiactl, /proc/driver/nvidia/gpus/*) or ROCm's /dev/kfd, unless CUDA_VISIBLE_DEVICES is
+    "" or -1 (every device hidden). `environ` and `root` for tests."""
+    if environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return False
+    return ((root / "dev/nvidiactl").exists() or (root / "dev/kfd").exists()
+            or any((root / "proc/driver/nvidia/gpus").glob("*")))
+
+
+def parse_args(argv: list[str] | None = None, gpu: bool | None = None) -> RunArgs:
+    """RunArgs of argv, checked. gpu: whether a GPU is there for the --device default (None: this node's
+    `gpu_visible()`; spmd.runtime.run passes what all ranks agree on, as a dedicated orchestrator's host
+    may have none)."""
     ns = parser().parse_args(argv)
     if ns.local_debug:
         ns.device = "cpu"
+    elif ns.device is None:
+        ns.device = "cuda" if (gpu_visible() if gpu is None else gpu) else "cpu"
     explicit_static = ns.dispatch == "static"
     ns.dispatch = ns.dispatch or ("dynamic" if ns.orchestrator == "dedicated" else "static")
     if explicit_static and ns.orchestrator == "dedicated":
@@ -145,6 +200,13 @@ def check_run_args(a: RunArgs) -> None:
     for name in ("group_size", "max_new_tokens", "dispatch_size", "batch_size", "pp"):
         if getattr(a, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')}={getattr(a, name)} must be >= 1")
+    for name in ("slots", "prefill_tokens", "max_context"):
+        if getattr(a, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')}={getattr(a, name)} must be >= 1 (0: chosen from memory)")
+    if not 0 < a.gpu_memory_fraction <= 1:
+        raise UsageError(f"--gpu-memory-fraction={a.gpu_memory_fraction} must be in (0, 1]")
+    if a.batching == "continuous" and a.engine != "native":
+        raise UsageError(f"--batching continuous runs in the native engine; --engine {a.engine} runs static batches")
     if a.temperature < 0 or not 0 < a.top_p <= 1:
         raise UsageError(f"--temperature={a.temperature} must be >= 0 and --top-p={a.top_p} in (0, 1]")
     if a.local_debug and a.engine == "deepspeed":

@@ -99,10 +99,10 @@ def test_progress_counts_every_leader(worlds):
     w = worlds[1]
     p = dispatch.Progress(w, total=3 * w.n_replicas, enabled=False)
     for _ in range(3):
-        p.update(1)
+        p.update(1, tokens=5)  # (prompts, output tokens) travel together to rank 0
     p.close()
     if w.rank == 0:
-        assert p.done == 3 * w.n_replicas
+        assert (p.done, p.tokens) == (3 * w.n_replicas, 15 * w.n_replicas)
 
 
 def test_gather_detects_a_lost_prompt(worlds):

@@ -127,6 +127,22 @@ def bad_inputs(tmp: Path, ckpt: Path) -> dict:
     }
 
 
+@pytest.fixture(scope="module")
+def whole_world():
+    """MPI tests: the whole world as one CPU model group (gloo); torch.distributed torn down after the
+    module unless something else set it up."""
+    import torch.distributed as dist
+    from mpi4py import MPI
+
+    from spmd.runtime.world import make_world, shutdown
+
+    owned = not dist.is_initialized()
+    w = make_world(MPI.COMM_WORLD.size, "cpu")
+    yield w
+    if owned:
+        shutdown(w)
+
+
 def _mpi_comm():
     if "mpi4py.MPI" not in sys.modules:
         return None

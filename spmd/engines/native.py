@@ -8,6 +8,7 @@ import torch
 from spmd.weights.checkpoint import load
 from spmd.engines.memory import param_bytes
 from spmd.engines.decode_graph import GraphDecoder
+from spmd.engines.slots import SlotCache
 from spmd.model.transformer import Transformer, use_fused
 from spmd.parallel.comm import Group, attach_timers
 from spmd.parallel.pipeline import Pipeline, stage_layers
@@ -59,6 +60,7 @@ class NativeEngine:
         use_fused(self.model, self.decode_mode != "eager")  # graph, and static: the same ops eagerly
         self.cache = self.key_mask = self.pos = self.static = None
         self.cur = 0
+        self.slots: SlotCache | None = None
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -89,6 +91,63 @@ class NativeEngine:
         self.cur += 1
         return logits
 
+    # continuous batching (spmd.runtime.scheduler): decode slots, see spmd.engines.slots
+    def open_slots(self, n_slots: int, max_len: int) -> None:
+        """The slots' cache: n_slots rows of max_len columns (decode graphs share the graphs' pool)."""
+        pool = self.graphs.pool if self.graphs is not None else None
+        self.slots = SlotCache(self.model, n_slots, max_len, self.device, self.decode_mode, self.timers, pool)
+
+    @torch.inference_mode()
+    def prefill_slots(self, slots: list[int], seqs: list[list[int]]) -> torch.Tensor:
+        """New requests' prompts (or first pieces) into their slots, columns 0..len-1 → (k, V) logits at each
+        one's last token (one left-padded forward with a throw-away cache, copied into the slots' rows)."""
+        width = max(len(q) for q in seqs)
+        tokens = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.bool)
+        for i, q in enumerate(seqs):
+            tokens[i, width - len(q):], mask[i, width - len(q):] = torch.tensor(q), True
+        tokens, mask = tokens.to(self.device), mask.to(self.device)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        pad_cache = self.model.new_cache(len(seqs), width)
+        logits = self._forward(tokens, positions, mask, pad_cache, start=0)
+        self.slots.take_prefill(slots, [len(q) for q in seqs], pad_cache, width)
+        return logits
+
+    @torch.inference_mode()
+    def extend_slot(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
+        """A later piece of a long prompt: ids at columns start.. of the slot's row → (1, V) logits."""
+        tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
+        positions = start + torch.arange(len(ids), device=self.device)[None]
+        view = self.slots.view(slice(slot, slot + 1), self.slots.max_len)
+        return self._forward(tokens, positions, None, view, start=start, naive=True)
+
+    @torch.inference_mode()
+    def decode_slots(self, tokens: list[int], lens: list[int]) -> torch.Tensor:
+        """One decode step of slots 0..len(tokens)-1: tokens[r] written at column lens[r] → (>= R, V) logits."""
+        def forward(tok, pos, cache, start):
+            return self._forward(tok, pos, None, cache, start=start)
+        return self.slots.decode(tokens, lens, forward)
+
+    def slot_rows(self, used: int) -> int:
+        """Rows a decode step over slots 0..used-1 runs (its shape bucket)."""
+        return self.slots.rows_for(used)
+
+    @torch.inference_mode()
+    def move_slot(self, src: int, dst: int, cols: int) -> None:
+        """Move a request's first `cols` cache columns from slot src to slot dst."""
+        self.slots.move(src, dst, cols)
+
+    def decode_shapes(self) -> dict[str, int]:
+        """Decode steps per (rows, columns) shape of the slots' step, as "RxS": count."""
+        shapes = self.slots.shapes if self.slots is not None else {}
+        return {f"{r}x{c}": n for (r, c), n in sorted(shapes.items())}
+
+    def close_slots(self) -> None:
+        if self.slots is not None:
+            self.slots.close()
+            self.slots = None
+        self.timers.flush()
+
     def release(self) -> None:
         """End of a batch: drop its cache; resolve the timers' pending GPU events (one sync per batch)."""
         self.cache = self.key_mask = self.pos = self.static = None
@@ -97,6 +156,7 @@ class NativeEngine:
     def close(self) -> None:
         """End of the run, before the process groups go: destroy the captured decode graphs."""
         self.release()
+        self.close_slots()
         if self.graphs is not None:
             self.graphs.close()
             self.graphs = None
@@ -108,11 +168,14 @@ class NativeEngine:
         cache = self.model.new_cache(*tokens.shape)
         return self._forward(tokens, positions, mask, cache, start=0, all_positions=True)
 
-    def _forward(self, tokens, positions, key_mask, cache, start, all_positions: bool = False) -> torch.Tensor:
+    def _forward(self, tokens, positions, key_mask, cache, start, all_positions: bool = False,
+                 naive: bool | None = None) -> torch.Tensor:
         """The model's forward, through the pipeline stages when there are several."""
         if self.pipe is None:
-            return self.model(tokens, positions, key_mask, cache, start=start, all_positions=all_positions)
-        return self.pipe.forward(self.model, tokens, positions, key_mask, cache, start, all_positions=all_positions)
+            return self.model(tokens, positions, key_mask, cache, start=start, naive=naive,
+                              all_positions=all_positions)
+        return self.pipe.forward(self.model, tokens, positions, key_mask, cache, start, naive,
+                                 all_positions=all_positions)
 
 
 def keep_fp8(flag: str, device: torch.device, ckpt_fp8: bool) -> bool:

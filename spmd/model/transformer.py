@@ -84,20 +84,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([even * cos - odd * sin, odd * cos + even * sin], dim=-1)
 
 
-def attention_bias(key_mask: torch.Tensor, start, seqlen: int, dtype) -> torch.Tensor:
-    """(B, 1, T, S) additive mask: 0 where slot s is real and s <= the query's slot, else dtype's min.
+def attention_bias(key_mask: torch.Tensor | None, start, seqlen: int, dtype, n_keys: int | None = None,
+                   device=None) -> torch.Tensor:
+    """(B or 1, 1, T, S) additive mask: 0 where slot s is real and s <= the query's slot, else dtype's min.
 
-    start: an int (S = start + T), or a (1,) device tensor for static shapes (S = every slot of key_mask,
-    nothing read back to the host: what a captured CUDA graph needs). The min is finite, so a query row
-    with no visible key (a left pad) gets a uniform softmax, not NaN.
+    start: an int (S = start + T), or a device tensor for static shapes (S = n_keys, every slot of the
+    cache, nothing read back to the host: what a captured CUDA graph needs), either (1,) (every row at the
+    same slot) or (B,) (each row at its own slot: continuous batching). key_mask (B, >= S) marks the real
+    slots; None: every slot below the query is real. The min is finite, so a query row with no visible
+    key (a left pad) gets a uniform softmax, not NaN.
     """
-    dev = key_mask.device
     if isinstance(start, torch.Tensor):
-        keys, queries = torch.arange(key_mask.shape[1], device=dev), start + torch.arange(seqlen, device=dev)
+        dev = start.device
+        n_keys = key_mask.shape[1] if key_mask is not None else n_keys
+        queries = start[:, None] + torch.arange(seqlen, device=dev)  # (1 or B, T)
+        keys = torch.arange(n_keys, device=dev)
     else:
-        keys, queries = torch.arange(start + seqlen, device=dev), torch.arange(start, start + seqlen, device=dev)
-        key_mask = key_mask[:, :start + seqlen]
-    visible = (keys[None, :] <= queries[:, None])[None] & key_mask[:, None, :]  # (B, T, S)
+        dev = key_mask.device if key_mask is not None else device
+        keys, queries = torch.arange(start + seqlen, device=dev), torch.arange(start, start + seqlen, device=dev)[None]
+        key_mask = key_mask[:, :start + seqlen] if key_mask is not None else None
+    visible = keys <= queries[:, :, None]  # (1 or B, T, S)
+    if key_mask is not None:
+        visible = visible & key_mask[:, None, :]
     bias = torch.zeros(visible.shape, dtype=dtype, device=dev).masked_fill_(~visible, torch.finfo(dtype).min)
     return bias[:, None]
 
@@ -178,8 +186,9 @@ class MLA(nn.Module):
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
         latent, k_pe = self.kv_a_layernorm(latent), apply_rope(k_pe, cos, sin)  # (B, T, rank), (B, T, rope)
         if isinstance(start, torch.Tensor):  # static shapes: write at device-side slots, attend to all slots
-            slots = start + torch.arange(seqlen, device=x.device)
-            kv, pe = kv_cache.index_copy_(1, slots, latent), pe_cache.index_copy_(1, slots, k_pe)
+            rows = torch.arange(bsz, device=x.device)[:, None]  # start (1,): one slot for all rows; (B,): its own
+            slots = start[:, None] + torch.arange(seqlen, device=x.device)  # (1 or B, T)
+            kv, pe = kv_cache.index_put_((rows, slots), latent), pe_cache.index_put_((rows, slots), k_pe)
         else:
             kv_cache[:, start:start + seqlen], pe_cache[:, start:start + seqlen] = latent, k_pe
             kv, pe = kv_cache[:, :start + seqlen], pe_cache[:, :start + seqlen]  # (B, S, rank), (B, S, rope)
@@ -317,8 +326,8 @@ class Transformer(nn.Module):
                 hidden: torch.Tensor | None = None) -> torch.Tensor:
         """tokens/positions (B, T) in cache slots start..start+T-1, key_mask (B, >= start+T) -> (B, vocab).
 
-        start: int, or a (1,) device tensor for static shapes (attention over every cache slot, masked by
-        key_mask: the form a CUDA graph captures). naive (default: start == 0) expands the latents, else
+        start: int, or a (1,) or (B,) device tensor for static shapes (attention over every cache slot, masked
+        by key_mask, or, if None, by each row's start: the form a CUDA graph captures). naive (default: start == 0) expands the latents, else
         kv_b_proj is absorbed; all_positions returns (B, T, vocab). A stage after the first takes the
         previous stage's `hidden` (B, T, dim) instead of embedding `tokens` (still read for their shape);
         a stage before the last returns its hidden states (B, T, dim).
@@ -327,7 +336,8 @@ class Transformer(nn.Module):
         h = self.model.embed_tokens(tokens) if self.first else hidden  # (B, T, dim)
         with self.timers.compute("rope"):
             rope = rope_cos_sin(self.rope_inv_freq, positions, self.rope_factor, h.dtype)
-            bias = attention_bias(key_mask, start, tokens.shape[1], h.dtype)  # (B, 1, T, S)
+            n_keys = cache.kv[self.stage_layers.start].shape[1]
+            bias = attention_bias(key_mask, start, tokens.shape[1], h.dtype, n_keys, h.device)  # (B|1, 1, T, S)
         for block in self.blocks():
             h = block(h, rope, bias, cache, start, naive)
         if not self.last:

@@ -134,7 +134,9 @@ class Pipeline:
             if self.place.prev is not None:
                 hidden = torch.empty(b - a, t, model.margs.dim, dtype=model.dtype, device=tokens.device)
                 self.pp.recv("pp.recv", hidden, self.place.prev, tag=k)
-            out = model(tokens[a:b], positions[a:b], key_mask[a:b], part, start, naive, all_positions, hidden=hidden)
+            rows_start = start[a:b] if isinstance(start, torch.Tensor) and start.numel() > 1 else start  # per row
+            mask = key_mask[a:b] if key_mask is not None else None
+            out = model(tokens[a:b], positions[a:b], mask, part, rows_start, naive, all_positions, hidden=hidden)
             if self.place.next is not None:
                 sends.append((self.pp.isend("pp.send", out, self.place.next, tag=k), out))
             else:

@@ -157,33 +157,43 @@ def iter_static(world: World, items: list[WorkItem] | None, batch: int) -> Itera
 
 
 class Progress:
-    """Prompts done, summed on rank 0 (tqdm bar there); leaders report with non-blocking sends."""
+    """Prompts done and their output tokens, summed on rank 0 (tqdm bar there, output tokens/s since the
+    bar's start as its postfix); leaders report (prompts, tokens) with non-blocking sends."""
 
     def __init__(self, world: World, total: int, enabled: bool = True, initial: int = 0):
         self.world, self.total, self.done, self.pending = world, total, initial, []
+        self.tokens, self.start = 0, time.perf_counter()  # this run's: --resume's earlier prompts don't count
         self.received = 0  # reports from other leaders (rank 0)
         self.bar = None
         if world.rank == 0 and enabled:
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, unit="prompt", desc="prompts", dynamic_ncols=True)
 
-    def update(self, n: int) -> None:
-        """A leader finished n prompts (a dedicated orchestrator counts the rows it receives: `add`)."""
+    def update(self, n: int, tokens: int = 0) -> None:
+        """A leader finished n prompts with `tokens` output tokens in all (a dedicated orchestrator counts the
+        rows it receives: `add`)."""
         if not self.world.is_leader or self.world.first:
             return
         if self.world.rank == 0:
-            self._count(n)
+            self._count(n, tokens)
             self._poll()
         else:
-            self.pending.append(self.world.comm.isend(n, dest=0, tag=TAG_PROGRESS))
+            self.pending.append(self.world.comm.isend((n, tokens), dest=0, tag=TAG_PROGRESS))
 
-    def add(self, n: int) -> None:
-        """Rank 0: n more prompts are done."""
-        self._count(n)
+    def add(self, n: int, tokens: int = 0) -> None:
+        """Rank 0: n more prompts are done, with `tokens` output tokens."""
+        self._count(n, tokens)
 
-    def _count(self, n: int) -> None:
+    def rate(self) -> float:
+        """Output tokens per second since the start."""
+        return self.tokens / max(time.perf_counter() - self.start, 1e-9)
+
+    def _count(self, n: int, tokens: int = 0) -> None:
         self.done += n
+        self.tokens += tokens
         if self.bar is not None:
+            if self.tokens:  # before bar.update, which redraws
+                self.bar.set_postfix_str(f"{self.rate():,.1f} tok/s", refresh=False)
             self.bar.update(n)
 
     def _poll(self, until: int | None = None) -> None:
@@ -195,7 +205,7 @@ class Progress:
                 return self.received < until
             return comm.iprobe(source=MPI.ANY_SOURCE, tag=TAG_PROGRESS)
         while more():
-            self._count(comm.recv(source=MPI.ANY_SOURCE, tag=TAG_PROGRESS))
+            self._count(*comm.recv(source=MPI.ANY_SOURCE, tag=TAG_PROGRESS))
             self.received += 1
 
     def close(self) -> None:
@@ -207,6 +217,19 @@ class Progress:
             if self.bar is not None:
                 self.bar.close()
         MPI.Request.waitall(self.pending)
+
+
+def hand_over(world: World, outbox: list | None, on_rows=None) -> None:
+    """Every rank, with a dedicated orchestrator: the rows a leader finished after its last request (the
+    continuous loop still decodes when the dispatcher runs dry) go to rank 0's on_rows. No-op inline."""
+    if not world.first:
+        return
+    parts = world.comm.gather(list(outbox or ()), root=0)
+    if outbox:
+        outbox.clear()
+    rows = [r for part in parts or () for r in part]
+    if world.rank == 0 and rows and on_rows is not None:
+        on_rows(rows)
 
 
 def gather_results(world: World, results: list[Result], n_items: int | None = None,

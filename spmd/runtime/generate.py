@@ -1,8 +1,10 @@
 """Prefill / decode / generate on token ids, for any engine that implements `Stepper`.
 
-Greedy (temperature 0) or seeded sampling: each prompt draws from its own generator seeded with
-`seed + prompt index`, so a prompt's tokens do not depend on which batch or replica served it, and
-every rank of a model group (same logits, same generator) picks the same token.
+Greedy (temperature 0) or seeded sampling: each prompt draws from its own generator seeded with its
+request's seed (default `--seed + prompt index`), so a prompt's tokens do not depend on which batch,
+slot or replica served it, and every rank of a model group (same logits, same generator) picks the same
+token. `generate` runs one static batch; spmd.runtime.scheduler runs continuous batching on the same
+`sample` and `ended`.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from spmd.runtime.records import Result, WorkItem
+from spmd.runtime.records import Result, Sampling, WorkItem
 
 
 @dataclass(frozen=True)
@@ -57,55 +59,88 @@ def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
     return tokens.to(device), mask.to(device)
 
 
-def sample(logits: torch.Tensor, cfg: GenConfig, gens: list[torch.Generator] | None) -> torch.Tensor:
-    """(B, V) logits → (B,) next ids: argmax, or top-p sampling with one generator per row."""
-    if cfg.temperature == 0 or gens is None:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)
-    if cfg.top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > cfg.top_p  # keep the smallest prefix reaching top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(gens)])
+def settings(item: WorkItem, cfg: GenConfig) -> Sampling:
+    """The item's own settings, or the run's (seed: --seed + the item's index)."""
+    if item.sampling is not None:
+        return item.sampling
+    return Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed + item.index)
 
 
-def _generators(indices: list[int], cfg: GenConfig, device) -> list[torch.Generator] | None:
-    if cfg.temperature == 0:
-        return None
-    return [torch.Generator(device=device).manual_seed(cfg.seed + i) for i in indices]
+def generators(rows: list[Sampling]) -> list[torch.Generator | None]:
+    """One CPU generator per sampled row, seeded with its request's seed: a request's draws depend on
+    nothing else (batch, slot, neighbours, layout); greedy rows get None."""
+    return [torch.Generator().manual_seed(r.seed) if r.temperature > 0 else None for r in rows]
 
 
-def generate(stepper: Stepper, batch: list[WorkItem], cfg: GenConfig, timers=None) -> list[Result]:
-    """Generate for a batch of work items; one Result per row, in batch order.
+def sample(logits: torch.Tensor, rows: list[Sampling], gens: list[torch.Generator | None]) -> list[int]:
+    """(>= R, V) logits → R next ids: argmax for greedy rows; for sampled rows, top-p sampling at their
+    temperature by inverse CDF of one uniform drawn from the row's own generator (one batched kernel)."""
+    logits = logits[:len(rows)]
+    out = logits.argmax(dim=-1).tolist()
+    picked = [r for r, s in enumerate(rows) if s.temperature > 0]
+    if not picked:
+        return out
+    dev = logits.device
+    temp = torch.tensor([rows[r].temperature for r in picked], device=dev)[:, None]
+    probs = torch.softmax(logits[picked].float() / temp, dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    top_p = torch.tensor([rows[r].top_p for r in picked], device=dev)[:, None]
+    drop = (sorted_p.cumsum(-1) - sorted_p > top_p) & (top_p < 1.0)  # keep the smallest prefix reaching top_p
+    cum = sorted_p.masked_fill(drop, 0.0).cumsum(-1)
+    u = torch.tensor([torch.rand(1, generator=gens[r]).item() for r in picked], device=dev)
+    at = torch.searchsorted(cum, (u * cum[:, -1])[:, None]).clamp(max=cum.shape[1] - 1)
+    for r, tok in zip(picked, order.gather(1, at)[:, 0].tolist()):
+        out[r] = tok
+    return out
 
-    ttft_s: batch start → first token of the row; latency_s: batch start → the row's last token.
-    A row stops after EOS (included in its tokens) or max_new_tokens.
+
+def ended(tokens: list[int], row: Sampling, eos_id: int, stop_hit=None) -> str:
+    """Why a row ends after its last token: "stop" (EOS, unless ignore_eos; a stop string), "length"
+    (its max new tokens), or "" (it goes on). stop_hit(tokens, stops): spmd.runtime.prompts.StopStrings.hit."""
+    if tokens[-1] == eos_id and not row.ignore_eos:
+        return "stop"
+    if row.stop and stop_hit is not None and stop_hit(tokens, row.stop):
+        return "stop"
+    return "length" if len(tokens) >= row.max_new_tokens else ""
+
+
+def generate(stepper: Stepper, batch: list[WorkItem], cfg: GenConfig, timers=None, stop_hit=None,
+             stats: dict | None = None) -> list[Result]:
+    """Generate for a static batch of work items; one Result per row, in batch order.
+
+    ttft_s: batch start → first token of the row; latency_s: batch start → the row's last token. A row
+    ends as `ended` says; the batch runs until its last row ends (finished rows are fed pads). stats
+    (optional): decode_steps and slot_steps (steps × rows) are added to it.
     """
     t0 = time.perf_counter()
-    indices = [it.index for it in batch]
+    rows = [settings(it, cfg) for it in batch]
     tokens, mask = left_pad([it.ids for it in batch], cfg.pad_id, stepper.device)
-    gens = _generators(indices, cfg, stepper.device)
+    gens = generators(rows)
     _phase(timers, "prefill", 0)
-    nxt = sample(stepper.prefill(tokens, mask), cfg, gens).tolist()
+    nxt = sample(stepper.prefill(tokens, mask), rows, gens)
     ttft = time.perf_counter() - t0
     out: list[list[int]] = [[] for _ in batch]
-    finish = [0.0] * len(batch)
-    for step in range(cfg.max_new_tokens):
+    finish, why = [0.0] * len(batch), [""] * len(batch)
+    step = 0
+    while True:
         now = time.perf_counter() - t0
         for r, tok in enumerate(nxt):
-            if not finish[r]:
+            if not why[r]:
                 out[r].append(tok)
-                if tok == cfg.eos_id or len(out[r]) == cfg.max_new_tokens:
-                    finish[r] = now
-        if all(finish):
+                why[r] = ended(out[r], rows[r], cfg.eos_id, stop_hit)
+                finish[r] = now
+        if all(why):
             break
-        _phase(timers, "decode", step + 1)
-        feed = torch.tensor([cfg.pad_id if finish[r] else t for r, t in enumerate(nxt)], device=stepper.device)
-        nxt = sample(stepper.decode(feed), cfg, gens).tolist()
+        step += 1
+        _phase(timers, "decode", step)
+        feed = torch.tensor([cfg.pad_id if why[r] else t for r, t in enumerate(nxt)], device=stepper.device)
+        nxt = sample(stepper.decode(feed), rows, gens)
     stepper.release()
     _phase(timers, "other", -1)  # what follows (dispatch, gather) is no step: the watchdog stops timing
-    return [Result(i, o, ttft, f) for i, o, f in zip(indices, out, finish)]
+    if stats is not None:
+        stats["decode_steps"] = stats.get("decode_steps", 0) + step
+        stats["slot_steps"] = stats.get("slot_steps", 0) + step * len(batch)
+    return [Result(it.index, o, ttft, f, finish_reason=w) for it, o, f, w in zip(batch, out, finish, why)]
 
 
 @torch.inference_mode()

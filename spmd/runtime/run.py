@@ -8,19 +8,21 @@ its batch, exit 75.
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import asdict
 
 from mpi4py import MPI
 
 from spmd import config
 from spmd.config import ModelArgs, RunArgs, UsageError
+from spmd.config.cli import gpu_visible
 from spmd.engines import build_engine
 from spmd.obs.merge import merge
 from spmd.obs.profile import Profiler
 from spmd.obs.metadata import run_metadata
 from spmd.obs.timers import Timers
 from spmd.parallel.errors import agree, on_root
-from spmd.runtime import dispatch, faults, prompts, resume, score, stop, world as world_mod
+from spmd.runtime import dispatch, faults, prompts, resume, score, stop, summary, world as world_mod
 from spmd.runtime.prompts import PromptSet
 from spmd.runtime.serve import ServeContext, serve
 
@@ -43,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(comm, argv) -> None:
-    args = config.parse_args(argv)  # same argv everywhere: the same result, or the same UsageError, on every rank
+    # same argv and GPU answer everywhere: the same result, or the same UsageError, on every rank (the --device
+    # default: a dedicated orchestrator's host may have no GPU while the model ranks' hosts do)
+    args = config.parse_args(argv, gpu=comm.allreduce(gpu_visible(), op=MPI.LOR))
     first = int(args.orchestrator == "dedicated")  # world rank of the first model rank
     guard = agree(comm, lambda: faults.Guard.from_env(comm.rank, comm.size))  # SPMD_FAULT, SPMD_WATCHDOG_S
     # before the paths and the model's shape, so a world that fits no group says so first (make_world,
@@ -70,11 +74,14 @@ def run(comm, argv) -> None:
     if scoring is not None and not comm.allreduce(engine is None or hasattr(engine, "score"), op=MPI.LAND):
         raise UsageError(f"--engine {args.engine} has no score method: it cannot --score")
     ctx = ServeContext(world, engine, args, margs, timers, scoring)
+    serve_ns, run_summary = timers.now_ns(), None  # the aligned clock runs with timers off too: load_s
     results = dispatch.gather_results(world, serve(ctx, prompt_set, n, done), n, prior=done or ())
+    wall_s = (timers.now_ns() - serve_ns) / 1e9
     if world.rank == 0:
         results = write_outputs(args, prompt_set, results, scoring, done, timers)
+        run_summary = summary.report_run(args, prompt_set, results, ctx.stats, timers, serve_ns, wall_s)
     prof.close()
-    write_traces(world, args, margs, timers, engine, results)
+    write_traces(world, args, margs, timers, engine, results, run_summary)
     if engine is not None:
         engine.close()  # before the process groups: a live CUDA graph holding NCCL work hangs their teardown
     world_mod.shutdown(world)
@@ -111,19 +118,24 @@ def _attempt(fn):
 
 
 def read_and_tokenize(args: RunArgs, margs: ModelArgs) -> PromptSet:
-    """Rank 0: prompts, their token ids and the tokenizer (kept on rank 0)."""
+    """Rank 0: prompts, their token ids, their settings and the tokenizer (kept on rank 0)."""
     read = prompts.read_prompts(args.prompts)
     tokenizer = prompts.load_tokenizer(args.checkpoint)
     ids = prompts.encode(tokenizer, read, args.chat)
-    prompts.check_context(read, ids, args.max_new_tokens, margs.max_seq_len)
-    return PromptSet(read, ids, tokenizer)
+    sampling = [prompts.sampling_of(p, i, args) for i, p in enumerate(read)]
+    prompts.check_context(read, ids, sampling, margs.max_seq_len)
+    return PromptSet(read, ids, tokenizer, sampling, prompts.file_format(read))
 
 
 def write_outputs(args: RunArgs, prompt_set: PromptSet, results, scoring, done, timers) -> list[dict]:
-    """Rank 0: the output file (atomic), then the progress directory goes; returns this run's results."""
+    """Rank 0: the output file (atomic; the OpenAI batch output for an OpenAI batch input), then the
+    progress directory goes; returns this run's results."""
     timers.set_phase("other")
     with timers.io("outputs.write"):
-        rows = prompts.output_rows(prompt_set.prompts, prompt_set.ids, results, prompt_set.tokenizer)
+        rows = prompts.output_rows(prompt_set.prompts, prompt_set.ids, results, prompt_set.tokenizer,
+                                   prompt_set.sampling)
+        if prompt_set.format == "openai":  # a request without body.model gets the checkpoint's name
+            rows = prompts.batch_rows(prompt_set.prompts, rows, args.checkpoint.resolve().name)
         prompts.write_jsonl(args.output, score.attach(rows, results, scoring))
     resume.finish(args.output)  # the output is complete: drop the progress directory
     if not done:
@@ -132,8 +144,9 @@ def write_outputs(args: RunArgs, prompt_set: PromptSet, results, scoring, done, 
     return [r for r in results if r.index not in earlier]
 
 
-def write_traces(world, args: RunArgs, margs: ModelArgs, timers, engine, results) -> None:
-    """Every rank writes its HDF5 file (rank 0's counts the tokens generated); rank 0 merges them."""
+def write_traces(world, args: RunArgs, margs: ModelArgs, timers, engine, results, run_summary=None) -> None:
+    """Every rank writes its HDF5 file (rank 0's counts the tokens generated and holds the run summary, for
+    traces.report); rank 0 merges them."""
     if args.trace_dir is None:
         return
     meta = run_metadata(world_mod.topology(world))
@@ -141,6 +154,8 @@ def write_traces(world, args: RunArgs, margs: ModelArgs, timers, engine, results
                 engine_info=getattr(engine, "info", {}))
     if results is not None:
         meta["tokens_generated"] = sum(len(r.tokens) for r in results)
+    if run_summary is not None:
+        meta["summary"] = json.dumps(run_summary)
     timers.write(args.trace_dir, meta)
     world.comm.Barrier()
     if world.rank == 0:

@@ -28,7 +28,7 @@ EX_TEMPFAIL = 75  # spmd.runtime.stop.EX_TEMPFAIL
 
 N = 20
 BASE = ["--prompts", str(PROMPTS20), "--engine", "native", "--dtype", "fp32", "--max-new-tokens", "6",
-        "--batch-size", "4", "--no-progress"]
+        "--batch-size", "4", "--slots", "2", "--no-progress"]
 RUN_TIMEOUT = 300  # seconds for any one mpirun (about 35 s here, with the CI job beside us)
 # the rank wrapper: start the program, publish its pid, wait, record its exit status
 WRAPPER = ('"$@" & pid=$!; echo $pid > "$SPMD_TEST_PIDS/rank-$OMPI_COMM_WORLD_RANK.pid"; '

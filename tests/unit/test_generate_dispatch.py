@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from spmd.runtime.dispatch import balance
-from spmd.runtime.records import WorkItem
-from spmd.runtime.generate import GenConfig, generate, left_pad, sample
+from spmd.runtime.records import Sampling, WorkItem
+from spmd.runtime.generate import GenConfig, generate, generators, left_pad, sample
 
 V = 11
 
@@ -53,19 +53,25 @@ def test_generate_stops_per_row_on_eos_and_max_tokens():
 
 def test_sampling_is_seeded_per_prompt_not_per_batch():
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
-    cfg = GenConfig(4, 1, 0, temperature=1.0, top_p=0.9, seed=5)
-    gens = lambda idx: [torch.Generator().manual_seed(cfg.seed + i) for i in idx]  # noqa: E731
-    full = sample(logits, cfg, gens([0, 1, 2]))
-    alone = sample(logits[1:2], cfg, gens([1]))
+    rows = [Sampling(4, 1.0, 0.9, seed=5 + i) for i in range(3)]
+    full = sample(logits, rows, generators(rows))
+    alone = sample(logits[1:2], rows[1:2], generators(rows[1:2]))
     assert full[1] == alone[0]
-    assert torch.equal(sample(logits, GenConfig(4, 1, 0), None), logits.argmax(-1))
+    mixed = [Sampling(4), rows[1], Sampling(4)]  # greedy rows beside a sampled one: argmax, same draw
+    got = sample(logits, mixed, generators(mixed))
+    assert got[0] == logits[0].argmax().item() and got[2] == logits[2].argmax().item() and got[1] == alone[0]
+    greedy = [Sampling(4)] * 3
+    assert sample(logits, greedy, generators(greedy)) == logits.argmax(-1).tolist()
 
 
 def test_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([[0.6, 0.3, 0.05, 0.05]]))
-    cfg = GenConfig(1, 9, 0, temperature=1.0, top_p=0.5)
-    draws = {sample(logits, cfg, [torch.Generator().manual_seed(s)]).item() for s in range(50)}
+    draws = {sample(logits, [Sampling(1, 1.0, 0.5, seed=s)], generators([Sampling(1, 1.0, 0.5, seed=s)]))[0]
+             for s in range(50)}
     assert draws == {0}
+    wide = {sample(logits, [Sampling(1, 1.0, 1.0, seed=s)], generators([Sampling(1, 1.0, 1.0, seed=s)]))[0]
+            for s in range(200)}
+    assert wide == {0, 1, 2, 3}  # every token can come without top-p
 
 
 def test_balance_is_complete_and_balanced():

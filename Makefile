@@ -12,7 +12,7 @@ NP ?= 2
 ENV := . launch/env.sh &&
 MPIRUN := $(ENV) mpirun
 
-.PHONY: install install-perf run test test-quick test-unit test-mpi test-launch checkpoints gpu-native gpu-bench bench baseline validate gpu-validate model scaling gpu-scaling paper container clean
+.PHONY: install install-perf run test test-quick test-unit test-mpi test-launch checkpoints gpu-native gpu-bench gpu-serve-bench serve-bench-cpu bench baseline validate gpu-validate model scaling gpu-scaling paper container clean
 
 install: $(STAMP)
 
@@ -93,6 +93,16 @@ gpu-native:
 gpu-bench:
 	bash launch/deepspeed_site.sh build/site || echo "gpu-bench: DeepSpeed not installed (.whl/ missing?): its row will hold the error"
 	. launch/env.sh && PYTHONPATH=$$PWD/build/site:$$PYTHONPATH python3 -m traces.gpu_bench all --out traces/results/bench
+
+# Same machine kind, 1 GPU, the FP8 slice (written if missing): a chat-like workload (traces/workload.py) through
+# the program as static batches of 8, static at 64/128/256, continuous batching, + the long-prompt check;
+# traces/results/serve/<gpu>-<date>.{json,md}. Options: SERVE_BENCH_OPTS (e.g. --prompts 128)
+gpu-serve-bench:
+	. launch/env.sh && python3 -m traces.serve_bench --device cuda --long $(SERVE_BENCH_OPTS)
+
+# Its CPU smoke run: the tiny checkpoint, 24 short requests, static 8 and 24, continuous, long prompts (< 1 min)
+serve-bench-cpu: $(STAMP) $(CKPT)/tiny-bf16/config.json
+	$(ENV) python -m traces.serve_bench --device cpu --long --checkpoint $(CKPT)/tiny-bf16 $(SERVE_BENCH_OPTS)
 
 # The decode performance model: fits to the stored slice measurements, the 2-GPU validation, the
 # projection of DeepSeek-V3.1 FP8 to 1-3 nodes of 8 GPUs (traces/results/model/model-<gpu>.md and .json)

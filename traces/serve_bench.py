@@ -224,7 +224,8 @@ def decode_check(a, row: dict, anchors: list[dict]) -> dict:
     shape, n = max(shapes.items(), key=lambda kv: kv[1])
     rows_, cols = map(int, shape.split("x"))
     steps.sort()
-    out = {"shape": shape, "shape_steps": n, "steps": len(steps), "median_ms_all_shapes": steps[len(steps) // 2]}
+    out = {"shape": shape, "shape_steps": n, "steps": len(steps), "median_ms_all_shapes": steps[len(steps) // 2],
+           "median_shape_ms": (row["summary"]["scheduler"].get("decode_ms_by_shape") or {}).get(shape)}
     at128 = next((r["decode_ms_step"] for r in anchors if r["batch"] == rows_), None)
     prompt = max(16, cols - STEPS - 8)
     # gpu_bench prefills every row in one forward: past ~64k tokens that alone runs out of memory

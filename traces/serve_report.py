@@ -123,7 +123,9 @@ def decode_lines(check: dict | None) -> list[str]:
     ours = check["median_shape_ms"] if check.get("median_shape_ms") else check["median_ms_all_shapes"]
     out = ["## Decode step (continuous vs gpu_bench)", "",
            f"Most frequent decode shape: {rows} rows x {cols} cache columns ({check['shape_steps']} of "
-           f"{check['steps']} steps); median step {ours:.2f} ms.", ""]
+           f"{check['steps']} steps); its step {ours:.2f} ms"
+           + (" (the loop's wall time per step at that shape, mean)." if check.get("median_shape_ms") else
+              " (median of every step's graph replay, all shapes: the run did not record steps per shape)."), ""]
     for key, what in (("gpu_bench_short_prompt_ms", "gpu_bench at that batch, short prompt"),
                       ("gpu_bench_same_length_ms", f"gpu_bench at that batch and ~{cols} cache columns")):
         ref = check.get(key)

@@ -137,6 +137,10 @@ class NativeEngine:
         """Move a request's first `cols` cache columns from slot src to slot dst."""
         self.slots.move(src, dst, cols)
 
+    def last_shape(self) -> str:
+        """The shape ("RxS") of the last decode step of the slots."""
+        return self.slots.last if self.slots is not None else ""
+
     def decode_shapes(self) -> dict[str, int]:
         """Decode steps per (rows, columns) shape of the slots' step, as "RxS": count."""
         shapes = self.slots.shapes if self.slots is not None else {}

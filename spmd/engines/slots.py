@@ -50,6 +50,7 @@ class SlotCache:
         self.pool = pool
         self.graphs: dict[tuple[int, int], tuple] = {}  # (R, S) -> (graph, logits)
         self.shapes: Counter = Counter()  # decode steps per (R, S): the run summary's decode_shapes
+        self.last = ""  # the last step's shape, "RxS"
 
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in [*self.cache.kv, *self.cache.pe])
@@ -81,6 +82,7 @@ class SlotCache:
         used = len(tokens)
         rows, cols = self.shape(used, max(lens) + 1)
         self.shapes[(rows, cols)] += 1
+        self.last = f"{rows}x{cols}"
         host = torch.zeros(2, rows, dtype=torch.long)
         host[0, :used], host[1, :used] = torch.tensor(tokens), torch.tensor(lens)
         self.tokens[:rows, 0].copy_(host[0], non_blocking=True)

@@ -65,9 +65,13 @@ class Stats:
     admitted: int = 0
     moves: int = 0               # compactions (rows moved to lower slots)
     decode_shapes: dict = field(default_factory=dict)  # "RxS": steps, from the engine
+    decode_wall: dict = field(default_factory=dict)    # "RxS": (steps, seconds) of wall time
 
     def as_dict(self) -> dict:
-        return dict(batching="continuous", **self.__dict__)
+        out = dict(batching="continuous", **self.__dict__)
+        wall = out.pop("decode_wall")
+        out["decode_ms_by_shape"] = {k: round(1e3 * s / n, 3) for k, (n, s) in wall.items()}  # mean wall ms
+        return out
 
 
 class Scheduler:
@@ -185,16 +189,26 @@ class Scheduler:
         toks = [r.tokens[-1] if r is not None and r.decoding else 0 for r in self.rows[:used]]
         lens = [(len(r.item.ids) + len(r.tokens) - 1 if r.decoding else r.done) if r is not None else 0
                 for r in self.rows[:used]]
+        t0 = self.clock()
         logits = self.engine.decode_slots(toks, lens)
         self.stats.decode_steps, self.stats.slot_steps = step, self.stats.slot_steps + self.n_slots
         decoding = [s for s in range(used) if self.rows[s] is not None and self.rows[s].decoding]
         rows = [self.rows[s] for s in decoding]
         for r, tok in zip(rows, sample(logits[decoding], [r.sampling for r in rows], [r.gen for r in rows])):
             r.tokens.append(tok)
+        self._time_step(self.clock() - t0)
         if step % FLUSH_STEPS == 0:
             self.timers.flush()
         self.timers.set_phase("other", -1)
         return results + self._finish()
+
+    def _time_step(self, seconds: float) -> None:
+        """Wall time of a decode step per shape: inputs to the device, the step, sampling, tokens on the host
+        (the sync): what the loop pays per step, to hold against gpu_bench's step at that shape."""
+        shape = getattr(self.engine, "last_shape", lambda: "")()
+        if shape:
+            n, total = self.stats.decode_wall.get(shape, (0, 0.0))
+            self.stats.decode_wall[shape] = (n + 1, total + seconds)
 
     def _compact(self) -> None:
         """Move rows from high slots into free low ones when that shrinks the decode step's rows (its shape

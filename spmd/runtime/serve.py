@@ -63,6 +63,9 @@ def serve(ctx: ServeContext, prompt_set, n: int, done: list[Result] | None = Non
     stop_hit = _stop_strings(ctx, prompt_set, items)
     need = world.comm.bcast((len(items), max((len(it.ids) + settings(it, cfg).max_new_tokens for it in items),
                                              default=1)) if world.rank == 0 else None, root=0)
+    if args.max_context and args.max_context < need[1]:  # every rank, the orchestrator too: all exit 2
+        raise UsageError(f"--max-context {args.max_context} is shorter than the longest prompt + its new tokens "
+                         f"({need[1]})")
     if world.is_orchestrator:
         return orchestrate(ctx, prompt_set.tokenizer, items, n, n_prior, prompt_ids, halt)
     writer = resume.Writer(args.output, world.replica, prompt_ids) if world.is_leader and not world.first else None
@@ -85,9 +88,11 @@ def serve(ctx: ServeContext, prompt_set, n: int, done: list[Result] | None = Non
 
 def batching(args: RunArgs, engine) -> str:
     """--batching: continuous where the engine has slots (native) and there is generation to do."""
+    if args.score_only:  # nothing to generate: scoring batches only
+        return "static"
     if args.batching != "auto":
         return args.batching
-    return "continuous" if hasattr(engine, "open_slots") and not args.score_only else "static"
+    return "continuous" if hasattr(engine, "open_slots") else "static"
 
 
 def _serve_static(ctx: ServeContext, items, cfg: GenConfig, halt, sink: "Sink") -> dict:
@@ -114,9 +119,6 @@ def _serve_continuous(ctx: ServeContext, items, cfg: GenConfig, halt, sink: "Sin
     """Decode slots sized to memory, refilled as rows end (spmd.runtime.scheduler). n_items: the requests
     to run; need: the longest prompt + its new tokens (both from rank 0)."""
     world, args = ctx.world, ctx.args
-    if args.max_context and args.max_context < need:
-        raise UsageError(f"--max-context {args.max_context} is shorter than the longest prompt + its new tokens "
-                         f"({need})")
     if args.dispatch == "static":
         share = dispatch.longest_first(dispatch.scatter_static(world, items))
         source, n_requests = iter([share]), len(share)

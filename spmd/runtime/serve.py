@@ -20,7 +20,7 @@ from spmd.runtime.records import Result, WorkItem
 from spmd.runtime.scheduler import Scheduler
 from spmd.runtime.score import Scoring, work_items
 
-FLUSH_S = 0.5  # a leader appends finished rows to its progress file at most this often (one fsync each)
+FLUSH_S = 0.1  # a leader appends finished rows to its progress file at most this often (one fsync each)
 
 
 @dataclass(frozen=True)

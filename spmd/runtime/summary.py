@@ -10,7 +10,7 @@ latency_p50_s, latency_p95_s, queue_p50_s (Result's fields: admission → first 
 it → admission), load_s (the aligned start, after the world is set up, to the start of serving),
 decode_comm_share (rank 0's decode-phase collective time over its timed decode time, as traces.report's
 comm %), gpu_busy_share / gpu_idle_share (rank 0's GPU-timed compute and comm spans, their union, over
-wall_s), output, scheduler (the serving loops' numbers, ``ServeContext.stats``, plus step_efficiency = output_tokens /
+wall_s), output, scheduler (the serving loops' numbers, ``ServeContext.stats``, plus step_efficiency = (output_tokens - first tokens) /
 slot_steps when slot_steps > 0). A number that cannot be had is None (timers off: no --trace-dir).
 """
 from __future__ import annotations
@@ -79,8 +79,8 @@ def summarize(results: Sequence[Result], prompt_lengths: Sequence[int], wall_s: 
     ttft = _percentiles([r.ttft_s for r in results], (50, 95))
     latency = _percentiles([r.latency_s for r in results], (50, 95))
     sched = {k: _plain(v) for k, v in (scheduler or {}).items()}
-    if sched.get("slot_steps"):
-        sched["step_efficiency"] = out_tokens / sched["slot_steps"]
+    if sched.get("slot_steps"):  # a row's first token comes from its prefill, the rest from decode slot-steps
+        sched["step_efficiency"] = (out_tokens - sum(1 for r in results if r.tokens)) / sched["slot_steps"]
     busy = shares.gpu_busy_share
     return {
         "prompts": len(results), "input_tokens": sum(int(prompt_lengths[r.index]) for r in results),

@@ -186,7 +186,7 @@ def test_kill_early_then_resume_same_layout(tiny_bf16, reference, tmp_path):
 def test_kill_later_torn_line_then_resume_other_layout(tiny_bf16, reference, tmp_path):
     """Killed after >= 8 prompts; the last line of one file torn in half; resumed as one group of 2 ranks."""
     out = tmp_path / "out.jsonl"
-    lines = _killed_run(tmp_path, tiny_bf16, out, 8)
+    lines = _killed_run(tmp_path, tiny_bf16, out, 8, "--slots", "1")  # one row at a time: lines come steadily
     f = max(progress_dir(out).glob("replica-*.jsonl"), key=lambda p: p.stat().st_size)
     data = f.read_bytes().splitlines(keepends=True)
     f.write_bytes(b"".join(data[:-1]) + data[-1][: len(data[-1]) // 2])  # a kill in the middle of a write

@@ -31,4 +31,4 @@ def test_prompt_ids_never_become_paths(tiny_bf16, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ids
     made = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
-    assert made == ["in/p.jsonl", "out/o.jsonl"], made
+    assert made == ["in/p.jsonl", "out/o.jsonl", "out/o.summary.json"], made  # names from --output only

@@ -2,8 +2,9 @@
 is left out here: `perf script` on libtorch takes half a minute) and --profile torch, then
 ``python -m traces.merge`` and ``python -m traces.report --plots``.
 
-Checks: every named collective of the native engine appears on every rank with the byte count its
-shape gives; every rank's events lie inside the run window on the aligned clock, and the torch.profiler
+Checks (static batches of BATCH rows, `--batching static`, so that every decode step has one shape; a
+continuous step makes the same calls with its own row count): every named collective of the native engine
+appears on every rank with the byte count its shape gives; every rank's events lie inside the run window on the aligned clock, and the torch.profiler
 ops of the window fall inside the decode steps they profiled; the merge is idempotent.
 """
 
@@ -43,7 +44,7 @@ def run(tmp_path_factory):
     cmd = ["mpirun", "-n", "2", str(ROOT / "launch/rank.sh"), sys.executable, "-m", "mpi4py", "-m", "spmd",
            "--checkpoint", str(ckpt), "--prompts", str(prompts), "--output", str(tmp / "out.jsonl"),
            "--trace-dir", str(trace), "--engine", "native", "--group-size", "2", "--dtype", "fp32",
-           "--max-new-tokens", str(NEW), "--batch-size", str(BATCH), "--no-progress",
+           "--max-new-tokens", str(NEW), "--batching", "static", "--batch-size", str(BATCH), "--no-progress",
            "--profile", "torch", "--profile-steps", f"{STEPS[0]}:{STEPS[1]}"]
     t0 = time.perf_counter_ns()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)

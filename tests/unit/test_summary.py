@@ -32,7 +32,8 @@ def test_summarize_counts_rates_and_percentiles():
     assert d["ttft_p50_s"] == pytest.approx(0.25) and d["ttft_p95_s"] == pytest.approx(0.385)  # numpy linear
     assert d["latency_p50_s"] == pytest.approx(2.5) and d["latency_p95_s"] == pytest.approx(3.85)
     assert d["queue_p50_s"] == pytest.approx(0.75)
-    assert d["scheduler"]["step_efficiency"] == pytest.approx(0.8) and type(d["scheduler"]["slot_steps"]) is int
+    assert d["scheduler"]["step_efficiency"] == pytest.approx(12 / 20)  # 16 tokens, 4 of them from prefill
+    assert type(d["scheduler"]["slot_steps"]) is int
     assert d["decode_comm_share"] is d["gpu_busy_share"] is d["gpu_idle_share"] is None  # no timers
     assert d["output"] == "out/x.jsonl"
     json.dumps(d)  # JSON as it is
@@ -84,12 +85,12 @@ def test_report_run_writes_the_json_and_prints_the_path(tmp_path, capsys):
     assert summary.summary_path(out) == path and json.loads(path.read_text()) == d
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temporary file left
     assert d["load_s"] == 2.0 and d["decode_comm_share"] == pytest.approx(0.25)
-    assert d["gpu_busy_share"] is None and d["scheduler"]["step_efficiency"] == 0.5
+    assert d["gpu_busy_share"] is None and d["scheduler"]["step_efficiency"] == 12 / 32
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "summary:   4 prompts, 100 input + 16 output tokens in 8.00 s: 2.0 output tokens/s"
     assert lines[1].startswith("latency:   TTFT p50/p95 0.250/0.385 s, latency p50/p95 2.50/3.85 s")
     assert lines[2] == "time:      load 2.00 s, decode comm share 25%"
-    assert "step efficiency 50%" in lines[3] and "decode steps 5" in lines[3]
+    assert "step efficiency 38%" in lines[3] and "decode steps 5" in lines[3]
     assert lines[4] == f"output:    {out} (summary: {path})"
     assert len({line.index(line.split(":", 1)[1].strip()) for line in lines}) == 1  # one text column
 

@@ -143,6 +143,20 @@ def whole_world():
         shutdown(w)
 
 
+def triton_check(code: str, timeout: float = 300, mpi: bool = False) -> None:
+    """Run `code` (a script that prints "ok" last) on CUDA, compiled, or else on CPU under Triton's
+    interpreter (TRITON_INTERPRET=1 set before triton is imported: a fresh process); its device is argv[1]."""
+    import torch
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
+    if dev == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    cmd = [sys.executable, *(["-m", "mpi4py"] if mpi else []), "-c", code, dev]
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-3000:]
+
+
 def _mpi_comm():
     if "mpi4py.MPI" not in sys.modules:
         return None

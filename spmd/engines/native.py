@@ -58,6 +58,7 @@ class NativeEngine:
         self.graphs = None if self.decode_mode == "eager" else GraphDecoder(self.model, timers, self.device,
                                                                             self.decode_mode)
         use_fused(self.model, self.decode_mode != "eager")  # graph, and static: the same ops eagerly
+        self.model.varlen_decode = varlen_decode(getattr(args, "mla_decode", "torch"), self.device, margs)
         self.cache = self.key_mask = self.pos = self.static = None
         self.cur = 0
         self.slots: SlotCache | None = None
@@ -192,6 +193,21 @@ def keep_fp8(flag: str, device: torch.device, ckpt_fp8: bool) -> bool:
         raise ValueError(f"--fp8-weights keep: the FP8 kernels need Triton and a CUDA device (or "
                          f"TRITON_INTERPRET=1), device here: {device}")
     return flag == "keep" or (flag == "auto" and device.type == "cuda" and triton_available(device))
+
+
+def varlen_decode(flag: str, device: torch.device, margs) -> bool:
+    """--mla-decode varlen: continuous decode attention by spmd.kernels.mla_decode (Triton, CUDA or its
+    interpreter); refused where it cannot run."""
+    if flag != "varlen":
+        return False
+    from spmd.kernels.fp8 import triton_available
+    from spmd.kernels.mla_decode import fits
+
+    if not triton_available(device) or not fits(margs.n_heads, margs.kv_lora_rank, margs.qk_rope_head_dim):
+        raise ValueError(f"--mla-decode varlen needs Triton on a CUDA device (or TRITON_INTERPRET=1) and "
+                         f"kv_lora_rank, qk_rope_head_dim powers of two >= 16; here {device}, "
+                         f"{margs.kv_lora_rank}, {margs.qk_rope_head_dim}")
+    return True
 
 
 def decode_mode(flag: str, device: torch.device, moe_path: str) -> str:

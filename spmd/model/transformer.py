@@ -20,6 +20,7 @@ from torch import nn
 from spmd.kernels import fused
 from spmd.config import ModelArgs
 from spmd.kernels.fp8 import triton_available
+from spmd.kernels.mla_decode import mla_decode
 from spmd.model.moe import MLP, MoE
 from spmd.parallel.comm import UNTIMED, Group
 from spmd.parallel.layers import ColumnParallelLinear, Linear, ParallelEmbedding, RowParallelLinear
@@ -192,6 +193,8 @@ class MLA(nn.Module):
         else:
             kv_cache[:, start:start + seqlen], pe_cache[:, start:start + seqlen] = latent, k_pe
             kv, pe = kv_cache[:, :start + seqlen], pe_cache[:, :start + seqlen]  # (B, S, rank), (B, S, rope)
+        if bias is None:  # continuous decode, Transformer.varlen_decode: row b sees its columns 0..start[b]
+            return self._absorb_varlen(q_nope, q_pe, kv, pe, start + 1).flatten(2)
         attend = self._naive if naive else self._absorb
         return attend(q_nope, q_pe, kv, pe, bias).flatten(2)
 
@@ -214,6 +217,15 @@ class MLA(nn.Module):
         probs = probs.to(kv.dtype)
         o_latent = torch.einsum("bhts,bsc->bthc", probs, kv)  # (B, T, H_l, kv_lora_rank)
         return torch.einsum("bthc,hvc->bthv", o_latent, w[:, self.nope:])
+
+
+    def _absorb_varlen(self, q_nope, q_pe, kv, pe, lens) -> torch.Tensor:
+        """One query per row (T = 1) over each row's own lens[b] columns (spmd.kernels.mla_decode);
+        (B, 1, H_l, v_head_dim)."""
+        w = self.kv_b_proj.weight.view(self.n_local_heads, self.nope + self.v_dim, self.rank)
+        q_latent = torch.einsum("bhd,hdc->bhc", q_nope[:, 0], w[:, :self.nope])  # (B, H_l, kv_lora_rank)
+        o_latent = mla_decode(q_latent, q_pe[:, 0], kv, pe, lens, self.softmax_scale)
+        return torch.einsum("bhc,hvc->bhv", o_latent, w[:, self.nope:])[:, None]
 
 
 class Block(nn.Module):
@@ -271,6 +283,7 @@ class Transformer(nn.Module):
     on every rank of the (tensor-parallel) group `tp`; a stage that is not last returns its hidden states."""
 
     timers = UNTIMED  # attach_timers
+    varlen_decode = False  # continuous decode steps through spmd.kernels.mla_decode (--mla-decode varlen)
 
     def __init__(self, margs: ModelArgs, tp: Group, dtype=torch.float32, device=None,
                  layers: range | None = None, first: bool = True, last: bool = True):
@@ -337,7 +350,11 @@ class Transformer(nn.Module):
         with self.timers.compute("rope"):
             rope = rope_cos_sin(self.rope_inv_freq, positions, self.rope_factor, h.dtype)
             n_keys = cache.kv[self.stage_layers.start].shape[1]
-            bias = attention_bias(key_mask, start, tokens.shape[1], h.dtype, n_keys, h.device)  # (B|1, 1, T, S)
+            per_row = isinstance(start, torch.Tensor) and start.numel() == tokens.shape[0]  # each row its column
+            if self.varlen_decode and key_mask is None and per_row and tokens.shape[1] == 1:
+                bias = None  # MLA attends over each row's own columns (spmd.kernels.mla_decode)
+            else:
+                bias = attention_bias(key_mask, start, tokens.shape[1], h.dtype, n_keys, h.device)  # (B|1,1,T,S)
         for block in self.blocks():
             h = block(h, rope, bias, cache, start, naive)
         if not self.last:

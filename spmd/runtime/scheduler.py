@@ -125,10 +125,10 @@ class Scheduler:
         for slot, row in enumerate(self.rows):
             if row is None and self.queue:
                 item, received = self.queue.popleft()
-                if len(item.ids) + settings(item, self.cfg).max_new_tokens > self.max_len:
-                    raise ValueError(f"prompt {item.index}: {len(item.ids)} tokens + its max new tokens exceed the "
-                                     f"slots' {self.max_len} columns (--max-context)")
                 s = settings(item, self.cfg)
+                if len(item.ids) + s.max_new_tokens > self.max_len:  # serve sized the slots: a bug if it happens
+                    raise ValueError(f"prompt {item.index}: {len(item.ids)} tokens + {s.max_new_tokens} new tokens "
+                                     f"exceed the slots' {self.max_len} columns (--max-context)")
                 self.rows[slot] = Row(item, s, generators([s])[0], received, now)
                 admitted.append(slot)
         if admitted:

@@ -9,7 +9,7 @@ while the groups compute.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from spmd.config import ModelArgs, RunArgs, UsageError
@@ -61,11 +61,12 @@ def serve(ctx: ServeContext, prompt_set, n: int, done: list[Result] | None = Non
     cfg = GenConfig(args.max_new_tokens, ctx.margs.eos_token_id, ctx.margs.eos_token_id,
                     args.temperature, args.top_p, args.seed)
     stop_hit = _stop_strings(ctx, prompt_set, items)
-    need = world.comm.bcast((len(items), max((len(it.ids) + settings(it, cfg).max_new_tokens for it in items),
-                                             default=1)) if world.rank == 0 else None, root=0)
-    if args.max_context and args.max_context < need[1]:  # every rank, the orchestrator too: all exit 2
+    n_items, need = world.comm.bcast((len(items), max((len(it.ids) + settings(it, cfg).max_new_tokens
+                                                       for it in items), default=1)) if world.rank == 0 else None,
+                                     root=0)
+    if args.max_context and args.max_context < need:  # every rank, the orchestrator too: all exit 2
         raise UsageError(f"--max-context {args.max_context} is shorter than the longest prompt + its new tokens "
-                         f"({need[1]})")
+                         f"({need})")
     if world.is_orchestrator:
         return orchestrate(ctx, prompt_set.tokenizer, items, n, n_prior, prompt_ids, halt)
     writer = resume.Writer(args.output, world.replica, prompt_ids) if world.is_leader and not world.first else None
@@ -73,7 +74,7 @@ def serve(ctx: ServeContext, prompt_set, n: int, done: list[Result] | None = Non
     progress = dispatch.Progress(world, n, enabled=args.progress, initial=n_prior)
     sink = Sink(ctx, writer, outbox, progress, stop_hit)
     if batching(args, ctx.engine) == "continuous":
-        stats = _serve_continuous(ctx, items, cfg, halt, sink, *need)
+        stats = _serve_continuous(ctx, items, cfg, halt, sink, n_items, need)
     else:
         stats = _serve_static(ctx, items, cfg, halt, sink)
     sink.flush()
@@ -231,11 +232,10 @@ def plan_group(ctx: ServeContext, max_len: int, n_requests: int) -> SlotPlan:
     errors = [p for p in plans if isinstance(p, str)]
     if errors:
         raise UsageError(errors[0])
-    plan = min(plans, key=lambda p: (p.slots, p.prefill_tokens))
-    plan = SlotPlan(plan.slots, min(p.prefill_tokens for p in plans), *list(plan.__dict__.values())[2:])
+    plan = replace(min(plans, key=lambda p: p.slots), prefill_tokens=min(p.prefill_tokens for p in plans))
     if world.model_rank == 0:
         print(("" if world.n_replicas == 1 else f"replica {world.replica}: ") + plan.line(), flush=True)
-    engine.info["slots"] = dict(plan.__dict__)
+    engine.info["slots"] = asdict(plan)
     return plan
 
 

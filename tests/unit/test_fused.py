@@ -7,17 +7,12 @@ kernel fails to write fails the test.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-import torch
+
+from conftest import triton_check
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[2]
 CHECK = r'''
 import sys, torch
 from spmd.kernels import fused
@@ -99,10 +94,4 @@ print("ok")
 
 
 def test_fused_ops_equal_torch():
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    if dev == "cpu":
-        env["TRITON_INTERPRET"] = "1"
-    r = subprocess.run([sys.executable, "-c", CHECK, dev], env=env, cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+    triton_check(CHECK)

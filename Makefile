@@ -12,7 +12,7 @@ NP ?= 2
 ENV := . launch/env.sh &&
 MPIRUN := $(ENV) mpirun
 
-.PHONY: install install-perf run test test-quick test-unit test-mpi test-launch checkpoints gpu-native gpu-bench gpu-serve-bench serve-bench-cpu bench baseline validate gpu-validate model scaling gpu-scaling paper container clean
+.PHONY: install install-perf run test test-quick test-unit test-mpi test-launch checkpoints gpu-native gpu-bench gpu-serve-bench gpu-mla-bench serve-bench-cpu bench baseline validate gpu-validate model scaling gpu-scaling paper container clean
 
 install: $(STAMP)
 
@@ -99,6 +99,11 @@ gpu-bench:
 # traces/results/serve/<gpu>-<date>.{json,md}. Options: SERVE_BENCH_OPTS (e.g. --prompts 128)
 gpu-serve-bench:
 	. launch/env.sh && python3 -m traces.serve_bench --device cuda --long $(SERVE_BENCH_OPTS)
+
+# MLA decode attention of one layer: torch's padded form vs the varlen kernel's tiles, chat and long row
+# lengths, against the bytes floor (traces/results/mla/<gpu>-<date>.{json,md}; about 1 minute)
+gpu-mla-bench:
+	. launch/env.sh && python3 -m traces.mla_bench $(MLA_BENCH_OPTS)
 
 # Its CPU smoke run: the tiny checkpoint, 24 short requests, static 8 and 24, continuous, long prompts (< 1 min)
 serve-bench-cpu: $(STAMP) $(CKPT)/tiny-bf16/config.json

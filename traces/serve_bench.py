@@ -1,7 +1,7 @@
 """`make gpu-serve-bench`, `make serve-bench-cpu`: the program on a chat-like workload, static vs continuous batching.
 
     python -m traces.serve_bench [--device cuda|cpu] [--checkpoint DIR] [--prompts N] [--default-batch 8]
-        [--static-sweep 16,32,64] [--long] [--long-only] [--out DIR]
+        [--static-sweep 16,32,64] [--variant NAME='OPTIONS' ...] [--long] [--long-only] [--out DIR]
 
 One workload (traces.workload: Azure conversation-trace lengths, per-request max_new_tokens, ignore_eos), the
 real program (`mpirun -n 1 python -m mpi4py -m spmd`, one rank, native engine, raw prompts) run on it in turn:
@@ -12,7 +12,9 @@ continuous` with slots and prefill budget chosen by the program from memory. Eac
 efficiency; its trace gives the peak GPU memory, its output file whether every request decoded to its
 max_new_tokens. --long adds a run of the continuous loop on fixed-length prompts (default 32 of 4,096 tokens
 and 8 of 16,384, 64 new tokens each): completion and peak memory. The targets (continuous >= 3x (a) and >=
-1.5x (b)) are computed from the numbers. Writes OUT/<gpu>-<date>.json and .md (CPU: cpu-<host>-<date>).
+1.5x (b)) are computed from the numbers. Each --variant adds a continuous run with more program options (its
+own targets). Per continuous run, decode_check tabulates its decode steps per shape: the loop's wall ms, the
+step's GPU ms, gpu_bench's step at that row count (the warm-up's, the decode target <= 1.3x). Writes OUT/<gpu>-<date>.json and .md (CPU: cpu-<host>-<date>).
 On CUDA, a warm-up process first runs the engine at the decode row counts of the plan (traces.gpu_bench run),
 so that Triton's FP8 kernels compile outside the measured runs.
 """
@@ -24,6 +26,7 @@ import datetime as dt
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -47,13 +50,21 @@ class Run:
     name: str
     batching: str
     batch_size: int = 0
-    role: str = ""          # "a" (the static default), "sweep", "c" (continuous), "long"
+    role: str = ""          # "a" (the static default), "sweep", "c" (continuous), "variant", "long"
+    opts: tuple[str, ...] = ()  # more program options (a --variant's)
 
 
-def plan(default_batch: int, sweep: list[int]) -> list[Run]:
+def plan(default_batch: int, sweep: list[int], variants: list[str] = ()) -> list[Run]:
+    """(a), the sweep, (c); then one continuous run per --variant NAME=OPTIONS (the program's options)."""
     runs = [Run(f"static-{default_batch}", "static", default_batch, "a")]
     runs += [Run(f"static-{b}", "static", b, "sweep") for b in sweep if b != default_batch]
-    return runs + [Run("continuous", "continuous", role="c")]
+    runs.append(Run("continuous", "continuous", role="c"))
+    for v in variants:
+        name, _, opts = v.partition("=")
+        if not name or not opts or not re.fullmatch(r"[\w.-]+", name):
+            raise SystemExit(f"--variant {v!r}: expected NAME=OPTIONS, e.g. varlen='--mla-decode varlen'")
+        runs.append(Run(f"continuous-{name}", "continuous", role="variant", opts=tuple(shlex.split(opts))))
+    return runs
 
 
 def command(run: Run, a, prompts: Path, max_new: int) -> list[str]:
@@ -62,7 +73,7 @@ def command(run: Run, a, prompts: Path, max_new: int) -> list[str]:
     return commands.mpirun(1, "spmd", "--checkpoint", str(a.checkpoint), "--prompts", str(prompts),
                            "--output", str(a.work / f"{run.name}.jsonl"), "--trace-dir", str(a.work / run.name),
                            "--engine", "native", "--device", a.device, "--dtype", a.dtype, "--no-chat-template",
-                           "--no-progress", "--max-new-tokens", str(max_new), *opts, mpi4py=True)
+                           "--no-progress", "--max-new-tokens", str(max_new), *opts, *run.opts, mpi4py=True)
 
 
 def summary_path(output: Path) -> Path:
@@ -175,8 +186,9 @@ def long_workload(a) -> tuple[Path, list[dict], str]:
 
 def warm_up(a, runs: list[Run]) -> list[dict]:
     """CUDA: one process runs the engine at the plan's static batch sizes and at every decode row count the
-    continuous loop can use (powers of two, 8 to 512), so that Triton compiles those kernels here."""
-    rows = sorted({r.batch_size for r in runs if r.batch_size} | {8 << k for k in range(7)})
+    continuous loop can use (powers of two, 8 to 512, and the slot count's cap, min(prompts, 512)), so
+    that Triton compiles those kernels here; its decode steps are the anchors of decode_check."""
+    rows = sorted({r.batch_size for r in runs if r.batch_size} | {8 << k for k in range(7)} | {min(a.prompts, 512)})
     t0 = time.perf_counter()
     got = gpu_bench(a, "warmup", rows, PROMPT, STEPS)
     print(f"warm-up = gpu_bench at prompt {PROMPT} (decode rows {rows}): "
@@ -202,39 +214,25 @@ def gpu_bench(a, tag: str, batches: list[int], prompt: int, steps: int) -> list[
     return json.loads(out.read_text()) if rc == 0 and out.is_file() else err[-500:]
 
 
-def decode_steps_ms(trace_dir: Path) -> list[float]:
-    """Rank 0's decode step times (ms): its `decode.graph` events (GPU time of each replayed step)."""
-    path = trace_dir / "rank00000.h5"
-    if not path.is_file():
-        return []
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        ev = f["events"][:]
-    return [d / 1e6 for d in ev["dur_ns"][ev["name"] == b"decode.graph"].tolist()]
-
-
-def decode_check(a, row: dict, anchors: list[dict]) -> dict:
-    """The continuous run's decode step at its most frequent (rows, columns) shape against gpu_bench at that
-    batch: at prompt PROMPT (the anchors, from the warm-up) and at the same cache length (run now)."""
-    shapes = (row.get("summary") or {}).get("scheduler", {}).get("decode_shapes") or {}
-    steps = decode_steps_ms(a.work / row["name"])
-    if not shapes or not steps:
-        return {"error": "no decode shapes or decode.graph events in the continuous run's trace"}
-    shape, n = max(shapes.items(), key=lambda kv: kv[1])
-    rows_, cols = map(int, shape.split("x"))
-    steps.sort()
-    out = {"shape": shape, "shape_steps": n, "steps": len(steps), "median_ms_all_shapes": steps[len(steps) // 2],
-           "median_shape_ms": (row["summary"]["scheduler"].get("decode_ms_by_shape") or {}).get(shape)}
-    at128 = next((r["decode_ms_step"] for r in anchors if r["batch"] == rows_), None)
-    prompt = max(16, cols - STEPS - 8)
-    # gpu_bench prefills every row in one forward: past ~64k tokens that alone runs out of memory
-    same = gpu_bench(a, "decode-same-length", [rows_], prompt, STEPS) if rows_ * prompt <= 65536 else \
-        f"not run: gpu_bench would prefill {rows_} x {prompt} tokens in one forward"
-    out["gpu_bench_short_prompt_ms"] = at128
-    out["gpu_bench_same_length_ms"] = same[0]["decode_ms_step"] if isinstance(same, list) else None
-    out["gpu_bench_same_length_error"] = None if isinstance(same, list) else same
-    return out
+def decode_check(row: dict, anchors: list[dict]) -> dict:
+    """A continuous run's decode steps per (rows, columns) shape: steps, the loop's wall ms per step, the
+    step's GPU ms (graph replay, CUDA events), and gpu_bench's step at that row count (the warm-up's
+    anchors, prompt PROMPT). The target row is the most frequent shape at the most rows (the slot count
+    the program chose)."""
+    sched = (row.get("summary") or {}).get("scheduler", {})
+    shapes, wall, gpu = (sched.get(k) or {} for k in ("decode_shapes", "decode_ms_by_shape", "decode_gpu_ms_by_shape"))
+    if not shapes:
+        return {"error": f"{row['name']}: no decode shapes in its summary"}
+    anchor = {r["batch"]: r["decode_ms_step"] for r in anchors}
+    table = []
+    for shape, n in sorted(shapes.items(), key=lambda kv: tuple(map(int, kv[0].split("x")))):
+        rows_ = int(shape.split("x")[0])
+        table.append({"shape": shape, "rows": rows_, "steps": n, "wall_ms": wall.get(shape),
+                      "gpu_ms": gpu.get(shape), "gpu_bench_ms": anchor.get(rows_)})
+    top = max(r["rows"] for r in table)
+    target = max((r for r in table if r["rows"] == top), key=lambda r: r["steps"])
+    return {"run": row["name"], "prompt": PROMPT, "shapes": table, "target_shape": target["shape"],
+            "steps": sum(shapes.values()), "loop_s": sched.get("loop_s")}
 
 
 def machine(device: str) -> str:
@@ -254,7 +252,7 @@ def bench(a) -> dict:
     a.work.mkdir(parents=True, exist_ok=True)
     doc = {"date": dt.date.today().isoformat(), "device": a.device, "machine": machine(a.device),
            "checkpoint": str(a.checkpoint), "runs": []}
-    runs = [] if a.long_only else plan(a.default_batch, a.sweep)
+    runs = [] if a.long_only else plan(a.default_batch, a.sweep, a.variant)
     anchors = warm_up(a, runs) if a.device == "cuda" and a.warmup else []
     doc["gpu_bench_anchors"] = anchors
     if runs:
@@ -267,11 +265,8 @@ def bench(a) -> dict:
             print(f"{run.name}: {_brief(doc['runs'][-1])}", flush=True)
             doc["analysis"] = analyze(doc["runs"])
             write(doc, a.out)  # a later run that hangs or is killed leaves the earlier ones on disk
-    cont = next((r for r in doc["runs"] if r["role"] == "c" and "summary" in r), None)
-    if cont is not None and a.device == "cuda":
-        doc["decode_check"] = decode_check(a, cont, anchors)
-        print(f"decode check: {doc['decode_check']}", flush=True)
-        write(doc, a.out)
+    doc["decode_checks"] = [decode_check(r, anchors) for r in doc["runs"]
+                            if r["role"] in ("c", "variant") and "summary" in r]
     if a.long or a.long_only:
         path, reqs, desc = long_workload(a)
         run = Run("long", "continuous", role="long")
@@ -318,6 +313,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--default-batch", type=int, default=8, help="(a): the static loop's --batch-size default")
     p.add_argument("--static-sweep", help="static batch sizes for (b), comma-separated (cuda 16,32,64)")
     p.add_argument("--dtype", choices=("bf16", "fp32"))
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=OPTIONS",
+                   help="one more continuous run with these program options, e.g. varlen='--mla-decode varlen' "
+                        "(repeatable; its targets are computed like (c)'s)")
     for side in ("input", "output"):
         p.add_argument(f"--{side}-median", type=float)
         p.add_argument(f"--{side}-sigma", type=float)

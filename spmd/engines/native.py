@@ -59,6 +59,11 @@ class NativeEngine:
                                                                             self.decode_mode)
         use_fused(self.model, self.decode_mode != "eager")  # graph, and static: the same ops eagerly
         self.model.varlen_decode = varlen_decode(getattr(args, "mla_decode", "torch"), self.device, margs)
+        if self.model.varlen_decode and self.device.type == "cuda":  # compiled at load, not in a decode step
+            from spmd.kernels.mla_decode import warm
+
+            heads = next(m.n_local_heads for m in self.model.modules() if hasattr(m, "n_local_heads"))
+            warm(self.device, self.model.dtype, heads, margs.kv_lora_rank, margs.qk_rope_head_dim)
         self.cache = self.key_mask = self.pos = self.static = None
         self.cur = 0
         self.slots: SlotCache | None = None
@@ -147,6 +152,10 @@ class NativeEngine:
         shapes = self.slots.shapes if self.slots is not None else {}
         return {f"{r}x{c}": n for (r, c), n in sorted(shapes.items())}
 
+    def decode_gpu_ms(self) -> dict[str, float]:
+        """Mean GPU ms of a replayed decode step of the slots per shape "RxS" ({} without graphs)."""
+        return self.slots.gpu_ms() if self.slots is not None else {}
+
     def close_slots(self) -> None:
         if self.slots is not None:
             self.slots.close()
@@ -196,14 +205,17 @@ def keep_fp8(flag: str, device: torch.device, ckpt_fp8: bool) -> bool:
 
 
 def varlen_decode(flag: str, device: torch.device, margs) -> bool:
-    """--mla-decode varlen: continuous decode attention by spmd.kernels.mla_decode (Triton, CUDA or its
-    interpreter); refused where it cannot run."""
-    if flag != "varlen":
+    """--mla-decode: continuous decode attention by spmd.kernels.mla_decode (Triton, CUDA or its
+    interpreter) for varlen, and for auto on CUDA where it can run; varlen is refused where it cannot."""
+    if flag == "torch":
         return False
     from spmd.kernels.fp8 import triton_available
     from spmd.kernels.mla_decode import fits
 
-    if not triton_available(device) or not fits(margs.n_heads, margs.kv_lora_rank, margs.qk_rope_head_dim):
+    can = triton_available(device) and fits(margs.n_heads, margs.kv_lora_rank, margs.qk_rope_head_dim)
+    if flag == "auto":
+        return can and device.type == "cuda"
+    if not can:
         raise ValueError(f"--mla-decode varlen needs Triton on a CUDA device (or TRITON_INTERPRET=1) and "
                          f"kv_lora_rank, qk_rope_head_dim powers of two >= 16; here {device}, "
                          f"{margs.kv_lora_rank}, {margs.qk_rope_head_dim}")

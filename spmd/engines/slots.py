@@ -51,6 +51,8 @@ class SlotCache:
         self.graphs: dict[tuple[int, int], tuple] = {}  # (R, S) -> (graph, logits)
         self.shapes: Counter = Counter()  # decode steps per (R, S): the run summary's decode_shapes
         self.last = ""  # the last step's shape, "RxS"
+        self.gpu: dict[tuple[int, int], list] = {}  # (R, S) -> [steps, ms]: GPU time of replayed steps
+        self._events: list[tuple[tuple[int, int], object, object]] = []  # pending (shape, start, end) pairs
 
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in [*self.cache.kv, *self.cache.pe])
@@ -92,9 +94,30 @@ class SlotCache:
         if (rows, cols) not in self.graphs:
             self._capture(rows, cols, forward)
         graph, logits = self.graphs[(rows, cols)]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with self.timers.compute("decode.graph"):
+            start.record()
             graph.replay()
+            end.record()
+        self._events.append(((rows, cols), start, end))
+        if len(self._events) >= 1024:  # steps long done: resolving them waits for nothing
+            self._resolve(self._events[:512])
+            del self._events[:512]
         return logits
+
+    def _resolve(self, pairs) -> None:
+        for key, start, end in pairs:
+            end.synchronize()
+            got = self.gpu.setdefault(key, [0, 0.0])
+            got[0] += 1
+            got[1] += start.elapsed_time(end)
+
+    def gpu_ms(self) -> dict[str, float]:
+        """Mean GPU time (ms) of a replayed decode step per shape "RxS" (graph mode; {} otherwise): what the
+        device spent, against which the loop's wall time per step shows what the host adds."""
+        self._resolve(self._events)
+        self._events.clear()
+        return {f"{r}x{c}": round(ms / n, 3) for (r, c), (n, ms) in sorted(self.gpu.items())}
 
     def _step(self, rows: int, cols: int, forward) -> torch.Tensor:
         lens = self.lens[:rows]

@@ -1,13 +1,13 @@
-"""MLA decode attention over each row's own length (absorbed form), in Triton: not yet on by default.
+"""MLA decode attention over each row's own length (absorbed form), in Triton: continuous batching's default on CUDA.
 
 Why: continuous batching (spmd/engines/slots.py) runs a decode step over a static (rows, columns) view of
 the slots' cache, columns = the longest live row rounded up, and torch's absorbed attention
 (``spmd.model.transformer.MLA._absorb``) then reads every column of every row and writes the (B, H, S)
-scores in float32 several times. On one H100 with the FP8 slice, 400 rows over 4,096-4,578 columns took
-~37 ms per step against gpu_bench's 21.6 ms at 400 rows over ~100 columns (docs/performance.md,
-"Serving benchmark"). This kernel reads only columns < lens[b] of row b and keeps the scores on chip
-(online softmax), split over the columns when there are few rows (flash-decoding), with the splits
-combined in torch.
+scores in float32 several times. This kernel reads only columns < lens[b] of row b and keeps the scores on
+chip (online softmax), split over the columns when there are few rows (flash-decoding), with the splits
+combined in torch. One H100, one layer, 400 rows of chat lengths in an 8,192-column bucket: 1.30 ms against
+torch's 10.98 (traces/mla_bench.py; docs/performance.md, "MLA decode kernel"); the serving benchmark's
+400-row step fell from 37.2 to 24.4 ms.
 
 Inputs, for one query token per row: q_latent (B, H, C) = q_nope absorbed through kv_b_proj's key part,
 q_pe (B, H, R) (rotated), the cache views kv (B, S, C) and pe (B, S, R) (rows may be strided), lens (B,)
@@ -15,9 +15,9 @@ int64 (keys visible: the columns 0..lens-1), the softmax scale. Output: o_latent
 which _absorb multiplies by kv_b_proj's value part. Scores and the softmax are float32; the probabilities
 are cast to kv's dtype for the product with the values, as in the torch path.
 
-Status: correct against the torch formula on CPU under Triton's interpreter (tests/unit/test_mla_decode.py),
-compiled and timed on no GPU yet. ``Transformer.varlen_decode`` (default False) switches a model's
-continuous decode steps to it.
+Checked against the float32 formula compiled on an H100 and under Triton's CPU interpreter
+(tests/unit/test_mla_decode.py). ``Transformer.varlen_decode`` switches a model's continuous decode steps
+to it (``--mla-decode``, spmd.engines.native.varlen_decode); ``warm`` compiles it at load.
 """
 from __future__ import annotations
 
@@ -33,15 +33,18 @@ try:
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = tl = None
 
-BLOCK_H, BLOCK_N = 16, 32
+# the default tile: 32 heads x 32 columns, 4 warps (traces/results/mla/: fastest or within 4 % of it in 6 of 10
+# cases on an H100, 2026-12-06; 16-head tiles read each row's columns 8 times, 64x64 does not compile)
+BLOCK_H, BLOCK_N, WARPS = 32, 32, 4
 MAX_SPLITS = 16
 
 
 def _kernel(q_ptr, kv_ptr, pe_ptr, lens_ptr, acc_ptr, m_ptr, l_ptr, H, chunk,
             stride_qb, stride_qh, stride_kb, stride_ks, stride_pb, stride_ps, scale,
-            C: tl.constexpr, R: tl.constexpr, SPLITS: tl.constexpr, BLOCK_H: tl.constexpr,
+            SPLITS, C: tl.constexpr, R: tl.constexpr, BLOCK_H: tl.constexpr,
             BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr):
-    b, hb, sp = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    hb, b, sp = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)  # heads fastest: a row's
+    # head blocks run side by side and read its columns from L2 once
     heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     hmask = heads < H
     cc, rr = tl.arange(0, C), tl.arange(0, R)
@@ -89,7 +92,8 @@ def _kernel(q_ptr, kv_ptr, pe_ptr, lens_ptr, acc_ptr, m_ptr, l_ptr, H, chunk,
 @functools.lru_cache(maxsize=None)
 def _compiled(interpret: bool):
     del interpret  # the cache key: triton.jit reads TRITON_INTERPRET itself
-    return triton.jit(_kernel)
+    # SPLITS (1 to 16 by the step's rows) is not specialized on: one compiled kernel serves every step shape
+    return triton.jit(_kernel, do_not_specialize=["SPLITS"])
 
 
 def fits(n_heads: int, rank: int, rope: int) -> bool:
@@ -99,33 +103,49 @@ def fits(n_heads: int, rank: int, rope: int) -> bool:
     return n_heads > 0 and pow2(rank) and pow2(rope)
 
 
-def splits_for(rows: int, n_heads: int, cols: int, sms: int) -> int:
+def splits_for(rows: int, n_heads: int, cols: int, sms: int, block_h: int = BLOCK_H, block_n: int = BLOCK_N) -> int:
     """Column splits: enough programs for about two per SM, no split shorter than one block of columns."""
-    programs = rows * triton.cdiv(n_heads, BLOCK_H)
-    return max(1, min(MAX_SPLITS, triton.cdiv(2 * sms, programs), triton.cdiv(cols, BLOCK_N)))
+    programs = rows * triton.cdiv(n_heads, block_h)
+    return max(1, min(MAX_SPLITS, triton.cdiv(2 * sms, programs), triton.cdiv(cols, block_n)))
 
 
 def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor,
-               lens: torch.Tensor, scale: float) -> torch.Tensor:
+               lens: torch.Tensor, scale: float, block_h: int = BLOCK_H, block_n: int = BLOCK_N,
+               warps: int = WARPS, stages: int | None = None) -> torch.Tensor:
     """(B, H, C), (B, H, R) queries over cache columns 0..lens[b]-1 of kv (B, S, C), pe (B, S, R) ->
-    o_latent (B, H, C) in kv's dtype (see the module doc)."""
+    o_latent (B, H, C) in kv's dtype (see the module doc). block_h heads x block_n columns per tile, warps
+    and pipeline stages per program: the tile (defaults: the module's)."""
     bsz, heads, c = q_latent.shape
     r, s = q_pe.shape[-1], kv.shape[1]
     if not fits(heads, c, r) or kv.stride(-1) != 1 or pe.stride(-1) != 1:
         raise ValueError(f"mla_decode: q {tuple(q_latent.shape)}, q_pe {tuple(q_pe.shape)}, kv {tuple(kv.shape)}")
     q = torch.cat([q_latent, q_pe], dim=-1).to(kv.dtype).contiguous()  # (B, H, C + R)
     sms = torch.cuda.get_device_properties(kv.device).multi_processor_count if kv.is_cuda else 4
-    splits = splits_for(bsz, heads, s, sms)
-    chunk = triton.cdiv(triton.cdiv(s, splits), BLOCK_N) * BLOCK_N
+    splits = splits_for(bsz, heads, s, sms, block_h, block_n)
+    chunk = triton.cdiv(triton.cdiv(s, splits), block_n) * block_n
     acc = torch.empty(bsz, heads, splits, c, dtype=torch.float32, device=kv.device)
     m = torch.empty(bsz, heads, splits, dtype=torch.float32, device=kv.device)
     den = torch.empty_like(m)
-    grid = (bsz, triton.cdiv(heads, BLOCK_H), splits)
+    grid = (triton.cdiv(heads, block_h), bsz, splits)
+    extra = {} if stages is None else {"num_stages": stages}
     _compiled(interpret())[grid](q, kv, pe, lens, acc, m, den, heads, chunk, q.stride(0), q.stride(1),
                                  kv.stride(0), kv.stride(1), pe.stride(0), pe.stride(1), float(scale),
-                                 C=c, R=r, SPLITS=splits, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N,
-                                 DOT_F32=interpret(), IEEE=kv.dtype == torch.float32, num_warps=4)
+                                 splits, C=c, R=r, BLOCK_H=block_h, BLOCK_N=block_n,
+                                 DOT_F32=interpret(), IEEE=kv.dtype == torch.float32, num_warps=warps, **extra)
+    if splits == 1:  # nothing to combine
+        return (acc[:, :, 0] / den[..., 0, None]).to(kv.dtype)
     top = m.amax(dim=-1, keepdim=True)  # (B, H, 1): every row has >= 1 key, so one split is finite
     w = torch.exp(m - top)  # empty splits: exp(-inf) = 0
     out = (acc * w[..., None]).sum(2) / (den * w).sum(-1)[..., None]
     return out.to(kv.dtype)
+
+
+def warm(device, dtype: torch.dtype, heads: int, rank: int, rope: int) -> None:
+    """Compile the kernel for these shapes before serving (Triton compiles on first call, about a second:
+    inside a measured decode step otherwise). Every step shape then reuses it: the row count, columns and
+    splits are runtime values; the strides keep the slots' cache's divisibility by 16."""
+    kv = torch.zeros(2, 64, rank, dtype=dtype, device=device)
+    pe = torch.zeros(2, 64, rope, dtype=dtype, device=device)
+    q_lat = torch.zeros(2, heads, rank, dtype=dtype, device=device)
+    q_pe = torch.zeros(2, heads, rope, dtype=dtype, device=device)
+    mla_decode(q_lat, q_pe, kv, pe, torch.tensor([1, 64], device=device), 1.0)

@@ -283,7 +283,7 @@ class Transformer(nn.Module):
     on every rank of the (tensor-parallel) group `tp`; a stage that is not last returns its hidden states."""
 
     timers = UNTIMED  # attach_timers
-    varlen_decode = False  # continuous decode steps through spmd.kernels.mla_decode (--mla-decode varlen)
+    varlen_decode = False  # continuous decode steps through spmd.kernels.mla_decode (--mla-decode, auto on CUDA)
 
     def __init__(self, margs: ModelArgs, tp: Group, dtype=torch.float32, device=None,
                  layers: range | None = None, first: bool = True, last: bool = True):

@@ -66,11 +66,14 @@ class Stats:
     moves: int = 0               # compactions (rows moved to lower slots)
     decode_shapes: dict = field(default_factory=dict)  # "RxS": steps, from the engine
     decode_wall: dict = field(default_factory=dict)    # "RxS": (steps, seconds) of wall time
+    decode_gpu_ms_by_shape: dict = field(default_factory=dict)  # "RxS": mean GPU ms of the step, from the engine
+    loop_s: dict = field(default_factory=dict)         # wall seconds per part of the loop (Scheduler.run)
 
     def as_dict(self) -> dict:
         out = dict(batching="continuous", **self.__dict__)
         wall = out.pop("decode_wall")
         out["decode_ms_by_shape"] = {k: round(1e3 * s / n, 3) for k, (n, s) in wall.items()}  # mean wall ms
+        out["loop_s"] = {k: round(v, 3) for k, v in self.loop_s.items()}
         return out
 
 
@@ -88,25 +91,41 @@ class Scheduler:
 
     def run(self, source: Iterator[list[WorkItem]], emit: Callable[[list[Result]], None],
             halt: Callable[[], bool] = lambda: False) -> Stats:
-        """Serve every item of `source`; emit(results) after each step (the rows it finished, maybe none)."""
+        """Serve every item of `source`; emit(results) after each step (the rows it finished, maybe none).
+
+        stats.loop_s splits the loop's wall time: "admit" (the halt agreement, pulling work, admission),
+        "prefill" (forwards and first tokens), "decode" (finishing and compacting rows, the step, sampling:
+        the device's time shows here, as sampling waits for the step), "emit" (the caller's sink)."""
         self.engine.open_slots(self.n_slots, self.max_len)
         more, halted = True, False
+        spent = self.stats.loop_s = dict.fromkeys(("admit", "prefill", "decode", "emit"), 0.0)
+        clock = self.clock
         try:
             while True:
+                t0 = clock()
                 free = self.rows.count(None)
                 if free and not halted and (self.queue or more):
                     halted = halt()
                     if not halted:
                         more = self._refill(source, free) if more else False
                         self._admit()
+                t1 = clock()
+                spent["admit"] += t1 - t0
                 if all(r is None for r in self.rows):
                     if halted or not (self.queue or more):
                         break
                     continue
                 self._prefill()
-                emit(self._decode())  # every step, finished rows or none (the sink's clock)
+                t2 = clock()
+                results = self._decode()
+                t3 = clock()
+                emit(results)  # every step, finished rows or none (the sink's clock)
+                spent["prefill"] += t2 - t1
+                spent["decode"] += t3 - t2
+                spent["emit"] += clock() - t3
         finally:
             self.stats.decode_shapes = getattr(self.engine, "decode_shapes", dict)()
+            self.stats.decode_gpu_ms_by_shape = getattr(self.engine, "decode_gpu_ms", dict)()
             self.engine.close_slots()
         return self.stats
 

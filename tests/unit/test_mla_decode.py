@@ -3,7 +3,7 @@
 On CUDA compiled; without CUDA in a subprocess under Triton's CPU interpreter (TRITON_INTERPRET=1 set
 before triton is imported). Rows of different lengths (1 key, all keys, in between), cache views with a row
 stride longer than their columns (the slots' cache), head counts that are and are not a multiple of the
-kernel's head block, one and several column splits.
+kernel's head block, one and several column splits, several tiles.
 """
 from __future__ import annotations
 
@@ -41,7 +41,11 @@ for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 2e-2)):
         assert out.dtype == dtype and out.shape == (b, heads, c)
         err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
         assert err < tol, (dtype, heads, cols, err)
-assert splits_for(400, 128, 4096, 132) == 1 and splits_for(8, 128, 4096, 132) == 5
+        for bh, bn, w in ((32, 64, 8), (64, 16, 4)):  # other tiles (traces/mla_bench.py times them)
+            out = mla_decode(q_lat.to(dev), q_pe.to(dev), kv, pe, lens_t, scale, block_h=bh, block_n=bn, warps=w)
+            err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+            assert err < tol, (dtype, heads, cols, bh, bn, err)
+assert splits_for(400, 128, 4096, 132) == 1 and splits_for(8, 128, 4096, 132) == 9
 print("ok")
 '''
 
@@ -86,3 +90,22 @@ def test_continuous_decode_through_the_kernel_gives_the_same_tokens():
     """The model's switch (Transformer.varlen_decode, --mla-decode varlen): greedy fp32 tokens of a continuous
     run equal those of torch's attention (3 slots, rows of different lengths)."""
     triton_check(MODEL, timeout=600, mpi=True)
+
+
+def test_the_flag_picks_the_kernel_where_it_runs():
+    """--mla-decode auto: the kernel on CUDA with Triton, torch on CPU; varlen where it cannot run: refused."""
+    from types import SimpleNamespace as ModelArgs
+
+    import torch
+
+    from spmd.engines.native import varlen_decode
+
+    m = ModelArgs(n_heads=16, kv_lora_rank=512, qk_rope_head_dim=64)  # the fields varlen_decode reads
+    cpu = torch.device("cpu")
+    assert varlen_decode("torch", cpu, m) is False and varlen_decode("auto", cpu, m) is False
+    if torch.cuda.is_available():
+        assert varlen_decode("auto", torch.device("cuda"), m) is True
+        assert varlen_decode("auto", torch.device("cuda"), ModelArgs(n_heads=16, kv_lora_rank=96,
+                                                                         qk_rope_head_dim=64)) is False
+    with pytest.raises(ValueError, match="--mla-decode varlen needs Triton on a CUDA device"):
+        varlen_decode("varlen", cpu, m)

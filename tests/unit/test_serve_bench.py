@@ -103,3 +103,40 @@ def test_a_run_past_its_time_is_stopped_with_its_process_group():
                          "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"], 1.0)
     assert rc == 124 and err.startswith("error: timed out after 1 s") and time.perf_counter() - t0 < 20
     assert sb.launch([sys.executable, "-c", "import sys; sys.exit('bad input')"], 30) == (1, "bad input\n")
+
+
+def test_variants_are_continuous_runs_with_their_options_and_their_own_targets(tmp_path):
+    plan = sb.plan(8, [16], ["varlen=--mla-decode varlen --slots 64"])
+    assert [(r.name, r.role) for r in plan][-2:] == [("continuous", "c"), ("continuous-varlen", "variant")]
+    a = sb.parse(["--device", "cpu", "--checkpoint", str(tmp_path), "--work", str(tmp_path)])
+    cmd = sb.command(plan[-1], a, tmp_path / "p.jsonl", 32)
+    assert cmd[-6:] == ["--batching", "continuous", "--mla-decode", "varlen", "--slots", "64"]
+    for bad in ("varlen", "=--slots 4", "a b=--slots 4"):
+        try:
+            sb.plan(8, [], [bad])
+        except SystemExit as e:
+            assert "NAME=OPTIONS" in str(e)
+        else:
+            raise AssertionError(bad)
+    rs = runs(400.0) + [row("continuous-varlen", "continuous", 0, "variant", 500.0)]
+    names = [t["target"] for t in report.analyze(rs)["targets"]]
+    assert names == ["continuous >= 3x (a) static-8", "continuous >= 1.5x (b) static-64",
+                     "continuous-varlen >= 3x (a) static-8", "continuous-varlen >= 1.5x (b) static-64"]
+    assert [t["pass"] for t in report.analyze(rs)["targets"]] == [True, True, True, True]
+
+
+def test_decode_check_per_shape_and_its_target():
+    cont = row("continuous", "continuous", 0, "c", 400.0)
+    cont["summary"]["scheduler"] = {"decode_shapes": {"8x128": 50, "64x512": 10, "64x1024": 30, "16x128": 5},
+                                    "decode_ms_by_shape": {"8x128": 4.0, "64x512": 9.0, "64x1024": 12.0},
+                                    "decode_gpu_ms_by_shape": {"8x128": 3.0, "64x1024": 10.0},
+                                    "loop_s": {"admit": 0.1, "prefill": 2.0, "decode": 5.0, "emit": 0.2}}
+    check = sb.decode_check(cont, [{"batch": 8, "decode_ms_step": 3.2}, {"batch": 64, "decode_ms_step": 10.0}])
+    assert [r["shape"] for r in check["shapes"]] == ["8x128", "16x128", "64x512", "64x1024"]
+    assert check["target_shape"] == "64x1024" and check["steps"] == 95  # most rows, then most steps
+    md = "\n".join(report.decode_lines([check, {"error": "continuous-x: no decode shapes in its summary"}]))
+    assert "| 64x1024 | 30 | 12.00 | 10.00 | 1.20 | 10.00 | 1.20 |" in md
+    assert "| 16x128 | 5 | — | — | — | — | — |" in md
+    assert "wall / gpu_bench 1.20x, <= 1.3x: **pass**" in md and "decode 5.00" in md
+    assert "## Decode steps: continuous-x: no decode shapes" in md
+    assert "error" in sb.decode_check(row("c2", "continuous", 0, "variant", 1.0), [])

@@ -16,6 +16,7 @@ from torch import nn
 from spmd.kernels import fused
 from spmd.config import ModelArgs
 from spmd.parallel.comm import UNTIMED, Group
+from spmd.parallel.ep import combine, dispatch
 from spmd.parallel.layers import ColumnParallelLinear, Linear, RowParallelLinear, local_slice, own_span
 
 
@@ -74,7 +75,7 @@ class Gate(nn.Module):
             return fused.route(logits, self.e_score_correction_bias, self.n_groups, self.topk_groups, self.top_k,
                                self.route_scale)  # one kernel for the ~18 below
         scores = logits.sigmoid()
-        choice = (scores + self.e_score_correction_bias).view(x.shape[0], self.n_groups, -1)  # (N, groups, E/groups)
+        choice = (scores + self.e_score_correction_bias).view(x.shape[0], self.n_groups, scores.shape[1] // self.n_groups)  # (N, groups, E/groups)
         group_score = choice.topk(2, dim=-1).values.sum(-1)  # (N, groups)
         kept = group_score.topk(self.topk_groups, dim=-1).indices  # (N, topk_groups)
         dropped = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, kept, False)
@@ -103,14 +104,17 @@ def _grouped_mm_works(w: torch.Tensor) -> bool:
 
 
 class MoE(nn.Module):
-    """Routed experts (this rank's range) + shared expert (column/row split), summed by one all-reduce."""
+    """Routed experts (this rank's range) + shared expert (column/row split), summed by one all-reduce; or,
+    given an expert-parallel group `ep` (the dpa layout: tp is then one device), routed experts split over
+    ep and reached by all-to-all (spmd.parallel.ep), the shared expert whole on every rank."""
 
     timers = UNTIMED  # attach_timers
 
-    def __init__(self, layer: int, m: ModelArgs, tp: Group, dtype=None, device=None):
+    def __init__(self, layer: int, m: ModelArgs, tp: Group, dtype=None, device=None, ep: Group | None = None):
         super().__init__()
-        owned = local_slice(m.n_routed_experts, tp.rank, tp.size)
-        self.tp, self.layer = tp, layer
+        split = ep if ep is not None else tp
+        owned = local_slice(m.n_routed_experts, split.rank, split.size)
+        self.tp, self.ep, self.layer = tp, ep, layer
         self.n_experts, self.expert_lo, self.expert_hi = m.n_routed_experts, owned.start, owned.stop
         self.gate = Gate(m, dtype, device)
         self.shared_experts = MLP(m.dim, m.moe_inter_dim * m.n_shared_experts, tp, "moe.shared",
@@ -124,11 +128,22 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])  # (N, dim)
         with self.timers.compute("moe.gate", layer=self.layer):
             weights, ids = self.gate(x)  # (N, top_k)
+        if self.ep is not None:
+            return self._forward_ep(x, weights, ids).view(shape)
         with self.timers.compute("moe.experts", layer=self.layer):
             y = self.routed(x, weights, ids)  # (N, dim), partial: this rank's experts only
         with self.timers.compute("moe.shared", layer=self.layer):
             y += self.shared_experts(x)  # partial: this rank's columns of the shared expert
         return self.tp.all_reduce("moe.combine", y, self.layer).view(shape)
+
+    def _forward_ep(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The dpa layout: this rank's tokens to the experts' ranks and back, plus the shared expert."""
+        got = dispatch(self.ep, x, weights, ids, self.expert_hi - self.expert_lo, self.layer)
+        with self.timers.compute("moe.experts", layer=self.layer):
+            y = self.routed(got.x, got.weights, got.ids)  # (M, dim): sums over this rank's experts
+        y = combine(self.ep, y, got, self.layer)  # (N, dim)
+        with self.timers.compute("moe.shared", layer=self.layer):
+            return y + self.shared_experts(x)
 
     def pack(self) -> None:
         """Stack the local experts into (E_l, 2I, dim) and (E_l, dim, I) for grouped GEMMs; experts become views.
@@ -197,7 +212,7 @@ class MoE(nn.Module):
         h = self._gmm(F.silu(gate) * up, self.w2, s2, offs, row_expert)  # (N*k, dim)
         w = weights.flatten()[order]  # (N*k,) float32
         h = torch.where(local[order, None], h.float() * w[:, None], 0.0).to(x.dtype)
-        return torch.zeros_like(h).index_copy_(0, order, h).view(n, k, -1).sum(1)  # slot order: deterministic
+        return torch.zeros_like(h).index_copy_(0, order, h).view(n, k, h.shape[-1]).sum(1)  # slot order: deterministic
 
     def _routed_loop(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """One GEMM pair per local expert that was hit (one host sync for the counts)."""

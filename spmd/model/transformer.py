@@ -231,14 +231,14 @@ class MLA(nn.Module):
 class Block(nn.Module):
     timers = UNTIMED  # attach_timers
 
-    def __init__(self, layer: int, m: ModelArgs, tp: Group, dtype=None, device=None):
+    def __init__(self, layer: int, m: ModelArgs, tp: Group, dtype=None, device=None, ep: Group | None = None):
         super().__init__()
         self.layer = layer
         self.self_attn = MLA(layer, m, tp, dtype, device)
         if layer < m.n_dense_layers:
             self.mlp = MLP(m.dim, m.inter_dim, tp, "mlp", layer, dtype, device=device)
         else:
-            self.mlp = MoE(layer, m, tp, dtype, device)
+            self.mlp = MoE(layer, m, tp, dtype, device, ep)
         self.input_layernorm = RMSNorm(m.dim, m.norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(m.dim, m.norm_eps, dtype, device)
 
@@ -266,12 +266,12 @@ class Decoder(nn.Module):
     so names keep their checkpoint layer index), final norm (last stage)."""
 
     def __init__(self, m: ModelArgs, tp: Group, dtype=None, device=None, layers: range | None = None,
-                 first: bool = True, last: bool = True):
+                 first: bool = True, last: bool = True, ep: Group | None = None):
         super().__init__()
         layers = range(m.n_layers) if layers is None else layers
         if first:
             self.embed_tokens = ParallelEmbedding(m.vocab_size, m.dim, tp, dtype, "embed", device)
-        self.layers = nn.ModuleList(Block(i, m, tp, dtype, device) if i in layers else nn.Module()
+        self.layers = nn.ModuleList(Block(i, m, tp, dtype, device, ep) if i in layers else nn.Module()
                                     for i in range(m.n_layers))
         if last:
             self.norm = RMSNorm(m.dim, m.norm_eps, dtype, device)
@@ -286,13 +286,15 @@ class Transformer(nn.Module):
     varlen_decode = False  # continuous decode steps through spmd.kernels.mla_decode (--mla-decode, auto on CUDA)
 
     def __init__(self, margs: ModelArgs, tp: Group, dtype=torch.float32, device=None,
-                 layers: range | None = None, first: bool = True, last: bool = True):
+                 layers: range | None = None, first: bool = True, last: bool = True, ep: Group | None = None):
+        """tp: the tensor-parallel group; ep (the dpa layout, tp then one device): the expert-parallel
+        group over which routed experts are split and reached by all-to-all (spmd.parallel.ep)."""
         super().__init__()
-        self.margs, self.tp, self.dtype = margs, tp, dtype
+        self.margs, self.tp, self.ep, self.dtype = margs, tp, ep, dtype
         self.stage_layers = range(margs.n_layers) if layers is None else layers
         self.first, self.last = first, last
         self.rope_factor = rope_attention_factor(margs)
-        self.model = Decoder(margs, tp, dtype, device, self.stage_layers, first, last)
+        self.model = Decoder(margs, tp, dtype, device, self.stage_layers, first, last, ep)
         if last:
             self.lm_head = ColumnParallelLinear(margs.dim, margs.vocab_size, tp, dtype, gather_output=True,
                                                 name="head", device=device)

@@ -3,7 +3,8 @@
 ``Group`` wraps one torch.distributed group. Its collectives are called by name at their call site
 (``self.tp.all_reduce("moe.combine", y, self.layer)``) and timed there as one comm event of the timers
 attached to the Group: bytes = this rank's buffer, group = the Group's trace name ("tp": the model
-group's tensor and expert parallel ranks; "pp": a pipeline's stages). ``Group()`` (no torch group) is one
+group's tensor and expert parallel ranks; "ep": the expert-parallel ranks of a data-parallel-attention
+group (spmd.parallel.ep); "pp": a pipeline's stages). ``Group()`` (no torch group) is one
 device: each collective returns its input and records nothing, so a layer given it is the single-device
 layer (DESIGN.md, house rule 3). Layers take their rank and size from the Group.
 
@@ -78,6 +79,16 @@ class Group:
                 out = [torch.empty_like(x) for _ in range(self.size)]
                 dist.all_gather(out, x, group=self.group)
         return torch.cat(list(out), dim=-1)
+
+    def all_to_all(self, name: str, out: torch.Tensor, x: torch.Tensor, out_splits: list[int],
+                   in_splits: list[int], layer: int = -1) -> torch.Tensor:
+        """Rows x[sum(in_splits[:d]):...] to rank d, rows from rank s into out at sum(out_splits[:s]); comm
+        event `name`, the bytes this rank sends (spmd.parallel.ep: dispatch and combine)."""
+        if self.group is None:
+            return out.copy_(x)
+        with self.timers.comm(name, _nbytes(x), group=self.name, layer=layer):
+            dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=self.group)
+        return out
 
     def broadcast(self, name: str, x: torch.Tensor, src: int) -> torch.Tensor:
         """x of torch.distributed rank `src` into x on every rank of the group; comm event `name`."""

@@ -12,7 +12,7 @@ NP ?= 2
 ENV := . launch/env.sh &&
 MPIRUN := $(ENV) mpirun
 
-.PHONY: install install-perf run test test-quick test-unit test-mpi test-launch checkpoints gpu-native gpu-bench gpu-serve-bench gpu-mla-bench serve-bench-cpu bench baseline validate gpu-validate model scaling gpu-scaling paper container clean
+.PHONY: install install-perf run test test-quick test-unit test-mpi test-launch checkpoints gpu-native gpu-bench gpu-serve-bench gpu-mla-bench gpu-comm-bench serve-bench-cpu bench baseline validate gpu-validate model plan scaling gpu-scaling paper container clean
 
 install: $(STAMP)
 
@@ -105,14 +105,27 @@ gpu-serve-bench:
 gpu-mla-bench:
 	. launch/env.sh && python3 -m traces.mla_bench $(MLA_BENCH_OPTS)
 
+# The two group layouts' MoE collectives on GPUS GPUs of one host (default 2): dpa's all-to-all with routed
+# uneven splits vs tp's all-reduce, decode and prefill sizes, in and out of CUDA graphs (traces/results/comm/)
+GPUS ?= 2
+gpu-comm-bench:
+	. launch/env.sh && mpirun -n $(GPUS) python3 -m traces.comm_bench $(COMM_BENCH_OPTS)
+
 # Its CPU smoke run: the tiny checkpoint, 24 short requests, static 8 and 24, continuous, long prompts (< 1 min)
 serve-bench-cpu: $(STAMP) $(CKPT)/tiny-bf16/config.json
 	$(ENV) python -m traces.serve_bench --device cpu --long --checkpoint $(CKPT)/tiny-bf16 $(SERVE_BENCH_OPTS)
 
 # The decode performance model: fits to the stored slice measurements, the 2-GPU validation, the
-# projection of DeepSeek-V3.1 FP8 to 1-3 nodes of 8 GPUs (traces/results/model/model-<gpu>.md and .json)
+# projection of DeepSeek-V3.1 FP8 to 1-3 nodes of 8 GPUs, both group layouts (tp, dpa) on 1-8 nodes of 4 and
+# of 8 GPUs (traces/results/model/model-<gpu>.md and .json)
 model: $(STAMP)
 	$(ENV) python -m traces.model
+
+# The layout planner: which tp/dpa layouts of DeepSeek-V3.1 fit these GPUs and their predicted decode speed
+# (pure Python, no install needed). PLAN_OPTS, e.g. PLAN_OPTS="--gpu-mem 64 --gpus-per-node 4 --hbm 1.6"
+PLAN_OPTS ?= --gpu-mem 80 --gpus-per-node 8
+plan:
+	. launch/env.sh && python3 -m spmd.plan --config inputs/models/v3.1-671b.json $(PLAN_OPTS)
 
 # CPU scaling of the tiny model at 1, 2, 4 ranks: model-group, replica and orchestration series
 # (traces/results/scaling/cpu-<host>-<date>.*)

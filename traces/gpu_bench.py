@@ -64,7 +64,8 @@ def _engine(a, world, max_new: int):
 
     margs = ModelArgs.from_checkpoint(a.checkpoint)
     args = types.SimpleNamespace(checkpoint=a.checkpoint, dtype="bf16", max_new_tokens=max_new, micro_batches=0,
-                                 cuda_graph=a.cuda_graph, fp8_weights=a.fp8_weights)
+                                 cuda_graph=a.cuda_graph, fp8_weights=a.fp8_weights,
+                                 group_layout=getattr(a, "group_layout", "tp"))
     timers = Timers(world.rank, world.device)
     timers.enabled = False
     return build_engine(a.engine, world, args, margs, timers), margs, timers
@@ -138,9 +139,11 @@ def _traced_batch(engine, timers, batch: int, prompt: int, steps: int, vocab: in
 def run(a) -> int:
     """One engine configuration over all batch sizes; rank 0 writes the rows to a.tag.json."""
     from spmd.runtime.world import make_world, shutdown
+    from spmd.plan.perf import stage_bytes
     from traces.floor import decode_bytes
 
-    world = make_world(a.group_size, a.device, pp=a.pp)
+    dpa = a.group_layout == "dpa"  # every rank its own rows (batch / G), experts by all-to-all
+    world = make_world(1 if dpa else a.group_size, a.device, pp=a.pp, ep=a.group_size if dpa else 1)
     gpus = a.group_size * a.pp
     cuda = a.device == "cuda"
     engine, margs, timers = _engine(a, world, a.steps + 4)
@@ -148,20 +151,25 @@ def run(a) -> int:
     _one_batch(engine, 2, 16, 2, vocab)  # warm-up: first-call CUDA/cuBLAS setup stays out of the numbers
     rows = []
     for b in a.batches:
-        _one_batch(engine, b, a.prompt, 2, vocab)  # this shape's first call: cuBLAS/Triton setup, graph capture
+        mine = -(-b // a.group_size) if dpa else b  # dpa: this rank's share of the group's b rows
+        _one_batch(engine, mine, a.prompt, 2, vocab)  # this shape's first call: cuBLAS/Triton setup, graph capture
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        r = _one_batch(engine, b, a.prompt, a.steps, vocab)
+        r = {**_one_batch(engine, mine, a.prompt, a.steps, vocab), "batch": b, "rows_per_rank": mine}
+        r["prefill_tok_s"] *= b / mine  # the group's prompt tokens over the (lockstep) prefill time
         mem = world.comm.allgather(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
         # pipelines: the bytes per GPU if the stages split them evenly (the bubble is not in the floor)
-        floor = decode_bytes(margs, b, a.prompt + a.steps // 2, a.group_size, a.weights) / a.pp
+        floor = (stage_bytes(margs, range(margs.n_layers), mine, a.prompt + a.steps // 2, a.group_size, a.weights,
+                             True, family="dpa", tokens=b) if dpa else
+                 decode_bytes(margs, b, a.prompt + a.steps // 2, a.group_size, a.weights) / a.pp)
         info = getattr(engine, "info", {})
         rows.append({**r, "engine": a.engine, "gpus": gpus, "pp": a.pp, "weights": a.weights,
+                     "group_layout": a.group_layout,
                      "moe_path": info.get("moe_path", ""), "decode_mode": info.get("decode_mode", "eager"),
                      "fp8_path": info.get("fp8_path", ""),
                      "gpu_mem_gib_per_rank": mem, "decode_floor_bytes": floor})
         if b in a.trace_batches:
-            rows[-1].update(_traced_batch(engine, timers, b, a.prompt, a.steps, vocab))
+            rows[-1].update(_traced_batch(engine, timers, mine, a.prompt, a.steps, vocab))
         if world.rank == 0:
             print(f"{a.tag} batch {b}: {r['decode_ms_step']:.2f} ms/step", flush=True)
     if world.rank == 0:
@@ -186,7 +194,7 @@ def _spawn(tag: str, ckpt: Path, work: Path, batches: str, trace_batches: str) -
     return [dict(row, tag=tag) for row in json.loads(out.read_text())]
 
 
-EAGER, DEQUANT = ("--cuda-graph", "off"), ("--fp8-weights", "dequant")
+EAGER, DEQUANT, DPA = ("--cuda-graph", "off"), ("--fp8-weights", "dequant"), ("--group-layout", "dpa")
 CONFIGS = {  # tag: (engine, gpus, weights, options of `run`)
     "native-1gpu-bf16": ("native", 1, "bf16", ()), "native-1gpu-bf16-eager": ("native", 1, "bf16", EAGER),
     "native-1gpu-fp8": ("native", 1, "fp8", ()), "native-1gpu-fp8-dequant": ("native", 1, "fp8", DEQUANT),
@@ -195,6 +203,9 @@ CONFIGS = {  # tag: (engine, gpus, weights, options of `run`)
     "native-2gpu-pp2-bf16": ("native", 2, "bf16", ("--pp", "2")),
     "hf-1gpu-bf16": ("hf", 1, "bf16", ()), "hf-2gpu-bf16": ("hf", 2, "bf16", ()),  # 2: transformers' TP/EP
     "deepspeed-2gpu-bf16": ("deepspeed", 2, "bf16", ()),
+    # the group layouts (issue 29 runs them where 2-4 GPUs are lent): tp vs dpa at G2, G4; G1 dpa = tp
+    "native-4gpu-fp8": ("native", 4, "fp8", ()), "native-1gpu-dpa-fp8": ("native", 1, "fp8", DPA),
+    "native-2gpu-dpa-fp8": ("native", 2, "fp8", DPA), "native-4gpu-dpa-fp8": ("native", 4, "fp8", DPA),
 }
 
 
@@ -247,6 +258,8 @@ def main(argv=None) -> int:
     r.add_argument("--checkpoint", type=Path, required=True)
     r.add_argument("--group-size", type=int, default=1, help="ranks per pipeline stage")
     r.add_argument("--pp", type=int, default=1, help="pipeline stages (native engine; eager decode)")
+    r.add_argument("--group-layout", choices=("tp", "dpa"), default="tp",
+                   help="dpa: each rank runs batch/G rows, experts by all-to-all (eager decode)")
     r.add_argument("--weights", default="bf16")
     r.add_argument("--tag", required=True)
     r.add_argument("--out", required=True)

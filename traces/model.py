@@ -3,46 +3,62 @@
     python -m traces.model [--bench traces/results/bench/NVIDIA_H200-2026-11-28.json ...] [--out traces/results/model]
 
 Decode only (the phase that dominates a generation job, and the one the layouts change); all times per step.
+The model's formulas live in spmd.plan.perf (shared with the planner, ``python -m spmd.plan``); this module
+fits their constants to the stored measurements, validates them and writes the projections.
 
 Compute, per GPU of one pipeline stage: t = c * (layers + 1) + bytes / (eta * copy_bw). bytes: what the
-step must read (traces.floor: the stage's layers at this group size and batch, its latent cache, the head
-on the last stage); copy_bw: the machine's measured device-to-device copy rate; c: a fixed cost per layer
-(the head counts as one: kernel launches, small ops, synchronisation) and eta: the fraction of the copy
-rate the weight reads reach. (c, eta) are fitted by least squares to the measured one-GPU rows of the
-slice (1 dense + 2 MoE layers + head, batch 1..64), one fit per decode mode (CUDA graphs, eager) and
+step must read (the floor's bytes, traces.floor: the stage's layers at this group size and batch, its latent
+cache, the head on the last stage); copy_bw: the machine's measured device-to-device copy rate; c: a fixed
+cost per layer (the head counts as one: kernel launches, small ops, synchronisation) and eta: the fraction
+of the copy rate the weight reads reach. (c, eta) are fitted by least squares to the measured one-GPU rows
+of the slice (1 dense + 2 MoE layers + head, batch 1..64), one fit per decode mode (CUDA graphs, eager) and
 weight format (bf16, fp8).
 
 Collectives (Hockney alpha-beta, ring): an all-reduce of n bytes over G ranks costs 2(G-1)(alpha + n/(G
 beta)), with the alpha and beta of the slowest link in the ring: NVLink inside a node, the network between
-nodes. Per layer the engine all-reduces twice (attention output; dense MLP or shared + routed experts,
-summed in one) B x dim bf16 values, once for the embedding, and all-gathers the head's logits. alpha inside
-a node is measured (the smallest NCCL all-reduce kernel of the 2-GPU torch.profiler trace, 2x H200); beta
-inside a node and both numbers between nodes are stated parameters (NETWORKS), not measurements.
+nodes. Per layer the tp engine all-reduces twice (attention output; dense MLP or shared + routed experts,
+summed in one) B x dim bf16 values, once for the embedding, and all-gathers the head's logits. The dpa
+layout (data-parallel attention, experts by all-to-all) has no all-reduce: per MoE layer a dispatch and a
+combine, latency + bytes / bandwidth, the bytes split into in-node and cross-node by where group-limited
+routing sends a token (spmd.plan.routing: a seeded Monte-Carlo). alpha inside a node is measured (the
+smallest NCCL all-reduce kernel of the 2-GPU torch.profiler trace, 2x H200); beta inside a node and both
+numbers between nodes are stated parameters (NETWORK), not measurements.
 
 Pipeline (P stages, M micro-batches, as spmd.parallel.pipeline runs them): step = (M + P - 1) x (slowest stage on B/M
-rows + its send) + the logits broadcast; stages get contiguous layers balanced by bytes (spmd.parallel.pipeline
-.partition). Memory per GPU: the stage's weights at the group size (replicated parts whole), its latent
-cache for B rows x context (not sharded over G), 2 GiB for activations and workspace.
+rows + its send) + the logits broadcast; stages get contiguous layers balanced by bytes (spmd.config.partition).
+Memory per GPU (``memory_gib``, the projection's): the stage's weights at the group size (replicated parts
+whole, all at the FP8 rate), its latent cache for B rows x context (not sharded over G), 2 GiB for
+activations and workspace. The layouts projection uses the planner's finer accounting (spmd.plan.memory).
 
 Validation (``validate``): the measured 2-GPU slice rows (G = 2 with graphs, bf16 and fp8; G = 2 eager;
 P = 2 eager) predicted from the one-GPU fits and the comm parameters; the relative error per row.
 Projection (``project``): the full 61-layer DeepSeek-V3.1, FP8 weights, on 1, 2 and 3 nodes of 8 GPUs
 (H200 measured; H100 scaled by its HBM bandwidth and memory): which layouts fit, step time, tokens/s,
-per-token latency, tokens/s per GPU against the one-node layout.
+per-token latency, tokens/s per GPU against the one-node layout. Both layouts (``project_layouts``): tp
+and dpa on 1-8 nodes of 4 and of 8 GPUs, 256 rows x 4096 tokens, the fastest fitting layout of each.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from spmd.config import ModelArgs
 from spmd.config.sizes import layer_params
-from traces.floor import WEIGHT_BYTES, head_bytes, layer_bytes
+from spmd.plan import perf
+from spmd.plan.layouts import Layout
+from spmd.plan.memory import GIB, USABLE_FRACTION, WORKSPACE_GIB, stages
+from spmd.plan.perf import NVLINK_BETA, Fit, Gpu, Link, allreduce_s, p2p_s, ring_allreduce_s
+from spmd.plan.planner import Machine, plan
+from traces.floor import WEIGHT_BYTES, head_bytes
+
+# the names callers and tests use, the model's formulas re-exported from spmd.plan among them
+__all__ = ["GIB", "NETWORK", "NVLINK_BETA", "WORKSPACE_GIB", "Fit", "Gpu", "Layout", "Link", "allreduce_s",
+           "build", "fit_compute", "intra_link", "load_bench", "main", "markdown", "memory_gib", "p2p_s", "project",
+           "project_layouts", "ring_allreduce_s", "stages", "step_s", "validate"]
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = [ROOT / "traces/results/bench/NVIDIA_H200-2026-11-28.json", ROOT / "traces/results/bench/pp-NVIDIA_H200-2026-11-28.json"]
@@ -50,40 +66,14 @@ TORCH_TRACE = ROOT / "traces/results/gpu/torchprof-tiny-native-2gpu-NVIDIA_H200/
 SLICE = ROOT / "inputs/models/slice.json"
 FULL = ROOT / "inputs/models/v3.1-671b.json"
 PROMPT, STEPS = 128, 16  # gpu_bench: 128-token prompts, 16 timed steps (mean context prompt + steps/2)
-GIB = 2.0**30
-WORKSPACE_GIB = 2.0
-
-
-@dataclass(frozen=True)
-class Link:
-    alpha_s: float        # latency per ring step
-    beta_Bps: float       # bandwidth per GPU, bytes/s one way
-    source: str
 
 
 # Stated (not measured) link parameters. NVLink 4 (H100/H200 SXM): 450 GB/s one way per GPU (vendor
 # figure); the network: 4 x 200 Gb/s InfiniBand NDR per node of 8 GPUs (the issue's example; EuroHPC
 # GPU partitions carry 1-4 such ports per node) = 100 GB/s per node, 12.5 GB/s per GPU when all 8 send at
 # once; 5 us per ring step (switch + NIC + NCCL proxy, a typical figure for IB).
-NVLINK_BETA = 450e9
-NETWORK = Link(5e-6, 100e9 / 8, "stated: 4 x 200 Gb/s InfiniBand NDR per 8-GPU node, 5 us per ring step")
-
-
-@dataclass(frozen=True)
-class Gpu:
-    name: str
-    copy_gbps: float      # device-to-device copy rate (bytes read + written)
-    mem_gib: float
-
-
-@dataclass(frozen=True)
-class Fit:
-    mode: str             # "graph" | "eager"
-    weights: str          # "bf16" | "fp8"
-    c_layer_s: float      # fixed cost per layer (head included as one)
-    eta: float            # fraction of the copy rate reached by the reads
-    rows: int
-    rms_rel_err: float
+NETWORK = Link(perf.NETWORK_ALPHA_S, perf.NETWORK_NODE_GBPS * 1e9 / 8,
+               "stated: 4 x 200 Gb/s InfiniBand NDR per 8-GPU node, 5 us per ring step")
 
 
 def load_bench(paths: list[Path]) -> tuple[dict, list[dict]]:
@@ -129,85 +119,14 @@ def _context(batch: int) -> int:
 def _stage_bytes(m: ModelArgs, layers: range, batch: int, group: int, weights: str, last: bool,
                  context: int | None = None) -> float:
     ctx = _context(batch) if context is None else context
-    return sum(layer_bytes(m, i, batch, ctx, group, weights) for i in layers) + (head_bytes(m, group) if last else 0.0)
-
-
-def ring_allreduce_s(nbytes: float, ranks: int, link: Link) -> float:
-    """2(G-1) ring steps, each alpha + n/(G beta) (0 for one rank)."""
-    if ranks <= 1:
-        return 0.0
-    return 2 * (ranks - 1) * (link.alpha_s + nbytes / (ranks * link.beta_Bps))
-
-
-def allreduce_s(nbytes: float, ranks: int, intra: Link, inter: Link, gpus_per_node: int = 8) -> float:
-    """Inside a node: one ring. Across nodes, hierarchical (as NCCL does in effect): a ring all-reduce
-    inside each node, then one across the nodes on each GPU's 1/g share, in parallel over the g GPUs."""
-    if ranks <= gpus_per_node:
-        return ring_allreduce_s(nbytes, ranks, intra)
-    nodes = math.ceil(ranks / gpus_per_node)
-    return ring_allreduce_s(nbytes, gpus_per_node, intra) + ring_allreduce_s(nbytes / gpus_per_node, nodes, inter)
-
-
-def p2p_s(nbytes: float, link: Link) -> float:
-    return link.alpha_s + nbytes / link.beta_Bps
-
-
-@dataclass(frozen=True)
-class Layout:
-    group: int            # G: tensor/expert-parallel ranks of one stage
-    pp: int = 1           # P stages
-    micro: int = 1        # M micro-batches (pipelines)
-    replicas: int = 1
-
-    @property
-    def gpus(self) -> int:
-        return self.group * self.pp * self.replicas
-
-    @property
-    def name(self) -> str:
-        s = f"G{self.group}" + (f"xP{self.pp}(M{self.micro})" if self.pp > 1 else "")
-        return (f"{self.replicas}x" if self.replicas > 1 else "") + s
-
-
-def stages(m: ModelArgs, lay: Layout) -> list[range]:
-    from spmd.parallel.pipeline import head_cost, layer_costs, partition
-
-    if lay.pp == 1:
-        return [range(m.n_layers)]
-    return partition(layer_costs(m, lay.group), lay.pp, head_cost(m, lay.group))
+    return perf.stage_bytes(m, layers, batch, ctx, group, weights, last)
 
 
 def step_s(m: ModelArgs, lay: Layout, batch: int, fit: Fit, gpu: Gpu, intra: Link, inter: Link,
-           gpus_per_node: int = 8, context: int | None = None) -> dict:
-    """Predicted decode step of one model group (batch rows) and its parts."""
-    # a group spans nodes when G > GPUs per node; stages are whole groups, one after another
-    def ar_s(nbytes: float, ranks: int) -> float:
-        return allreduce_s(nbytes, ranks, intra, inter, gpus_per_node)
-
-    stage_nodes = [(s * lay.group) // gpus_per_node for s in range(lay.pp)]
-    rows = math.ceil(batch / lay.micro)
-    act = rows * m.dim * 2.0  # bf16 hidden states of a micro-batch
-    parts = {"compute_s": 0.0, "allreduce_s": 0.0, "p2p_s": 0.0}
-    slowest = 0.0
-    for s, layers in enumerate(stages(m, lay)):
-        last = s == lay.pp - 1
-        nb = _stage_bytes(m, layers, rows, lay.group, fit.weights, last, context)
-        comp = fit.c_layer_s * (len(layers) + (1 if last else 0)) + nb / (fit.eta * gpu.copy_gbps * 1e9)
-        n_ar = 2 * len(layers) + (1 if s == 0 else 0)
-        ar = n_ar * ar_s(act, lay.group)
-        if last:  # head: logits all-gather (vocab split): half an all-reduce of the logits
-            ar += ar_s(rows * m.vocab_size * 4.0, lay.group) / 2
-        send = 0.0 if last else p2p_s(act, inter if stage_nodes[s + 1] != stage_nodes[s] else intra)
-        t = comp + ar + send
-        if t > slowest:
-            slowest = t
-            parts = {"compute_s": comp, "allreduce_s": ar, "p2p_s": send}
-    if lay.pp == 1:
-        return {"step_s": slowest, **parts, "bubble": 0.0}
-    logits = rows * lay.micro * m.vocab_size * 4.0
-    bcast = ar_s(logits, lay.pp * lay.group) / 2  # a broadcast: about half an all-reduce
-    total = (lay.micro + lay.pp - 1) * slowest + bcast
-    return {"step_s": total, **parts, "bubble": (lay.pp - 1) / (lay.micro + lay.pp - 1)}
+           gpus_per_node: int = 8, context: int | None = None, **kw) -> dict:
+    """spmd.plan.perf.step_s with the bench's context (prompt + half the timed steps) when none is given."""
+    ctx = _context(batch) if context is None else context
+    return perf.step_s(m, lay, batch, fit, gpu, intra, inter, gpus_per_node, ctx, **kw)
 
 
 def memory_gib(m: ModelArgs, lay: Layout, batch: int, context: int, weights: str) -> float:
@@ -301,6 +220,71 @@ def project(fits: dict, h200: Gpu, intra: Link, inter: Link = NETWORK, nodes=(1,
     return out
 
 
+LAYOUT_NODES, LAYOUT_GPUS_PER_NODE = (1, 2, 3, 4, 6, 8), (4, 8)
+LAYOUT_ROWS, LAYOUT_CONTEXT = 256, 4096  # decode rows of one model group, tokens per row
+
+
+def project_layouts(fits: dict, h200: Gpu, intra: Link, nodes=LAYOUT_NODES, per_node=LAYOUT_GPUS_PER_NODE,
+                    rows: int = LAYOUT_ROWS, context: int = LAYOUT_CONTEXT) -> list[dict]:
+    """Both group layouts (tp, dpa) of the full model, FP8, CUDA graphs, on 1-8 nodes of 4 and of 8 GPUs, with
+    the planner's memory accounting (spmd.plan): per GPU kind, node count and family the fastest single
+    model instance that fits (any G, P; R = 1), and the fastest layout with replicas."""
+    m = ModelArgs.from_config(json.loads(FULL.read_text()))
+    out = []
+    for gname, (bw_ratio, mem) in GPUS_PROJECTED.items():
+        for gpn in per_node:
+            machine = Machine(mem, gpn, perf.H200_HBM_TBPS * bw_ratio, perf.NETWORK_NODE_GBPS, intra.beta_Bps / 1e9,
+                              USABLE_FRACTION, h200.copy_gbps, intra.alpha_s)
+            doc = plan(m, machine, nodes, "fp8", rows, context, fits["graph", "fp8"])
+            out += [_layout_row(doc["rows"], gname, gpn, n, family, rows, context) for n in nodes
+                    for family in ("tp", "dpa")]
+    return out
+
+
+def _layout_row(fitting: list[dict], gname: str, gpn: int, nodes: int, family: str, rows: int, context: int) -> dict:
+    mine = [r for r in fitting if r["nodes"] == nodes and r["family"] == family]
+    one = [r for r in mine if r["R"] == 1]
+    out = {"gpu": gname, "gpus_per_node": gpn, "nodes": nodes, "gpus": nodes * gpn, "family": family,
+           "batch": rows, "context": context, "fits": bool(one)}
+    if mine:
+        best = max(mine, key=lambda r: r["tokens_per_s"])
+        out.update(best_layout=best["layout"], best_tokens_per_s=best["tokens_per_s"],
+                   best_tokens_per_s_per_gpu=best["tokens_per_s_per_gpu"])
+    if one:
+        r = max(one, key=lambda r: r["tokens_per_s"])
+        dest = r.get("destinations") or {}
+        out.update({k: r[k] for k in ("layout", "G", "P", "weights_gib", "cache_gib", "total_gib", "step_ms",
+                                      "tokens_per_s", "tokens_per_s_per_gpu", "allreduce_ms", "alltoall_ms",
+                                      "p2p_ms", "dequantized")},
+                   dispatch_cross_mb_per_node=r.get("dispatch_cross_mb_per_node", 0.0),
+                   dest_ranks=dest.get("ranks", 0.0), dest_nodes=dest.get("nodes", 0.0))
+    return out
+
+
+def markdown_layouts(rows: list[dict]) -> list[str]:
+    lines = ["", f"## Both group layouts (tp, dpa): DeepSeek-V3.1, FP8, {rows[0]['batch']} rows x "
+             f"{rows[0]['context']} tokens per model group", "",
+             "Projected, not measured (dpa has not run on several GPUs yet). Memory: the planner's accounting "
+             "(spmd.plan.memory: bf16 embedding, head, gate and kv_b_proj; dpa caches only its rows), against 0.9 "
+             "of the GPU. Per node count and family the fastest single model instance that fits (R = 1), and the "
+             "fastest layout with replicas. Network: 100 GB/s per node shared by its GPUs. Dispatch: the bytes one "
+             "node sends off-node per MoE layer (dispatch only; combine moves as much less the ids).", "",
+             "| GPU | GPUs/node | nodes | family | layout | GiB/GPU | step ms | tokens/s | tok/s/GPU | all-reduce ms "
+             "| all-to-all ms | dispatch MB/node/layer | ranks / nodes per token | best with replicas (tok/s/GPU) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        best = f"{r['best_layout']} ({r['best_tokens_per_s_per_gpu']:.0f})" if "best_layout" in r else "none fits"
+        head = f"| {r['gpu']} | {r['gpus_per_node']} | {r['nodes']} | {r['family']} |"
+        if not r["fits"]:
+            lines.append(f"{head} does not fit | | | | | | | | | {best} |")
+            continue
+        dest = f"{r['dest_ranks']:.1f} / {r['dest_nodes']:.1f}" if r["family"] == "dpa" else ""
+        lines.append(f"{head} {r['layout']} | {r['total_gib']:.0f} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | "
+                     f"{r['tokens_per_s_per_gpu']:.0f} | {r['allreduce_ms']:.2f} | {r['alltoall_ms']:.2f} | "
+                     f"{r['dispatch_cross_mb_per_node']:.2f} | {dest} | {best} |")
+    return lines
+
+
 def markdown(doc: dict) -> str:
     lines = ["# Performance model (decode)", "",
              f"Machine: {doc['gpu']} (copy {doc['copy_gbps']:.0f} GB/s measured). Intra-node link: "
@@ -329,6 +313,8 @@ def markdown(doc: dict) -> str:
                          f"{r.get('efficiency', float('nan')):.2f} |")
         else:
             lines.append(f"| {r['gpu']} | {r['nodes']} | {r['layout']} | {r['batch']} | {r['mem_gib_per_gpu']:.0f} | no | | | | | |")
+    if doc.get("layouts"):
+        lines += markdown_layouts(doc["layouts"])
     return "\n".join(lines) + "\n"
 
 
@@ -340,7 +326,8 @@ def build(bench: list[Path], trace: Path = TORCH_TRACE) -> dict:
     intra = intra_link(trace)
     return {"gpu": gpu.name, "copy_gbps": gpu.copy_gbps, "bench": [str(Path(p).relative_to(ROOT)) for p in bench],
             "intra": asdict(intra), "inter": asdict(NETWORK), "fits": [asdict(f) for f in fits.values()],
-            "validation": validate(rows, fits, gpu, intra), "projection": project(fits, gpu, intra)}
+            "validation": validate(rows, fits, gpu, intra), "projection": project(fits, gpu, intra),
+            "layouts": project_layouts(fits, gpu, intra)}
 
 
 def main(argv=None) -> int:

@@ -201,10 +201,36 @@ def group_hosts(t: Trace) -> dict[tuple[int, str], set[str]]:
     for r, w in world.items():
         same_replica = [q for q, v in world.items() if v.get("replica") == w.get("replica")]
         stage = [q for q in same_replica if world[q].get("stage", 0) == w.get("stage", 0)]
+        same_ep = [q for q in world if _ep_index(world[q]) == _ep_index(w)]
         for group in {g.decode() for g in np.unique(t.events["group"])}:
-            members = stage if group == "tp" else same_replica
+            members = stage if group == "tp" else same_ep if group == "ep" else same_replica
             out[r, group] = {world[q].get("hostname", "") for q in members}
     return out
+
+
+def _ep_index(w: dict) -> int:
+    """Which expert-parallel group (--group-layout dpa: consecutive model ranks) a rank's world belongs to."""
+    first = 1 if w.get("orchestrator") == "dedicated" else 0
+    return (w.get("rank", 0) - first) // max(1, w.get("ep_size", 1))
+
+
+def traffic_section(t: Trace) -> str:
+    """--group-layout dpa: each rank's all-to-all bytes over the run (dispatch, its ids and weights, combine),
+    to ranks on its own host and on others, and per destination (the routing's spread)."""
+    rows = []
+    for r in sorted(t.ranks):
+        text = t.ranks[r].get("ep_traffic")
+        if not text:
+            continue
+        tr = json.loads(text)
+        total = [sum(col) for col in zip(*tr["bytes_to"].values())] if tr["bytes_to"] else []
+        rows.append([str(r), str(tr["group_rank"]), si(tr["in_host_bytes"], "B"), si(tr["cross_host_bytes"], "B"),
+                     " ".join(si(b, "B") for b in total)])
+    if not rows:
+        return "expert all-to-all traffic\n  (no dpa all-to-alls: --group-layout tp)"
+    return ("expert all-to-all traffic (--group-layout dpa; bytes each rank sent in moe.dispatch, "
+            "moe.dispatch.meta, moe.combine)\n"
+            + format_table(["rank", "ep rank", "in-host (itself too)", "cross-host", "to ep rank 0, 1, ..."], rows, n_left=1))
 
 
 def placement_section(t: Trace) -> str:
@@ -228,7 +254,7 @@ def placement_section(t: Trace) -> str:
                            rows, n_left=2))
 
 
-SECTIONS = (rank_section, phase_section, rank_phase_section, collective_section, placement_section,
+SECTIONS = (rank_section, phase_section, rank_phase_section, collective_section, placement_section, traffic_section,
             layer_section, pipeline_section, *skew.SECTIONS, *report_sources.SECTIONS)
 
 

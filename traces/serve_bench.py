@@ -52,6 +52,7 @@ class Run:
     batch_size: int = 0
     role: str = ""          # "a" (the static default), "sweep", "c" (continuous), "variant", "long"
     opts: tuple[str, ...] = ()  # more program options (a --variant's)
+    ranks: int = 1              # MPI ranks (a --variant NAME@RANKS: e.g. a group of 2 GPUs)
 
 
 def plan(default_batch: int, sweep: list[int], variants: list[str] = ()) -> list[Run]:
@@ -61,16 +62,19 @@ def plan(default_batch: int, sweep: list[int], variants: list[str] = ()) -> list
     runs.append(Run("continuous", "continuous", role="c"))
     for v in variants:
         name, _, opts = v.partition("=")
-        if not name or not opts or not re.fullmatch(r"[\w.-]+", name):
-            raise SystemExit(f"--variant {v!r}: expected NAME=OPTIONS, e.g. varlen='--mla-decode varlen'")
-        runs.append(Run(f"continuous-{name}", "continuous", role="variant", opts=tuple(shlex.split(opts))))
+        got = re.fullmatch(r"([\w.-]+)(?:@(\d+))?", name)
+        if not got or not opts or (got[2] is not None and int(got[2]) < 1):
+            raise SystemExit(f"--variant {v!r}: expected NAME[@RANKS]=OPTIONS, e.g. varlen='--mla-decode varlen' "
+                             f"or D2@2='--group-layout dpa --group-size 2'")
+        runs.append(Run(f"continuous-{got[1]}", "continuous", role="variant", opts=tuple(shlex.split(opts)),
+                        ranks=int(got[2] or 1)))
     return runs
 
 
 def command(run: Run, a, prompts: Path, max_new: int) -> list[str]:
     """The program's command line for one run (one rank)."""
     opts = ["--batching", run.batching] + (["--batch-size", str(run.batch_size)] if run.batching == "static" else [])
-    return commands.mpirun(1, "spmd", "--checkpoint", str(a.checkpoint), "--prompts", str(prompts),
+    return commands.mpirun(run.ranks, "spmd", "--checkpoint", str(a.checkpoint), "--prompts", str(prompts),
                            "--output", str(a.work / f"{run.name}.jsonl"), "--trace-dir", str(a.work / run.name),
                            "--engine", "native", "--device", a.device, "--dtype", a.dtype, "--no-chat-template",
                            "--no-progress", "--max-new-tokens", str(max_new), *opts, *run.opts, mpi4py=True)
@@ -313,9 +317,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--default-batch", type=int, default=8, help="(a): the static loop's --batch-size default")
     p.add_argument("--static-sweep", help="static batch sizes for (b), comma-separated (cuda 16,32,64)")
     p.add_argument("--dtype", choices=("bf16", "fp32"))
-    p.add_argument("--variant", action="append", default=[], metavar="NAME=OPTIONS",
-                   help="one more continuous run with these program options, e.g. varlen='--mla-decode varlen' "
-                        "(repeatable; its targets are computed like (c)'s)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME[@RANKS]=OPTIONS",
+                   help="one more continuous run with these program options on RANKS ranks (1), e.g. "
+                        "varlen='--mla-decode varlen', D2@2='--group-layout dpa --group-size 2', "
+                        "2xG1@2='--dispatch dynamic' (repeatable; its targets are computed like (c)'s)")
     for side in ("input", "output"):
         p.add_argument(f"--{side}-median", type=float)
         p.add_argument(f"--{side}-sigma", type=float)

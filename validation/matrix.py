@@ -1,7 +1,7 @@
 """The validation matrix: engines × layouts × dtypes × weights, each run scored against its checkpoint's baseline.
 
     python -m validation.matrix [--device cpu|cuda] [--configs tiny[,slice]] [--engines auto|hf,native,...]
-        [--layouts G1,G2,G4,2xG1,P2,P2G2,2xP2,G2s,G1+O,2xG1+O,G2+O] [--dtypes fp32,bf16] [--weights bf16,fp8]
+        [--layouts G1,G2,G4,2xG1,P2,P2G2,2xP2,G2s,G1+O,2xG1+O,G2+O,D2,D4,2xD2,D2+O] [--dtypes fp32,bf16] [--weights bf16,fp8]
         [--max-gpus N] [--slots N]
         [--max-new-tokens 32] [--batch-size B] [--reuse] [--merge] [--out validation/results]
     python -m validation.matrix --rejudge validation/results/NAME.json
@@ -9,7 +9,7 @@
 Per config × weights: the synthetic checkpoint (written if missing) and one transformers baseline
 (`validation.baseline`, fp32; `<baselines>/NAME.jsonl` on CPU, `NAME-cuda.jsonl` on GPUs; reused while
 its checkpoint fingerprint and settings match). Per row: the SPMD program under mpirun (`MPIRUN`,
-default `mpirun`; `sys.executable`, so no .venv is needed) with `--score`, greedy (2xG1 and the +O
+default `mpirun`; `sys.executable`, so no .venv is needed) with `--score`, greedy (D: `--group-layout dpa`; 2xG1, 2xD2 and the +O
 layouts: dynamic dispatch in chunks of 5), all prompts in one batch on GPUs, batches of 4 on CPU (the prompts run from
 6 to 165 tokens; on CPU bf16 matmuls are slow, and padding to the longest prompt made batches of 20
 cost 1.7× more for transformers), then `validation.compare` at the row's precision: fp32 compute →
@@ -42,15 +42,18 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "inputs" / "prompts" / "validation20.jsonl"
 # name: (ranks, ranks per pipeline stage (--group-size), pipeline stages (--pp), more options). G2s: the CUDA
 # graph's static-shape decode step run eagerly; +O: a dedicated orchestrator (world rank 0, no model) besides
+DPA = ("--group-layout", "dpa")  # D: data-parallel attention, experts by all-to-all (docs/engines.md)
 LAYOUTS = {"G1": (1, 1, 1, ()), "G2": (2, 2, 1, ()), "G4": (4, 4, 1, ()), "2xG1": (2, 1, 1, ()),
            "P2": (2, 1, 2, ()), "P2G2": (4, 2, 2, ()), "2xP2": (4, 1, 2, ()),
            "G2s": (2, 2, 1, ("--cuda-graph", "static")),
            "G1+O": (2, 1, 1, ("--orchestrator", "dedicated")), "2xG1+O": (3, 1, 1, ("--orchestrator", "dedicated")),
-           "G2+O": (3, 2, 1, ("--orchestrator", "dedicated"))}
+           "G2+O": (3, 2, 1, ("--orchestrator", "dedicated")),
+           "D2": (2, 2, 1, DPA), "D4": (4, 4, 1, DPA), "2xD2": (4, 2, 1, DPA),
+           "D2+O": (3, 2, 1, (*DPA, "--orchestrator", "dedicated"))}
 # native engine only, fp32 only (the exactness check; CI time): pipelines, the static step, the orchestrator;
 # the static step with FP8 weights only (its path for them), the orchestrator with bf16 weights only
-NATIVE_FP32 = ("P2", "P2G2", "2xP2", "G2s", "G1+O", "2xG1+O", "G2+O")
-ONE_WEIGHTS = {"G2s": "fp8", "G1+O": "bf16", "2xG1+O": "bf16", "G2+O": "bf16"}
+NATIVE_FP32 = ("P2", "P2G2", "2xP2", "G2s", "G1+O", "2xG1+O", "G2+O", "D2", "D4", "2xD2", "D2+O")
+ONE_WEIGHTS = {"G2s": "fp8", "G1+O": "bf16", "2xG1+O": "bf16", "G2+O": "bf16", "2xD2": "fp8", "D2+O": "bf16"}
 REPLICATED = {"hf": ("G1", "2xG1")}  # engines that hold the whole model on every rank
 # configs that check another model shape only: the native engine's plain layouts, fp32, bf16 weights
 SHAPE_CONFIGS, SHAPE_LAYOUTS = ("tiny-noqlora",), ("G1", "G2", "G4", "2xG1")

@@ -71,6 +71,7 @@ class RunArgs:
     gpu_memory_fraction: float = 0.9
     max_context: int = 0
     mla_decode: str = "auto"
+    group_layout: str = "tp"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -83,6 +84,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=ENGINES, default="native", help="native, hf (transformers) or deepspeed")
     p.add_argument("--group-size", type=int, default=1, help="tensor/expert-parallel ranks per model group "
                    "(per pipeline stage with --pp)")
+    p.add_argument("--group-layout", choices=("tp", "dpa"), default="tp",
+                   help="tp: attention, dense layers and vocab split over the group, routed experts combined by "
+                        "all-reduce; dpa: data-parallel attention (each rank its own requests, all attention and "
+                        "dense weights), routed experts split over the group and reached by all-to-all "
+                        "(native engine, continuous batching; docs/engines.md)")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages per model group (native engine): a model "
                    "group is PP x GROUP_SIZE ranks")
     p.add_argument("--micro-batches", type=int, default=0,
@@ -213,6 +219,8 @@ def check_run_args(a: RunArgs) -> None:
         raise UsageError(f"--gpu-memory-fraction={a.gpu_memory_fraction} must be in (0, 1]")
     if a.batching == "continuous" and a.engine != "native":
         raise UsageError(f"--batching continuous runs in the native engine; --engine {a.engine} runs static batches")
+    if a.group_layout == "dpa":
+        check_dpa(a)
     if a.temperature < 0 or not 0 < a.top_p <= 1:
         raise UsageError(f"--temperature={a.temperature} must be >= 0 and --top-p={a.top_p} in (0, 1]")
     if a.local_debug and a.engine == "deepspeed":
@@ -234,6 +242,23 @@ def check_run_args(a: RunArgs) -> None:
     if a.profile == "nsys" and a.device != "cuda":
         raise UsageError(f"--profile nsys opens the window with cudaProfilerStart: needs --device cuda, "
                          f"got --device {a.device}")
+
+
+def check_dpa(a: RunArgs) -> None:
+    """--group-layout dpa: the native engine's continuous loop, one stage. Every forward of a rank meets its
+    group in the MoE all-to-alls, so the ranks step together (spmd.runtime.scheduler; --score at the end,
+    serve.Sink); the static loop, whose forwards differ in number between ranks, does not."""
+    why = []
+    if a.engine != "native":
+        why.append(f"--engine native (got {a.engine})")
+    if a.batching == "static" or a.score_only:
+        why.append("--batching continuous or auto (not static, not --score-only)")
+    if a.pp != 1:
+        why.append(f"--pp 1 (got {a.pp})")
+    if a.cuda_graph in ("on", "static"):
+        why.append("--cuda-graph auto or off (its all-to-alls size their buffers on the host: eager decode)")
+    if why:
+        raise UsageError("--group-layout dpa needs " + ", ".join(why))
 
 
 def check_paths(a: RunArgs) -> None:

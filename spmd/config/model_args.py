@@ -122,12 +122,18 @@ def _model_args(cls, c: dict) -> ModelArgs:
 
 
 def check_model_topology(m: ModelArgs, group_size: int, engine: str, pp: int = 1, world_size: int | None = None,
-                         orchestrator: str = "inline") -> None:
+                         orchestrator: str = "inline", layout: str = "tp") -> None:
     """Divisibility of heads, experts, vocab and FP8 blocks by the model-group size; layers per stage.
 
     --engine hf with a group of G > 1 runs transformers' own tensor + expert parallel plan
-    (DistributedConfig), which spans torch.distributed's whole world: one group, inline orchestration."""
+    (DistributedConfig), which spans torch.distributed's whole world: one group, inline orchestration.
+    layout "dpa" splits only the routed experts (whole experts per rank: no FP8 block can be cut)."""
     g = group_size
+    if layout == "dpa":
+        if m.n_routed_experts % g:
+            raise UsageError(f"n_routed_experts={m.n_routed_experts} not divisible by group size {g} "
+                             f"(--group-layout dpa splits the routed experts over the group)")
+        return
     if pp > m.n_layers:
         raise UsageError(f"--pp {pp} stages for {m.n_layers} layers (num_hidden_layers): each stage needs "
                          f"at least one layer")
@@ -142,18 +148,16 @@ def check_model_topology(m: ModelArgs, group_size: int, engine: str, pp: int = 1
     for name, n in checks:
         if n % g:
             raise UsageError(f"{name}={n} not divisible by group size {g}")
-    if m.fp8:
-        _check_fp8_blocks(m, g)
 
 
-def _check_fp8_blocks(m: ModelArgs, g: int) -> None:
-    """Each rank's slice of an FP8 weight must start and end on a 128-row/column block."""
+def fp8_unaligned(m: ModelArgs, g: int) -> list[str]:
+    """The FP8 weights whose per-rank slice at group size g (tp layout) does not start and end on a
+    128-row/column scale block: the loader reads the blocks covering the slice and dequantizes it to the
+    compute dtype (spmd.weights.checkpoint.keep_fp8); e.g. the real config's dense MLP and shared expert at
+    G = 32. The others stay FP8."""
     shared = m.moe_inter_dim * m.n_shared_experts
     per_rank = {"q_b_proj/q_proj rows": m.n_heads // g * m.qk_head_dim,
                 "kv_b_proj rows": m.n_heads // g * (m.qk_nope_head_dim + m.v_head_dim),
                 "o_proj columns": m.n_heads // g * m.v_head_dim,
                 "dense MLP rows": m.inter_dim // g, "shared expert rows": shared // g}
-    for name, n in per_rank.items():
-        if g > 1 and n % FP8_BLOCK:
-            raise UsageError(f"FP8 {name} per rank = {n} at group size {g} is not a multiple of the "
-                             f"{FP8_BLOCK}-wide scale block")
+    return [name for name, n in per_rank.items() if g > 1 and n % FP8_BLOCK]

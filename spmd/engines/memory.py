@@ -15,6 +15,21 @@ def param_bytes(model, contains: str = "") -> int:
     return total
 
 
+def layout_check(args, margs, gpu_mem_gib: float, gpus_per_node: int, fp8_kept: bool) -> str | None:
+    """Before loading (CUDA): does one GPU of this layout hold its weights, one slot per rank (--slots if
+    given) of --max-context tokens (4,096 if unset) and the workspace within --gpu-memory-fraction? None, or
+    the planner's message with its numbers and the smallest layout that fits (spmd.plan.memory.check).
+    fp32 compute is not counted by the planner (bf16/FP8 weights): not checked."""
+    if args.dtype == "fp32":
+        return None
+    from spmd.plan.memory import check
+
+    g, layout = args.group_size, args.group_layout
+    rows = max(args.slots, 1) * (g if layout == "dpa" else 1)  # dpa: every rank its own slots
+    return check(margs, layout, g, args.pp, gpu_mem_gib, "fp8" if fp8_kept else "bf16", rows,
+                 args.max_context or 4096, args.gpu_memory_fraction, gpus_per_node)
+
+
 MAX_SLOTS, MAX_PREFILL_TOKENS = 512, 16384      # past ~512 rows a step is compute-bound (docs/performance.md)
 CPU_SLOTS, CPU_PREFILL_TOKENS = 16, 1024        # no device memory to size from: small, fixed
 DECODE_LOGIT_COPIES = 8                         # (R, V) float32 buffers a step and its sampling hold, per slot

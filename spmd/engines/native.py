@@ -31,9 +31,11 @@ class NativeEngine:
         dtype = DTYPES[args.dtype]
         pp = world.pp
         layers = stage_layers(margs, pp, world.tp_size)[world.stage] if pp > 1 else None
+        ep = Group(world.ep_group, "ep") if world.ep_size > 1 else None  # --group-layout dpa
+        self.ep, self.ep_hosts = ep, world.ep_comm.allgather(world.hostname) if ep is not None else []
         with torch.device("meta"):
             self.model = Transformer(margs, Group(world.tp_group, "tp"), dtype=dtype, layers=layers,
-                                     first=world.stage == 0, last=world.stage == pp - 1)
+                                     first=world.stage == 0, last=world.stage == pp - 1, ep=ep)
         self.pipe = Pipeline(world, getattr(args, "micro_batches", 0) or pp) if pp > 1 else None
         attach_timers(self.model, timers)
         if self.pipe is not None:
@@ -51,8 +53,9 @@ class NativeEngine:
                      "rss_peak_before_load": peak0, "rss_peak_after_load": _rss_peak_bytes()}
         kept = sum(p.dtype == torch.float8_e4m3fn for p in self.model.parameters())
         self.info.update(fp8_weights="keep" if fp8 else ("dequant" if margs.fp8 else ""), fp8_kept_tensors=kept)
-        self.decode_mode = "eager" if pp > 1 else decode_mode(getattr(args, "cuda_graph", "auto"), self.device,
-                                                                moe_path)
+        # pipelines and the dpa layout's all-to-alls size their buffers on the host: eager steps
+        self.decode_mode = "eager" if pp > 1 or world.ep_size > 1 else \
+            decode_mode(getattr(args, "cuda_graph", "auto"), self.device, moe_path)
         self.info.update(decode_mode=self.decode_mode, pp=pp,
                          stage_layers=[self.model.stage_layers.start, self.model.stage_layers.stop])
         self.graphs = None if self.decode_mode == "eager" else GraphDecoder(self.model, timers, self.device,
@@ -120,6 +123,13 @@ class NativeEngine:
         return logits
 
     @torch.inference_mode()
+    def idle_forward(self) -> None:
+        """One pad token through the model with a throw-away cache: a rank with nothing to prefill meets its
+        expert-parallel group's all-to-alls (--group-layout dpa, spmd.runtime.scheduler)."""
+        tokens = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        self._forward(tokens, tokens, None, self.model.new_cache(1, 1), start=0)
+
+    @torch.inference_mode()
     def extend_slot(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
         """A later piece of a long prompt: ids at columns start.. of the slot's row → (1, V) logits."""
         tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
@@ -151,6 +161,19 @@ class NativeEngine:
         """Decode steps per (rows, columns) shape of the slots' step, as "RxS": count."""
         shapes = self.slots.shapes if self.slots is not None else {}
         return {f"{r}x{c}": n for (r, c), n in sorted(shapes.items())}
+
+    def traffic(self) -> dict | None:
+        """--group-layout dpa: this rank's all-to-all bytes per destination over the run, its group's hosts
+        and the in-host / cross-host split (the trace's ``ep_traffic``; traces.report shows it)."""
+        if self.ep is None:
+            return None
+        here = self.ep_hosts[self.ep.rank]
+        same = [h == here for h in self.ep_hosts]
+        sent = {k: list(v) for k, v in self.ep.sent.items()}
+        total = [sum(col) for col in zip(*sent.values())] if sent else [0] * self.ep.size
+        return {"group_rank": self.ep.rank, "hosts": self.ep_hosts, "bytes_to": sent,
+                "in_host_bytes": sum(b for b, s in zip(total, same) if s),
+                "cross_host_bytes": sum(b for b, s in zip(total, same) if not s)}
 
     def decode_gpu_ms(self) -> dict[str, float]:
         """Mean GPU ms of a replayed decode step of the slots per shape "RxS" ({} without graphs)."""

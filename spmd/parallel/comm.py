@@ -54,6 +54,7 @@ class Group:
     def __init__(self, group=None, name: str = "tp"):
         self.group, self.name = group, name
         self.rank, self.size = (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
+        self.sent: dict[str, list[int]] = {}  # all_to_all name -> bytes sent to each group rank, whole run
 
     def __repr__(self) -> str:
         return f"Group({self.name!r}, rank={self.rank}, size={self.size})"
@@ -83,9 +84,14 @@ class Group:
     def all_to_all(self, name: str, out: torch.Tensor, x: torch.Tensor, out_splits: list[int],
                    in_splits: list[int], layer: int = -1) -> torch.Tensor:
         """Rows x[sum(in_splits[:d]):...] to rank d, rows from rank s into out at sum(out_splits[:s]); comm
-        event `name`, the bytes this rank sends (spmd.parallel.ep: dispatch and combine)."""
+        event `name`, the bytes this rank sends (spmd.parallel.ep: dispatch and combine); the bytes sent to
+        each rank are added up in ``sent[name]`` (the trace's ``ep_traffic``)."""
         if self.group is None:
             return out.copy_(x)
+        row = _nbytes(x[:1]) if len(x) else 0
+        tally = self.sent.setdefault(name, [0] * self.size)
+        for d, n in enumerate(in_splits):  # per destination (host ints: no device sync)
+            tally[d] += n * row
         with self.timers.comm(name, _nbytes(x), group=self.name, layer=layer):
             dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=self.group)
         return out

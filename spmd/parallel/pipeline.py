@@ -4,7 +4,8 @@ Layout: the model group's ranks g*P*G .. (g+1)*P*G-1 are stage 0's G ranks, then
 = group rank // G, tensor rank = group rank % G), so a stage is G consecutive ranks: on one host when G
 divides the ranks per host. Each stage owns a contiguous range of layers (``partition``: balanced by
 the bytes a decode step reads per layer at a reference batch, the head's bytes counted on the last
-stage; the embedding goes to the first), builds and loads only those.
+stage; the embedding goes to the first), builds and loads only those. The partition is pure arithmetic
+in ``spmd.config.partition`` (the planner, ``spmd.plan``, uses it too); its names are re-exported here.
 
 A forward (``Pipeline.forward``) splits the batch into micro-batches of rows. Stage s receives a
 micro-batch's hidden states from the same tensor rank of stage s-1 (``pp.recv``), runs its layers and
@@ -20,59 +21,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 
-from spmd.config import ModelArgs, UsageError
-from spmd.config.sizes import distinct_experts, layer_params
+from spmd.config import UsageError
+from spmd.config.partition import REFERENCE_BATCH, head_cost, layer_costs, partition, stage_layers
 from spmd.parallel.comm import Group
 
-REFERENCE_BATCH = 32  # decode rows the layer costs are estimated at (distinct experts grow with rows)
-
-
-def layer_costs(m: ModelArgs, group: int = 1, batch: int = REFERENCE_BATCH) -> list[float]:
-    """Parameters one rank reads per decode step, per layer (routed experts: the distinct ones `batch`
-    rows hit under uniform routing)."""
-    costs = []
-    for layer in range(m.n_layers):
-        p = layer_params(m, layer)
-        costs.append(p.replicated + p.sharded / group + distinct_experts(m, batch) * p.expert / group)
-    return costs
-
-
-def head_cost(m: ModelArgs, group: int = 1) -> float:
-    return m.vocab_size * m.dim / group
-
-
-def partition(costs: list[float], stages: int, last_extra: float = 0.0) -> list[range]:
-    """Contiguous layer ranges, one per stage, minimizing the most expensive stage (``last_extra`` is
-    added to the last stage); every stage gets at least one layer."""
-    n = len(costs)
-    if not 1 <= stages <= n:
-        raise UsageError(f"{stages} pipeline stages for {n} layers: each stage needs at least one layer")
-    prefix = np.concatenate([[0.0], np.cumsum(costs)])
-    inf = float("inf")
-    # best[s][i]: the least max-stage cost of layers [0, i) over s stages; cut[s][i]: where the last one starts
-    best = [[inf] * (n + 1) for _ in range(stages + 1)]
-    cut = [[0] * (n + 1) for _ in range(stages + 1)]
-    best[0][0] = 0.0
-    for s in range(1, stages + 1):
-        extra = last_extra if s == stages else 0.0
-        for i in range(s, n + 1):
-            for j in range(s - 1, i):
-                cost = max(best[s - 1][j], prefix[i] - prefix[j] + (extra if i == n else 0.0))
-                if cost < best[s][i]:
-                    best[s][i], cut[s][i] = cost, j
-    bounds, i = [], n
-    for s in range(stages, 0, -1):
-        bounds.append(range(cut[s][i], i))
-        i = cut[s][i]
-    return bounds[::-1]
-
-
-def stage_layers(m: ModelArgs, pp: int, group: int = 1) -> list[range]:
-    """The layer range of each of `pp` stages for this model."""
-    return partition(layer_costs(m, group), pp, head_cost(m, group))
+__all__ = ["REFERENCE_BATCH", "Pipeline", "Placement", "check_placement", "head_cost", "layer_costs",
+           "micro_batches", "partition", "placement", "stage_layers"]
 
 
 def check_placement(hosts: list[str], pp: int, tp: int) -> None:

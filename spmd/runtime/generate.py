@@ -166,6 +166,11 @@ def score(stepper: Stepper, batch: list[WorkItem], k: int, timers=None) -> list[
     return out
 
 
+def score_forwards(batch: list[WorkItem]) -> int:
+    """How many forwards `score` runs for batch."""
+    return len(_similar_lengths([len(it.ids) + len(it.target) - 1 for it in batch]))
+
+
 def _similar_lengths(lengths: list[int]) -> list[list[int]]:
     """Row indices, longest first, cut where a row is under half as long as its chunk's first."""
     chunks: list[list[int]] = []

@@ -56,8 +56,11 @@ def run(comm, argv) -> None:
     on_root(comm, lambda: config.check_paths(args))
     margs = on_root(comm, lambda: ModelArgs.from_checkpoint(args.checkpoint))
     on_root(comm, lambda: config.check_model_topology(margs, args.group_size, args.engine, args.pp, comm.size,
-                                                      args.orchestrator))
-    world = world_mod.make_world(args.group_size, args.device, comm, pp=args.pp, first=first)
+                                                      args.orchestrator, args.group_layout))
+    dpa = args.group_layout == "dpa"  # every rank its own rows (a group of one for attention), experts over G
+    world = world_mod.make_world(1 if dpa else args.group_size, args.device, comm, pp=args.pp, first=first,
+                                 ep=args.group_size if dpa else 1)
+    agree(comm, lambda: check_fits(world, args, margs))  # the planner's memory check, before the load
     guard.start()  # faults at "start", the watchdog thread
     prof = Profiler.from_args(args, world)  # --profile: a window over decode steps, opened by set_phase
     timers = Timers(world.rank, world.device, args.trace_dir is not None, args.profile == "nsys",
@@ -85,6 +88,23 @@ def run(comm, argv) -> None:
     if engine is not None:
         engine.close()  # before the process groups: a live CUDA graph holding NCCL work hangs their teardown
     world_mod.shutdown(world)
+
+
+def check_fits(world, args: RunArgs, margs: ModelArgs) -> None:
+    """A CUDA model rank: UsageError (the planner's numbers) when its layout cannot fit its GPU."""
+    if world.is_orchestrator or not world.device.startswith("cuda") or args.engine != "native":
+        return
+    import torch
+
+    from spmd.engines.memory import layout_check
+    from spmd.engines.native import keep_fp8
+
+    dev = torch.device(world.device)
+    gib = torch.cuda.get_device_properties(dev).total_memory / 2**30
+    kept = keep_fp8(getattr(args, "fp8_weights", "auto"), dev, margs.fp8)
+    problem = layout_check(args, margs, gib, world.local_size, kept)
+    if problem:
+        raise UsageError(problem)
 
 
 def load(world, args: RunArgs, margs: ModelArgs, timers):
@@ -152,6 +172,9 @@ def write_traces(world, args: RunArgs, margs: ModelArgs, timers, engine, results
     meta = run_metadata(world_mod.topology(world))
     meta.update(config=margs.raw, args={k: str(v) for k, v in asdict(args).items()}, engine=args.engine,
                 engine_info=getattr(engine, "info", {}))
+    traffic = getattr(engine, "traffic", lambda: None)()
+    if traffic is not None:  # --group-layout dpa: all-to-all bytes per destination
+        meta["ep_traffic"] = json.dumps(traffic)
     if results is not None:
         meta["tokens_generated"] = sum(len(r.tokens) for r in results)
     if run_summary is not None:

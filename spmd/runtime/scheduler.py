@@ -32,6 +32,7 @@ from spmd.runtime.generate import GenConfig, ended, generators, sample, settings
 from spmd.runtime.records import Result, Sampling, WorkItem
 
 FLUSH_STEPS = 256  # decode steps between timer flushes (each synchronizes the device once)
+BUSY, PREFILL, DECODE = 1, 2, 4  # lockstep flags: a rank has work left, a prompt to prefill, rows decoding
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Stats:
     prefill_forwards: int = 0
     admitted: int = 0
     moves: int = 0               # compactions (rows moved to lower slots)
+    idle_forwards: int = 0       # lockstep: pad-token forwards while another rank prefilled
     decode_shapes: dict = field(default_factory=dict)  # "RxS": steps, from the engine
     decode_wall: dict = field(default_factory=dict)    # "RxS": (steps, seconds) of wall time
     decode_gpu_ms_by_shape: dict = field(default_factory=dict)  # "RxS": mean GPU ms of the step, from the engine
@@ -82,9 +84,14 @@ class Scheduler:
     extend_slot, decode_slots, close_slots)."""
 
     def __init__(self, engine, n_slots: int, budget: int, max_len: int, cfg: GenConfig, timers,
-                 stop_hit=None, clock: Callable[[], float] = time.perf_counter):
+                 stop_hit=None, clock: Callable[[], float] = time.perf_counter,
+                 lockstep: Callable[[int], int] | None = None):
+        """lockstep (--group-layout dpa): the bitwise OR of an int over the ranks that share the MoE's
+        all-to-alls; with it every rank runs a prefill forward when any has one (idle ranks: one pad
+        token, engine.idle_forward) and a decode step when any has rows decoding, and the loop ends on all
+        ranks together."""
         self.engine, self.n_slots, self.budget, self.max_len, self.cfg = engine, n_slots, budget, max_len, cfg
-        self.timers, self.stop_hit, self.clock = timers, stop_hit, clock
+        self.timers, self.stop_hit, self.clock, self.lockstep = timers, stop_hit, clock, lockstep
         self.rows: list[Row | None] = [None] * n_slots
         self.queue: deque[tuple[WorkItem, float]] = deque()
         self.stats = Stats(n_slots, budget)
@@ -109,13 +116,23 @@ class Scheduler:
                     if not halted:
                         more = self._refill(source, free) if more else False
                         self._admit()
+                idle = all(r is None for r in self.rows)
+                finished = idle and (halted or not (self.queue or more))
+                if self.lockstep is not None:
+                    waiting = any(r is not None and r.done < len(r.item.ids) for r in self.rows)
+                    flags = self.lockstep((not finished) * BUSY | waiting * PREFILL)
+                    finished, idle = not flags & BUSY, False
                 t1 = clock()
                 spent["admit"] += t1 - t0
-                if all(r is None for r in self.rows):
-                    if halted or not (self.queue or more):
-                        break
+                if finished:
+                    break
+                if idle:
                     continue
-                self._prefill()
+                if self.lockstep is not None and flags & PREFILL and not waiting:
+                    self.engine.idle_forward()  # another rank prefills: meet its all-to-alls
+                    self.stats.idle_forwards += 1
+                else:
+                    self._prefill()
                 t2 = clock()
                 results = self._decode()
                 t3 = clock()
@@ -200,9 +217,12 @@ class Scheduler:
         results = self._finish()
         self._compact()
         live = [s for s, r in enumerate(self.rows) if r is not None]
-        if not any(self.rows[s].decoding for s in live):
+        decoding = any(self.rows[s].decoding for s in live)
+        if self.lockstep is not None:  # a step on every rank when any has rows decoding
+            decoding = bool(self.lockstep(DECODE * decoding))
+        if not decoding:
             return results
-        used = live[-1] + 1
+        used = live[-1] + 1 if live else 1
         step = self.stats.decode_steps + 1
         self.timers.set_phase("decode", step)
         toks = [r.tokens[-1] if r is not None and r.decoding else 0 for r in self.rows[:used]]
@@ -213,8 +233,9 @@ class Scheduler:
         self.stats.decode_steps, self.stats.slot_steps = step, self.stats.slot_steps + self.n_slots
         decoding = [s for s in range(used) if self.rows[s] is not None and self.rows[s].decoding]
         rows = [self.rows[s] for s in decoding]
-        for r, tok in zip(rows, sample(logits[decoding], [r.sampling for r in rows], [r.gen for r in rows])):
-            r.tokens.append(tok)
+        if rows:  # none: an idle rank's step in lockstep
+            for r, tok in zip(rows, sample(logits[decoding], [r.sampling for r in rows], [r.gen for r in rows])):
+                r.tokens.append(tok)
         self._time_step(self.clock() - t0)
         if step % FLUSH_STEPS == 0:
             self.timers.flush()

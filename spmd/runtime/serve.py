@@ -15,7 +15,7 @@ from typing import Any
 from spmd.config import ModelArgs, RunArgs, UsageError
 from spmd.engines.memory import SlotPlan, plan_slots
 from spmd.runtime import dispatch, prompts, resume, stop
-from spmd.runtime.generate import GenConfig, generate, score, settings
+from spmd.runtime.generate import GenConfig, generate, score, score_forwards, settings
 from spmd.runtime.records import Result, WorkItem
 from spmd.runtime.scheduler import Scheduler
 from spmd.runtime.score import Scoring, work_items
@@ -134,7 +134,8 @@ def _serve_continuous(ctx: ServeContext, items, cfg: GenConfig, halt, sink: "Sin
             given.update((it.index, it) for it in chunk)
             yield chunk
 
-    sched = Scheduler(ctx.engine, plan.slots, plan.prefill_tokens, plan.max_len, cfg, ctx.timers, sink.stop_hit)
+    sched = Scheduler(ctx.engine, plan.slots, plan.prefill_tokens, plan.max_len, cfg, ctx.timers, sink.stop_hit,
+                      lockstep=_lockstep(ctx) if ctx.world.ep_size > 1 else None)
     stats = sched.run(remember(source), lambda rows: sink.add(rows, [given[r.index] for r in rows]),
                       halt=halt.check)
     for _ in source:  # stopped: the next request tells the dispatcher, whose answer (empty) ends the source
@@ -166,7 +167,7 @@ class Sink:
             self._done(rows)
             return
         self.unscored += zip(rows, items)
-        if len(self.unscored) >= self.ctx.args.batch_size:
+        if len(self.unscored) >= self.ctx.args.batch_size and self.ctx.world.ep_size == 1:  # dpa: at the end
             self._score()
 
     def _score(self) -> None:
@@ -194,8 +195,19 @@ class Sink:
 
     def flush(self) -> None:
         """Every rank of the group at the same point: score what is left, write everything."""
+        if self.ctx.world.ep_size > 1 and self.ctx.scoring is not None:
+            self._score_in_lockstep()
         self._score()
         self._write()
+
+    def _score_in_lockstep(self) -> None:
+        """--group-layout dpa: each rank scores its own rows; every scoring forward meets the expert-parallel
+        group's all-to-alls, so a rank with fewer forwards than the group's most runs pad-token forwards."""
+        mine = score_forwards([it for _, it in self.unscored])
+        most = reduce_int(self.ctx.world.ep_comm, mine, "max")
+        self._score()
+        for _ in range(most - mine):
+            self.ctx.engine.idle_forward()
 
 
 def _stop_strings(ctx: ServeContext, prompt_set, items):
@@ -237,6 +249,29 @@ def plan_group(ctx: ServeContext, max_len: int, n_requests: int) -> SlotPlan:
         print(("" if world.n_replicas == 1 else f"replica {world.replica}: ") + plan.line(), flush=True)
     engine.info["slots"] = asdict(plan)
     return plan
+
+
+def _lockstep(ctx: ServeContext):
+    """--group-layout dpa: the OR of the scheduler's flags over the expert-parallel group (a wait event
+    "dpa.lockstep": the time a rank waits for its group's slowest rank, twice per step)."""
+    comm, timers = ctx.world.ep_comm, ctx.timers
+
+    def agree(flags: int) -> int:
+        with timers.wait("dpa.lockstep"):
+            return reduce_int(comm, flags, "bor")
+    return agree
+
+
+def reduce_int(comm, value: int, op: str) -> int:
+    """An int reduced over comm ("bor" or "max") by the buffer Allreduce, which releases the GIL while it
+    waits (mpi4py's allreduce of Python objects holds it: the inline orchestrator's dispatch thread then
+    starves)."""
+    import numpy as np
+    from mpi4py import MPI
+
+    out = np.zeros(1, np.int64)
+    comm.Allreduce(np.array([value], np.int64), out, op=MPI.BOR if op == "bor" else MPI.MAX)
+    return int(out[0])
 
 
 def _gather_stats(ctx: ServeContext, stats: dict) -> None:

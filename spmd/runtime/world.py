@@ -49,6 +49,9 @@ class World:
     model_group: Any = None      # torch.distributed group of the whole model group (pipelines only)
     first: int = 0               # world rank of the first model rank: 1 with a dedicated orchestrator
     model_comm: Any = None       # MPI communicator of the model ranks (COMM_NULL on the orchestrator)
+    ep_size: int = 1             # --group-layout dpa: ranks of this rank's expert-parallel group (else 1)
+    ep_group: Any = None         # its torch.distributed group (None: 1 rank)
+    ep_comm: Any = None          # its MPI communicator: the ranks step together (spmd.runtime.scheduler)
 
     @property
     def is_orchestrator(self) -> bool:
@@ -257,18 +260,22 @@ def collective_timeout(environ=os.environ) -> float:
     return value
 
 
-def make_world(group_size: int, device: str = "cpu", comm=None, pp: int = 1, first: int = 0) -> World:
+def make_world(group_size: int, device: str = "cpu", comm=None, pp: int = 1, first: int = 0, ep: int = 1) -> World:
     """Discover ranks over MPI, bind a GPU, init torch.distributed and the model-group communicators.
 
     group_size: G, the tensor/expert-parallel ranks of one stage; pp: P stages, so a model group is P x G
     ranks (``World.group_size``), a stage G consecutive ranks of it (spmd.parallel.pipeline). first=1: world rank 0
     is a dedicated orchestrator (no device, no torch.distributed); collective over `comm` all the same.
 
+    ep > 1 (--group-layout dpa, group_size 1): every model rank serves its own requests (a group of one for
+    dispatch and attention) and ep consecutive model ranks form an expert-parallel group (``ep_group``,
+    ``ep_comm``) for the routed experts' all-to-alls.
+
     Every torch.distributed group gets rank 0's ``collective_timeout()``: past it a gloo collective raises
     (the exception aborts the job), an NCCL one ends the process (TORCH_NCCL_ASYNC_ERROR_HANDLING=1).
     """
     comm = comm or MPI.COMM_WORLD
-    on_root(comm, lambda: check_world_size(comm.size, group_size * pp, first))
+    on_root(comm, lambda: check_world_size(comm.size, group_size * pp * ep, first))
     timeout = datetime.timedelta(seconds=on_root(comm, collective_timeout))  # the same on every rank
     model = comm.Split(color=0 if comm.rank >= first else MPI.UNDEFINED, key=comm.rank)
     hosts = comm.allgather(socket.gethostname())
@@ -282,7 +289,24 @@ def make_world(group_size: int, device: str = "cpu", comm=None, pp: int = 1, fir
         return World(local_rank=0, local_size=1, tp_group=None, backend="none", device="cpu", **w)
     from spmd.parallel.pipeline import check_placement
     on_root(model, lambda: check_placement(hosts[first:], pp, group_size))
-    return World(**w, **_model_ranks(model, group_size, pp, device, timeout))
+    ranks = _model_ranks(model, group_size, pp, device, timeout)
+    if ep > 1:
+        ranks.update(ep_size=ep, ep_comm=model.Split(color=model.rank // ep, key=model.rank),
+                     ep_group=_consecutive_groups(model.size, ep, model.rank, timeout))
+    return World(**w, **ranks)
+
+
+def _consecutive_groups(size: int, n: int, rank: int, timeout):
+    """torch.distributed groups of n consecutive ranks (every rank creates every group, in the same order);
+    this rank's."""
+    import torch.distributed as dist
+
+    mine = None
+    for first in range(0, size, n):
+        pg = dist.new_group(list(range(first, first + n)), timeout=timeout)
+        if first <= rank < first + n:
+            mine = pg
+    return mine
 
 
 def _model_ranks(comm, tp: int, pp: int, device: str, timeout) -> dict:
@@ -323,8 +347,8 @@ def shutdown(world: World) -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
-    for c in (world.group_comm, world.leaders_comm, world.model_comm):
-        if c != MPI.COMM_NULL:
+    for c in (world.group_comm, world.leaders_comm, world.model_comm, world.ep_comm):
+        if c is not None and c != MPI.COMM_NULL:
             c.Free()
 
 
@@ -333,6 +357,7 @@ def topology(world: World) -> dict:
     return {"world_size": world.size, "role": "orchestrator" if world.is_orchestrator else "model",
             "orchestrator": "dedicated" if world.first else "inline", "group_size": world.group_size, "n_replicas": world.n_replicas,
             "pp": world.pp, "tp_size": world.tp_size, "stage": world.stage,
+            "group_layout": "dpa" if world.ep_size > 1 else "tp", "ep_size": world.ep_size,
             "rank": world.rank, "replica": world.replica, "group_rank": world.group_rank,
             "local_rank": world.local_rank, "local_size": world.local_size,
             "hostname": world.hostname, "backend": world.backend, "device": world.device,

@@ -259,6 +259,12 @@ def _slice(e: Entry, rank: int, size: int) -> slice:
     return local_slice(e.full_shape(size)[e.shard_dim], rank, size) if e.shard_dim is not None else slice(None)
 
 
+def _block_aligned(sl: slice) -> bool:
+    """Whether a slice starts and ends on 128-blocks: only such shards stay FP8; the others (e.g. the real
+    config's dense MLP at G = 32: 576 rows a rank) are read with their covering blocks and dequantized."""
+    return sl.start % FP8_BLOCK == 0 and (sl.stop - sl.start) % FP8_BLOCK == 0
+
+
 def keep_fp8(model: torch.nn.Module, index: CheckpointIndex, entries: list[Entry], rank: int,
              size: int) -> list[Entry]:
     """Entries with the FP8 weights that stay FP8 retargeted to float8_e4m3fn; their modules (on meta)
@@ -268,7 +274,7 @@ def keep_fp8(model: torch.nn.Module, index: CheckpointIndex, entries: list[Entry
         owner_name, _, leaf = e.name.rpartition(".")
         owner = model.get_submodule(owner_name)
         if (leaf == "weight" and getattr(owner, "fp8_ok", False) and index[e.name].dtype == torch.float8_e4m3fn
-                and (e.shard_dim is None or _slice(e, rank, size).start % FP8_BLOCK == 0)):
+                and (e.shard_dim is None or _block_aligned(_slice(e, rank, size)))):
             grid = tuple(math.ceil(n / FP8_BLOCK) for n in e.local_shape)
             owner.register_buffer("weight_scale_inv", torch.empty(grid, device=owner.weight.device),
                                   persistent=False)

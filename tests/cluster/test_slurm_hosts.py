@@ -22,10 +22,11 @@ pytestmark = needs_slurm
 TWO_NODES = ["--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
 
 
-def _infer(slurm, tiny_bf16, runs, group: int, name: str, **extra):
+def _infer(slurm, tiny_bf16, runs, group: int, name: str, args: tuple[str, ...] = (), **extra):
     env = dict(slurm, DEVICE="cpu", CHECKPOINT=str(tiny_bf16), PROMPTS=str(PROMPTS20), ENGINE="native",
                GROUP_SIZE=str(group), DTYPE="fp32", MAX_NEW_TOKENS=str(N_NEW), RUNS_DIR=str(runs), **extra)
-    rc, job, err = _sbatch(env, f"--job-name={name}", f"--output={runs}/%x-%j.out", *TWO_NODES, "slurm/infer.sbatch")
+    rc, job, err = _sbatch(env, f"--job-name={name}", f"--output={runs}/%x-%j.out", *TWO_NODES, "slurm/infer.sbatch",
+                           *args)
     return rc, runs / f"{name}-{job}", (runs / f"{name}-{job}.out")
 
 
@@ -45,6 +46,21 @@ def test_two_hosts_equal_one_host(slurm, tiny_bf16, tmp_path, group, where):
     section = report[report.index("collectives by placement (2 hosts"):].split("\n\n")[0]
     places = set(re.findall(r"^\s+(in-host|cross-host)\s+attn\.o_proj\.all_reduce\s", section, re.M))
     assert places == {where}, section
+
+
+def test_dpa_group_across_two_hosts(slurm, tiny_bf16, tmp_path):
+    """--group-layout dpa, one expert-parallel group of 4 over both hosts (make validate's D4 gives
+    transformers' tokens on one host): the same tokens; the all-to-alls cross hosts, and each rank's
+    traffic table splits its bytes into in-host and cross-host."""
+    rc, run_dir, out = _infer(slurm, tiny_bf16, tmp_path, 4, "hosts-dpa4", ("--group-layout", "dpa"))
+    assert rc == 0, out.read_text()[-4000:] if out.is_file() else ""
+    assert _rows(run_dir / "outputs.jsonl") == reference(tiny_bf16)
+    report = (run_dir / "report.txt").read_text()
+    section = report[report.index("collectives by placement (2 hosts"):].split("\n\n")[0]
+    assert set(re.findall(r"^\s+(in-host|cross-host)\s+moe\.dispatch\s", section, re.M)) == {"cross-host"}
+    traffic = report[report.index("expert all-to-all traffic"):].split("\n\n")[0]
+    rows = re.findall(r"^\s+(\d+)\s+\d+\s+(\S+ \S?B)\s+(\S+ \S?B)\s", traffic, re.M)  # rank, in-host, cross-host
+    assert [r[0] for r in rows] == ["0", "1", "2", "3"] and all(r[2] != "0 B" for r in rows), traffic
 
 
 @pytest.mark.parametrize("setting,message", [("nosuch0", "GLOO_SOCKET_IFNAME=nosuch0 selects no interface"),

@@ -57,11 +57,22 @@ def test_model_args_of_the_real_config():
         config.check_model_topology(m, 2, "hf", world_size=2, orchestrator="dedicated")
 
 
-def test_fp8_block_check_names_the_tensor():
+def test_groups_of_32_and_64_for_the_real_config():
+    """FP8 no longer blocks a tp group whose shards cut the 128-blocks (those tensors are dequantized at
+    load: fp8_unaligned names them); dpa splits whole experts only."""
+    from spmd.config.model_args import fp8_unaligned
+    from spmd.weights.checkpoint import _block_aligned
+
     cfg = json.loads((Path(__file__).parents[2] / "inputs/models/v3.1-671b.json").read_text())
     m = config.ModelArgs.from_config(cfg)
-    with pytest.raises(UsageError, match="FP8 dense MLP rows per rank = 576 at group size 32"):
-        config.check_model_topology(m, 32, "native")
+    for g in (32, 64):
+        config.check_model_topology(m, g, "native")
+        config.check_model_topology(m, g, "native", layout="dpa")
+        assert fp8_unaligned(m, g) == ["dense MLP rows", "shared expert rows"]  # 18432/32 = 576, 2048/32 = 64
+    assert fp8_unaligned(m, 16) == []
+    with pytest.raises(UsageError, match="n_routed_experts=256 not divisible by group size 48"):
+        config.check_model_topology(m, 48, "native", layout="dpa")
+    assert _block_aligned(slice(256, 512)) and not _block_aligned(slice(0, 576)) and not _block_aligned(slice(64, 192))
 
 
 def test_config_errors(tmp_path):

@@ -1,10 +1,12 @@
 """Serial: the --device default (a GPU probe without torch) and --help showing every default."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from spmd import config
-from spmd.config import cli
+from spmd.config import UsageError, cli
 
 BASE = ["--checkpoint", "c", "--prompts", "p.jsonl", "--output", "o.jsonl"]
 
@@ -47,3 +49,14 @@ def test_help_shows_every_default():
     assert "--checkpoint CHECKPOINT HF-layout checkpoint directory --prompts" in text  # required: no default
     assert "tokenize prompts raw --local-debug" in text  # flags: no "(default: True)" of store_false
     assert config.parse_args(BASE).profile_steps == (2, 5)  # the "2:5" default goes through its type
+
+
+def test_group_layout_dpa_names_what_it_needs():
+    assert config.parse_args(BASE).group_layout == "tp"
+    assert config.parse_args(BASE + ["--group-layout", "dpa", "--group-size", "4"]).group_layout == "dpa"
+    for extra, need in ((["--engine", "hf"], "--engine native (got hf)"),
+                        (["--batching", "static"], "--batching continuous or auto"),
+                        (["--pp", "2"], "--pp 1 (got 2)"),
+                        (["--cuda-graph", "static"], "--cuda-graph auto or off")):
+        with pytest.raises(UsageError, match="--group-layout dpa needs .*" + re.escape(need)):
+            config.parse_args(BASE + ["--group-layout", "dpa"] + extra)

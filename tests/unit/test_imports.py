@@ -14,7 +14,7 @@ from pathlib import Path
 
 from conftest import ROOT
 
-LAYERS = ("config", "kernels", "obs", "parallel", "weights", "model", "engines", "runtime")
+LAYERS = ("config", "plan", "kernels", "obs", "parallel", "weights", "model", "engines", "runtime")
 TOP = len(LAYERS)  # spmd/__init__.py and spmd/__main__.py sit above every layer
 OUTSIDE = ("traces", "validation", "docs", "tests", "conftest")
 

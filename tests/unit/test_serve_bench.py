@@ -111,11 +111,14 @@ def test_variants_are_continuous_runs_with_their_options_and_their_own_targets(t
     a = sb.parse(["--device", "cpu", "--checkpoint", str(tmp_path), "--work", str(tmp_path)])
     cmd = sb.command(plan[-1], a, tmp_path / "p.jsonl", 32)
     assert cmd[-6:] == ["--batching", "continuous", "--mla-decode", "varlen", "--slots", "64"]
-    for bad in ("varlen", "=--slots 4", "a b=--slots 4"):
+    d2 = sb.plan(8, [], ["D2@2=--group-layout dpa --group-size 2"])[-1]
+    assert (d2.name, d2.ranks) == ("continuous-D2", 2) and sb.command(d2, a, tmp_path / "p.jsonl", 32)[:3] == \
+        sb.commands.mpirun(2, "spmd")[:3]
+    for bad in ("varlen", "=--slots 4", "a b=--slots 4", "x@0=--slots 4"):
         try:
             sb.plan(8, [], [bad])
         except SystemExit as e:
-            assert "NAME=OPTIONS" in str(e)
+            assert "NAME[@RANKS]=OPTIONS" in str(e)
         else:
             raise AssertionError(bad)
     rs = runs(400.0) + [row("continuous-varlen", "continuous", 0, "variant", 500.0)]

@@ -65,10 +65,11 @@ def slot_bytes(margs, n_layers: int, max_len: int, elem_bytes: int) -> int:
 
 def prefill_token_bytes(margs, n_local_heads: int, max_len: int, elem_bytes: int) -> int:
     """Peak activation bytes per prefill token (an estimate with the grouped MoE path's copies: per routed
-    slot its input, gate/up, output in bf16 and fp32 weighting, DESIGN.md; plus the expanded keys and
-    values of a naive attention over max_len columns, spread over the chunk)."""
+    slot its input, gate/up, the weighted intermediate, the output and its slot-ordered copy, all in the
+    activation dtype (spmd.model.moe.MoE._routed_grouped); plus the expanded keys and values of a naive
+    attention over max_len columns, spread over the chunk)."""
     k, dim, inter = margs.n_activated_experts, margs.dim, margs.moe_inter_dim
-    moe = k * (dim * (3 * elem_bytes + 3 * 4) + inter * (3 * elem_bytes))
+    moe = k * (dim * 3 * elem_bytes + inter * 3 * elem_bytes)
     dense = margs.inter_dim * 3 * elem_bytes + dim * 8 * 4
     heads = n_local_heads * (margs.qk_head_dim * 2 + margs.v_head_dim * 2) * elem_bytes
     return max(moe, dense) + heads + margs.vocab_size * 4 // 64

@@ -12,7 +12,7 @@ NP ?= 2
 ENV := . launch/env.sh &&
 MPIRUN := $(ENV) mpirun
 
-.PHONY: install install-perf run test test-quick test-unit test-mpi test-launch checkpoints gpu-native gpu-bench gpu-serve-bench gpu-mla-bench gpu-comm-bench serve-bench-cpu bench baseline validate gpu-validate model plan scaling gpu-scaling paper container clean
+.PHONY: install install-perf run test test-quick test-unit test-mpi test-launch checkpoints gpu-native gpu-bench gpu-serve-bench gpu-mla-bench gpu-fp8-bench gpu-comm-bench serve-bench-cpu bench baseline validate gpu-validate model plan scaling gpu-scaling paper container clean
 
 install: $(STAMP)
 
@@ -104,6 +104,12 @@ gpu-serve-bench:
 # lengths, against the bytes floor (traces/results/mla/<gpu>-<date>.{json,md}; about 1 minute)
 gpu-mla-bench:
 	. launch/env.sh && python3 -m traces.mla_bench $(MLA_BENCH_OPTS)
+
+# DeepSeek-V3's FP8 GEMMs one by one: bf16 (dequantized) vs weight-only FP8 (hw and Ampere byte decoding) vs
+# FP8 x FP8 (Triton, torch._scaled_mm), rows 1-16384, against the bf16/FP8 matmul ceilings and the weight-bytes
+# floor, with each one's error; w8a8 tile sweep (traces/results/fp8/<gpu>-<date>.{json,md}; about 3 minutes)
+gpu-fp8-bench:
+	. launch/env.sh && python3 -m traces.fp8_bench $(FP8_BENCH_OPTS)
 
 # The two group layouts' MoE collectives on GPUS GPUs of one host (default 2): dpa's all-to-all with routed
 # uneven splits vs tp's all-reduce, decode and prefill sizes, in and out of CUDA graphs (traces/results/comm/)

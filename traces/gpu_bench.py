@@ -65,6 +65,7 @@ def _engine(a, world, max_new: int):
     margs = ModelArgs.from_checkpoint(a.checkpoint)
     args = types.SimpleNamespace(checkpoint=a.checkpoint, dtype="bf16", max_new_tokens=max_new, micro_batches=0,
                                  cuda_graph=a.cuda_graph, fp8_weights=a.fp8_weights,
+                                 fp8_prefill=a.fp8_prefill, fp8_unpack=a.fp8_unpack,
                                  group_layout=getattr(a, "group_layout", "tp"))
     timers = Timers(world.rank, world.device)
     timers.enabled = False
@@ -198,6 +199,9 @@ EAGER, DEQUANT, DPA = ("--cuda-graph", "off"), ("--fp8-weights", "dequant"), ("-
 CONFIGS = {  # tag: (engine, gpus, weights, options of `run`)
     "native-1gpu-bf16": ("native", 1, "bf16", ()), "native-1gpu-bf16-eager": ("native", 1, "bf16", EAGER),
     "native-1gpu-fp8": ("native", 1, "fp8", ()), "native-1gpu-fp8-dequant": ("native", 1, "fp8", DEQUANT),
+    # FP8 kernels (issue 26): weight-only prefill (w8a16), and the Ampere path (bytes) forced on this GPU
+    "native-1gpu-fp8-w8a16": ("native", 1, "fp8", ("--fp8-prefill", "w8a16")),
+    "native-1gpu-fp8-bytes": ("native", 1, "fp8", ("--fp8-unpack", "bytes")),
     "native-2gpu-bf16": ("native", 2, "bf16", ()), "native-2gpu-fp8": ("native", 2, "fp8", ()),
     "native-2gpu-bf16-eager": ("native", 2, "bf16", EAGER),
     "native-2gpu-pp2-bf16": ("native", 2, "bf16", ("--pp", "2")),
@@ -269,6 +273,8 @@ def main(argv=None) -> int:
     r.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     r.add_argument("--cuda-graph", default="auto")
     r.add_argument("--fp8-weights", default="auto")
+    r.add_argument("--fp8-prefill", default="auto")
+    r.add_argument("--fp8-unpack", default="auto")
     r.add_argument("--trace-batches", default="1,32", help="these batches are run again with the timers on: "
                    "collectives per step and their time, time per named span")
     al = sub.add_parser("all")

@@ -61,6 +61,8 @@ class RunArgs:
     score_only: bool = False
     cuda_graph: str = "auto"
     fp8_weights: str = "auto"
+    fp8_unpack: str = "auto"
+    fp8_prefill: str = "auto"
     resume: bool = False
     pp: int = 1
     micro_batches: int = 0
@@ -153,7 +155,14 @@ def parser() -> argparse.ArgumentParser:
                         "static: the graph's static-shape step run eagerly, any device")
     p.add_argument("--fp8-weights", choices=("auto", "keep", "dequant"), default="auto",
                    help="native engine, FP8 checkpoint: keep FP8 weights on the GPU (Triton w8a16 kernels) or "
-                        "dequantize them at load (auto: keep on CUDA when Triton is there)")
+                        "dequantize them at load (auto: keep on CUDA sm_80+ when Triton is there)")
+    p.add_argument("--fp8-unpack", choices=("auto", "hw", "bytes"), default="auto",
+                   help="kept FP8 weights: converted by the GPU's e4m3 type (hw, sm_89+) or decoded from their "
+                        "bytes in the kernel (bytes: Ampere, sm_80+); auto: hw where the GPU has it")
+    p.add_argument("--fp8-prefill", choices=("auto", "w8a8", "w8a16"), default="auto",
+                   help="kept FP8 weights: prefill-sized GEMMs quantize activations per row and 128 columns and "
+                        "run FP8 x FP8 on tensor cores (w8a8, sm_89+), or stay weight-only (w8a16); "
+                        "auto: w8a8 where the GPU has FP8 tensor cores")
     p.add_argument("--profile-steps", type=_steps, default="2:5", metavar="A:B",  # a str default goes through type
                    help="decode steps A..B inside the window")
     return p

@@ -42,6 +42,9 @@ class NativeEngine:
             attach_timers(self.pipe, timers)
         log = (lambda msg: print(msg, flush=True)) if world.model_rank == 0 else (lambda msg: None)
         fp8 = keep_fp8(getattr(args, "fp8_weights", "auto"), self.device, margs.fp8)
+        if fp8:  # how the FP8 kernels run on this GPU: one setting for the process
+            from spmd.kernels import fp8 as fp8_kernels
+            fp8_kernels.configure(**fp8_mode(args, self.device, margs))
         peak0 = _rss_peak_bytes()
         stats = agree(world.group_comm, lambda: load(self.model, args.checkpoint, world.tp_rank,
                                                      world.tp_size, dtype, self.device, timers, log, fp8=fp8))
@@ -53,6 +56,10 @@ class NativeEngine:
                      "rss_peak_before_load": peak0, "rss_peak_after_load": _rss_peak_bytes()}
         kept = sum(p.dtype == torch.float8_e4m3fn for p in self.model.parameters())
         self.info.update(fp8_weights="keep" if fp8 else ("dequant" if margs.fp8 else ""), fp8_kept_tensors=kept)
+        if fp8:
+            from spmd.kernels.fp8 import MODE
+            self.info.update(fp8_unpack=MODE.weights, fp8_w8a8_rows=MODE.w8a8_rows,
+                             fp8_w8a8_expert_rows=MODE.w8a8_expert_rows)
         # pipelines and the dpa layout's all-to-alls size their buffers on the host: eager steps
         self.decode_mode = "eager" if pp > 1 or world.ep_size > 1 else \
             decode_mode(getattr(args, "cuda_graph", "auto"), self.device, moe_path)
@@ -216,7 +223,7 @@ class NativeEngine:
 
 
 def keep_fp8(flag: str, device: torch.device, ckpt_fp8: bool) -> bool:
-    """--fp8-weights → whether the loader keeps FP8 weights (auto: on CUDA when Triton imports)."""
+    """--fp8-weights → whether the loader keeps FP8 weights (auto: on CUDA sm_80+ when Triton imports)."""
     if not ckpt_fp8 or flag == "dequant" or (flag == "auto" and device.type != "cuda"):
         return False  # decided without importing Triton (a large import)
     from spmd.kernels.fp8 import triton_available
@@ -224,7 +231,46 @@ def keep_fp8(flag: str, device: torch.device, ckpt_fp8: bool) -> bool:
     if flag == "keep" and not triton_available(device):
         raise ValueError(f"--fp8-weights keep: the FP8 kernels need Triton and a CUDA device (or "
                          f"TRITON_INTERPRET=1), device here: {device}")
+    cc = _capability(device)
+    if cc is not None and cc < (8, 0):  # bf16 tensor cores: sm_80+
+        if flag == "keep":
+            raise ValueError(f"--fp8-weights keep: the FP8 kernels need compute capability 8.0+ (A100, H100); "
+                             f"{torch.cuda.get_device_name(device)} is {cc[0]}.{cc[1]}: use --fp8-weights dequant")
+        return False
     return flag == "keep" or (flag == "auto" and device.type == "cuda" and triton_available(device))
+
+
+# --fp8-prefill auto: FP8 x FP8 GEMMs from these row counts on (dense: rows; grouped experts: rows per
+# local expert on average). Below them the weight-only kernels are as fast or faster: they read the same
+# weight bytes, and quantizing the activations is one more kernel per GEMM (measured on H100, issue 26:
+# traces/results/fp8/, `make gpu-fp8-bench`).
+W8A8_ROWS, W8A8_EXPERT_ROWS = 128, 16
+
+
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
+def fp8_mode(args, device: torch.device, margs) -> dict:
+    """--fp8-unpack and --fp8-prefill for this device → spmd.kernels.fp8.configure's settings.
+
+    unpack auto: the GPU's e4m3 conversion on sm_89+ (Ada, Hopper), the byte decoding on sm_80-sm_88
+    (Ampere: no FP8 type); prefill auto: FP8 x FP8 where the GPU has FP8 tensor cores (sm_89+) and the
+    weights are unpacked in hardware. Off CUDA (Triton's interpreter) auto means e4m3 and w8a16."""
+    unpack, prefill = getattr(args, "fp8_unpack", "auto"), getattr(args, "fp8_prefill", "auto")
+    cc = _capability(device)
+    fp8_cores = cc is None or cc >= (8, 9)
+    name = torch.cuda.get_device_name(device) if cc is not None else str(device)
+    if unpack == "hw" and not fp8_cores:
+        raise ValueError(f"--fp8-unpack hw: {name} (compute capability {cc[0]}.{cc[1]}) has no FP8 type; "
+                         f"use --fp8-unpack bytes (or auto)")
+    weights = "bytes" if unpack == "bytes" or (unpack == "auto" and not fp8_cores) else "e4m3"
+    if prefill == "w8a8" and (not fp8_cores or weights == "bytes"):
+        raise ValueError(f"--fp8-prefill w8a8: needs FP8 tensor cores (compute capability 8.9+) and "
+                         f"--fp8-unpack hw/auto; here {name}, unpack {weights}")
+    a8 = prefill == "w8a8" or (prefill == "auto" and cc is not None and fp8_cores and weights == "e4m3")
+    return dict(weights=weights, w8a8_rows=W8A8_ROWS if a8 else 0, w8a8_expert_rows=W8A8_EXPERT_ROWS if a8 else 0,
+                ue8m0=margs.scale_fmt == "ue8m0")
 
 
 def varlen_decode(flag: str, device: torch.device, margs) -> bool:

@@ -62,6 +62,7 @@ fp32 -> bf16 conversion truncates where GPUs round to nearest (<= 1 bf16 ulp apa
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -73,6 +74,47 @@ SCALE_SUFFIX = ".weight_scale_inv"  # an FP8 weight's float32 (V3.1: power-of-tw
 # number at least this many times the rows. Measured on H200 (256 experts, decode shapes): 8 rows
 # 0.091 vs 0.111 ms (gate/up) and 0.047 vs 0.063 ms (down); 64 rows 4 % slower than per expert.
 ROW_PROGRAMS = 8
+
+
+
+@dataclasses.dataclass
+class Mode:
+    """How the kernels run: one setting per process, made by ``configure`` (the engine, from
+    ``--fp8-weights`` / ``--fp8-prefill`` and the GPU's compute capability; tests and benchmarks directly).
+
+    weights: "e4m3" loads the weight as float8_e4m3fn and converts it in hardware (sm_89+: Triton's
+    fp8e4nv); "bytes" loads its raw bytes as uint8 and decodes them to fp16 by bit moves (sm_80: Ampere
+    has no FP8 type; exact, e4m3 values are fp16 values times 2^8).
+    w8a8_rows / w8a8_expert_rows: GEMMs with at least this many rows (grouped: rows per local expert on
+    average) quantize their activations per row and 128-column group and run FP8 x FP8 on tensor cores
+    (sm_89+, weights "e4m3" only); 0 = never (weight-only w8a16 everywhere). ue8m0: activation scales
+    rounded up to powers of two, as the checkpoint's ``scale_fmt: ue8m0`` (V3.1) does for its weights.
+    dense: the dense w8a8 GEMM, "triton" (this module's kernel) or "scaled_mm" (torch._scaled_mm with
+    1x128 x 128x128 block scales, where the torch build has it)."""
+
+    weights: str = "e4m3"
+    w8a8_rows: int = 0
+    w8a8_expert_rows: int = 0
+    ue8m0: bool = False
+    dense: str = "triton"
+    tiles: tuple | None = None  # (BLOCK_M, BLOCK_N, warps, stages) for every w8a8 launch: benchmark sweeps
+
+
+MODE = Mode()
+
+
+def configure(**changes) -> Mode:
+    """Set fields of MODE (checked); returns the previous settings (``configure(**vars(old))`` restores)."""
+    old = dataclasses.replace(MODE)
+    new = dataclasses.replace(MODE, **changes)
+    if new.weights not in ("e4m3", "bytes") or new.dense not in ("triton", "scaled_mm"):
+        raise ValueError(f"fp8 mode: weights {new.weights!r} (e4m3|bytes), dense {new.dense!r} (triton|scaled_mm)")
+    if min(new.w8a8_rows, new.w8a8_expert_rows) < 0:
+        raise ValueError("fp8 mode: w8a8 row thresholds must be >= 0")
+    for f in dataclasses.fields(Mode):
+        setattr(MODE, f.name, getattr(new, f.name))
+    return old
+
 
 try:  # kernels below are plain functions until _kernels() wraps them with triton.jit
     import triton
@@ -114,17 +156,18 @@ def dequantize(w: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = to
 
 # ---------------------------------------------------------------- kernels (wrapped by triton.jit lazily)
 
-def _fp8_linear_kernel(x_ptr, w_ptr, s_ptr, o_ptr, M, N, K,
-                       stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk,
+def _fp8_linear_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, o_ptr, M, N, K,
+                       stride_xm, stride_xk, stride_xsm, stride_xsk, stride_wn, stride_wk, stride_sn, stride_sk,
                        stride_os, stride_om, stride_on,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        SPLIT_TILES: tl.constexpr, SCALE_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
-                       UPCAST: tl.constexpr):
+                       UPCAST: tl.constexpr, A_FP8: tl.constexpr, W_BYTES: tl.constexpr):
     """o[s, m, n] = sum over this split's k-blocks kb of scale[n // 128, kb] * sum_{k in kb} x[m, k] * w[n, k].
 
     Program (i, j, s): the (BLOCK_M, BLOCK_N) tile (i, j), k-blocks s*SPLIT_TILES .. (s+1)*SPLIT_TILES-1
     (the last split's blocks past K are masked off). One split: o is the output in x.dtype; several: o is
-    an fp32 (split, M, N) workspace that the host side sums."""
+    an fp32 (split, M, N) workspace that the host side sums. A_FP8: x is FP8 with a float32 scale per row
+    and k-block (xs), the dot runs FP8 x FP8. W_BYTES: w holds the e4m3 bytes as uint8 (sm_80: no fp8 type)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -137,6 +180,7 @@ def _fp8_linear_kernel(x_ptr, w_ptr, s_ptr, o_ptr, M, N, K,
     x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + (k0 * BLOCK_K + rk)[None, :] * stride_xk  # (BM, BK)
     w_ptrs = w_ptr + rn.to(tl.int64)[None, :] * stride_wn + (k0 * BLOCK_K + rk)[:, None] * stride_wk  # (BK, BN)
     s_ptrs = s_ptr + ((pid_n * BLOCK_N) // SCALE_BLOCK) * stride_sn  # BLOCK_N | 128: one n-block per tile
+    xs_ptrs = xs_ptr + rm.to(tl.int64) * stride_xsm
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
     for i in range(0, SPLIT_TILES):  # constexpr trip count: a software-pipelined loop on GPUs
         kb = k0 + i
@@ -144,8 +188,16 @@ def _fp8_linear_kernel(x_ptr, w_ptr, s_ptr, o_ptr, M, N, K,
         a = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         s = tl.load(s_ptrs + kb * stride_sk, mask=kb * BLOCK_K < K, other=0.0)  # BLOCK_K == 128: one k-block
-        if UPCAST:  # Triton's CPU interpreter: its tl.dot multiplies bf16's raw uint16 bits
+        if W_BYTES:  # e4m3 bytes -> fp16 by bit moves (exact, times 2^-8), 256 back in the block scale
+            u = b.to(tl.uint16)
+            b = (((u & 0x80) << 8) | ((u & 0x7F) << 7)).to(tl.uint16).to(tl.float16, bitcast=True)
+            s = s * 256.0
+        if A_FP8:  # FP8 x FP8 on tensor cores; each row's activation scale with the weight block's
+            s = tl.load(xs_ptrs + kb * stride_xsk, mask=m_mask, other=0.0)[:, None] * s
+        if UPCAST:  # Triton's CPU interpreter: its tl.dot multiplies bf16's raw uint16 bits, has no fp8
             acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee") * s
+        elif A_FP8:
+            acc += tl.dot(a, b) * s
         else:
             acc += tl.dot(a, b.to(a.dtype), input_precision=PRECISION) * s
         x_ptrs += BLOCK_K * stride_xk
@@ -154,12 +206,12 @@ def _fp8_linear_kernel(x_ptr, w_ptr, s_ptr, o_ptr, M, N, K,
     tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-def _fp8_grouped_kernel(x_ptr, w_ptr, s_ptr, offs_ptr, rexp_ptr, o_ptr, R, N, K, E,
-                        stride_xm, stride_xk, stride_we, stride_wn, stride_wk,
+def _fp8_grouped_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, offs_ptr, rexp_ptr, o_ptr, R, N, K, E,
+                        stride_xm, stride_xk, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wk,
                         stride_se, stride_sn, stride_sk, stride_om, stride_on,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         K_TILES: tl.constexpr, SCALE_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
-                        UPCAST: tl.constexpr, ROWS: tl.constexpr):
+                        UPCAST: tl.constexpr, ROWS: tl.constexpr, A_FP8: tl.constexpr, W_BYTES: tl.constexpr):
     """Program (e, j): rows offs[e-1]..offs[e]-1 of x against expert e's columns j*BLOCK_N..; then its share
     of zeroing the rows past offs[E-1].
 
@@ -198,6 +250,7 @@ def _fp8_grouped_kernel(x_ptr, w_ptr, s_ptr, offs_ptr, rexp_ptr, o_ptr, R, N, K,
         rm = m0 + tl.arange(0, BLOCK_M)
         m_mask = rm < end
         x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk
+        xs_ptrs = xs_ptr + rm.to(tl.int64) * stride_xsm
         w_ptrs = w_base
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
         for kb in range(0, K_TILES):  # constexpr trip count: a pipelined loop
@@ -205,8 +258,16 @@ def _fp8_grouped_kernel(x_ptr, w_ptr, s_ptr, offs_ptr, rexp_ptr, o_ptr, R, N, K,
             a = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             b = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             s = tl.load(s_base + kb * stride_sk)
-            if UPCAST:  # Triton's CPU interpreter: its tl.dot multiplies bf16's raw uint16 bits
+            if W_BYTES:  # as in _fp8_linear_kernel
+                u = b.to(tl.uint16)
+                b = (((u & 0x80) << 8) | ((u & 0x7F) << 7)).to(tl.uint16).to(tl.float16, bitcast=True)
+                s = s * 256.0
+            if A_FP8:
+                s = tl.load(xs_ptrs + kb * stride_xsk, mask=m_mask, other=0.0)[:, None] * s
+            if UPCAST:  # Triton's CPU interpreter: its tl.dot multiplies bf16's raw uint16 bits, has no fp8
                 acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee") * s
+            elif A_FP8:
+                acc += tl.dot(a, b) * s
             else:
                 acc += tl.dot(a, b.to(a.dtype), input_precision=PRECISION) * s
             x_ptrs += BLOCK_K * stride_xk
@@ -224,11 +285,44 @@ def _fp8_grouped_kernel(x_ptr, w_ptr, s_ptr, offs_ptr, rexp_ptr, o_ptr, R, N, K,
         m0 += z_step
 
 
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xk, stride_qm, stride_sm, stride_sk,
+                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, UE8M0: tl.constexpr):
+    """Program (i, kb): rows i*BLOCK_M.. of x, columns kb*128..: q = x / s in e4m3 (saturated at 448) and
+    s[m, kb] = max|x[m, kb-block]| / 448 (float32; 1e-10 at least), rounded up to a power of two if UE8M0.
+    Under TRITON_INTERPRET q_ptr is float32 and the host converts (its fp32 -> e4m3 conversion misrounds:
+    Triton 3.7.1 turned 124.33 into 64)."""
+    pid_m = tl.program_id(0)
+    kb = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rm < M)[:, None] & (rk < K)[None, :]
+    x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk, mask=mask,
+                other=0.0).to(tl.float32)
+    # tl.reduce with this module's combine function: tl.max is a triton.language @jit helper, fixed to one
+    # mode at triton's import (see the module's docstring), _max_combine is wrapped by _kernels per mode
+    scale = tl.maximum(tl.reduce(tl.abs(x), 1, _max_combine), 1e-10) / 448.0
+    if UE8M0:  # the next power of two up: exponent + 1 unless the mantissa is 0 (scales are normal, > 0)
+        scale = ((scale.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
+    q = tl.minimum(tl.maximum(x / scale[:, None], -448.0), 448.0)
+    tl.store(q_ptr + rm.to(tl.int64)[:, None] * stride_qm + rk[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + rm.to(tl.int64) * stride_sm + kb * stride_sk, scale, mask=rm < M)
+
+
+def _max(a, b):
+    return tl.maximum(a, b)
+
+
+_max_combine = None  # _max, jitted by _kernels for the mode in use (the kernels look it up at compile time)
+
+
 @functools.lru_cache(maxsize=None)
 def _kernels(interpret: bool):
-    """(linear, grouped) jitted for the mode at first use (the interpreter is chosen when triton.jit runs)."""
+    """(linear, grouped, act_quant) jitted for the mode at first use (the interpreter is chosen when
+    triton.jit runs)."""
     del interpret  # the cache key: triton.jit reads TRITON_INTERPRET itself
-    return triton.jit(_fp8_linear_kernel), triton.jit(_fp8_grouped_kernel)
+    global _max_combine
+    _max_combine = triton.jit(_max)
+    return triton.jit(_fp8_linear_kernel), triton.jit(_fp8_grouped_kernel), triton.jit(_act_quant_kernel)
 
 
 @functools.lru_cache(maxsize=None)
@@ -318,8 +412,86 @@ def _cdiv128(n: int) -> int:
     return -(-n // FP8_BLOCK)
 
 
+def quantize_act(x: torch.Tensor, ue8m0: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) 16-bit -> (q (M, K) float8_e4m3fn, s (M, ceil(K/128)) float32), x ~= q * s per 128-column group.
+
+    s = max|x| of the row's group / 448 (at least 1e-10 / 448), rounded up to a power of two if ue8m0
+    (default MODE.ue8m0); q = x / s saturated to +-448. s is column-major (stride (1, M rounded up to 4)),
+    the layout torch._scaled_mm takes; the kernels read any strides. One Triton kernel (reads x once), or
+    the same arithmetic in torch where the kernels cannot run."""
+    ue8m0 = MODE.ue8m0 if ue8m0 is None else ue8m0
+    m, k = x.shape
+    kb, mp = _cdiv128(k), -(-m // 4) * 4
+    scales = torch.empty((kb, mp), dtype=torch.float32, device=x.device)[:, :m].T  # every element written
+    if not triton_available(x.device) or m == 0 or k == 0:
+        q, s = _quantize_torch(x, ue8m0)
+        return q, scales.copy_(s)
+    q = torch.empty((m, k), dtype=torch.float32 if interpret() else torch.float8_e4m3fn, device=x.device)
+    _, _, quant = _kernels(interpret())
+    bm = 32
+    quant[(triton.cdiv(m, bm), kb)](x, q, scales, m, k, x.stride(0), x.stride(1), q.stride(0),
+                                    scales.stride(0), scales.stride(1), BLOCK_M=bm, BLOCK_K=FP8_BLOCK,
+                                    UE8M0=ue8m0, num_warps=4)
+    return q.to(torch.float8_e4m3fn), scales
+
+
+def _quantize_torch(x: torch.Tensor, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_act's arithmetic in torch (also the tests' reference)."""
+    m, k = x.shape
+    kb = _cdiv128(k)
+    xp = torch.nn.functional.pad(x.float(), (0, kb * FP8_BLOCK - k)).view(m, kb, FP8_BLOCK)
+    s = xp.abs().amax(-1).clamp_min(1e-10) / 448.0
+    if ue8m0:
+        s = ((s.view(torch.int32) + 0x7FFFFF) & 0x7F800000).view(torch.float32)
+    q = (xp / s[..., None]).clamp(-448.0, 448.0).view(m, -1)[:, :k].to(torch.float8_e4m3fn)
+    return q, s
+
+
+def dequantize_act(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """quantize_act's inverse in float32: q * s per 128-column group (the tests' reference)."""
+    k = q.shape[-1]
+    return q.float() * s.float().repeat_interleave(FP8_BLOCK, -1)[..., :k]
+
+
+def w8a8_dense(rows: int, dtype: torch.dtype) -> bool:
+    """Whether a dense FP8 GEMM of `rows` rows quantizes its activations (MODE.w8a8_rows)."""
+    return (0 < MODE.w8a8_rows <= rows and MODE.weights == "e4m3"
+            and dtype in (torch.bfloat16, torch.float16))
+
+
+def w8a8_grouped(rows: int, experts: int, dtype: torch.dtype) -> bool:
+    """Whether a grouped FP8 GEMM of `rows` rows over `experts` experts quantizes its activations."""
+    return (0 < MODE.w8a8_expert_rows and rows >= MODE.w8a8_expert_rows * max(experts, 1)
+            and MODE.weights == "e4m3" and dtype in (torch.bfloat16, torch.float16))
+
+
+def _w8a8_plan(m: int, n: int, sms: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, warps, stages) for the FP8 x FP8 kernels: 128 x 128 tiles (two warpgroups),
+    64-row tiles for fewer rows or when 128-row tiles leave SMs idle; FP8 tiles are half bf16's bytes,
+    so 4 stages fit (128 KB of shared memory at 128 x 128)."""
+    if MODE.tiles is not None:
+        return MODE.tiles
+    bm = 64 if m <= 64 or triton.cdiv(m, 128) * triton.cdiv(n, 128) < sms else 128
+    return bm, 128, 8 if bm == 128 else 4, 4
+
+
+def _w8a8_grouped_plan(r: int, e: int) -> tuple[int, int, int, int]:
+    """As _w8a8_plan, BLOCK_M from the rows per expert: 64 up to 128 rows each, then 128."""
+    if MODE.tiles is not None:
+        return MODE.tiles
+    bm = 128 if r >= 128 * e else 64
+    return bm, 128, 8 if bm == 128 else 4, 4
+
+
+def _weight_operand(w: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The weight as the kernels read it: float8_e4m3fn, or its bytes (uint8) in MODE "bytes"."""
+    return (w.view(torch.uint8), True) if MODE.weights == "bytes" else (w, False)
+
+
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
-    """x (..., K) @ W.T -> (..., N) in x.dtype, W = w (N, K) fp8 * scale_inv per 128x128 block; fp32 accumulate."""
+    """x (..., K) @ W.T -> (..., N) in x.dtype, W = w (N, K) fp8 * scale_inv per 128x128 block; fp32 accumulate.
+
+    Weight-only (x stays 16-bit) unless MODE says to quantize x for this many rows (w8a8_dense)."""
     n, k = w.shape
     if x.shape[-1] != k:
         raise ValueError(f"fp8_linear: x (..., {x.shape[-1]}) against weight {tuple(w.shape)}")
@@ -332,24 +504,40 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor) -> tor
     m = x2.shape[0]
     if m == 0 or n == 0 or k == 0:
         return torch.zeros((*lead, n), dtype=x.dtype, device=x.device)
+    linear, _, _ = _kernels(interpret())
+    if w8a8_dense(m, x.dtype):
+        xq, xs = quantize_act(x2)
+        if MODE.dense == "scaled_mm":
+            out = torch._scaled_mm(xq, w.T, scale_a=xs, scale_b=scale_inv.T, out_dtype=x.dtype)
+            return out.view(*lead, n)
+        bm, bn, warps, stages = _w8a8_plan(m, n, _sm_count(x.device))
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        linear[(triton.cdiv(m, bm), triton.cdiv(n, bn), 1)](
+            xq, xs, w, scale_inv, out, m, n, k,
+            xq.stride(0), xq.stride(1), xs.stride(0), xs.stride(1), w.stride(0), w.stride(1),
+            scale_inv.stride(0), scale_inv.stride(1), 0, out.stride(0), out.stride(1),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=FP8_BLOCK, SPLIT_TILES=_cdiv128(k), SCALE_BLOCK=FP8_BLOCK,
+            PRECISION=prec, UPCAST=interpret(), A_FP8=True, W_BYTES=False, num_warps=warps, num_stages=stages)
+        return out.view(*lead, n)
     bm, bn, split, per = _linear_plan(m, n, k, _sm_count(x.device), x.dtype)
     # one split: straight into the output; several: fp32 partials (split, M, N), summed in a fixed order
     # (deterministic, no atomics). Every element of `dst` is written by the kernel.
     dst = torch.empty((split, m, n) if split > 1 else (m, n), dtype=torch.float32 if split > 1 else x.dtype,
                       device=x.device)
-    linear, _ = _kernels(interpret())
+    wk, wbytes = _weight_operand(w)
     linear[(triton.cdiv(m, bm), triton.cdiv(n, bn), split)](
-        x2, w, scale_inv, dst, m, n, k,
-        x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), scale_inv.stride(0), scale_inv.stride(1),
+        x2, x2, wk, scale_inv, dst, m, n, k,
+        x2.stride(0), x2.stride(1), 0, 0, w.stride(0), w.stride(1), scale_inv.stride(0), scale_inv.stride(1),
         0 if split == 1 else dst.stride(0), dst.stride(-2), dst.stride(-1),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=FP8_BLOCK, SPLIT_TILES=per, SCALE_BLOCK=FP8_BLOCK, PRECISION=prec,
-        UPCAST=_upcast(x.dtype), **_config(bm, bn, x.dtype))
+        UPCAST=_upcast(x.dtype), A_FP8=False, W_BYTES=wbytes, **_config(bm, bn, x.dtype))
     out = dst if split == 1 else dst.sum(0).to(x.dtype)
     return out.view(*lead, n)
 
 
 def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, offs: torch.Tensor,
-                   row_expert: torch.Tensor | None = None) -> torch.Tensor:
+                   row_expert: torch.Tensor | None = None, x_scale: torch.Tensor | None = None,
+                   out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Per-expert x[rows of e] @ W[e].T for x (R, K) sorted by expert, w (E, N, K) fp8, offs (E,) int32 end rows.
 
     Out (R, N) in x.dtype; rows >= offs[-1] (no expert) are zeros. offs must be non-decreasing with
@@ -357,34 +545,49 @@ def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, of
     each row (>= E for the rows past offs[-1]), i.e. the sorted keys that give offs; with it, far fewer
     rows than experts (decode: R * ROW_PROGRAMS <= E) launch a program per row instead of per expert (at
     batch 1: 8 rows for 256 experts, so 32x fewer programs, almost all of which would only find their
-    expert empty)."""
+    expert empty).
+
+    W8A8: x float8_e4m3fn with x_scale (R, ceil(K/128)) float32 from quantize_act (the caller quantizes
+    once and gathers rows: see MoE._routed_grouped, and w8a8_grouped for when), out in out_dtype."""
     e, n, k = w.shape
     r = x.shape[0]
+    a8 = x.dtype == torch.float8_e4m3fn
     if x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"fp8_grouped_mm: x {tuple(x.shape)} against weights {tuple(w.shape)}")
     if offs.shape != (e,):
         raise ValueError(f"fp8_grouped_mm: offs {tuple(offs.shape)} for {e} experts")
+    if a8 != (x_scale is not None) or (a8 and (out_dtype is None or x_scale.shape != (r, _cdiv128(k)))):
+        raise ValueError("fp8_grouped_mm: FP8 x needs x_scale (R, ceil(K/128)) and out_dtype, 16-bit x neither")
     _check_scales(w, scale_inv)
-    prec = _precision(x.dtype)
+    dtype = out_dtype if a8 else x.dtype
+    prec = _precision(dtype)
     if not triton_available(x.device):
-        return _grouped_fallback(x, w, scale_inv, offs)
-    out = torch.empty((r, n), dtype=x.dtype, device=x.device)
+        xf = dequantize_act(x, x_scale).to(dtype) if a8 else x
+        return _grouped_fallback(xf, w, scale_inv, offs)
+    out = torch.empty((r, n), dtype=dtype, device=x.device)
     if r == 0 or n == 0:
         return out
     if e == 0 or k == 0:
         return out.zero_()
     offs = offs.to(torch.int32)  # no-op for the int32 offsets MoE builds
-    bm, bn = _grouped_plan(r, e, x.dtype)
     rows = row_expert is not None and ROW_PROGRAMS * r <= e
     if rows and row_expert.shape != (r,):
         raise ValueError(f"fp8_grouped_mm: row_expert {tuple(row_expert.shape)} for {r} rows")
-    _, grouped = _kernels(interpret())
+    _, grouped, _ = _kernels(interpret())
+    if a8:
+        bm, bn, warps, stages = _w8a8_grouped_plan(r, e)
+        wk, wbytes, cfg, upcast = w, False, dict(num_warps=warps, num_stages=stages), interpret()
+        xs, xs_strides = x_scale, (x_scale.stride(0), x_scale.stride(1))
+    else:
+        bm, bn = _grouped_plan(r, e, x.dtype)
+        (wk, wbytes), cfg, upcast = _weight_operand(w), _config(bm, bn, x.dtype), _upcast(x.dtype)
+        xs, xs_strides = x, (0, 0)
     grouped[(r if rows else e, triton.cdiv(n, bn))](
-        x, w, scale_inv, offs, row_expert if rows else offs, out, r, n, k, e,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
+        x, xs, wk, scale_inv, offs, row_expert if rows else offs, out, r, n, k, e,
+        x.stride(0), x.stride(1), *xs_strides, w.stride(0), w.stride(1), w.stride(2),
         scale_inv.stride(0), scale_inv.stride(1), scale_inv.stride(2), out.stride(0), out.stride(1),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=FP8_BLOCK, K_TILES=_cdiv128(k), SCALE_BLOCK=FP8_BLOCK, PRECISION=prec,
-        UPCAST=_upcast(x.dtype), ROWS=rows, **_config(bm, bn, x.dtype))
+        UPCAST=upcast, ROWS=rows, A_FP8=a8, W_BYTES=wbytes, **cfg)
     return out
 
 

@@ -183,9 +183,20 @@ class MoE(nn.Module):
                 e.up_proj.weight_scale_inv = self.s13[i, inter // 128:]
                 e.down_proj.weight_scale_inv = self.s2[i]
 
-    def _gmm(self, x: torch.Tensor, w: torch.Tensor, scale, offs: torch.Tensor, row_expert) -> torch.Tensor:
-        """Grouped x @ w[e]^T over the rows of each local expert (offs: their end rows; row_expert: each
-        row's local expert, E_l past them)."""
+    def _gmm(self, x: torch.Tensor, w: torch.Tensor, scale, offs: torch.Tensor, row_expert,
+             rows: torch.Tensor | None = None, a8: bool = False) -> torch.Tensor:
+        """Grouped x[rows] @ w[e]^T over the rows of each local expert (offs: their end rows; row_expert:
+        each row's local expert, E_l past them). a8 (kept FP8 weights, spmd.kernels.fp8.w8a8_grouped):
+        x is quantized per row and 128 columns first (before the gather: N tokens, not N * top_k slots)
+        and the GEMM runs FP8 x FP8."""
+        if a8:
+            from spmd.kernels.fp8 import fp8_grouped_mm, quantize_act
+            q, qs = quantize_act(x)
+            if rows is not None:
+                q, qs = q[rows], qs[rows]
+            return fp8_grouped_mm(q, w, scale, offs, row_expert, x_scale=qs, out_dtype=x.dtype)
+        if rows is not None:
+            x = x[rows]
         if scale is not None:
             from spmd.kernels.fp8 import fp8_grouped_mm
             return fp8_grouped_mm(x, w, scale, offs, row_expert)
@@ -206,17 +217,20 @@ class MoE(nn.Module):
         counts = torch.zeros(self.w13.shape[0] + 1, dtype=torch.int64, device=x.device)
         counts.scatter_add_(0, key, torch.ones_like(key))  # fixed size: bincount would sync to size its output
         offs = counts[:-1].cumsum(0).to(torch.int32)  # (E_l,) end row of each local expert
-        xs = x[order // k]  # (N*k, dim); rows past offs[-1] belong to no group and are not computed
         s13, s2 = getattr(self, "s13", None), getattr(self, "s2", None)
-        gate, up = self._gmm(xs, self.w13, s13, offs, row_expert).chunk(2, dim=-1)
-        del xs
+        a8 = False
+        if s13 is not None:  # prefill-sized: FP8 x FP8 (rows per local expert expected: N*k / n_experts)
+            from spmd.kernels.fp8 import w8a8_grouped
+            a8 = w8a8_grouped(n * k * self.w13.shape[0] // self.n_experts, self.w13.shape[0], x.dtype)
+        # (N*k, 2I) over the slots in expert order; rows past offs[-1] belong to no group and are not computed
+        gate, up = self._gmm(x, self.w13, s13, offs, row_expert, rows=order // k, a8=a8).chunk(2, dim=-1)
         act = F.silu(gate) * up  # (N*k, I)
         del gate, up
         # the routing weight scales the I-wide intermediate, in place and in the activation dtype (linear:
         # down(w a) = w down(a)): no float32 copy of the dim-wide output (issue 26: 28 GiB at 32 x 4096 tokens)
         w = torch.where(local, weights.flatten(), 0.0)[order]  # (N*k,) float32; other ranks' slots 0
         act.mul_(w.to(act.dtype)[:, None])
-        h = self._gmm(act, self.w2, s2, offs, row_expert)  # (N*k, dim)
+        h = self._gmm(act, self.w2, s2, offs, row_expert, a8=a8)  # (N*k, dim)
         h.masked_fill_(~local[order, None], 0.0)  # rows past offs[-1]: not computed by torch._grouped_mm
         return torch.zeros_like(h).index_copy_(0, order, h).view(n, k, h.shape[-1]).sum(1)  # slot order: deterministic
 

@@ -1,0 +1,72 @@
+"""Serial: which FP8 kernels a GPU gets (--fp8-weights, --fp8-unpack, --fp8-prefill by compute capability),
+decided without a GPU: the capability and name are stubbed."""
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from spmd.engines import native
+
+CUDA0 = torch.device("cuda", 0)
+GPUS = {"A100": (8, 0), "A10": (8, 6), "L40S": (8, 9), "H100": (9, 0), "V100": (7, 0)}
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """gpu(name): CUDA device 0 is that GPU, with Triton importable (the kernels' own check)."""
+    def use(name: str):
+        monkeypatch.setattr(native, "_capability", lambda dev: GPUS[name] if dev.type == "cuda" else None)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev=None: name)
+        from spmd.kernels import fp8
+        monkeypatch.setattr(fp8, "triton_available", lambda dev: True)
+    return use
+
+
+def _mode(unpack="auto", prefill="auto", scale_fmt="ue8m0", device=CUDA0):
+    args = types.SimpleNamespace(fp8_unpack=unpack, fp8_prefill=prefill)
+    return native.fp8_mode(args, device, types.SimpleNamespace(scale_fmt=scale_fmt))
+
+
+@pytest.mark.parametrize("name,weights,a8", [("A100", "bytes", False), ("A10", "bytes", False),
+                                             ("L40S", "e4m3", True), ("H100", "e4m3", True)])
+def test_auto_by_capability(gpu, name, weights, a8):
+    """Ampere decodes bytes and stays weight-only; Ada/Hopper convert in hardware and run FP8 x FP8 for
+    prefill-sized GEMMs; the checkpoint's UE8M0 carries over to the activation scales."""
+    gpu(name)
+    assert native.keep_fp8("auto", CUDA0, True)
+    mode = _mode()
+    assert mode["weights"] == weights and mode["ue8m0"]
+    assert (mode["w8a8_rows"], mode["w8a8_expert_rows"]) == \
+        ((native.W8A8_ROWS, native.W8A8_EXPERT_ROWS) if a8 else (0, 0))
+    assert not _mode(scale_fmt=None)["ue8m0"]
+
+
+def test_forced_choices(gpu):
+    gpu("H100")
+    assert _mode(unpack="bytes")["weights"] == "bytes"  # the Ampere path, forced on Hopper (benchmarks)
+    assert _mode(unpack="bytes")["w8a8_rows"] == 0  # no FP8 x FP8 where weights are decoded from bytes
+    assert _mode(prefill="w8a16")["w8a8_rows"] == 0
+    with pytest.raises(ValueError, match="w8a8"):
+        _mode(unpack="bytes", prefill="w8a8")
+    gpu("A100")
+    with pytest.raises(ValueError, match="bytes"):  # one clear message, not a Triton crash
+        _mode(unpack="hw")
+    with pytest.raises(ValueError, match="8.9"):
+        _mode(prefill="w8a8")
+
+
+def test_older_gpus_dequantize(gpu):
+    """No bf16 tensor cores before sm_80: auto dequantizes at load, keep is refused with the way out."""
+    gpu("V100")
+    assert not native.keep_fp8("auto", CUDA0, True)
+    with pytest.raises(ValueError, match="--fp8-weights dequant"):
+        native.keep_fp8("keep", CUDA0, True)
+
+
+def test_interpreter_defaults():
+    """Off CUDA (Triton's CPU interpreter): hardware e4m3, weight-only unless w8a8 is asked for."""
+    cpu = torch.device("cpu")
+    assert _mode(device=cpu)["w8a8_rows"] == 0 and _mode(device=cpu)["weights"] == "e4m3"
+    assert _mode(prefill="w8a8", device=cpu)["w8a8_rows"] == native.W8A8_ROWS

@@ -115,7 +115,7 @@ gpu-fp8-bench:
 # uneven splits vs tp's all-reduce, decode and prefill sizes, in and out of CUDA graphs (traces/results/comm/)
 GPUS ?= 2
 gpu-comm-bench:
-	. launch/env.sh && mpirun -n $(GPUS) python3 -m traces.comm_bench $(COMM_BENCH_OPTS)
+	. launch/env.sh && mpirun -n $(GPUS) python3 -m mpi4py -m traces.comm_bench $(COMM_BENCH_OPTS)
 
 # Its CPU smoke run: the tiny checkpoint, 24 short requests, static 8 and 24, continuous, long prompts (< 1 min)
 serve-bench-cpu: $(STAMP) $(CKPT)/tiny-bf16/config.json

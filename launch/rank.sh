@@ -90,12 +90,17 @@ if [ -z "$dir" ]; then
 fi
 
 # Tee stdout and stderr into the rank's log; the program runs as a child so the tees can drain after it.
+# The tees ignore TERM, INT and HUP (an ignored signal stays ignored across exec): Slurm's --signal
+# reaches every process of the task, and a tee that died would break the program's output mid-run
+# (EPIPE) instead of letting it stop cleanly; they end when the program closes its side.
 log="$dir/logs/$tag.log"
 : > "$log"
-exec {out}> >(tee -a "$log"); tee_out=$!
-exec {err}> >(tee -a "$log" >&2); tee_err=$!
+exec {out}> >(trap '' TERM INT HUP; exec tee -a "$log"); tee_out=$!
+exec {err}> >(trap '' TERM INT HUP; exec tee -a "$log" >&2); tee_err=$!
 "${pre[@]}" "${cmd[@]}" <&0 >&"$out" 2>&"$err" &
 child=$!
+# forward a TERM/INT/HUP of this wrapper to the program as TERM (mpirun signals the process it started;
+# under Slurm's --signal the program gets it directly too: spmd.runtime.stop takes the two as one)
 trap 'kill -TERM "$child" 2>/dev/null' TERM INT HUP
 rc=0
 wait "$child" || rc=$?

@@ -14,16 +14,27 @@ spmd_cd_root() {
   fi
 }
 
-# Environment, RUN_DIR=$RUNS_DIR/<job name>-<job id> (absolute), the job's output copied to
+# Environment, RUN_DIR=$RUNS_DIR/<job name>-<job id> (absolute; with RUN_NAME set:
+# $RUNS_DIR/$RUN_NAME/job-<job id>, beside the run's one output, RUN_OUTPUT), the job's output copied to
 # RUN_DIR/job.log, and the launch prefix: CONTAINER=(apptainer exec ...) when SIF is set.
 spmd_setup() {
   [ -n "${SLURM_JOB_ID:-}" ] || spmd_die "not inside a Slurm job: submit with sbatch"
   # shellcheck source=launch/env.sh
   . launch/env.sh
-  RUN_DIR="${RUNS_DIR:-runs}/${SLURM_JOB_NAME:-spmd}-$SLURM_JOB_ID"
+  RUN_OUTPUT=""
+  if [ -n "${RUN_NAME:-}" ]; then  # one output and progress location per run name: sbatch again resumes
+    if [[ ! "$RUN_NAME" =~ ^[A-Za-z0-9_-][A-Za-z0-9._-]*$ ]]; then
+      spmd_die "RUN_NAME=$RUN_NAME: letters, digits, '.', '_' and '-' only, not starting with '.'"
+    fi
+    RUN_DIR="${RUNS_DIR:-runs}/$RUN_NAME/job-$SLURM_JOB_ID"
+    RUN_OUTPUT="${RUNS_DIR:-runs}/$RUN_NAME/outputs.jsonl"
+  else
+    RUN_DIR="${RUNS_DIR:-runs}/${SLURM_JOB_NAME:-spmd}-$SLURM_JOB_ID"
+  fi
   mkdir -p "$RUN_DIR" || spmd_die "cannot create $RUN_DIR"
   RUN_DIR="$(cd "$RUN_DIR" && pwd)"
-  export RUN_DIR
+  [ -z "$RUN_OUTPUT" ] || RUN_OUTPUT="$(dirname "$RUN_DIR")/outputs.jsonl"
+  export RUN_DIR RUN_OUTPUT
   exec > >(tee -a "$RUN_DIR/job.log") 2>&1
   DEVICE="${DEVICE:-cuda}"
   CONTAINER=()

@@ -1,6 +1,6 @@
 """`make gpu-comm-bench`: the two group layouts' collectives on the GPUs of one host, in and out of CUDA graphs.
 
-    mpirun -n G python -m traces.comm_bench [--device cuda|cpu] [--rows 1,8,...] [--out traces/results/comm]
+    mpirun -n G python -m mpi4py -m traces.comm_bench [--device cuda|cpu] [--rows 1,8,...] [--out traces/results/comm]
 
 Per size, the collectives one MoE layer runs with a model group of G ranks (DeepSeek-V3: hidden 7168, bf16):
 - tp: ``all_reduce`` of the group's rows x 7168 (``moe.combine``; attention's all-reduce is the same size);

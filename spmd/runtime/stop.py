@@ -2,8 +2,10 @@
 
 Slurm sends SIGTERM to every task some time before the time limit (`#SBATCH --signal=TERM@120`);
 `mpirun` turns a SIGTERM of its own into killing the job, but forwards SIGUSR1 to every rank
-(`kill -USR1 <mpirun pid>`). The handler only sets a flag; a second signal of the same kind
-terminates the process at once.
+(`kill -USR1 <mpirun pid>`). The handler only sets a flag; a second signal of the same kind, REPEAT_S
+or more after the first, terminates the process at once. One sooner is the same request delivered twice:
+Slurm's `--signal` reaches every process of a task, so the rank gets it both from Slurm and from
+launch/rank.sh, which forwards what it gets to the rank.
 
 At every batch boundary the ranks of a model group agree on the flag (one tiny allreduce over the
 group's communicator: they run the model together, so they are at the same boundary). A group that
@@ -20,6 +22,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 from mpi4py import MPI
 
@@ -29,7 +32,10 @@ EX_TEMPFAIL = 75
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 TAG_STOP = 14
 
+REPEAT_S = 2.0  # a second signal of the same kind at least this long after the first stops the rank at once
+
 _received: str | None = None  # the name of the first stop signal this process got
+_received_at = 0.0  # time.monotonic() of it
 
 
 def install() -> None:
@@ -39,13 +45,16 @@ def install() -> None:
 
 
 def _handler(signum, frame) -> None:
-    global _received
+    global _received, _received_at
     name = signal.Signals(signum).name
-    if _received == name:  # asked twice: stop now
-        signal.signal(signum, signal.SIG_DFL)
+    if _received == name:
+        if time.monotonic() - _received_at < REPEAT_S:  # one request, delivered twice (Slurm + rank.sh)
+            return
+        signal.signal(signum, signal.SIG_DFL)  # asked again: stop now
         os.kill(os.getpid(), signum)
         return
-    _received = _received or name
+    if _received is None:
+        _received, _received_at = name, time.monotonic()
 
 
 def received() -> str | None:

@@ -2,7 +2,8 @@
 
 slurm/infer.sbatch on CPU (1 node, 2 tasks, srun --mpi=pmix) gives transformers' 20 greedy completions
 (fp32, as every layout does: make validate), and its sacct accounting lands in merged.h5; a topology that does not fit
-the job fails it with the numbers; slurm/scaling.sh chains its runs and the summary job compares them.
+the job fails it with the numbers; slurm/scaling.sh chains its runs and the summary job compares them. The
+infer run is one RUN_NAME over two jobs: the first stopped by Slurm's signal, the second finishing it.
 Serial. Skipped unless SPMD_SLURM_TEST=1 (.ci/run sets it): it needs root, and installs Debian's
 slurm-wlm, slurmdbd, munge, mariadb-server and libpmix-dev when they are missing.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+import types
 
 import h5py
 import pytest
@@ -24,26 +26,56 @@ CPU_TASKS = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-pe
 
 @pytest.fixture(scope="module")
 def infer_run(slurm, tiny_bf16, tmp_path_factory):
-    """slurm/infer.sbatch: tiny checkpoint, CPU, one model group of 2 tasks; (run dir, job id)."""
+    """slurm/infer.sbatch: tiny checkpoint, CPU, one model group of 2 tasks, as one run (RUN_NAME) over two
+    jobs: the first gets SIGTERM on every task once a first prompt is on disk (what --signal=TERM@S does
+    before the time limit; sent by scancel --signal here: Slurm's granularity for --time would make a
+    real limit take minutes), the same sbatch again finishes the run. (run dir of the second job, its
+    job id, the first job's log, the run's output file, the submit options)."""
     runs = tmp_path_factory.mktemp("runs")
     env = dict(slurm, DEVICE="cpu", CHECKPOINT=str(tiny_bf16), PROMPTS=str(PROMPTS20), ENGINE="native",
-               GROUP_SIZE="2", DTYPE="fp32", MAX_NEW_TOKENS=str(N_NEW), RUNS_DIR=str(runs))
-    rc, job, err = _sbatch(env, "--job-name=ci-infer", f"--output={runs}/%x-%j.out", *CPU_TASKS,
-                           "slurm/infer.sbatch")
+               GROUP_SIZE="2", DTYPE="fp32", MAX_NEW_TOKENS=str(N_NEW), RUNS_DIR=str(runs), RUN_NAME="chain")
+    opts = ("--job-name=ci-infer", f"--output={runs}/%x-%j.out", *CPU_TASKS, "slurm/infer.sbatch",
+            "--batching", "static", "--batch-size", "2")
+    first = subprocess.run(["sbatch", "--parsable", *opts], env=env, cwd=ROOT, capture_output=True, text=True,
+                           timeout=60).stdout.strip()
+    progress = runs / "chain" / "outputs.jsonl.progress"
+    deadline = time.monotonic() + 300
+    while not any(p.stat().st_size for p in progress.glob("replica-*.jsonl")):
+        assert time.monotonic() < deadline, "no prompt finished in 5 minutes"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=TERM", first], env=env, check=True)
+    while subprocess.run(["squeue", "-h", "-j", first], env=env, capture_output=True, text=True).stdout.strip():
+        assert time.monotonic() < deadline, "the stopped job did not end"
+        time.sleep(1)
+    first_log = (runs / "chain" / f"job-{first}" / "job.log").read_text()
+    stopped_early = not (runs / "chain" / "outputs.jsonl").exists()
+    rc, job, err = _sbatch(env, *opts)
     out = runs / f"ci-infer-{job}.out"
     assert rc == 0, f"job {job} exit {rc}: {err}\n{out.read_text()[-4000:] if out.is_file() else ''}"
-    return runs / f"ci-infer-{job}", job
+    return types.SimpleNamespace(run_dir=runs / "chain" / f"job-{job}", job=job, first_log=first_log,
+                                 stopped_early=stopped_early, output=runs / "chain" / "outputs.jsonl",
+                                 env=env, opts=opts, runs=runs)
 
 
 def test_infer_sbatch_equals_transformers(infer_run, tiny_bf16):
-    run_dir, _ = infer_run
-    got = _rows(run_dir / "outputs.jsonl")
+    got = _rows(infer_run.output)
     assert len(got) == 20
     assert got == reference(tiny_bf16)
 
 
+def test_run_stopped_by_signal_is_finished_by_the_next_job(infer_run):
+    """The first job stopped after the batch in flight (exit 75, rows kept, no output); the second resumed
+    (the output above is the whole run's); a third submission finds the run complete and ends at once."""
+    assert infer_run.stopped_early
+    assert "stopped by SIGTERM after" in infer_run.first_log and "(step exit 75)" in infer_run.first_log, \
+        infer_run.first_log[-3000:]
+    assert "--resume" in (infer_run.run_dir / "job.log").read_text()
+    rc, third, _ = _sbatch(infer_run.env, *infer_run.opts)
+    assert rc == 0 and "run chain is complete" in (infer_run.runs / f"ci-infer-{third}.out").read_text()
+
+
 def test_run_dir_holds_traces_logs_and_report(infer_run):
-    run_dir, job = infer_run
+    run_dir, job = infer_run.run_dir, infer_run.job
     for name in ("rank00000.h5", "rank00001.h5", "merged.h5", "logs/rank00000.log", "logs/rank00001.log",
                  "job.log", "job.txt", "report.txt", "sacct.txt"):
         assert (run_dir / name).is_file(), name
@@ -54,7 +86,7 @@ def test_run_dir_holds_traces_logs_and_report(infer_run):
 
 
 def test_sacct_accounting_is_in_the_merged_trace(infer_run):
-    run_dir, job = infer_run
+    run_dir, job = infer_run.run_dir, infer_run.job
     with h5py.File(run_dir / "merged.h5") as f:
         steps = f["sacct/steps"][()]
     assert {s["job_id"].decode() for s in steps} == {job}
@@ -95,3 +127,4 @@ def test_scaling_sweep_chains_runs_and_summarizes(slurm, tiny_bf16, tmp_path):
     assert (summary / "scaling.png").is_file()
     # the summary re-collected sacct after the runs ended: the job's own line is final now
     assert "|COMPLETED|" in (tmp_path / f"spmd-scale-n1g1-{ids[0]}" / "sacct.txt").read_text().splitlines()[1]
+

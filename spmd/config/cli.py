@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -281,12 +282,88 @@ def check_paths(a: RunArgs) -> None:
         raise UsageError(f"prompt file {a.prompts} does not exist")
     if a.score is not None and not a.score.is_file():
         raise UsageError(f"baseline file {a.score} (--score) does not exist")
-    out_dir = a.output.parent
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"output directory {out_dir} is not a directory")
+    check_outputs(a)
+
+
+def check_outputs(a: RunArgs) -> None:
+    """Rank 0, before any model work: what the run writes destroys nothing. OUTPUT and OUTPUT's summary
+    (`x.summary.json`) must each be a new path or a regular file that is none of the inputs (prompts,
+    baseline, a checkpoint file: same st_dev/st_ino, so links count), in a writable directory;
+    `OUTPUT.progress` a directory (not a symlink) or absent; --trace-dir a writable directory."""
+    inputs = _input_files(a)
+    _check_output_file(a.output, "--output", inputs)
+    _check_output_file(a.output.with_suffix(".summary.json"), "the run summary (beside --output)", inputs)
+    _check_writable_dir(a.output.parent, "output directory")
+    progress = a.output.with_name(a.output.name + ".progress")  # spmd.runtime.resume.progress_dir
+    if progress.is_symlink() or (progress.exists() and not progress.is_dir()):
+        raise UsageError(f"progress directory {progress} (beside --output) is "
+                         f"{'a symlink' if progress.is_symlink() else 'not a directory'}: it is never followed or "
+                         f"replaced; remove it, or give another --output")
+    t = a.trace_dir
+    if t is None:
+        return
+    if t.suffix in (".h5", ".hdf5"):
+        raise UsageError(f"--trace-dir {t} ends in {t.suffix}: it names a directory (rank*.h5 and merged.h5 go in it)")
+    if t.exists() and not t.is_dir():
+        raise UsageError(f"--trace-dir {t} is not a directory ({_kind(t.stat())})")
+    if any(t.absolute() == p.absolute() for p in (a.output, progress)):
+        raise UsageError(f"--trace-dir {t} is the output's own path: give another directory")
+    _check_writable_dir(t, "trace directory")
+
+
+def _check_writable_dir(d: Path, what: str) -> None:
+    if d.exists() and not d.is_dir():
+        raise UsageError(f"{what} {d} is not a directory")
     try:  # found now, not after an hour of generation (root passes permission checks: really write)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
+        d.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=d):
             pass
     except OSError as exc:
-        raise UsageError(f"output directory {out_dir} is not writable: {exc.strerror or exc}") from None
+        raise UsageError(f"{what} {d} is not writable: {exc.strerror or exc}") from None
+
+
+def _input_files(a: RunArgs) -> dict[tuple[int, int], str]:
+    """(st_dev, st_ino) → what it is, for every file the run reads: prompts, baseline, the checkpoint's files."""
+    named = [(a.prompts, "the prompt file"), *([(a.score, "the --score baseline")] if a.score is not None else [])]
+    try:
+        with os.scandir(a.checkpoint) as entries:
+            named += [(Path(e.path), f"a file of checkpoint {a.checkpoint}") for e in entries]
+    except OSError:
+        pass
+    found = {}
+    for path, what in named:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            found.setdefault((st.st_dev, st.st_ino), f"{what} {path}")
+    return found
+
+
+def _kind(st: os.stat_result) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISREG, "a regular file"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(st.st_mode):
+            return name
+    return "not a regular file"
+
+
+def _check_output_file(path: Path, what: str, inputs: dict[tuple[int, int], str]) -> None:
+    """A new path (or a dangling symlink, which the atomic write replaces), or a regular file that is no input."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return  # new; a directory that is not one is named by _check_writable_dir
+    except OSError as exc:
+        raise UsageError(f"{what} {path}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{what} {path} is a directory: give a file name")
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{what} {path} is {_kind(st)}, not a regular file: writing it would replace it; give "
+                         f"a new file name or a regular file")
+    same = inputs.get((st.st_dev, st.st_ino))
+    if same is not None:
+        raise UsageError(f"{what} {path} is {same} (the same file): writing it would destroy it; give another "
+                         f"--output")

@@ -6,6 +6,7 @@ rank (spmd.parallel.errors.on_root). Pure Python: no torch, no mpi4py.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,18 +55,26 @@ class ModelArgs:
     def from_checkpoint(cls, ckpt: Path) -> "ModelArgs":
         try:
             cfg = json.loads((Path(ckpt) / "config.json").read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: bad JSON
             raise UsageError(f"cannot read {Path(ckpt) / 'config.json'}: {exc}") from None
         return cls.from_config(cfg)
 
     @classmethod
     def from_config(cls, c: dict) -> "ModelArgs":
+        """The fields of a config.json dict, checked first (types, ranges, then relations): every problem
+        is a UsageError naming config.json and the keys; nothing is silently replaced by a default."""
+        if not isinstance(c, dict):
+            raise UsageError(f"config.json is not a JSON object (it is {_kind(c)})")
         if c.get("model_type") != "deepseek_v3":
             raise UsageError(f"config model_type={c.get('model_type')!r}, expected 'deepseek_v3'")
-        try:
-            m = _model_args(cls, c)
-        except KeyError as exc:
-            raise UsageError(f"config.json lacks field {exc}") from None
+        missing = [k for k in REQUIRED if k not in c]
+        if missing:
+            raise UsageError(f"config.json lacks field{'s' if len(missing) > 1 else ''} "
+                             f"{', '.join(repr(k) for k in missing)}")
+        bad = _check_fields(c)
+        if bad:
+            raise UsageError(f"config.json is inconsistent: {'; '.join(bad)}")
+        m = _model_args(cls, c)
         _check_consistent(m)
         return m
 
@@ -74,24 +83,132 @@ class ModelArgs:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
 
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+            "first_k_dense_replace", "num_attention_heads", "n_routed_experts", "n_shared_experts",
+            "num_experts_per_tok", "routed_scaling_factor", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+            "v_head_dim", "max_position_embeddings", "eos_token_id")
+# integers >= 1 (key: default when absent, None = required)
+COUNTS = {"vocab_size": None, "hidden_size": None, "intermediate_size": None, "moe_intermediate_size": None,
+          "num_hidden_layers": None, "num_attention_heads": None, "n_routed_experts": None,
+          "n_shared_experts": None, "num_experts_per_tok": None, "kv_lora_rank": None, "qk_nope_head_dim": None,
+          "qk_rope_head_dim": None, "v_head_dim": None, "max_position_embeddings": None,
+          "n_group": 1, "topk_group": 1}
+ROPE_KINDS = (None, "yarn", "default")  # the engines implement YaRN (factor 1: plain rope)
+
+
+def _kind(v) -> str:
+    """A JSON value's type in words, for messages."""
+    names = {bool: "a boolean", str: "a string", list: "a list", dict: "an object", type(None): "null",
+             float: "a number", int: "an integer"}
+    return names.get(type(v), type(v).__name__)
+
+
+def _show(v) -> str:
+    """A config value as a message shows it, on one short line: numbers as they are, others with their kind."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return str(v) if not isinstance(v, int) or v.bit_length() < 64 else "(a huge integer)"
+    if isinstance(v, str):
+        text = json.dumps(v)[1:-1]  # escaped: no line breaks in the one error line
+        return (text if len(text) <= 40 else text[:37] + "...") + " (a string)"
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return f"{json.dumps(v)} (a boolean)"
+    return f"{'[...]' if isinstance(v, list) else '{...}' if isinstance(v, dict) else '?'} ({_kind(v)})"
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_fields(c: dict) -> list[str]:
+    """Each field the engines read has the right type and range: 'key=value, expected ...' per problem."""
+    bad = []
+
+    def need(key: str, v, ok: bool, what: str) -> None:
+        if not ok:
+            bad.append(f"{key}={_show(v)}, expected {what}")
+
+    def integer(key: str, v, low: int, note: str = "") -> None:
+        need(key, v, _is_int(v) and v >= low, f"an integer >= {low}{note}")
+
+    def number(key: str, v, low: float, strict: bool = True) -> None:
+        ok = _is_number(v) and (v > low if strict else v >= low)
+        need(key, v, ok, f"a finite number {'>' if strict else '>='} {low}")
+
+    for key, default in COUNTS.items():
+        if key in c or default is None:
+            integer(key, c[key], 1, "" if default is None else f" (absent: {default})")
+    integer("first_k_dense_replace", c["first_k_dense_replace"], 0)
+    if "num_nextn_predict_layers" in c:
+        integer("num_nextn_predict_layers", c["num_nextn_predict_layers"], 0, " (absent: 0)")
+    if c.get("q_lora_rank") is not None:
+        integer("q_lora_rank", c["q_lora_rank"], 0, " or null (null, 0: no query compression)")
+    number("routed_scaling_factor", c["routed_scaling_factor"], 0)
+    if "rms_norm_eps" in c:
+        number("rms_norm_eps", c["rms_norm_eps"], 0)
+    if "rope_theta" in c:
+        number("rope_theta", c["rope_theta"], 1)
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = c.get(key)
+        need(key, rope, rope is None or isinstance(rope, dict), "an object or null")
+        if not isinstance(rope, dict):
+            continue
+        kind = rope.get("type", rope.get("rope_type"))
+        need(f"{key}.type", kind, kind in ROPE_KINDS, " or ".join(map(str, ROPE_KINDS[1:])) +
+             " (the engines implement YaRN only)")
+        for sub, low, strict in (("factor", 0, True), ("beta_fast", 0, True), ("beta_slow", 0, True),
+                                 ("mscale", 0, False), ("mscale_all_dim", 0, False), ("rope_theta", 1, True)):
+            if sub in rope:
+                number(f"{key}.{sub}", rope[sub], low, strict)
+        if "original_max_position_embeddings" in rope:
+            integer(f"{key}.original_max_position_embeddings", rope["original_max_position_embeddings"], 1)
+    q = c.get("quantization_config")
+    need("quantization_config", q, q is None or isinstance(q, dict), "an object or null")
+    if isinstance(q, dict):
+        method = q.get("quant_method")
+        need("quantization_config.quant_method", method, method in (None, "fp8"),
+             "fp8 (the only quantized format the loader reads)")
+        block = q.get("weight_block_size", [FP8_BLOCK, FP8_BLOCK])
+        need("quantization_config.weight_block_size", block, block == [FP8_BLOCK, FP8_BLOCK],
+             f"[{FP8_BLOCK}, {FP8_BLOCK}]")
+        need("quantization_config.scale_fmt", q.get("scale_fmt"), isinstance(q.get("scale_fmt"), (str, type(None))),
+             "a string or null")
+    vocab = c["vocab_size"] if _is_int(c["vocab_size"]) and c["vocab_size"] >= 1 else None
+    within = f"a token id in 0..{vocab - 1} (vocab_size={vocab})" if vocab else "a token id"
+    eos = c["eos_token_id"]
+    ids = eos if isinstance(eos, list) and eos else [eos]
+    need("eos_token_id", eos, all(_is_int(i) and (vocab is None or 0 <= i < vocab) for i in ids),
+         within + " or a non-empty list of them")
+    if c.get("bos_token_id") is not None:
+        bos = c["bos_token_id"]
+        need("bos_token_id", bos, _is_int(bos) and (vocab is None or 0 <= bos < vocab), within + " or null")
+    return bad
+
+
 def _check_consistent(m: ModelArgs) -> None:
-    """Fields that contradict each other (each message names the config.json fields and values)."""
-    sizes = {"vocab_size": m.vocab_size, "hidden_size": m.dim, "num_hidden_layers": m.n_layers,
-             "num_attention_heads": m.n_heads, "n_routed_experts": m.n_routed_experts,
-             "num_experts_per_tok": m.n_activated_experts, "kv_lora_rank": m.kv_lora_rank,
-             "max_position_embeddings": m.max_seq_len}
-    bad = [f"{k}={v}" for k, v in sizes.items() if not isinstance(v, int) or v < 1]
+    """Fields that contradict each other (each message names the config.json fields and values); the fields
+    themselves passed _check_fields."""
+    e, g = m.n_routed_experts, m.n_expert_groups
+    per_group = e // g
     checks = [
-        (m.n_activated_experts <= m.n_routed_experts,
-         f"num_experts_per_tok={m.n_activated_experts} > n_routed_experts={m.n_routed_experts}"),
-        (m.n_routed_experts % m.n_expert_groups == 0,
-         f"n_routed_experts={m.n_routed_experts} not divisible by n_group={m.n_expert_groups}"),
-        (m.n_limited_groups <= m.n_expert_groups, f"topk_group={m.n_limited_groups} > n_group={m.n_expert_groups}"),
+        (m.n_activated_experts <= e, f"num_experts_per_tok={m.n_activated_experts} > n_routed_experts={e}"),
+        (e % g == 0, f"n_routed_experts={e} not divisible by n_group={g}"),
+        (m.n_limited_groups <= g, f"topk_group={m.n_limited_groups} > n_group={g}"),
+        (e % g or per_group >= 2, f"n_routed_experts={e} / n_group={g} = {per_group} expert a group: the router "
+                                  f"scores each group by its top 2 experts, it needs at least 2"),
+        (e % g or m.n_limited_groups > g or m.n_activated_experts <= m.n_limited_groups * per_group,
+         f"num_experts_per_tok={m.n_activated_experts} > topk_group={m.n_limited_groups} x {per_group} experts a "
+         f"group (n_routed_experts={e} / n_group={g}): the router would pick experts of dropped groups"),
         (0 <= m.n_dense_layers <= m.n_layers,
          f"first_k_dense_replace={m.n_dense_layers} outside 0..num_hidden_layers={m.n_layers}"),
         (m.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim={m.qk_rope_head_dim} is odd"),
     ]
-    bad += [msg for ok, msg in checks if not ok]
+    bad = [msg for ok, msg in checks if not ok]
     if bad:
         raise UsageError(f"config.json is inconsistent: {'; '.join(bad)}")
 
@@ -105,8 +222,8 @@ def _model_args(cls, c: dict) -> ModelArgs:
         moe_inter_dim=c["moe_intermediate_size"], n_layers=c["num_hidden_layers"],
         n_dense_layers=c["first_k_dense_replace"], n_heads=c["num_attention_heads"],
         n_routed_experts=c["n_routed_experts"], n_shared_experts=c["n_shared_experts"],
-        n_activated_experts=c["num_experts_per_tok"], n_expert_groups=c.get("n_group") or 1,
-        n_limited_groups=c.get("topk_group") or 1, route_scale=c["routed_scaling_factor"],
+        n_activated_experts=c["num_experts_per_tok"], n_expert_groups=c.get("n_group", 1),
+        n_limited_groups=c.get("topk_group", 1), route_scale=c["routed_scaling_factor"],
         q_lora_rank=c.get("q_lora_rank") or 0, kv_lora_rank=c["kv_lora_rank"],
         qk_nope_head_dim=c["qk_nope_head_dim"], qk_rope_head_dim=c["qk_rope_head_dim"],
         v_head_dim=c["v_head_dim"], max_seq_len=c["max_position_embeddings"],

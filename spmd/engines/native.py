@@ -242,9 +242,11 @@ def keep_fp8(flag: str, device: torch.device, ckpt_fp8: bool) -> bool:
 
 # --fp8-prefill auto: FP8 x FP8 GEMMs from these row counts on (dense: rows; grouped experts: rows per
 # local expert on average). Below them the weight-only kernels are as fast or faster: they read the same
-# weight bytes, and quantizing the activations is one more kernel per GEMM (measured on H100, issue 26:
-# traces/results/fp8/, `make gpu-fp8-bench`).
-W8A8_ROWS, W8A8_EXPERT_ROWS = 128, 16
+# weight bytes, and quantizing the activations is one more kernel per GEMM. Measured on one H100
+# (traces/results/fp8/NVIDIA_H100_80GB_HBM3-2026-12-06.md, `make gpu-fp8-bench`): dense, torch._scaled_mm
+# beats the weight-only kernel from 128 rows on for every projection (not yet at 64); grouped, the
+# FP8 x FP8 kernel beats it from 64 tokens (2 rows per expert) on.
+W8A8_ROWS, W8A8_EXPERT_ROWS = 128, 2
 
 
 def _capability(device: torch.device) -> tuple[int, int] | None:
@@ -270,7 +272,8 @@ def fp8_mode(args, device: torch.device, margs) -> dict:
                          f"--fp8-unpack hw/auto; here {name}, unpack {weights}")
     a8 = prefill == "w8a8" or (prefill == "auto" and cc is not None and fp8_cores and weights == "e4m3")
     return dict(weights=weights, w8a8_rows=W8A8_ROWS if a8 else 0, w8a8_expert_rows=W8A8_EXPERT_ROWS if a8 else 0,
-                ue8m0=margs.scale_fmt == "ue8m0")
+                ue8m0=margs.scale_fmt == "ue8m0",
+                dense="scaled_mm" if cc is not None and cc >= (9, 0) else "triton")  # block scales: sm_90 cuBLAS
 
 
 def varlen_decode(flag: str, device: torch.device, margs) -> bool:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass
 from os.path import commonprefix
 from pathlib import Path
@@ -160,10 +160,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write a text file atomically: a temp file in the same directory, fsync, then rename."""
+    """Write a text file atomically: a new temp file in the same directory, fsync, then rename over path (a
+    symlink there is replaced, not followed). Its mode is 0666 less the umask, as for any new file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = _new_temp(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -173,6 +174,17 @@ def write_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _new_temp(path: Path) -> tuple[int, Path]:
+    """(fd, name) of a new hidden file beside path, made with O_EXCL (mkstemp would make it 0600)."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temp file name beside {path}")
 
 
 def output_rows(prompts: list[Prompt], ids: list[list[int]], results: list, tokenizer,

@@ -25,6 +25,7 @@ from spmd.parallel.errors import agree, on_root
 from spmd.runtime import dispatch, faults, prompts, resume, score, stop, summary, world as world_mod
 from spmd.runtime.prompts import PromptSet
 from spmd.runtime.serve import ServeContext, serve
+from spmd.weights.validate import check_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,8 +54,10 @@ def run(comm, argv) -> None:
     # before the paths and the model's shape, so a world that fits no group says so first (make_world,
     # which tools and tests call directly, checks it again)
     on_root(comm, lambda: world_mod.check_world_size(comm.size, args.group_size * args.pp, first))
-    on_root(comm, lambda: config.check_paths(args))
-    margs = on_root(comm, lambda: ModelArgs.from_checkpoint(args.checkpoint))
+    on_root(comm, lambda: config.check_paths(args))  # inputs; outputs, progress and trace dir destroy nothing
+    on_root(comm, lambda: resume.check_free(args.output))  # no other live run on this output (its lock)
+    # config.json, the index and every shard's header (no tensor data), before any model is built
+    margs = on_root(comm, lambda: check_checkpoint(args.checkpoint))
     on_root(comm, lambda: config.check_model_topology(margs, args.group_size, args.engine, args.pp, comm.size,
                                                       args.orchestrator, args.group_layout))
     dpa = args.group_layout == "dpa"  # every rank its own rows (a group of one for attention), experts over G
@@ -71,7 +74,7 @@ def run(comm, argv) -> None:
     n = comm.bcast(len(prompt_set.prompts) if world.rank == 0 else None, root=0)
     scoring = score.prepare(comm, args.score, args.checkpoint, prompt_set) if args.score else None
     # the progress directory: a fresh one, or (--resume) the prompts an earlier run finished (rank 0)
-    done = on_root(comm, lambda: resume.prepare(args, [p.id for p in prompt_set.prompts]), share=False)
+    done = on_root(comm, lambda: prepare_progress(args, margs, prompt_set), share=False)
     if engine is None and not world.is_orchestrator:
         engine = build_engine(args.engine, world, args, margs, timers)
     if scoring is not None and not comm.allreduce(engine is None or hasattr(engine, "score"), op=MPI.LAND):
@@ -88,6 +91,20 @@ def run(comm, argv) -> None:
     if engine is not None:
         engine.close()  # before the process groups: a live CUDA graph holding NCCL work hangs their teardown
     world_mod.shutdown(world)
+
+
+def prepare_progress(args: RunArgs, margs: ModelArgs, prompt_set: PromptSet) -> list:
+    """Rank 0: lock the progress directory for the rest of the run, then resume.prepare (the finished
+    prompts under --resume, their rows checked against the vocabulary and each prompt's max new tokens);
+    refused, it lets the lock go and leaves the directory as it was."""
+    resume.lock(args.output)
+    max_new = [s.max_new_tokens for s in prompt_set.sampling] if prompt_set.sampling else None
+    try:
+        return resume.prepare(args, [p.id for p in prompt_set.prompts], vocab_size=margs.vocab_size,
+                              max_new_tokens=max_new)
+    except UsageError:
+        resume.release(args.output)
+        raise
 
 
 def check_fits(world, args: RunArgs, margs: ModelArgs) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,13 +26,80 @@ class BaselineError(ValueError):
 
 
 def checkpoint_fingerprint(checkpoint: Path) -> str:
-    """sha256 of config.json followed by model.safetensors.index.json (the bytes as stored)."""
+    """sha256 of config.json followed by model.safetensors.index.json (the bytes as stored). What a baseline
+    records; a progress directory also records weights_fingerprint and tokenizer_fingerprint."""
     h = hashlib.sha256()
     for name in ("config.json", "model.safetensors.index.json"):
         try:
             h.update((Path(checkpoint) / name).read_bytes())
         except OSError as exc:
             raise BaselineError(f"cannot fingerprint checkpoint {checkpoint}: {exc}") from None
+    return h.hexdigest()
+
+
+SAMPLE_CHUNKS = 8  # weights_fingerprint: chunks read per shard, spread over its tensor data
+SAMPLE_BYTES = 16 * 1024  # each chunk's size
+MAX_HEADER = 100_000_000  # a larger safetensors header is not one (the safetensors library refuses it too)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "chat_template.json", "chat_template.jinja")
+
+
+def weights_fingerprint(checkpoint: Path) -> str:
+    """sha256 over the weights, read cheaply: for every shard the index names (sorted), its name, size and
+    safetensors header (every tensor's name, dtype, shape and offsets), and SAMPLE_CHUNKS chunks of
+    SAMPLE_BYTES at fixed, evenly spread offsets of its tensor data, first and last byte included (a shard
+    with less data: all of it). 128 KiB plus the header per shard: about 30 MB of DeepSeek-V3's 690 GB.
+
+    Enough to tell checkpoints apart: another checkpoint of the same shapes (another release or fine-tune,
+    other random weights) differs in essentially every tensor, so in the sampled bytes with overwhelming
+    probability. Not caught: an edit confined to bytes no chunk covers (a few tensors changed, a flipped byte).
+    """
+    ckpt = Path(checkpoint)
+    try:
+        index = json.loads((ckpt / "model.safetensors.index.json").read_text(encoding="utf-8"))
+        shards = sorted(set(index["weight_map"].values()))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise BaselineError(f"cannot fingerprint checkpoint {checkpoint}: bad index ({exc})") from None
+    h = hashlib.sha256()
+    for name in shards:
+        try:
+            with open(ckpt / str(name), "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                head = f.read(8)
+                n = int.from_bytes(head, "little") if len(head) == 8 else -1
+                if not 0 <= n <= min(MAX_HEADER, size - 8):
+                    raise BaselineError(f"cannot fingerprint checkpoint {checkpoint}: {name} is not a safetensors "
+                                        f"file (header of {n} bytes in a file of {size})")
+                h.update(f"{name}\0{size}\0".encode() + head + f.read(n))
+                start, length = 8 + n, size - 8 - n
+                if length <= SAMPLE_CHUNKS * SAMPLE_BYTES:
+                    spots = [(start, length)]
+                else:
+                    step = (length - SAMPLE_BYTES) // (SAMPLE_CHUNKS - 1)
+                    spots = [(start + k * step if k < SAMPLE_CHUNKS - 1 else size - SAMPLE_BYTES, SAMPLE_BYTES)
+                             for k in range(SAMPLE_CHUNKS)]
+                for offset, count in spots:
+                    f.seek(offset)
+                    h.update(f.read(count))
+        except OSError as exc:
+            raise BaselineError(f"cannot fingerprint checkpoint {checkpoint}: {exc}") from None
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(checkpoint: Path) -> str:
+    """sha256 over the sha256 of each tokenizer file there (TOKENIZER_FILES, then any
+    additional_chat_templates/*.jinja), with the names of those absent."""
+    ckpt = Path(checkpoint)
+    extra = ckpt / "additional_chat_templates"
+    names = list(TOKENIZER_FILES) + (sorted(f"{extra.name}/{p.name}" for p in extra.glob("*.jinja"))
+                                     if extra.is_dir() else [])
+    h = hashlib.sha256()
+    for name in names:
+        try:
+            digest = file_sha256(ckpt / name) if (ckpt / name).is_file() else "absent"
+        except OSError as exc:
+            raise BaselineError(f"cannot fingerprint the tokenizer of {checkpoint}: {exc}") from None
+        h.update(f"{name}\0{digest}\n".encode())
     return h.hexdigest()
 
 

@@ -14,10 +14,8 @@ Contract with the model (spmd/model/transformer.py, spmd/parallel/layers.py):
 """
 from __future__ import annotations
 
-import json
 import math
 import re
-import struct
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -31,8 +29,8 @@ from spmd.config import FP8_BLOCK
 from spmd.kernels.fp8 import dequantize, scale_name
 from spmd.parallel.layers import local_slice
 from spmd.config import UsageError
+from spmd.weights.validate import INDEX, layer_of, read_shard, read_weight_map
 
-INDEX = "model.safetensors.index.json"
 FP32_NAMES = ("e_score_correction_bias",)  # routing bias stays fp32 whatever the compute dtype
 PLAIN_DTYPES = (torch.bfloat16, torch.float32)  # stored dtypes of unquantized tensors
 SCALE_DTYPES = (torch.float32, torch.float8_e8m0fnu)  # ue8m0 scales may come as e8m0 tensors
@@ -42,7 +40,6 @@ ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
              "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
              "BOOL": torch.bool}
 EXPERT_RE = re.compile(r"^(.*\.experts\.)\d+\.")
-LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 MAX_LISTED = 5  # names shown in a warning or error listing
 
 
@@ -99,27 +96,6 @@ def plan(model: torch.nn.Module, rank: int, size: int, dtype: torch.dtype | None
     return entries
 
 
-def _read_header(path: Path) -> dict:
-    """The JSON header of a safetensors file, checked against the file size (truncation, corruption)."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        raw = f.read(8)
-        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
-        if not 0 < n <= size - 8:
-            raise UsageError(f"shard {path.name} is truncated or corrupt: {size} bytes, header length "
-                             f"{n} does not fit ({path.parent})")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UsageError(f"shard {path.name} is corrupt: unreadable header ({exc}) ({path.parent})") from None
-    header.pop("__metadata__", None)
-    need = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
-    if size - 8 - n < need:
-        raise UsageError(f"shard {path.name} is truncated: its header needs {need} data bytes, the file "
-                         f"has {size - 8 - n} ({size} bytes in all) ({path.parent})")
-    return header
-
-
 class CheckpointIndex:
     """The index of an HF checkpoint: name -> TensorInfo from every shard's header; opens shards on demand."""
 
@@ -130,10 +106,7 @@ class CheckpointIndex:
     @classmethod
     def open(cls, root: str | Path) -> "CheckpointIndex":
         root = Path(root)
-        try:
-            weight_map = json.loads((root / INDEX).read_text())["weight_map"]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise UsageError(f"cannot read {root / INDEX}: {exc!r}") from None
+        weight_map = read_weight_map(root)  # relative shard names inside root (spmd.weights.validate)
         by_file: dict[str, list[str]] = {}
         for name, file in weight_map.items():
             by_file.setdefault(file, []).append(name)
@@ -159,15 +132,7 @@ class CheckpointIndex:
 
 def _shard_infos(root: Path, file: str, names: list[str]) -> dict[str, TensorInfo]:
     """TensorInfo of each indexed name of one shard file; errors name the file and the missing tensors."""
-    path = root / file
-    if not path.is_file():
-        raise UsageError(f"shard {file} listed in {INDEX} ({len(names)} tensors, e.g. {names[0]}) "
-                         f"does not exist in {root}")
-    header = _read_header(path)
-    absent = [n for n in names if n not in header]
-    if absent:
-        raise UsageError(f"{INDEX} maps {len(absent)} tensors to {file}, which does not hold them: "
-                         f"{', '.join(absent[:MAX_LISTED])} ({root})")
+    header = read_shard(root, file, names)  # exists, holds them; dtype, shape, offsets checked
     return {n: TensorInfo(file, tuple(header[n]["shape"]), ST_DTYPES.get(header[n]["dtype"], header[n]["dtype"]))
             for n in names}
 
@@ -312,8 +277,10 @@ def _fill(model, index: CheckpointIndex, f, e: Entry, rank: int, size: int, devi
     return nbytes
 
 
-def _skip_unused(index: CheckpointIndex, entries: list[Entry], n_layers: int, log, owns=None) -> int:
+def _skip_unused(index: CheckpointIndex, entries: list[Entry], n_layers: int, n_mtp: int, log, owns=None) -> int:
     """Log the MTP skip and any unexpected checkpoint tensors -> number of checkpoint tensors not read.
+    MTP layers: n_layers .. n_layers + n_mtp - 1 (num_nextn_predict_layers); a layer past them is unexpected
+    (spmd.weights.validate.check_layers rejects such a checkpoint before the run loads it).
     owns(name) False: another pipeline stage's tensor, skipped silently."""
     wanted = {e.name for e in entries} | {scale_name(e.name) for e in entries}
     expert_dirs = {m.group(1) for e in entries if (m := EXPERT_RE.match(e.name))}
@@ -322,11 +289,11 @@ def _skip_unused(index: CheckpointIndex, entries: list[Entry], n_layers: int, lo
         if name in wanted:
             continue
         skipped += 1
-        layer = LAYER_RE.match(name)
+        layer = layer_of(name)
         expert = EXPERT_RE.match(name)
-        if layer and int(layer.group(1)) >= n_layers:
+        if layer is not None and n_layers <= layer < n_layers + n_mtp:
             mtp += 1
-            mtp_layers.add(int(layer.group(1)))
+            mtp_layers.add(layer)
         elif owns is not None and not owns(name):
             continue
         elif not (expert and expert.group(1) in expert_dirs):  # another rank's routed expert: silently skipped
@@ -355,7 +322,7 @@ def load(model: torch.nn.Module, ckpt_dir: str | Path, rank: int, size: int, dty
     entries = plan(model, rank, size, dtype)
     for e in entries:
         _check_entry(index, e, size, margs.fp8)
-    skipped = _skip_unused(index, entries, margs.n_layers, log, getattr(model, "owns", None))
+    skipped = _skip_unused(index, entries, margs.n_layers, margs.n_mtp_layers, log, getattr(model, "owns", None))
     if fp8:
         entries = keep_fp8(model, index, entries, rank, size)
     _retype(model, entries)

@@ -41,6 +41,7 @@ def test_auto_by_capability(gpu, name, weights, a8):
     assert (mode["w8a8_rows"], mode["w8a8_expert_rows"]) == \
         ((native.W8A8_ROWS, native.W8A8_EXPERT_ROWS) if a8 else (0, 0))
     assert not _mode(scale_fmt=None)["ue8m0"]
+    assert mode["dense"] == ("scaled_mm" if GPUS[name] >= (9, 0) else "triton")  # cuBLAS block scales: sm_90
 
 
 def test_forced_choices(gpu):

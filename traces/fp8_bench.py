@@ -39,7 +39,7 @@ DENSE = {"q_b_proj": (24576, 1536), "kv_a_proj": (576, DIM), "o_proj": (DIM, 163
 GROUPED = {"experts.gate_up": (2 * MOE_INTER, DIM), "experts.down": (DIM, MOE_INTER)}
 ROWS = (1, 8, 64, 128, 256, 512, 4096, 16384)
 TOKENS = (1, 8, 64, 400, 1024, 4096, 16384)
-SWEEP = ((64, 128, 4, 4), (128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 4, 4))
+SWEEP = ((64, 128, 4, 3), (64, 128, 4, 4), (128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 3), (128, 64, 4, 4))
 
 
 def _weights(shape, gen):
@@ -156,7 +156,8 @@ def grouped_cases(tokens, ceil, gen) -> list[dict]:
 
                     def fn():
                         q, qs = fp8.quantize_act(x)
-                        return fp8.fp8_grouped_mm(q[rows], w, s, offs, key, x_scale=qs[rows], out_dtype=x.dtype)
+                        qr, qsr = fp8.gather_rows(q, qs, rows)
+                        return fp8.fp8_grouped_mm(qr, w, s, offs, key, x_scale=qsr, out_dtype=x.dtype)
                 else:
                     fp8.configure(**mode)
                     fn = lambda: fp8.fp8_grouped_mm(x[rows], w, s, offs, key)  # noqa: E731
@@ -182,14 +183,14 @@ def _finish(row: dict, flops: int, fp8_bytes: int, var: str, ceil: dict) -> dict
     return row
 
 
-def sweep(ceil, gen) -> list[dict]:
+def sweep(ceil, gen, only: str | None = None) -> list[dict]:
     """w8a8 tiles at prefill sizes: dense o_proj and mlp.gate_up at 4096 rows, experts at 4096 tokens."""
     from spmd.kernels import fp8
     from traces.gpu_bench import _median_ms
 
     out = []
     fp8.configure(weights="e4m3", w8a8_rows=1, w8a8_expert_rows=1, dense="triton")
-    for name in ("o_proj", "mlp.gate_up"):
+    for name in () if only == "grouped" else ("o_proj", "mlp.gate_up"):
         n, k = DENSE[name]
         w, s = _weights((n, k), gen)
         x = torch.randn(4096, k, device="cuda", generator=gen).to(torch.bfloat16)
@@ -197,14 +198,14 @@ def sweep(ceil, gen) -> list[dict]:
             fp8.configure(tiles=tile)
             ms = _median_ms(lambda: fp8.fp8_linear(x, w, s), reps=20, warmup=3)
             out.append(dict(gemm=name, rows=4096, tile=list(tile), ms=ms, tflops=2 * 4096 * n * k / ms / 1e9))
-    for name, (n, k) in GROUPED.items():
+    for name, (n, k) in {} if only == "dense" else GROUPED.items():
         w, s = _weights((EXPERTS, n, k), gen)
         t = 4096
         ids = torch.rand(t, EXPERTS, device="cuda", generator=gen).topk(TOPK, dim=-1).indices.flatten()
         key, order = ids.sort(stable=True)
         offs = torch.bincount(ids, minlength=EXPERTS).cumsum(0).to(torch.int32)
         q, qs = fp8.quantize_act(torch.randn(t, k, device="cuda", generator=gen).to(torch.bfloat16))
-        q, qs = q[order // TOPK], qs[order // TOPK]
+        q, qs = fp8.gather_rows(q, qs, order // TOPK)
         for tile in SWEEP:
             fp8.configure(tiles=tile)
             ms = _median_ms(lambda: fp8.fp8_grouped_mm(q, w, s, offs, key, x_scale=qs, out_dtype=torch.bfloat16),
@@ -236,7 +237,8 @@ def markdown(doc: dict) -> str:
                 cells.append("unsupported")
             else:
                 cells.append(f"{r['ms']:.3f}")
-        sp = vs["bf16"]["ms"] / vs["w8a8"]["ms"] if "ms" in vs.get("w8a8", {}) else float("nan")
+        sp = vs["bf16"]["ms"] / vs["w8a8"]["ms"] if "ms" in vs.get("w8a8", {}) and "ms" in vs.get("bf16", {}) \
+            else float("nan")
         e16, e8 = (f"{vs[v]['rel_err']:.1e}" if "rel_err" in vs.get(v, {}) else "" for v in ("w8a16", "w8a8"))
         label = f"{m} tok" if gemm.startswith("experts") else str(m)
         lines.append(f"| {gemm} | {label} | " + " | ".join(cells) + f" | {sp:.2f} | {e16} | {e8} |")
@@ -252,6 +254,7 @@ def main(argv=None) -> int:
     p.add_argument("--rows", default=",".join(map(str, ROWS)))
     p.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     p.add_argument("--no-sweep", action="store_true")
+    p.add_argument("--only", choices=("dense", "grouped"), help="one kind of GEMM (and its part of the sweep)")
     p.add_argument("--out", default=str(ROOT / "traces" / "results" / "fp8"))
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -265,12 +268,12 @@ def main(argv=None) -> int:
     old = fp8.configure(ue8m0=True)
     probe = probe_scaled_mm()
     print(f"torch._scaled_mm block scales: {json.dumps(probe)}", flush=True)
-    cases = dense_cases([int(r) for r in a.rows.split(",")], ceil, gen)
+    cases = [] if a.only == "grouped" else dense_cases([int(r) for r in a.rows.split(",")], ceil, gen)
     print("dense done", flush=True)
-    cases += grouped_cases([int(t) for t in a.tokens.split(",")], ceil, gen)
+    cases += [] if a.only == "dense" else grouped_cases([int(t) for t in a.tokens.split(",")], ceil, gen)
     doc = {"gpu": ceil["gpu"], "date": dt.date.today().isoformat(), "ceilings": ceil, "torch": torch.__version__,
            "scaled_mm_probe": probe, "cases": cases,
-           "sweep": [] if a.no_sweep else sweep(ceil, gen)}
+           "sweep": [] if a.no_sweep else sweep(ceil, gen, a.only)}
     fp8.configure(**vars(old))
     out = Path(a.out) / f"{ceil['gpu'].replace(' ', '_')}-{doc['date']}"
     out.parent.mkdir(parents=True, exist_ok=True)

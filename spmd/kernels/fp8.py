@@ -36,8 +36,8 @@ Tiling (``_linear_plan``, ``_grouped_plan``, ``_config``; pure functions of the 
   decode, N = 576): fp32 partials (splits, M, N) summed afterwards in a fixed order (deterministic,
   no atomics), each split >= 2 k-blocks.
 - fp8_grouped_mm: BLOCK_M from the average rows per expert R / E (16, 32, then 64 at most: experts'
-  row counts are uneven) and BLOCK_N = 32 / 64 / 128 with it; grid (E, cdiv(N, BLOCK_N)), or
-  (R, cdiv(N, BLOCK_N)) when there are far fewer rows than experts and the caller passes each row's expert
+  row counts are uneven) and BLOCK_N = 32 / 64 / 128 with it; grid (cdiv(N, BLOCK_N), E), or
+  (cdiv(N, BLOCK_N), R) when there are far fewer rows than experts and the caller passes each row's expert
   (a program per expert's first row: at decode most experts are empty, and their programs cost time).
 - Options: 4 warps (8 for tiles of >= 64 x 128), 4 pipeline stages (3 for BLOCK_M = 128). Checked by
   compiling for sm_90 with Triton 3.6/3.7 (no GPU needed): the K loops are software-pipelined (cp.async),
@@ -212,16 +212,17 @@ def _fp8_grouped_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, offs_ptr, rexp_ptr, o_ptr, 
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         K_TILES: tl.constexpr, SCALE_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
                         UPCAST: tl.constexpr, ROWS: tl.constexpr, A_FP8: tl.constexpr, W_BYTES: tl.constexpr):
-    """Program (e, j): rows offs[e-1]..offs[e]-1 of x against expert e's columns j*BLOCK_N..; then its share
-    of zeroing the rows past offs[E-1].
+    """Program (j, e): rows offs[e-1]..offs[e]-1 of x against expert e's columns j*BLOCK_N..; then its share
+    of zeroing the rows past offs[E-1]. Column tiles are the fastest grid axis, so the programs of one
+    expert run at the same time and read its rows from L2, not once per column tile from HBM.
 
-    ROWS (fewer rows than experts, e.g. decode): program (i, j) is row i's. It runs the expert of row i,
+    ROWS (fewer rows than experts, e.g. decode): program (j, i) is row i's. It runs the expert of row i,
     rexp[i], iff row i is that expert's first row, and zeroes row i if it belongs to no expert (rexp[i]
     >= E). So R programs per column block, not E, of which most would find their expert empty."""
-    pid_n = tl.program_id(1)
+    pid_n = tl.program_id(0)  # column tiles vary fastest: one expert's tiles run together, its rows stay in L2
     total = tl.minimum(tl.maximum(tl.load(offs_ptr + E - 1), 0), R)
     if ROWS:
-        row = tl.program_id(0)
+        row = tl.program_id(1)
         e = tl.load(rexp_ptr + row).to(tl.int32)
         prev = tl.load(rexp_ptr + row - 1, mask=row > 0, other=-1).to(tl.int32)
         owner = tl.minimum(e, E - 1)  # rows of no expert (e >= E) run nothing: end = start below
@@ -232,7 +233,7 @@ def _fp8_grouped_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, offs_ptr, rexp_ptr, o_ptr, 
         z1 = tl.minimum(z0 + 1, R)
         z_step = R
     else:
-        e = tl.program_id(0)
+        e = tl.program_id(1)
         end = tl.minimum(tl.load(offs_ptr + e), R)
         start = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
         z0 = total + e * BLOCK_M  # the chunks dealt round-robin over the E programs
@@ -301,12 +302,16 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xk, stride_qm
                 other=0.0).to(tl.float32)
     # tl.reduce with this module's combine function: tl.max is a triton.language @jit helper, fixed to one
     # mode at triton's import (see the module's docstring), _max_combine is wrapped by _kernels per mode
-    scale = tl.maximum(tl.reduce(tl.abs(x), 1, _max_combine), 1e-10) / 448.0
+    amax = tl.maximum(tl.reduce(tl.abs(x), 1, _max_combine), 1e-10)
+    if EXACT_DIV:  # IEEE division, as torch's (Triton's `/` is the approximate one on GPUs)
+        scale = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
+    else:  # the interpreter's `/` is numpy's, exact
+        scale = amax / 448.0
     if UE8M0:  # the next power of two up: exponent + 1 unless the mantissa is 0 (scales are normal, > 0)
         scale = ((scale.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
-    if EXACT_DIV:  # IEEE division, as torch's (Triton's `/` is the approximate one on GPUs)
+    if EXACT_DIV:
         q = tl.math.div_rn(x, scale[:, None])
-    else:  # the interpreter's `/` is numpy's, exact
+    else:
         q = x / scale[:, None]
     q = tl.minimum(tl.maximum(q, -448.0), 448.0)
     tl.store(q_ptr + rm.to(tl.int64)[:, None] * stride_qm + rk[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
@@ -438,6 +443,12 @@ def quantize_act(x: torch.Tensor, ue8m0: bool | None = None) -> tuple[torch.Tens
                                     scales.stride(0), scales.stride(1), BLOCK_M=bm, BLOCK_K=FP8_BLOCK,
                                     UE8M0=ue8m0, EXACT_DIV=not interpret(), num_warps=4)
     return q.to(torch.float8_e4m3fn), scales
+
+
+def gather_rows(q: torch.Tensor, scales: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_act's (q, s) at `rows` (MoE: each slot's token), s kept column-major: the kernels read one
+    k-block's scales of BLOCK_M rows per step, contiguous this way (row-major, each is its own sector)."""
+    return q[rows], scales.T[:, rows].T
 
 
 def _quantize_torch(x: torch.Tensor, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -590,7 +601,7 @@ def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, of
         bm, bn = _grouped_plan(r, e, x.dtype)
         (wk, wbytes), cfg, upcast = _weight_operand(w), _config(bm, bn, x.dtype), _upcast(x.dtype)
         xs, xs_strides = x, (0, 0)
-    grouped[(r if rows else e, triton.cdiv(n, bn))](
+    grouped[(triton.cdiv(n, bn), r if rows else e)](
         x, xs, wk, scale_inv, offs, row_expert if rows else offs, out, r, n, k, e,
         x.stride(0), x.stride(1), *xs_strides, w.stride(0), w.stride(1), w.stride(2),
         scale_inv.stride(0), scale_inv.stride(1), scale_inv.stride(2), out.stride(0), out.stride(1),

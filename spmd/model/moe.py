@@ -190,10 +190,10 @@ class MoE(nn.Module):
         x is quantized per row and 128 columns first (before the gather: N tokens, not N * top_k slots)
         and the GEMM runs FP8 x FP8."""
         if a8:
-            from spmd.kernels.fp8 import fp8_grouped_mm, quantize_act
+            from spmd.kernels.fp8 import fp8_grouped_mm, gather_rows, quantize_act
             q, qs = quantize_act(x)
             if rows is not None:
-                q, qs = q[rows], qs[rows]
+                q, qs = gather_rows(q, qs, rows)
             return fp8_grouped_mm(q, w, scale, offs, row_expert, x_scale=qs, out_dtype=x.dtype)
         if rows is not None:
             x = x[rows]

@@ -339,8 +339,10 @@ def test_grouped_w8a8(case):
     rows = torch.randint(0, tokens.shape[0], (r,), generator=gen).to(DEVICE)
     q, qs = fp8.quantize_act(tokens)
     offs_t = torch.tensor(offs, dtype=torch.int32, device=DEVICE)
-    out = fp8.fp8_grouped_mm(q[rows], w, s, offs_t, x_scale=qs[rows], out_dtype=torch.bfloat16)
-    emul = _ref_grouped(fp8.dequantize_act(q[rows], qs[rows]), w, s, offs)
+    qr, qsr = fp8.gather_rows(q, qs, rows)
+    assert qsr.stride(0) == 1 and torch.equal(qsr, qs[rows])
+    out = fp8.fp8_grouped_mm(qr, w, s, offs_t, x_scale=qsr, out_dtype=torch.bfloat16)
+    emul = _ref_grouped(fp8.dequantize_act(qr, qsr), w, s, offs)
     _close(out, emul, torch.bfloat16)
     assert (out[offs[-1]:] == 0).all()
     assert _rel(out[:offs[-1]], _ref_grouped(tokens[rows], w, s, offs)[:offs[-1]]) < W8A8_REL_ERR

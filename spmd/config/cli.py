@@ -6,6 +6,7 @@ reaches every rank (see `world.on_root`).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import stat
 import tempfile
@@ -17,6 +18,8 @@ from spmd.config.errors import UsageError
 PROFILE_KINDS = ("none", "torch", "nsys")  # --profile: spmd.obs.profile opens the window
 
 ENGINES = ("hf", "native", "deepspeed")
+
+SEED_MAX = 2 ** 64 - 1  # what torch.Generator.manual_seed takes (and negative ones, which --seed refuses)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -79,10 +82,10 @@ class RunArgs:
 
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m mpi4py -m spmd", description="SPMD DeepSeek-V3 inference over MPI ranks.")
-    p.add_argument("--checkpoint", type=Path, required=True, help="HF-layout checkpoint directory")
-    p.add_argument("--prompts", type=Path, required=True, help=".txt (one per line) or .jsonl {id, prompt}")
-    p.add_argument("--output", type=Path, required=True, help="output JSONL (written atomically by rank 0)")
-    p.add_argument("--trace-dir", type=Path, default=None,
+    p.add_argument("--checkpoint", type=_path, required=True, help="HF-layout checkpoint directory")
+    p.add_argument("--prompts", type=_path, required=True, help=".txt (one per line) or .jsonl {id, prompt}")
+    p.add_argument("--output", type=_path, required=True, help="output JSONL (written atomically by rank 0)")
+    p.add_argument("--trace-dir", type=_path, default=None,
                    help="per-rank HDF5 traces + merged.h5 (None: timers off, no traces)")
     p.add_argument("--engine", choices=ENGINES, default="native", help="native, hf (transformers) or deepspeed")
     p.add_argument("--group-size", type=int, default=1, help="tensor/expert-parallel ranks per model group "
@@ -143,7 +146,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", choices=PROFILE_KINDS, default="none",
                    help="profiler window over decode steps (torch: chrome trace in TRACE_DIR/torch; nsys: "
                         "cudaProfilerStart/Stop for launch/rank.sh PROFILE=nsys)")
-    p.add_argument("--score", type=Path, default=None, metavar="BASELINE",
+    p.add_argument("--score", type=_path, default=None, metavar="BASELINE",
                    help="teacher-forced scoring of a validation.baseline file's tokens (adds `score` to each row; "
                         "None: no scoring)")
     p.add_argument("--score-only", action="store_true", help="with --score: score, do not generate")
@@ -167,6 +170,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--profile-steps", type=_steps, default="2:5", metavar="A:B",  # a str default goes through type
                    help="decode steps A..B inside the window")
     return p
+
+
+def _path(text: str) -> Path:
+    """A path argument: "" would become Path("."), the current directory, which nobody means."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path names no file")
+    return Path(text)
 
 
 def _steps(text: str) -> tuple[int, int]:
@@ -231,8 +241,14 @@ def check_run_args(a: RunArgs) -> None:
         raise UsageError(f"--batching continuous runs in the native engine; --engine {a.engine} runs static batches")
     if a.group_layout == "dpa":
         check_dpa(a)
-    if a.temperature < 0 or not 0 < a.top_p <= 1:
-        raise UsageError(f"--temperature={a.temperature} must be >= 0 and --top-p={a.top_p} in (0, 1]")
+    if not (math.isfinite(a.temperature) and a.temperature >= 0):
+        raise UsageError(f"--temperature={a.temperature} must be a finite number >= 0 (0: greedy)")
+    if not 0 < a.top_p <= 1:  # nan fails too
+        raise UsageError(f"--top-p={a.top_p} must be in (0, 1]")
+    if not 0 <= a.seed <= SEED_MAX:
+        raise UsageError(f"--seed={a.seed} must be in 0..{SEED_MAX} (2^64 - 1)")
+    if a.output.name in ("", ".", ".."):
+        raise UsageError(f"--output {a.output} names a directory: give a file name (e.g. out.jsonl)")
     if a.local_debug and a.engine == "deepspeed":
         raise UsageError("--local-debug skips DeepSpeed setup: use --engine native or hf")
     if a.score_only and a.score is None:

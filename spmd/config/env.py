@@ -12,6 +12,9 @@ VARIABLES = {  # name -> (default, what it sets; who parses it)
     "SPMD_FAULT": ("", "fault injection RANK:PHASE:STEP:ACTION[,...] (spmd.runtime.faults)"),
     "SPMD_WATCHDOG_S": ("1800", "seconds a decode step or phase may take before the job is aborted; 0: off "
                                 "(spmd.runtime.faults)"),
+    "SPMD_LOAD_TIMEOUT_S": ("", "seconds loading may take before the job is aborted (default: the bytes each rank "
+                                "reads at SPMD_LOAD_MIN_MBPS, at least 900 s); 0: no deadline (spmd.runtime.faults)"),
+    "SPMD_LOAD_MIN_MBPS": ("20", "the read rate per rank the load deadline assumes, MB/s (spmd.runtime.faults)"),
     "SPMD_COLLECTIVE_TIMEOUT_S": ("600", "seconds a torch.distributed collective may wait (spmd.runtime.world)"),
     "SPMD_GRAPH_MARKS": ("off", "timer marks inside CUDA graphs: off, stamp or event (spmd.obs.graph_marks)"),
     "SPMD_GRAPH_MARK_LEVEL": ("span", "span or layer: a mark per timer span or per compute/comm change "

@@ -138,7 +138,7 @@ def iter_dynamic(world: World, items: list[WorkItem] | None, chunk: int, timers=
                     work = server.take()
                 else:
                     world.comm.send((halt, rows), dest=0, tag=TAG_REQUEST)
-                    work = world.comm.recv(source=0, tag=TAG_WORK)
+                    work = recv_within(world.comm, 0, TAG_WORK, _answer_s(), "the dispatcher's next chunk")
         with _waiting(timers, "dispatch.group_bcast"):
             work = world.group_comm.bcast(work, root=0)
         if not work:
@@ -248,6 +248,33 @@ def gather_results(world: World, results: list[Result], n_items: int | None = No
     if n_items is not None and idx != list(range(n_items)):
         raise RuntimeError(f"gather got {len(idx)} results for {n_items} prompts (lost or duplicated)")
     return out
+
+
+def _answer_s() -> float:
+    """How long a replica leader waits for rank 0's answer to a request for work: SPMD_WATCHDOG_S (the
+    dispatcher answers at once, from a thread or the orchestrator's loop; only a hung rank 0 takes longer)."""
+    from spmd.config import env
+    from spmd.runtime.faults import WATCHDOG_DEFAULT_S, WATCHDOG_ENV, parse_seconds
+
+    return parse_seconds(WATCHDOG_ENV, env.read(WATCHDOG_ENV) or None, WATCHDOG_DEFAULT_S)
+
+
+def recv_within(comm, source: int, tag: int, seconds: float, what: str):
+    """comm.recv(source, tag), but a RuntimeError after `seconds` without a message (0: wait forever), so
+    the rank aborts the job (python -m mpi4py) instead of waiting for a peer that will never send. Polls
+    with a matched probe (any message size), sleeping up to 10 ms between looks."""
+    if seconds <= 0:
+        return comm.recv(source=source, tag=tag)
+    end, nap = time.monotonic() + seconds, 1e-4
+    while True:
+        msg = comm.improbe(source=source, tag=tag)
+        if msg is not None:
+            return msg.recv()
+        if time.monotonic() > end:
+            raise RuntimeError(f"rank {comm.rank}: no message from rank {source} for {seconds:g} s while waiting "
+                               f"for {what} (SPMD_WATCHDOG_S): it is hung or gone; aborting the job")
+        time.sleep(nap)
+        nap = min(nap * 2, 0.01)
 
 
 def _waiting(timers, name: str):

@@ -18,9 +18,12 @@ exit 2 on every rank.
 Watchdog: ``SPMD_WATCHDOG_S`` seconds (default 1800; 0 turns it off). A daemon thread aborts the whole
 job (``error: rank R ...: no progress for N s in phase P step S (watchdog)``, then ``MPI_Abort``) when a
 prefill or decode step has run for N s, i.e. no ``set_phase`` call came for N s while the phase was
-prefill or decode. It is paused in load (reading a 690 GB checkpoint can take longer than any step) and
-other (waiting for the dispatcher or for the other replicas to finish is legitimate), so a normal run never
-trips it unless one forward takes N s. It catches what the collective timeout cannot: a rank stuck
+prefill or decode. It is paused in other (waiting for the dispatcher or for the other replicas to finish is
+legitimate), so a normal run never trips it unless one forward takes N s. Load has its own deadline
+(``set_load_deadline``, from the program): the bytes a rank reads at a minimum rate, ``SPMD_LOAD_MIN_MBPS``
+(default 20 MB/s per rank, a busy parallel file system's worst), at least LOAD_MIN_S, or exactly
+``SPMD_LOAD_TIMEOUT_S`` seconds when that is set (0: no deadline); a rank hung while loading (a stuck
+file system, a peer that never arrives) ends the job instead of running to the allocation's limit. It catches what the collective timeout cannot: a rank stuck
 while its peers wait in an MPI call (no timeout there), e.g. a hung replica while the others wait in the
 final gather.
 
@@ -51,7 +54,9 @@ POINTS = ("start",) + PHASES
 ACTIONS = ("raise", "exit", "hang", "kill")
 WATCHED = ("prefill", "decode")  # the phases whose steps the watchdog times
 FAULT_ENV, WATCHDOG_ENV = "SPMD_FAULT", "SPMD_WATCHDOG_S"
+LOAD_TIMEOUT_ENV, LOAD_RATE_ENV = "SPMD_LOAD_TIMEOUT_S", "SPMD_LOAD_MIN_MBPS"
 WATCHDOG_DEFAULT_S = 1800.0
+LOAD_MIN_S, LOAD_MIN_MBPS = 900.0, 20.0  # the load deadline: at least this, and bytes at this rate
 EXIT_CODE = 3
 _FORMAT = "expected RANK:PHASE:STEP:ACTION[,...], e.g. 1:decode:2:raise"
 
@@ -119,6 +124,19 @@ def parse_seconds(name: str, text: str | None, default: float) -> float:
     return value
 
 
+def _rate(text: str | None) -> float:
+    """SPMD_LOAD_MIN_MBPS: MB/s > 0 (unset or empty: LOAD_MIN_MBPS); UsageError otherwise."""
+    if text is None or not text.strip():
+        return LOAD_MIN_MBPS
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise UsageError(f"{LOAD_RATE_ENV}={text!r} must be a number of MB/s > 0")
+    return value
+
+
 def where(rank: int, size: int) -> str:
     """``rank R of N (host)``: how error lines name a rank."""
     return f"rank {rank} of {size} ({socket.gethostname()})"
@@ -142,6 +160,7 @@ class Guard:
         self.faults = [f for f in faults if f.rank == self.rank]  # this rank's, each fires once
         self.watchdog_s = float(watchdog_s)
         self._abort = abort
+        self.load_s, self._load_why = 0.0, ""  # the load deadline (set_load_deadline; 0: none)
         self._beat = (time.monotonic(), "start", -1)  # (when, phase, step) of the last set_phase
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -151,11 +170,31 @@ class Guard:
         """From ``SPMD_FAULT`` and ``SPMD_WATCHDOG_S``; UsageError if either is malformed."""
         faults = parse(env.read(FAULT_ENV, environ), size)
         watchdog = parse_seconds(WATCHDOG_ENV, env.read(WATCHDOG_ENV, environ) or None, WATCHDOG_DEFAULT_S)
-        return cls(rank, size, faults, watchdog)
+        guard = cls(rank, size, faults, watchdog)
+        guard._load_env = (env.read(LOAD_TIMEOUT_ENV, environ), env.read(LOAD_RATE_ENV, environ))
+        parse_seconds(LOAD_TIMEOUT_ENV, guard._load_env[0] or None, 0.0)  # malformed: UsageError now
+        _rate(guard._load_env[1])
+        return guard
+
+    _load_env: tuple = (None, None)  # SPMD_LOAD_TIMEOUT_S, SPMD_LOAD_MIN_MBPS as read by from_env
+
+    def set_load_deadline(self, rank_bytes: int) -> float:
+        """The load phase's deadline for a rank that reads `rank_bytes` (see the module doc); returns it.
+        Call before ``start``."""
+        timeout, rate = self._load_env
+        if timeout is not None and timeout.strip():
+            self.load_s = parse_seconds(LOAD_TIMEOUT_ENV, timeout, 0.0)
+            self._load_why = f"{LOAD_TIMEOUT_ENV}={self.load_s:g}"
+        else:
+            mbps = _rate(rate)
+            self.load_s = max(LOAD_MIN_S, rank_bytes / (mbps * 1e6))
+            self._load_why = (f"{rank_bytes / 1e9:.1f} GB at {LOAD_RATE_ENV}={mbps:g}, at least {LOAD_MIN_S:g} s; "
+                              f"{LOAD_TIMEOUT_ENV} sets it")
+        return self.load_s
 
     @property
     def active(self) -> bool:
-        return bool(self.faults) or self.watchdog_s > 0
+        return bool(self.faults) or self.watchdog_s > 0 or self.load_s > 0
 
     def hook(self, other: Callable[[str, int], None] | None = None):
         """The ``on_phase`` callback for Timers: ``other`` (e.g. the profiler's) then this guard's.
@@ -174,7 +213,7 @@ class Guard:
 
     def start(self) -> None:
         """Right after the world is made: fire the ``start`` faults, start the watchdog thread."""
-        if self.watchdog_s > 0 and self._thread is None:
+        if (self.watchdog_s > 0 or self.load_s > 0) and self._thread is None:
             self._thread = threading.Thread(target=self._watch, name="spmd-watchdog", daemon=True)
             self._thread.start()
         _install_thread_hook(self.rank, self.size, self._abort)
@@ -210,17 +249,23 @@ class Guard:
             time.sleep(3600)
 
     def _watch(self) -> None:
-        poll = min(max(self.watchdog_s / 10, 0.05), 5.0)
+        poll = min(max(min(s for s in (self.watchdog_s, self.load_s) if s > 0) / 10, 0.05), 5.0)
         while not self._stop.wait(poll):
             t, phase, step = self._beat
             idle = time.monotonic() - t
-            if phase in WATCHED and idle > self.watchdog_s:
+            if phase == "load" and 0 < self.load_s < idle:
+                print(f"error: {where(self.rank, self.size)}: still loading after {idle:.0f} s (load deadline "
+                      f"{self.load_s:.0f} s: {self._load_why}); aborting the job; where every thread of this "
+                      f"rank is:", file=sys.stderr, flush=True)
+            elif phase in WATCHED and 0 < self.watchdog_s < idle:
                 print(f"error: {where(self.rank, self.size)}: no progress for {idle:.0f} s in phase {phase} "
                       f"step {step} (watchdog, {WATCHDOG_ENV}={self.watchdog_s:g}); aborting the job; "
                       f"where every thread of this rank is:", file=sys.stderr, flush=True)
-                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-                self._abort(1)
-                return
+            else:
+                continue
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+            self._abort(1)
+            return
 
 
 STACK_SIGNAL = signal.SIGUSR2

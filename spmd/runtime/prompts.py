@@ -13,7 +13,8 @@ from os.path import commonprefix
 from pathlib import Path
 
 from spmd.config import UsageError
-from spmd.runtime.prompts_formats import Prompt, batch_rows, parse_lines
+from spmd.config.cli import SEED_MAX
+from spmd.runtime.prompts_formats import Prompt, batch_rows, parse_lines, show
 from spmd.runtime.records import Sampling
 
 __all__ = ["Prompt", "PromptSet", "StopStrings", "batch_rows", "check_context", "cut_at_stop", "decode",
@@ -44,7 +45,10 @@ def read_prompts(path: Path) -> list[Prompt]:
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise UsageError(f"prompt file {path} is not UTF-8 (line {line}, byte {exc.start})") from None
-    lines = [(n, ln) for n, ln in enumerate(text.splitlines(), 1) if ln.strip()]
+    # "\n" ends a line (JSONL's rule; a "\r" before it goes too): not str.splitlines, which also breaks at
+    # U+2028, U+0085, "\x0c"..., characters a JSON string may hold as they are
+    lines = [(n, ln[:-1] if ln.endswith("\r") else ln) for n, ln in enumerate(text.split("\n"), 1)]
+    lines = [(n, ln) for n, ln in lines if ln.strip()]
     if not lines:
         raise UsageError(f"prompt file {path} has no prompts")
     prompts = parse_lines(path, lines) if Path(path).suffix == ".jsonl" else \
@@ -52,7 +56,8 @@ def read_prompts(path: Path) -> list[Prompt]:
     ids = [p.id for p in prompts]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})
-        raise UsageError(f"prompt file {path} has duplicate ids: {', '.join(dup[:5])}")
+        raise UsageError(f"prompt file {path} has duplicate ids: "
+                         f"{', '.join(i if i.isprintable() else show(i) for i in dup[:5])}")
     return prompts
 
 
@@ -66,10 +71,15 @@ def sampling_of(prompt: Prompt, index: int, args) -> Sampling:
     its seed defaults to --seed + its index, so that its draws do not depend on its neighbours."""
     own = prompt.settings
     stop = own.get("stop", ())
+    temperature = float(own.get("temperature", args.temperature))
+    seed = own.get("seed", args.seed + index)
+    if seed > SEED_MAX and temperature > 0:  # a sampled row's generator would refuse it mid-run
+        raise UsageError(f"prompt {prompt.id!r} (prompt {index + 1} of the file) samples with seed --seed + its "
+                         f"index = {args.seed} + {index} > {SEED_MAX} (2^64 - 1): give a smaller --seed")
     return Sampling(max_new_tokens=own.get("max_new_tokens", args.max_new_tokens),
-                    temperature=float(own.get("temperature", args.temperature)),
+                    temperature=temperature,
                     top_p=float(own.get("top_p", args.top_p)),
-                    seed=own.get("seed", args.seed + index),
+                    seed=seed,
                     stop=(stop,) if isinstance(stop, str) else tuple(stop),
                     ignore_eos=own.get("ignore_eos", False))
 
@@ -95,15 +105,27 @@ def encode(tokenizer, prompts: list[Prompt], chat: bool) -> list[list[int]]:
     out = []
     for p in prompts:
         if chat:
-            ids = tokenizer.apply_chat_template(p.messages or [{"role": "user", "content": p.text}],
-                                                add_generation_prompt=True, tokenize=True)
-            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            ids = _apply_chat_template(tokenizer, p)
         else:
             ids = list(tokenizer(p.text)["input_ids"])
         if not ids:
             raise UsageError(f"prompt {p.id!r} (prompt {p.index + 1} of the file) tokenizes to zero tokens")
         out.append(ids)
     return out
+
+
+def _apply_chat_template(tokenizer, p: Prompt) -> list[int]:
+    """Token ids of a prompt's chat; the template is the checkpoint's (jinja), so anything it raises (its own
+    raise_exception on a chat it refuses, a syntax error, an undefined name...) is bad input: a UsageError."""
+    try:
+        ids = tokenizer.apply_chat_template(p.messages or [{"role": "user", "content": p.text}],
+                                            add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    except Exception as exc:  # noqa: BLE001 - a user-supplied template: any of its errors is bad input
+        why = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
+        raise UsageError(f"the chat template of tokenizer {getattr(tokenizer, 'name_or_path', '?')} fails on "
+                         f"prompt {p.id!r} (prompt {p.index + 1} of the file): {why}"
+                         + (" (fix the template, or pass --no-chat-template)" if p.messages is None else "")) from None
 
 
 def check_context(prompts: list[Prompt], ids: list[list[int]], sampling: list[Sampling] | int,

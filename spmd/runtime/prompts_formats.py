@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from spmd.config import UsageError
 
+MAX_NEW_TOKENS = 2 ** 31 - 1  # far beyond any context; bounds what a JSON integer of any size may ask
 # per-request settings of a plain line, and what they must be (the message's words)
 SETTINGS = {
-    "max_new_tokens": "an integer >= 1",
+    "max_new_tokens": "an integer >= 1 (at most 2^31 - 1)",
     "temperature": "a number >= 0",
     "top_p": "a number in (0, 1]",
     "stop": "a non-empty string or a list of up to 4 non-empty strings",
@@ -45,7 +47,12 @@ class Prompt:
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # a JSON integer beyond any float
+        return False
 
 
 def _is_int(value) -> bool:
@@ -54,7 +61,7 @@ def _is_int(value) -> bool:
 
 def _valid(key: str, value) -> bool:
     if key == "max_new_tokens":
-        return _is_int(value) and value >= 1
+        return _is_int(value) and 1 <= value <= MAX_NEW_TOKENS
     if key == "temperature":
         return _is_number(value) and value >= 0
     if key == "top_p":
@@ -70,8 +77,42 @@ def _valid(key: str, value) -> bool:
 def check_setting(where: str, key: str, value, name: str | None = None):
     """`value` of setting `key` (written `name` in the file) if valid, else a UsageError naming `where`."""
     if not _valid(key, value):
-        raise UsageError(f"{where}: \"{name or key}\" must be {SETTINGS[key]}, got {json.dumps(value)}")
+        raise UsageError(f"{where}: \"{name or key}\" must be {SETTINGS[key]}, got {show(value)}")
     return value
+
+
+def show(value, ascii: bool = True, limit: int = 200) -> str:
+    """A value as JSON for a one-line message: cut to `limit` characters; never raises (a value nested as
+    deep as the reader allows may be too deep to write back)."""
+    try:
+        text = json.dumps(value, ensure_ascii=ascii)
+    except (RecursionError, ValueError):
+        return "(a value nested too deep to show)"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how a line's JSON can spell a lone surrogate
+
+
+def lone_surrogate(obj) -> str | None:
+    """Where `obj` (a line's parsed JSON) holds a lone surrogate ("\\ud800" in JSON: not a character, so
+    not writable as UTF-8 in the output, nor tokenizable), as a message fragment; None when nowhere. Walked
+    without recursion: the reader allows about 1000 levels."""
+    todo = [("", obj)]
+    while todo:
+        at, value = todo.pop()
+        if isinstance(value, dict):  # children pushed last first: found in file order
+            for k, v in reversed(value.items()):
+                key = f"{at}.{show(k)}" if at else show(k)
+                todo += [(key, v), (f"the key {key}", k)]
+        elif isinstance(value, list):
+            todo.extend((f"{at}[{i}]", value[i]) for i in reversed(range(len(value))))
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return f"{at or 'the line'} holds a lone surrogate \\u{ord(value[exc.start]):04x}"
+    return None
 
 
 def _unknown(where: str, keys, allowed) -> None:
@@ -86,8 +127,11 @@ def parse_plain(where: str, index: int, line_number: int, obj) -> Prompt:
     if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
         raise UsageError(f"{where}: expected an object with a non-empty string \"prompt\"")
     _unknown(where, obj, ("id", "prompt", *SETTINGS))
+    pid = obj.get("id", line_number)
+    if not isinstance(pid, (str, int)) or isinstance(pid, bool):
+        raise UsageError(f"{where}: \"id\" must be a string or an integer, got {show(pid)}")
     settings = {k: check_setting(where, k, v) for k, v in obj.items() if k in SETTINGS and v is not None}
-    return Prompt(index, str(obj.get("id", line_number)), obj["prompt"], settings=settings)
+    return Prompt(index, str(pid), obj["prompt"], settings=settings)
 
 
 def is_batch_request(obj) -> bool:
@@ -102,10 +146,10 @@ def parse_batch_request(where: str, index: int, obj) -> Prompt:
                          f"\"body\"}} like the file's first line")
     _unknown(where, obj, ("custom_id", "method", "url", "body"))
     if not isinstance(obj["custom_id"], str) or not obj["custom_id"]:
-        raise UsageError(f"{where}: \"custom_id\" must be a non-empty string, got {json.dumps(obj['custom_id'])}")
+        raise UsageError(f"{where}: \"custom_id\" must be a non-empty string, got {show(obj['custom_id'])}")
     if obj.get("method") != "POST" or obj.get("url") != CHAT_URL:
         raise UsageError(f"{where}: only \"POST\" \"{CHAT_URL}\" requests are supported, got "
-                         f"{json.dumps(obj.get('method'))} {json.dumps(obj.get('url'))}")
+                         f"{show(obj.get('method'))} {show(obj.get('url'))}")
     body = obj["body"]
     if not isinstance(body, dict):
         raise UsageError(f"{where}: \"body\" must be an object")
@@ -124,18 +168,18 @@ def _messages(where: str, messages) -> list[dict]:
         if not isinstance(m, dict) or set(m) != {"role", "content"} or not isinstance(m["content"], str) \
                 or m["role"] not in ROLES:
             raise UsageError(f"{where}: message {i} must be {{\"role\": one of {', '.join(ROLES)}, "
-                             f"\"content\": a string}}, got {json.dumps(m, ensure_ascii=False)[:200]}")
+                             f"\"content\": a string}}, got {show(m, ascii=False)}")
     return [dict(m) for m in messages]
 
 
 def _check_body_constants(where: str, body: dict) -> None:
     """Keys accepted for compatibility only: one completion per request, no streaming, a model name."""
     if body.get("n", 1) != 1 or isinstance(body.get("n"), bool):
-        raise UsageError(f"{where}: \"n\" must be 1 (one completion per request), got {json.dumps(body['n'])}")
+        raise UsageError(f"{where}: \"n\" must be 1 (one completion per request), got {show(body['n'])}")
     if body.get("stream", False) is not False:
-        raise UsageError(f"{where}: \"stream\" must be false, got {json.dumps(body['stream'])}")
+        raise UsageError(f"{where}: \"stream\" must be false, got {show(body['stream'])}")
     if not isinstance(body.get("model", ""), str):
-        raise UsageError(f"{where}: \"model\" must be a string, got {json.dumps(body['model'])}")
+        raise UsageError(f"{where}: \"model\" must be a string, got {show(body['model'])}")
 
 
 def _body_settings(where: str, body: dict) -> dict:
@@ -183,7 +227,15 @@ def parse_lines(path: Path, lines: list[tuple[int, str]]) -> list[Prompt]:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise UsageError(f"{where}: invalid JSON ({exc.msg})") from None
+            raise UsageError(f"{where}: invalid JSON ({exc.msg}, column {exc.colno})") from None
+        except RecursionError:
+            raise UsageError(f"{where}: JSON nested too deep (Python's json reader stops near 1000 levels)") from None
+        except ValueError as exc:  # an integer of more than 4300 digits (sys.get_int_max_str_digits)
+            raise UsageError(f"{where}: unreadable JSON ({str(exc).split(';')[0]})") from None
+        bad = lone_surrogate(obj) if _SURROGATE_ESCAPE.search(text) else None
+        if bad:
+            raise UsageError(f"{where}: {bad}: not a character, so it cannot be tokenized or written as UTF-8 "
+                             f"in the output (a surrogate must come in a high-low pair)")
         batch = is_batch_request(obj) if batch is None else batch
         prompts.append(parse_batch_request(where, index, obj) if batch else parse_plain(where, index, n, obj))
     return prompts

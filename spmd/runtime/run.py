@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 from mpi4py import MPI
 
@@ -64,6 +65,8 @@ def run(comm, argv) -> None:
     world = world_mod.make_world(1 if dpa else args.group_size, args.device, comm, pp=args.pp, first=first,
                                  ep=args.group_size if dpa else 1)
     agree(comm, lambda: check_fits(world, args, margs))  # the planner's memory check, before the load
+    # the load phase's deadline: this rank's share of the checkpoint's bytes at a minimum read rate
+    guard.set_load_deadline(_checkpoint_bytes(args.checkpoint) // max(args.group_size * args.pp, 1))
     guard.start()  # faults at "start", the watchdog thread
     prof = Profiler.from_args(args, world)  # --profile: a window over decode steps, opened by set_phase
     timers = Timers(world.rank, world.device, args.trace_dir is not None, args.profile == "nsys",
@@ -105,6 +108,11 @@ def prepare_progress(args: RunArgs, margs: ModelArgs, prompt_set: PromptSet) -> 
     except UsageError:
         resume.release(args.output)
         raise
+
+
+def _checkpoint_bytes(checkpoint) -> int:
+    """The size of the checkpoint's shard files (checked to exist by check_checkpoint)."""
+    return sum(f.stat().st_size for f in Path(checkpoint).glob("*.safetensors"))
 
 
 def check_fits(world, args: RunArgs, margs: ModelArgs) -> None:

@@ -8,7 +8,7 @@
 # this machine's namespaces, reachable from the hosts at the bridge's 10.77.0.1. Every daemon of a
 # host and every job step it starts see only that host's network and name, as on separate machines.
 # start installs Debian's slurm-wlm, slurmdbd, munge, mariadb-server, libpmix-dev and iproute2 when missing,
-# writes slurm.conf, slurmdbd.conf and cgroup.conf under $SPMD_SLURM_DIR (default /tmp/spmd-slurm),
+# writes slurm.conf, slurmdbd.conf and cgroup.conf under $SPMD_SLURM_DIR (default /tmp/spmd-slurm-<uid>),
 # then starts munged, MariaDB, slurmdbd, slurmctld and slurmd there, every one with its own socket,
 # port, pid file and log in that directory: nothing under /etc or /run is touched, so a site's own
 # Slurm on the same host is left alone. Clients find the cluster with
@@ -16,7 +16,7 @@
 # stop ends exactly the daemons that start started (by their pid files). Runs as root (CI does).
 set -euo pipefail
 
-DIR="${SPMD_SLURM_DIR:-/tmp/spmd-slurm}"
+DIR="${SPMD_SLURM_DIR:-/tmp/spmd-slurm-$(id -u)}"  # per user: never another user's files
 PORT_BASE="${SPMD_SLURM_PORT_BASE:-16810}"   # ctld +7, slurmd +8, dbd +9, mariadb +6
 CTLD_PORT=$((PORT_BASE + 7)) SLURMD_PORT=$((PORT_BASE + 8)) DBD_PORT=$((PORT_BASE + 9))
 DB_PORT=$((PORT_BASE + 6))

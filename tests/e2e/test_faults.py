@@ -21,6 +21,7 @@ from spmd.runtime import faults as fault_inj
 from spmd.runtime.records import WorkItem
 from spmd.runtime import world as world_mod
 from spmd.runtime.faults import Fault
+from spmd.config import UsageError
 
 FAULT_LINE = re.compile(r"^fault: rank (\d+) of \d+ \(.*\): injecting (\w+) at .* at unix time ([\d.]+)$", re.M)
 BOUND_S = 30.0
@@ -141,6 +142,35 @@ def test_watchdog_times_steps_only(monkeypatch, capfd):
     err = capfd.readouterr().err
     assert re.search(r"^error: rank 0 of 2 \(.*\): no progress for \d+ s in phase decode step 2 \(watchdog", err, re.M)
     assert "(most recent call first)" in err and "test_watchdog_times_steps_only" in err  # the stacks
+
+
+def test_load_deadline(monkeypatch, capfd):
+    """Load has its own deadline: bytes at the minimum rate, at least LOAD_MIN_S, or SPMD_LOAD_TIMEOUT_S;
+    it fires in load only, with the step watchdog off, and names how it was set."""
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+    g = fault_inj.Guard.from_env(0, 2, {})
+    assert g.set_load_deadline(0) == fault_inj.LOAD_MIN_S
+    assert g.set_load_deadline(int(86e9)) == 86e9 / (fault_inj.LOAD_MIN_MBPS * 1e6)  # 690 GB over 8 ranks: 72 min
+    assert fault_inj.Guard.from_env(0, 2, {"SPMD_LOAD_MIN_MBPS": "1000"}).set_load_deadline(int(2e12)) == 2000
+    for bad in ({"SPMD_LOAD_MIN_MBPS": "0"}, {"SPMD_LOAD_MIN_MBPS": "fast"}, {"SPMD_LOAD_TIMEOUT_S": "-1"}):
+        with pytest.raises(UsageError):
+            fault_inj.Guard.from_env(0, 2, bad)
+    calls, abort = _aborts()
+    g = fault_inj.Guard.from_env(0, 2, {"SPMD_LOAD_TIMEOUT_S": "0.4", "SPMD_WATCHDOG_S": "0"})
+    g._abort = abort
+    assert g.set_load_deadline(10**15) == 0.4 and g.active
+    g.start()
+    try:
+        g.on_phase("other", -1)
+        time.sleep(0.8)
+        assert calls == []  # not in other
+        g.on_phase("load", -1)  # a load that never ends
+        assert _wait_for(calls, 5) == [1]
+    finally:
+        g.close()
+    err = capfd.readouterr().err
+    assert re.search(r"^error: rank 0 of 2 \(.*\): still loading after \d+ s \(load deadline 0 s: "
+                     r"SPMD_LOAD_TIMEOUT_S=0.4\)", err, re.M)
 
 
 def test_sigusr2_prints_every_stack_and_the_rank_goes_on():

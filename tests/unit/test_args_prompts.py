@@ -23,6 +23,18 @@ def test_parse_defaults_and_local_debug():
     (["--group-size", "0"], "--group-size=0"),
     (["--max-new-tokens", "0"], "--max-new-tokens=0"),
     (["--top-p", "0"], "--top-p=0"),
+    (["--top-p", "nan"], r"--top-p=nan must be in \(0, 1\]"),
+    (["--top-p", "1.01"], r"--top-p=1.01 must be in \(0, 1\]"),
+    (["--temperature", "nan"], r"--temperature=nan must be a finite number >= 0 \(0: greedy\)"),
+    (["--temperature", "inf"], "--temperature=inf must be a finite number >= 0"),
+    (["--temperature", "-0.5"], "--temperature=-0.5 must be a finite number >= 0"),
+    (["--seed", str(2 ** 64)], r"--seed=18446744073709551616 must be in 0..18446744073709551615 \(2\^64 - 1\)"),
+    (["--seed", "-1"], r"--seed=-1 must be in 0..18446744073709551615"),
+    (["--seed", "9" * 5000], "invalid int value"),  # past Python's 4300 digits: argparse's own error
+    (["--output", ""], "argument --output: an empty path names no file"),
+    (["--prompts", ""], "argument --prompts: an empty path names no file"),
+    (["--output", "."], r"--output \. names a directory: give a file name"),
+    (["--output", "d/.."], r"--output d/\.\. names a directory"),
     (["--engine", "nope"], "invalid choice"),
     (["--local-debug", "--engine", "deepspeed"], "--local-debug"),
 ])
@@ -142,6 +154,61 @@ def test_bad_prompt_files(tmp_path, content, msg):
     f.write_bytes(content)
     with pytest.raises(UsageError, match=msg):
         prompt_io.read_prompts(f)
+
+
+def test_seed_bounds_are_accepted():
+    assert config.parse_args(BASE + ["--seed", str(2 ** 64 - 1), "--temperature", "1"]).seed == 2 ** 64 - 1
+    assert config.parse_args(BASE + ["--seed", "0", "--top-p", "1"]).seed == 0
+
+
+def _raises(path, content: bytes, msg: str) -> str:
+    path.write_bytes(content)
+    with pytest.raises(UsageError) as err:
+        prompt_io.read_prompts(path)
+    text = str(err.value)
+    assert text.startswith(msg) and "\n" not in text, text
+    return text
+
+
+@pytest.mark.parametrize("line,what", [
+    (r'{"id": "a\ud800", "prompt": "x"}', r'"id" holds a lone surrogate \ud800'),
+    (r'{"id": "a", "prompt": "x\udfffy"}', r'"prompt" holds a lone surrogate \udfff'),
+    (r'{"id": "a", "prompt": "x", "stop": ["\udc00"]}', r'"stop"[0] holds a lone surrogate \udc00'),
+    (r'{"\ud83d": 1, "prompt": "x"}', r'the key "\ud83d" holds a lone surrogate \ud83d'),
+])
+def test_lone_surrogates_are_refused_with_their_line(tmp_path, line, what):
+    f = tmp_path / "p.jsonl"
+    _raises(f, ('{"id": "ok", "prompt": "\\ud83d\\ude00 a pair is fine"}\n\n' + line + "\n").encode(),
+            f"{f}:3: {what}: not a character, so it cannot be tokenized or written as UTF-8 in the output")
+
+
+def test_deep_nesting_and_huge_integers_name_their_line(tmp_path):
+    f = tmp_path / "p.jsonl"
+    ok = b'{"id": "a", "prompt": "x"}\n'
+    _raises(f, ok + b'{"prompt": "x", "id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n",
+            f"{f}:2: JSON nested too deep")
+    _raises(f, ok + b'{"prompt": "x", "seed": ' + b"7" * 5000 + b"}\n",
+            f"{f}:2: unreadable JSON (Exceeds the limit (4300 digits) for integer string conversion")
+    # nested as deep as the reader allows: the message cannot write it back, and says so
+    deep = b"[" * 900 + b"]" * 900
+    _raises(f, ok + b'{"prompt": "x", "temperature": ' + deep + b"}\n", f'{f}:2: "temperature" must be a number')
+    _raises(f, ok + b'{"prompt": "x", "id": ' + deep + b"}\n", f'{f}:2: "id" must be a string or an integer')
+    _raises(f, ok + b'{"prompt": "x", "id": {"a": 1}}\n', f'{f}:2: "id" must be a string or an integer, got {{"a": 1}}')
+    _raises(f, ok + b'{"id": "a\\nb", "prompt": "x"}\n{"id": "a\\nb", "prompt": "y"}\n',
+            f'prompt file {f} has duplicate ids: "a\\nb"')  # escaped: the `error:` report stays one line
+
+
+def test_lines_end_at_newline_only(tmp_path):
+    """JSON strings may hold U+2028, U+2029 and U+0085 as they are; str.splitlines broke lines there."""
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"id": "a", "prompt": "x\u2028y\u2029z\u0085w"}\r\n\n{"id": "b", "prompt": "q"}\n{oops\n',
+                 encoding="utf-8")
+    _raises(f, f.read_bytes(), f"{f}:4: invalid JSON (Expecting property name enclosed in double quotes, column 2)")
+    f.write_text('{"id": "a", "prompt": "x\u2028y\u2029z\u0085w"}\r\n\n{"id": "b", "prompt": "q"}', encoding="utf-8")
+    assert [(p.id, p.text) for p in prompt_io.read_prompts(f)] == [("a", "x\u2028y\u2029z\x85w"), ("b", "q")]
+    t = tmp_path / "p.txt"
+    t.write_text("a\x0cb\u2028c\x1cd\r\n\n e\n", encoding="utf-8")
+    assert [(p.id, p.text) for p in prompt_io.read_prompts(t)] == [("1", "a\x0cb\u2028c\x1cd"), ("3", " e")]
 
 
 def test_missing_prompt_file(tmp_path):

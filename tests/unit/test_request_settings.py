@@ -52,9 +52,14 @@ def test_settings_are_read_and_merged_over_the_run_options(tmp_path):
 
 
 @pytest.mark.parametrize("key,value,msg", [
-    ("max_new_tokens", 0, '"max_new_tokens" must be an integer >= 1, got 0'),
-    ("max_new_tokens", 2.0, '"max_new_tokens" must be an integer >= 1, got 2.0'),
-    ("max_new_tokens", True, '"max_new_tokens" must be an integer >= 1, got true'),
+    ("max_new_tokens", 0, '"max_new_tokens" must be an integer >= 1 (at most 2^31 - 1), got 0'),
+    ("max_new_tokens", 2.0, '"max_new_tokens" must be an integer >= 1 (at most 2^31 - 1), got 2.0'),
+    ("max_new_tokens", True, '"max_new_tokens" must be an integer >= 1 (at most 2^31 - 1), got true'),
+    ("max_new_tokens", 2 ** 31, '"max_new_tokens" must be an integer >= 1 (at most 2^31 - 1), got 2147483648'),
+    ("max_new_tokens", 10 ** 4000, '"max_new_tokens" must be an integer >= 1 (at most 2^31 - 1), got 1000'),
+    ("temperature", 10 ** 400, '"temperature" must be a number >= 0, got 1000'),  # no float holds it
+    ("top_p", -10 ** 400, '"top_p" must be a number in (0, 1], got -1000'),
+    ("seed", -2 ** 63 - 1, '"seed" must be a 64-bit integer, got -9223372036854775809'),
     ("temperature", -0.1, '"temperature" must be a number >= 0, got -0.1'),
     ("temperature", "0.5", '"temperature" must be a number >= 0, got "0.5"'),
     ("top_p", 1.5, '"top_p" must be a number in (0, 1], got 1.5'),
@@ -117,7 +122,13 @@ def _bad_body(**change):
     (_request("r1", _bad_body(logprobs=True)), r'unknown key\(s\) "logprobs" \(supported: model, messages'),
     (_request("r1", _bad_body(n=2)), '"n" must be 1'),
     (_request("r1", _bad_body(stream=True)), '"stream" must be false'),
-    (_request("r1", _bad_body(max_tokens=0)), '"max_tokens" must be an integer >= 1, got 0'),
+    (_request("r1", _bad_body(max_tokens=0)), r'"max_tokens" must be an integer >= 1 \(at most 2\^31 - 1\), got 0'),
+    (_request("r1", _bad_body(max_tokens=10 ** 30)), '"max_tokens" must be an integer >= 1'),
+    (_request("r1", _bad_body(seed=2 ** 64)), '"seed" must be a 64-bit integer, got 18446744073709551616'),
+    (_request("r1", _bad_body(temperature=float("inf"))), '"temperature" must be a number >= 0, got Infinity'),
+    (_request("r1", _bad_body(top_p=float("nan"))), r'"top_p" must be a number in \(0, 1\], got NaN'),
+    (_request("r1", _bad_body(stop=["a", "b\ud800"])), r'"body"."stop"\[1\] holds a lone surrogate \\ud800'),
+    (_request("r1\udc00"), r'"custom_id" holds a lone surrogate \\udc00'),
     (_request("r1", _bad_body(max_tokens=2, max_completion_tokens=3)), '"max_tokens" and "max_completion_tokens" '
                                                                       'differ'),
     (_request("", _bad_body()), '"custom_id" must be a non-empty string'),
@@ -221,3 +232,45 @@ def test_progress_rows_keep_finish_reason_and_queue_time(tmp_path):
     assert ignored == 0
     assert [(r.index, r.finish_reason, r.queue_s) for r in rows] == [(0, "stop", 0.25), (1, "length", 0.0),
                                                                      (2, "", 0.0)]
+
+
+def test_nan_and_infinity_settings_in_a_plain_line_are_refused(tmp_path):
+    path = tmp_path / "p.jsonl"  # JSON has no NaN, but Python's reader takes the literal: refused by name
+    for text, msg in (('"temperature": NaN', '"temperature" must be a number >= 0, got NaN'),
+                      ('"top_p": Infinity', '"top_p" must be a number in (0, 1], got Infinity')):
+        path.write_text('{"id": "a", "prompt": "x", %s}\n' % text)
+        with pytest.raises(UsageError) as err:
+            prompt_io.read_prompts(path)
+        assert str(err.value) == f"{path}:1: {msg}"
+
+
+def test_a_seed_past_2_64_is_refused_for_a_sampled_prompt_only(tmp_path):
+    path = _write(tmp_path, [{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"},
+                             {"id": "c", "prompt": "z", "temperature": 0}])
+    read = prompt_io.read_prompts(path)
+    top = str(2 ** 64 - 1)
+    args = config.parse_args(RUN[:-1] + [top])  # --temperature 0.5: every row samples but "c"
+    assert prompt_io.sampling_of(read[0], 0, args).seed == 2 ** 64 - 1
+    assert prompt_io.sampling_of(read[2], 2, args).seed == 2 ** 64 + 1  # greedy: no generator is seeded
+    with pytest.raises(UsageError, match=rf"prompt 'b' \(prompt 2 of the file\) samples with seed --seed \+ its "
+                                         rf"index = {top} \+ 1 > {top} \(2\^64 - 1\): give a smaller --seed"):
+        prompt_io.sampling_of(read[1], 1, args)
+
+
+@pytest.mark.parametrize("template,why", [
+    ("{{ raise_exception('system messages are not supported') }}", "TemplateError: system messages are not supported"),
+    ("{% if %}", "TemplateSyntaxError: Expected an expression"),
+    ("{{ messages[5].content }}", "UndefinedError: list object has no element 5"),
+])
+def test_a_failing_chat_template_is_one_usage_error(tokenizer, template, why):
+    kept = tokenizer.chat_template
+    tokenizer.chat_template = template
+    try:
+        with pytest.raises(UsageError) as err:
+            prompt_io.encode(tokenizer, [prompt_io.Prompt(0, "a", "hi"), prompt_io.Prompt(1, "b", "yo")], chat=True)
+    finally:
+        tokenizer.chat_template = kept
+    msg = str(err.value)
+    assert msg.startswith(f"the chat template of tokenizer {tokenizer.name_or_path} fails on prompt 'a' (prompt 1 of "
+                          f"the file): {why}") and "\n" not in msg, msg
+    assert msg.endswith("(fix the template, or pass --no-chat-template)")

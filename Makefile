@@ -12,7 +12,7 @@ NP ?= 2
 ENV := . launch/env.sh &&
 MPIRUN := $(ENV) mpirun
 
-.PHONY: install install-perf run test test-quick test-unit test-mpi test-launch checkpoints gpu-native gpu-bench gpu-serve-bench gpu-mla-bench gpu-fp8-bench gpu-comm-bench serve-bench-cpu bench baseline validate gpu-validate model plan scaling gpu-scaling paper container clean
+.PHONY: install install-perf run test test-quick test-unit test-mpi test-launch checkpoints gpu-native gpu-bench gpu-serve-bench gpu-mla-bench gpu-fp8-bench gpu-comm-bench load-bench serve-bench-cpu bench baseline validate gpu-validate model plan scaling gpu-scaling paper container clean
 
 install: $(STAMP)
 
@@ -110,6 +110,11 @@ gpu-mla-bench:
 # floor, with each one's error; w8a8 tile sweep (traces/results/fp8/<gpu>-<date>.{json,md}; about 3 minutes)
 gpu-fp8-bench:
 	. launch/env.sh && python3 -m traces.fp8_bench $(FP8_BENCH_OPTS)
+
+# The loader's read rate, cold and warm page cache, against the raw file read (one process; the proposal's I/O
+# estimate): on a GPU machine the FP8 slice to the GPU, here DEVICE=cpu with CKPT_DIR (traces/results/load/)
+load-bench:
+	. launch/env.sh && python3 -m traces.load_bench --device $(or $(DEVICE),cuda) $(if $(CKPT_DIR),--checkpoint $(CKPT_DIR)) $(LOAD_BENCH_OPTS)
 
 # The two group layouts' MoE collectives on GPUS GPUs of one host (default 2): dpa's all-to-all with routed
 # uneven splits vs tp's all-reduce, decode and prefill sizes, in and out of CUDA graphs (traces/results/comm/)

@@ -1,19 +1,56 @@
 #!/usr/bin/env bash
-# Issue 26's GPU measurements in one device call (one GPU): the FP8 kernels' GPU tests, the per-GEMM
-# benchmark (traces/fp8_bench.py) and the slice's prefill/decode per FP8 mode (traces/gpu_bench.py:
-# w8a8 default, weight-only w8a16, the Ampere byte path forced, dequantized bf16), batches of 128-token
-# prompts up to 128 x 128 = 16,384 tokens (the serving loop's largest prefill chunk).
+# Issue 26's GPU measurements in one device call (one GPU). Stages (STAGES, comma-separated; default all but
+# validate and serve):
+#   tests     the FP8 kernels' GPU tests (tests/unit/test_fp8.py, test_fp8_mode.py)
+#   fp8       the per-GEMM benchmark (traces/fp8_bench.py; FP8_BENCH_OPTS) with its tile sweep
+#   bench     the slice's prefill/decode per FP8 mode (traces/gpu_bench.py: CONFIGS, BATCHES; PROFILE_BATCHES
+#             are profiled per GPU kernel), 128-token prompts up to 128 x 128 = 16,384 tokens (the serving
+#             loop's largest prefill chunk)
+#   launches  the slice's FP8 default at BATCHES once per grouped-expert launch (SPMD_FP8_GROUPED: tiles,
+#             experts; the default run of `bench` is the third)
+#   validate  the validation matrix's slice rows on this GPU (G1, bf16 and FP8 weights)
+#   serve     the serving benchmark (traces/serve_bench.py; SERVE_BENCH_OPTS)
+#   load      the loader's read rate of the FP8 slice, cold and warm (traces/load_bench.py; issue 28's I/O input)
 #   bash launch/gpu_fp8.sh OUT_DIR
 set -uo pipefail
 out=${1:?usage: launch/gpu_fp8.sh OUT_DIR}
 mkdir -p "$out"
 # shellcheck source=launch/env.sh
 . launch/env.sh
+stages=",${STAGES:-tests,fp8,bench},"
+has() { [[ $stages == *",$1,"* ]]; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-timeout "${TEST_S:-100}" python3 -m pytest -q tests/unit/test_fp8.py tests/unit/test_fp8_mode.py 2>&1 | tail -5 | tee "$out/tests.txt"
-# shellcheck disable=SC2086  # FP8_BENCH_OPTS is a list of options
-timeout "${FP8_BENCH_S:-240}" python3 -m traces.fp8_bench --out "$out/fp8" ${FP8_BENCH_OPTS:-} 2>&1 | tail -60
-timeout "${GPU_BENCH_S:-240}" python3 -m traces.gpu_bench all --out "$out/bench" --trace-batches "" \
-  --configs "${CONFIGS:-native-1gpu-fp8,native-1gpu-fp8-dequant,native-1gpu-fp8-bytes,native-1gpu-fp8-w8a16}" \
-  --batches "${BATCHES:-1,32,128}" 2>&1 | tail -30
-cp build/bench/*.json "$out/bench/" 2>/dev/null || true   # the configurations that finished, if the driver did not
+if has tests; then
+  timeout "${TEST_S:-100}" python3 -m pytest -q tests/unit/test_fp8.py tests/unit/test_fp8_mode.py 2>&1 | tail -8 | tee "$out/tests.txt"
+fi
+if has fp8; then
+  # shellcheck disable=SC2086  # FP8_BENCH_OPTS is a list of options
+  timeout "${FP8_BENCH_S:-240}" python3 -m traces.fp8_bench --out "$out/fp8" ${FP8_BENCH_OPTS:-} 2>&1 | tail -70
+fi
+bench() {  # bench OUT_SUBDIR WORK_SUBDIR [env...]: gpu_bench all over CONFIGS
+  local sub=$1 work=$2
+  shift 2
+  env "$@" timeout "${GPU_BENCH_S:-240}" python3 -m traces.gpu_bench all --out "$out/$sub" --work "build/$work" \
+    --trace-batches "" --profile-batches "${PROFILE_BATCHES:-}" \
+    --configs "${CONFIGS:-native-1gpu-fp8,native-1gpu-fp8-dequant,native-1gpu-fp8-bytes,native-1gpu-fp8-w8a16}" \
+    --batches "${BATCHES:-1,32,128}" 2>&1 | tail -30
+  mkdir -p "$out/$sub"
+  cp "build/$work"/*.json "$out/$sub/" 2>/dev/null || true   # the configurations that finished
+}
+has bench && bench bench bench
+if has launches; then
+  for g in tiles experts; do
+    CONFIGS=native-1gpu-fp8 bench "bench-$g" "bench-$g" SPMD_FP8_GROUPED=$g
+  done
+fi
+if has validate; then
+  timeout "${VALIDATE_S:-300}" python3 -m validation.matrix --device cuda --configs slice --max-gpus 1 \
+    --engines native --layouts G1 --out "$out/validation" 2>&1 | tail -25
+fi
+if has serve; then
+  # shellcheck disable=SC2086
+  timeout "${SERVE_S:-300}" python3 -m traces.serve_bench --device cuda --out "$out/serve" ${SERVE_BENCH_OPTS:-} 2>&1 | tail -30
+fi
+if has load; then
+  timeout "${LOAD_S:-200}" python3 -m traces.load_bench --device cuda --out "$out/load" 2>&1 | tail -12
+fi

@@ -134,11 +134,8 @@ def main(argv=None) -> int:
             r = doc["sizes"][-1]
             print(f"rows {rows}: all-to-all {r['alltoall_ms']:.3f} ms, all-reduce {r['allreduce_ms']:.3f} ms", flush=True)
     if rank == 0:
-        a.out.mkdir(parents=True, exist_ok=True)
-        stem = a.out / f"{doc['gpu'].replace(' ', '_')}-{doc['date']}-g{group}"
-        stem.with_suffix(".json").write_text(json.dumps(doc, indent=1))
-        stem.with_suffix(".md").write_text(markdown(doc))
-        print(markdown(doc))
+        from traces.table import write_result
+        write_result(a.out, f"{doc['gpu']}-{doc['date']}-g{group}", doc, markdown(doc))
     shutdown(world)
     return 0
 

@@ -11,6 +11,9 @@ activations, per row count:
 - ``w8a16``: spmd.kernels.fp8's weight-only kernels (e4m3 converted in hardware, sm_89+);
 - ``bytes``: the same kernels decoding e4m3 from its bytes (the Ampere path, forced here);
 - ``w8a8``: activations quantized per row and 128 columns (its kernel timed with the GEMM), FP8 x FP8;
+  grouped: a program per (column tile, expert row tile), operands by cp.async; ``w8a8-tma``: the same
+  with TMA loads; ``w8a8x``, ``w8a16x``, ``bytesx``: a program per expert (the launch before the row-tile
+  ones, which 16-bit x takes from TILES16_ROWS rows per expert);
 - ``scaled_mm``: the same quantization, then torch._scaled_mm with 1x128 x 128x128 block scales (dense
   only; "unsupported" where this torch build refuses the shapes or the layout).
 Experts: each token routes to 8 distinct experts drawn uniformly (rows = tokens x 8, ~tokens / 32 per expert).
@@ -40,6 +43,10 @@ GROUPED = {"experts.gate_up": (2 * MOE_INTER, DIM), "experts.down": (DIM, MOE_IN
 ROWS = (1, 8, 64, 128, 256, 512, 4096, 16384)
 TOKENS = (1, 8, 64, 400, 1024, 4096, 16384)
 SWEEP = ((64, 128, 4, 3), (64, 128, 4, 4), (128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 3), (128, 64, 4, 4))
+# the grouped kernel's tiles: 256-column tiles span two weight-scale blocks (the row-tile launch loads the
+# scales per column); (128, 256) holds two 128 x 256 fp32 tiles in registers (the dot's and the sum)
+SWEEP_GROUPED = ((64, 128, 4, 4), (128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 4, 4), (64, 256, 8, 3),
+                 (128, 256, 8, 3), (128, 256, 8, 2))
 
 
 def _weights(shape, gen):
@@ -90,9 +97,14 @@ def _rel(out, ref) -> float:
 
 def _variants(kind: str):
     """(name, fp8.configure settings or None for bf16) of a case kind."""
-    v = [("bf16", None), ("w8a16", dict(weights="e4m3", w8a8_rows=0, w8a8_expert_rows=0)),
-         ("bytes", dict(weights="bytes", w8a8_rows=0, w8a8_expert_rows=0)),
-         ("w8a8", dict(weights="e4m3", w8a8_rows=1, w8a8_expert_rows=1, dense="triton"))]
+    v = [("bf16", None), ("w8a16", dict(weights="e4m3", w8a8_rows=0, w8a8_expert_rows=0, grouped="tiles")),
+         ("bytes", dict(weights="bytes", w8a8_rows=0, w8a8_expert_rows=0, grouped="tiles")),
+         ("w8a8", dict(weights="e4m3", w8a8_rows=1, w8a8_expert_rows=1, dense="triton", grouped="tiles"))]
+    if kind == "grouped":  # the launch before the row-tile ones (a program per expert), for comparison
+        v += [("w8a16x", dict(weights="e4m3", w8a8_rows=0, w8a8_expert_rows=0, grouped="experts")),
+              ("bytesx", dict(weights="bytes", w8a8_rows=0, w8a8_expert_rows=0, grouped="experts")),
+              ("w8a8-tma", dict(weights="e4m3", w8a8_rows=1, w8a8_expert_rows=1, grouped="tma")),
+              ("w8a8x", dict(weights="e4m3", w8a8_rows=1, w8a8_expert_rows=1, grouped="experts"))]
     if kind == "dense":
         v.append(("scaled_mm", dict(weights="e4m3", w8a8_rows=1, dense="scaled_mm")))
     return v
@@ -151,7 +163,7 @@ def grouped_cases(tokens, ceil, gen) -> list[dict]:
                 row = dict(gemm=name, tokens=t, rows=r, n=n, k=k, variant=var, experts_hit=hit)
                 if mode is None:
                     fn = lambda: torch._grouped_mm(x[rows], wd.transpose(1, 2), offs=offs)  # noqa: E731
-                elif var == "w8a8":
+                elif var.startswith("w8a8"):
                     fp8.configure(**mode)
 
                     def fn():
@@ -175,7 +187,7 @@ def _finish(row: dict, flops: int, fp8_bytes: int, var: str, ceil: dict) -> dict
     if "ms" not in row:
         return row
     row["tflops"] = flops / row["ms"] / 1e9
-    top = ceil["fp8_matmul_tflops"] if var in ("w8a8", "scaled_mm") else ceil["matmul_tflops"]
+    top = ceil["fp8_matmul_tflops"] if var.startswith("w8a8") or var == "scaled_mm" else ceil["matmul_tflops"]
     row["of_matmul_ceiling"] = row["tflops"] / top
     wbytes = fp8_bytes * (2 if var == "bf16" else 1)
     row["bytes_floor_ms"] = wbytes / (ceil["copy_gbps"] * 1e9) * 1e3
@@ -183,8 +195,9 @@ def _finish(row: dict, flops: int, fp8_bytes: int, var: str, ceil: dict) -> dict
     return row
 
 
-def sweep(ceil, gen, only: str | None = None) -> list[dict]:
-    """w8a8 tiles at prefill sizes: dense o_proj and mlp.gate_up at 4096 rows, experts at 4096 tokens."""
+def sweep(ceil, gen, only: str | None = None, tokens=(4096, 16384)) -> list[dict]:
+    """w8a8 tiles at prefill sizes: dense o_proj and mlp.gate_up at 4096 rows, experts at `tokens` tokens
+    (both launches of the grouped kernel)."""
     from spmd.kernels import fp8
     from traces.gpu_bench import _median_ms
 
@@ -200,18 +213,27 @@ def sweep(ceil, gen, only: str | None = None) -> list[dict]:
             out.append(dict(gemm=name, rows=4096, tile=list(tile), ms=ms, tflops=2 * 4096 * n * k / ms / 1e9))
     for name, (n, k) in {} if only == "dense" else GROUPED.items():
         w, s = _weights((EXPERTS, n, k), gen)
-        t = 4096
-        ids = torch.rand(t, EXPERTS, device="cuda", generator=gen).topk(TOPK, dim=-1).indices.flatten()
-        key, order = ids.sort(stable=True)
-        offs = torch.bincount(ids, minlength=EXPERTS).cumsum(0).to(torch.int32)
-        q, qs = fp8.quantize_act(torch.randn(t, k, device="cuda", generator=gen).to(torch.bfloat16))
-        q, qs = fp8.gather_rows(q, qs, order // TOPK)
-        for tile in SWEEP:
-            fp8.configure(tiles=tile)
-            ms = _median_ms(lambda: fp8.fp8_grouped_mm(q, w, s, offs, key, x_scale=qs, out_dtype=torch.bfloat16),
-                            reps=20, warmup=3)
-            out.append(dict(gemm=name, tokens=t, tile=list(tile), ms=ms, tflops=2 * t * TOPK * n * k / ms / 1e9))
-    fp8.configure(tiles=None)
+        for t in tokens:
+            ids = torch.rand(t, EXPERTS, device="cuda", generator=gen).topk(TOPK, dim=-1).indices.flatten()
+            key, order = ids.sort(stable=True)
+            offs = torch.bincount(ids, minlength=EXPERTS).cumsum(0).to(torch.int32)
+            q, qs = fp8.quantize_act(torch.randn(t, k, device="cuda", generator=gen).to(torch.bfloat16))
+            q, qs = fp8.gather_rows(q, qs, order // TOPK)
+            for launch in ("tma", "tiles"):
+                for tile in SWEEP_GROUPED:
+                    fp8.configure(tiles=tile, grouped=launch)
+                    try:
+                        ms = _median_ms(lambda: fp8.fp8_grouped_mm(q, w, s, offs, key, x_scale=qs,
+                                                                   out_dtype=torch.bfloat16), reps=10, warmup=2)
+                    except RuntimeError as exc:  # e.g. out of shared memory / registers for this tile
+                        out.append(dict(gemm=name, tokens=t, launch=launch, tile=list(tile), error=str(exc)[:200]))
+                        continue
+                    out.append(dict(gemm=name, tokens=t, launch=launch, tile=list(tile), ms=ms,
+                                    tflops=2 * t * TOPK * n * k / ms / 1e9))
+            del q, qs
+        del w, s
+        torch.cuda.empty_cache()
+    fp8.configure(tiles=None, grouped="tiles")
     return out
 
 
@@ -221,7 +243,7 @@ def markdown(doc: dict) -> str:
              f"Ceilings (same call): bf16 matmul {c['matmul_tflops']:.0f} TFLOP/s, FP8 matmul "
              f"{c['fp8_matmul_tflops']:.0f} TFLOP/s (torch._scaled_mm, 8192^3), copy {c['copy_gbps']:.0f} GB/s.", "",
              "ms per GEMM (x its ceiling: matmul rate for large rows, weight bytes for small); rel. error vs fp32.", ""]
-    variants = ["bf16", "w8a16", "bytes", "w8a8", "scaled_mm"]
+    variants = ["bf16", "w8a16", "w8a16x", "bytes", "bytesx", "w8a8", "w8a8-tma", "w8a8x", "scaled_mm"]
     lines += ["| GEMM | rows | " + " | ".join(variants) + " | w8a8 / bf16 speed | err w8a16 | err w8a8 |",
               "|" + "---|" * (len(variants) + 5)]
     keyed: dict = {}
@@ -242,10 +264,13 @@ def markdown(doc: dict) -> str:
         e16, e8 = (f"{vs[v]['rel_err']:.1e}" if "rel_err" in vs.get(v, {}) else "" for v in ("w8a16", "w8a8"))
         label = f"{m} tok" if gemm.startswith("experts") else str(m)
         lines.append(f"| {gemm} | {label} | " + " | ".join(cells) + f" | {sp:.2f} | {e16} | {e8} |")
-    lines += ["", "w8a8 tiles (BLOCK_M, BLOCK_N, warps, stages) at 4096 rows / tokens:", "",
-              "| GEMM | tile | ms | TFLOP/s |", "|---|---|---|---|"]
+    lines += ["", "w8a8 tiles (BLOCK_M, BLOCK_N, warps, stages); dense at 4096 rows; experts per launch "
+              "(tiles: a program per row tile, experts: per expert) and tokens:", "",
+              "| GEMM | rows / tokens | launch | tile | ms | TFLOP/s |", "|---|---|---|---|---|---|"]
     for r in doc["sweep"]:
-        lines.append(f"| {r['gemm']} | {tuple(r['tile'])} | {r['ms']:.3f} | {r['tflops']:.0f} |")
+        size = r.get("tokens", r.get("rows"))
+        ms, tf = (f"{r['ms']:.3f}", f"{r['tflops']:.0f}") if "ms" in r else ("failed", r["error"][:60])
+        lines.append(f"| {r['gemm']} | {size} | {r.get('launch', '')} | {tuple(r['tile'])} | {ms} | {tf} |")
     return "\n".join(lines) + "\n"
 
 
@@ -254,6 +279,7 @@ def main(argv=None) -> int:
     p.add_argument("--rows", default=",".join(map(str, ROWS)))
     p.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     p.add_argument("--no-sweep", action="store_true")
+    p.add_argument("--sweep-tokens", default="4096,16384", help="token counts of the grouped tile sweep")
     p.add_argument("--only", choices=("dense", "grouped"), help="one kind of GEMM (and its part of the sweep)")
     p.add_argument("--out", default=str(ROOT / "traces" / "results" / "fp8"))
     a = p.parse_args(argv)
@@ -273,14 +299,10 @@ def main(argv=None) -> int:
     cases += [] if a.only == "dense" else grouped_cases([int(t) for t in a.tokens.split(",")], ceil, gen)
     doc = {"gpu": ceil["gpu"], "date": dt.date.today().isoformat(), "ceilings": ceil, "torch": torch.__version__,
            "scaled_mm_probe": probe, "cases": cases,
-           "sweep": [] if a.no_sweep else sweep(ceil, gen, a.only)}
+           "sweep": [] if a.no_sweep else sweep(ceil, gen, a.only, [int(t) for t in a.sweep_tokens.split(",")])}
     fp8.configure(**vars(old))
-    out = Path(a.out) / f"{ceil['gpu'].replace(' ', '_')}-{doc['date']}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
-    md = markdown(doc)
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    from traces.table import write_result
+    write_result(Path(a.out), f"{ceil['gpu']}-{doc['date']}", doc, markdown(doc))
     return 0
 
 

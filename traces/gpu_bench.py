@@ -137,6 +137,26 @@ def _traced_batch(engine, timers, batch: int, prompt: int, steps: int, vocab: in
             "ms_per_step_by_name": dict(sorted(per_name.items(), key=lambda kv: -kv[1]))}
 
 
+def _prefill_kernels(engine, batch: int, prompt: int, vocab: int, top: int = 25) -> dict:
+    """One prefill under torch.profiler: the GPU kernels by their total time (where prefill time goes,
+    e.g. FP8 x FP8 GEMMs vs quantization vs attention), the top `top` by name and the rest summed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tokens = torch.randint(7, vocab, (batch, prompt), generator=torch.Generator().manual_seed(2)).to(engine.device)
+    _sync(engine.device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine.prefill(tokens, torch.ones_like(tokens, dtype=torch.bool)).argmax(-1).tolist()
+        _sync(engine.device)
+    engine.release()
+    kern = [(e.key, e.self_device_time_total / 1e3, e.count) for e in prof.key_averages()
+            if e.self_device_time_total > 0]
+    kern.sort(key=lambda k: -k[1])
+    total = sum(k[1] for k in kern)
+    return {"profiled_batch": batch, "prefill_kernel_ms": total,
+            "prefill_kernels": [{"name": n[:120], "ms": ms, "calls": c} for n, ms, c in kern[:top]],
+            "prefill_kernels_rest_ms": total - sum(k[1] for k in kern[:top])}
+
+
 def run(a) -> int:
     """One engine configuration over all batch sizes; rank 0 writes the rows to a.tag.json."""
     from spmd.runtime.world import make_world, shutdown
@@ -167,10 +187,13 @@ def run(a) -> int:
         rows.append({**r, "engine": a.engine, "gpus": gpus, "pp": a.pp, "weights": a.weights,
                      "group_layout": a.group_layout,
                      "moe_path": info.get("moe_path", ""), "decode_mode": info.get("decode_mode", "eager"),
-                     "fp8_path": info.get("fp8_path", ""),
+                     "fp8_path": info.get("fp8_path", ""), "load_s": info.get("load_s"),
+                     "load_bytes_read": info.get("load_bytes_read"),
                      "gpu_mem_gib_per_rank": mem, "decode_floor_bytes": floor})
         if b in a.trace_batches:
             rows[-1].update(_traced_batch(engine, timers, mine, a.prompt, a.steps, vocab))
+        if b in a.profile_batches and cuda:
+            rows[-1].update(_prefill_kernels(engine, mine, a.prompt, vocab))
         if world.rank == 0:
             print(f"{a.tag} batch {b}: {r['decode_ms_step']:.2f} ms/step", flush=True)
     if world.rank == 0:
@@ -180,14 +203,15 @@ def run(a) -> int:
     return 0
 
 
-def _spawn(tag: str, ckpt: Path, work: Path, batches: str, trace_batches: str) -> list[dict]:
+def _spawn(tag: str, ckpt: Path, work: Path, batches: str, trace_batches: str, profile_batches: str = "") -> list[dict]:
     engine, g, weights, opts = CONFIGS[tag]
     out = work / f"{tag}.json"
     if not out.is_file():
         pp = int(opts[opts.index("--pp") + 1]) if "--pp" in opts else 1
         cmd = commands.mpirun(g, "traces.gpu_bench", "run", "--engine", engine, "--checkpoint", str(ckpt),
                               "--group-size", str(g // pp), "--weights", weights, "--tag", tag, "--out", str(out),
-                              "--batches", batches, "--trace-batches", trace_batches, *opts)
+                              "--batches", batches, "--trace-batches", trace_batches,
+                              "--profile-batches", profile_batches, *opts)
         r = subprocess.run(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)  # stdout: the rows as they come
         if r.returncode != 0:
             print(f"{tag} failed:\n{r.stderr[-3000:]}", file=sys.stderr, flush=True)
@@ -225,7 +249,8 @@ def all_(a) -> int:
         _, g, weights, _ = CONFIGS[tag]
         if g > torch.cuda.device_count():
             continue
-        rows += _spawn(tag, commands.checkpoint("slice", weights, Path(a.ckpt_root), "cuda"), work, a.batches_arg, a.trace_batches_arg)
+        rows += _spawn(tag, commands.checkpoint("slice", weights, Path(a.ckpt_root), "cuda"), work, a.batches_arg, a.trace_batches_arg,
+                       a.profile_batches_arg)
     for r in rows:
         if "decode_floor_bytes" in r:
             r["decode_floor_ms"] = r["decode_floor_bytes"] / (ceil["copy_gbps"] * 1e9) * 1e3
@@ -277,11 +302,15 @@ def main(argv=None) -> int:
     r.add_argument("--fp8-unpack", default="auto")
     r.add_argument("--trace-batches", default="1,32", help="these batches are run again with the timers on: "
                    "collectives per step and their time, time per named span")
+    r.add_argument("--profile-batches", default="", help="these batches' prefill is run again under "
+                   "torch.profiler: time per GPU kernel (CUDA only)")
     al = sub.add_parser("all")
     al.add_argument("--configs", default=",".join(CONFIGS))
     al.add_argument("--batches", dest="batches_arg", default=",".join(map(str, BATCHES)))
     al.add_argument("--trace-batches", dest="trace_batches_arg", default="1,32",
                     help="batches run again with the timers on (time per span, collectives, bubble)")
+    al.add_argument("--profile-batches", dest="profile_batches_arg", default="",
+                    help="batches whose prefill is profiled per GPU kernel (torch.profiler)")
     al.add_argument("--ckpt-root", default=str(ROOT / "build" / "checkpoints"))
     al.add_argument("--work", default=str(ROOT / "build" / "bench"))
     al.add_argument("--out", default=str(ROOT / "traces" / "results" / "bench"))
@@ -291,6 +320,7 @@ def main(argv=None) -> int:
     if a.cmd == "run":
         a.batches = [int(b) for b in a.batches.split(",")]
         a.trace_batches = [int(b) for b in a.trace_batches.split(",") if b]
+        a.profile_batches = [int(b) for b in a.profile_batches.split(",") if b]
         return run(a)
     return all_(a)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import random
 import sys
 from pathlib import Path
@@ -134,11 +133,8 @@ def main(argv=None) -> int:
             c = doc["cases"][-1]
             print(f"{kind} rows {rows} cols {c['columns']}: floor {c['floor_ms']:.3f} torch {c['torch_ms']} "
                   + " ".join(f"{t['tile']} {t['ms']}" for t in c["tiles"]), flush=True)
-    a.out.mkdir(parents=True, exist_ok=True)
-    stem = a.out / f"{doc['gpu'].replace(' ', '_')}-{doc['date']}"
-    stem.with_suffix(".json").write_text(json.dumps(doc, indent=1))
-    stem.with_suffix(".md").write_text(markdown(doc))
-    print(markdown(doc))
+    from traces.table import write_result
+    write_result(a.out, f"{doc['gpu']}-{doc['date']}", doc, markdown(doc))
     return 0
 
 

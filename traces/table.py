@@ -1,5 +1,8 @@
-"""Plain-text tables and SI units for the reports."""
+"""Plain-text tables and SI units for the reports; result files."""
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 
 def si(x: float, unit: str) -> str:
@@ -21,3 +24,14 @@ def format_table(heads: list[str], rows: list[list[str]], n_left: int = 1) -> st
         return "  " + "  ".join(c.ljust(w) if i < n_left else c.rjust(w)
                                 for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
     return "\n".join([line(heads)] + [line(r) for r in rows])
+
+
+
+def write_result(out_dir: Path, stem: str, doc: dict, md: str) -> Path:
+    """A benchmark's result pair: out_dir/<stem>.json (the document) and .md (its table); prints the table."""
+    base = Path(out_dir) / stem.replace(" ", "_")
+    base.parent.mkdir(parents=True, exist_ok=True)
+    base.with_suffix(".json").write_text(json.dumps(doc, indent=1))
+    base.with_suffix(".md").write_text(md)
+    print(md)
+    return base

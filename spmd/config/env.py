@@ -19,6 +19,8 @@ VARIABLES = {  # name -> (default, what it sets; who parses it)
     "SPMD_GRAPH_MARKS": ("off", "timer marks inside CUDA graphs: off, stamp or event (spmd.obs.graph_marks)"),
     "SPMD_GRAPH_MARK_LEVEL": ("span", "span or layer: a mark per timer span or per compute/comm change "
                                       "(spmd.obs.graph_marks)"),
+    "SPMD_FP8_GROUPED": ("auto", "the FP8 x FP8 grouped-expert launch: tma (sm_90+), tiles, experts; auto: tma on "
+                                 "sm_90+, else tiles (spmd.engines.native, spmd.kernels.fp8)"),
     "SPMD_TMPDIR": ("", "where --engine hf writes its dequantized copy of an FP8 checkpoint (default: the "
                         "system's temporary directory)"),
 }

@@ -5,6 +5,7 @@ import resource
 
 import torch
 
+from spmd.config import env
 from spmd.weights.checkpoint import load
 from spmd.engines.memory import param_bytes
 from spmd.engines.decode_graph import GraphDecoder
@@ -271,8 +272,13 @@ def fp8_mode(args, device: torch.device, margs) -> dict:
         raise ValueError(f"--fp8-prefill w8a8: needs FP8 tensor cores (compute capability 8.9+) and "
                          f"--fp8-unpack hw/auto; here {name}, unpack {weights}")
     a8 = prefill == "w8a8" or (prefill == "auto" and cc is not None and fp8_cores and weights == "e4m3")
+    grouped = env.read("SPMD_FP8_GROUPED") or "auto"
+    if grouped not in ("auto", "tma", "tiles", "experts"):
+        raise ValueError(f"SPMD_FP8_GROUPED={grouped!r}: auto, tma, tiles or experts")
+    if grouped == "auto":  # the TMA unit: sm_90+
+        grouped = "tma" if cc is not None and cc >= (9, 0) else "tiles"
     return dict(weights=weights, w8a8_rows=W8A8_ROWS if a8 else 0, w8a8_expert_rows=W8A8_EXPERT_ROWS if a8 else 0,
-                ue8m0=margs.scale_fmt == "ue8m0",
+                ue8m0=margs.scale_fmt == "ue8m0", grouped=grouped,
                 dense="scaled_mm" if cc is not None and cc >= (9, 0) else "triton")  # block scales: sm_90 cuBLAS
 
 

@@ -74,6 +74,9 @@ SCALE_SUFFIX = ".weight_scale_inv"  # an FP8 weight's float32 (V3.1: power-of-tw
 # number at least this many times the rows. Measured on H200 (256 experts, decode shapes): 8 rows
 # 0.091 vs 0.111 ms (gate/up) and 0.047 vs 0.063 ms (down); 64 rows 4 % slower than per expert.
 ROW_PROGRAMS = 8
+# fp8_grouped_mm with 16-bit x launches a program per expert row tile (_grouped_tiles_kernel) from this
+# many rows per expert on average (prefill), a program per expert below (decode: few rows per expert)
+TILES16_ROWS = 64
 
 
 
@@ -98,6 +101,9 @@ class Mode:
     ue8m0: bool = False
     dense: str = "triton"
     tiles: tuple | None = None  # (BLOCK_M, BLOCK_N, warps, stages) for every w8a8 launch: benchmark sweeps
+    # FP8 x FP8 grouped launch: a program per (column tile, expert row tile), its operands loaded by the
+    # TMA unit ("tma", sm_90+) or by cp.async ("tiles"), or a program per (column tile, expert) ("experts")
+    grouped: str = "tiles"
 
 
 MODE = Mode()
@@ -107,8 +113,10 @@ def configure(**changes) -> Mode:
     """Set fields of MODE (checked); returns the previous settings (``configure(**vars(old))`` restores)."""
     old = dataclasses.replace(MODE)
     new = dataclasses.replace(MODE, **changes)
-    if new.weights not in ("e4m3", "bytes") or new.dense not in ("triton", "scaled_mm"):
-        raise ValueError(f"fp8 mode: weights {new.weights!r} (e4m3|bytes), dense {new.dense!r} (triton|scaled_mm)")
+    if new.weights not in ("e4m3", "bytes") or new.dense not in ("triton", "scaled_mm") \
+            or new.grouped not in ("tma", "tiles", "experts"):
+        raise ValueError(f"fp8 mode: weights {new.weights!r} (e4m3|bytes), dense {new.dense!r} (triton|scaled_mm), "
+                         f"grouped {new.grouped!r} (tma|tiles|experts)")
     if min(new.w8a8_rows, new.w8a8_expert_rows) < 0:
         raise ValueError("fp8 mode: w8a8 row thresholds must be >= 0")
     for f in dataclasses.fields(Mode):
@@ -156,6 +164,30 @@ def dequantize(w: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = to
 
 # ---------------------------------------------------------------- kernels (wrapped by triton.jit lazily)
 
+def _k_step(acc, a, b, s, xs_ptrs, m_mask, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+            A_FP8: tl.constexpr, W_BYTES: tl.constexpr):
+    """acc + (a @ b) * scale for one 128-wide k-block of the kernels: s the weight block's scale (a scalar,
+    or (1, BLOCK_N) per column); W_BYTES: b holds e4m3 bytes, decoded to fp16 by bit moves (exact, times
+    2^-8; the 256 goes into the scale); A_FP8: a is FP8 with its rows' scales at xs_ptrs (FP8 x FP8 on
+    tensor cores), else 16-bit and b is converted to its type."""
+    if W_BYTES:
+        u = b.to(tl.uint16)
+        b = (((u & 0x80) << 8) | ((u & 0x7F) << 7)).to(tl.uint16).to(tl.float16, bitcast=True)
+        s = s * 256.0
+    if A_FP8:
+        s = tl.load(xs_ptrs, mask=m_mask, other=0.0)[:, None] * s
+    if UPCAST:  # Triton's CPU interpreter: its tl.dot multiplies bf16's raw uint16 bits, has no fp8
+        acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee") * s
+    elif A_FP8:
+        acc += tl.dot(a, b) * s
+    else:
+        acc += tl.dot(a, b.to(a.dtype), input_precision=PRECISION) * s
+    return acc
+
+
+_k_step_fn = None  # _k_step, jitted by _kernels (as _max_combine)
+
+
 def _fp8_linear_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, o_ptr, M, N, K,
                        stride_xm, stride_xk, stride_xsm, stride_xsk, stride_wn, stride_wk, stride_sn, stride_sk,
                        stride_os, stride_om, stride_on,
@@ -188,18 +220,7 @@ def _fp8_linear_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, o_ptr, M, N, K,
         a = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         s = tl.load(s_ptrs + kb * stride_sk, mask=kb * BLOCK_K < K, other=0.0)  # BLOCK_K == 128: one k-block
-        if W_BYTES:  # e4m3 bytes -> fp16 by bit moves (exact, times 2^-8), 256 back in the block scale
-            u = b.to(tl.uint16)
-            b = (((u & 0x80) << 8) | ((u & 0x7F) << 7)).to(tl.uint16).to(tl.float16, bitcast=True)
-            s = s * 256.0
-        if A_FP8:  # FP8 x FP8 on tensor cores; each row's activation scale with the weight block's
-            s = tl.load(xs_ptrs + kb * stride_xsk, mask=m_mask, other=0.0)[:, None] * s
-        if UPCAST:  # Triton's CPU interpreter: its tl.dot multiplies bf16's raw uint16 bits, has no fp8
-            acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee") * s
-        elif A_FP8:
-            acc += tl.dot(a, b) * s
-        else:
-            acc += tl.dot(a, b.to(a.dtype), input_precision=PRECISION) * s
+        acc = _k_step_fn(acc, a, b, s, xs_ptrs + kb * stride_xsk, m_mask, PRECISION, UPCAST, A_FP8, W_BYTES)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     o_ptrs = o_ptr + pid_k * stride_os + rm.to(tl.int64)[:, None] * stride_om + rn[None, :] * stride_on
@@ -259,18 +280,7 @@ def _fp8_grouped_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, offs_ptr, rexp_ptr, o_ptr, 
             a = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             b = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             s = tl.load(s_base + kb * stride_sk)
-            if W_BYTES:  # as in _fp8_linear_kernel
-                u = b.to(tl.uint16)
-                b = (((u & 0x80) << 8) | ((u & 0x7F) << 7)).to(tl.uint16).to(tl.float16, bitcast=True)
-                s = s * 256.0
-            if A_FP8:
-                s = tl.load(xs_ptrs + kb * stride_xsk, mask=m_mask, other=0.0)[:, None] * s
-            if UPCAST:  # Triton's CPU interpreter: its tl.dot multiplies bf16's raw uint16 bits, has no fp8
-                acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee") * s
-            elif A_FP8:
-                acc += tl.dot(a, b) * s
-            else:
-                acc += tl.dot(a, b.to(a.dtype), input_precision=PRECISION) * s
+            acc = _k_step_fn(acc, a, b, s, xs_ptrs + kb * stride_xsk, m_mask, PRECISION, UPCAST, A_FP8, W_BYTES)
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
         o_ptrs = o_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :] * stride_on
@@ -284,6 +294,118 @@ def _fp8_grouped_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, offs_ptr, rexp_ptr, o_ptr, 
         o_ptrs = o_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :] * stride_on
         tl.store(o_ptrs, zero, mask=(rm < z1)[:, None] & n_mask[None, :])
         m0 += z_step
+
+
+def _row_tile(t, tend_ptr, offs_ptr, R, E, BLOCK_M: tl.constexpr, SEARCH: tl.constexpr):
+    """Row tile t of the experts' row tiles (tend: cumulative tiles per expert): (expert e, first row,
+    end row of e). Binary search for the first e with tend[e] > t, SEARCH = ceil(log2 E) steps."""
+    lo = t * 0
+    hi = lo + E - 1
+    for _ in range(SEARCH):
+        mid = (lo + hi) // 2
+        right = tl.load(tend_ptr + mid) <= t
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(right, hi, mid)
+    first = tl.load(tend_ptr + lo - 1, mask=lo > 0, other=0)
+    start = tl.load(offs_ptr + lo - 1, mask=lo > 0, other=0)
+    return lo, start + (t - first) * BLOCK_M, tl.minimum(tl.load(offs_ptr + lo), R)
+
+
+def _zero_tail(o_ptr, offs_ptr, t, ntiles, R, E, rn, n_mask, stride_om, stride_on,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program t >= ntiles of a row-tile launch: its share of the rows past offs[E-1] (no expert), zeros,
+    in BLOCK_M chunks dealt over the grid's programs past ntiles."""
+    zero = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=o_ptr.dtype.element_ty)
+    m0 = tl.minimum(tl.maximum(tl.load(offs_ptr + E - 1), 0), R) + (t - ntiles) * BLOCK_M
+    step = (tl.num_programs(1) - ntiles) * BLOCK_M
+    while m0 < R:
+        rm = m0 + tl.arange(0, BLOCK_M)
+        o_ptrs = o_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :] * stride_on
+        tl.store(o_ptrs, zero, mask=(rm < R)[:, None] & n_mask[None, :])
+        m0 += step
+
+
+_row_tile_fn = _zero_tail_fn = None  # _row_tile, _zero_tail jitted by _kernels (as _max_combine)
+
+
+def _w8a8_tma_kernel(x_desc, xs_ptr, w_desc, s_ptr, offs_ptr, tend_ptr, o_ptr, R, N, K, E,
+                     stride_xsm, stride_xsk, stride_se, stride_sn, stride_sk, stride_om, stride_on,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     K_TILES: tl.constexpr, SCALE_BLOCK: tl.constexpr, SEARCH: tl.constexpr):
+    """_grouped_tiles_kernel's FP8 x FP8 with the operand tiles loaded by the Hopper TMA unit (host tensor descriptors:
+    x (R, K) in (BLOCK_M, 128) blocks, the experts' weights as one (E * N, K) matrix in (BLOCK_N, 128)
+    blocks). A tile's rows past its expert's end (another expert's rows, or zeros past R) and columns
+    past N (the next expert's) are loaded and computed but never stored; K past the end reads zeros."""
+    pid_n = tl.program_id(0)
+    t = tl.program_id(1)
+    ntiles = tl.load(tend_ptr + E - 1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    if t < ntiles:
+        e, m0, end = _row_tile_fn(t, tend_ptr, offs_ptr, R, E, BLOCK_M, SEARCH)
+        rm = m0 + tl.arange(0, BLOCK_M)
+        m_mask = rm < end
+        xs_ptrs = xs_ptr + rm.to(tl.int64) * stride_xsm
+        s_ptrs = s_ptr + e.to(tl.int64) * stride_se + (rn // SCALE_BLOCK) * stride_sn
+        wrow = e * N + pid_n * BLOCK_N
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+        for kb in range(0, K_TILES):
+            a = x_desc.load([m0, kb * BLOCK_K])
+            b = w_desc.load([wrow, kb * BLOCK_K])
+            s = tl.load(xs_ptrs + kb * stride_xsk, mask=m_mask, other=0.0)[:, None] * \
+                tl.load(s_ptrs + kb * stride_sk, mask=n_mask, other=0.0)[None, :]
+            acc += tl.dot(a, b.T) * s
+        o_ptrs = o_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :] * stride_on
+        tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    else:
+        _zero_tail_fn(o_ptr, offs_ptr, t, ntiles, R, E, rn, n_mask, stride_om, stride_on, BLOCK_M, BLOCK_N)
+
+
+def _grouped_tiles_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, offs_ptr, tend_ptr, o_ptr, R, N, K, E,
+                          stride_xm, stride_xk, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wk,
+                          stride_se, stride_sn, stride_sk, stride_om, stride_on,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          K_TILES: tl.constexpr, SCALE_BLOCK: tl.constexpr, SEARCH: tl.constexpr,
+                          PRECISION: tl.constexpr, UPCAST: tl.constexpr, A_FP8: tl.constexpr, W_BYTES: tl.constexpr):
+    """Grouped GEMM with one program per (column tile j, row tile t) of the experts' row tiles.
+
+    tend (E,) int32: the cumulative count of BLOCK_M-row tiles per expert (tend[e] - tend[e-1] =
+    ceil(rows of e / BLOCK_M)). Program (j, t < tend[E-1]) finds its expert e by binary search (SEARCH
+    = ceil(log2 E) steps) and computes rows offs[e-1] + (t - tend[e-1]) * BLOCK_M .. of it; programs t >=
+    tend[E-1] zero the rows past offs[E-1]. So every program has one tile: the GPU's block scheduler
+    balances experts of uneven size, where _fp8_grouped_kernel's program per expert walks all of its
+    expert's row tiles in turn. Column tiles vary fastest: the programs of one row tile run together and
+    read its activation rows from L2, and consecutive row tiles are mostly one expert's (its weights stay
+    in L2). Weight scales are loaded per column (BLOCK_N may span several 128-column blocks).
+    A_FP8: FP8 x FP8 with x's scales per row and k-block; else x is 16-bit and the weight tile is
+    converted (W_BYTES: decoded from its bytes, as in _fp8_linear_kernel)."""
+    pid_n = tl.program_id(0)
+    t = tl.program_id(1)
+    ntiles = tl.load(tend_ptr + E - 1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    n_mask = rn < N
+    if t < ntiles:
+        e, m0, end = _row_tile_fn(t, tend_ptr, offs_ptr, R, E, BLOCK_M, SEARCH)
+        rm = m0 + tl.arange(0, BLOCK_M)
+        m_mask = rm < end
+        x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk
+        xs_ptrs = xs_ptr + rm.to(tl.int64) * stride_xsm
+        w_ptrs = w_ptr + e.to(tl.int64) * stride_we + rn.to(tl.int64)[None, :] * stride_wn + rk[:, None] * stride_wk
+        s_ptrs = s_ptr + e.to(tl.int64) * stride_se + (rn // SCALE_BLOCK) * stride_sn
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+        for kb in range(0, K_TILES):  # constexpr trip count: a pipelined loop
+            k_mask = rk < K - kb * BLOCK_K
+            a = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            s = tl.load(s_ptrs + kb * stride_sk, mask=n_mask, other=0.0)[None, :]
+            acc = _k_step_fn(acc, a, b, s, xs_ptrs + kb * stride_xsk, m_mask, PRECISION, UPCAST, A_FP8, W_BYTES)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
+        o_ptrs = o_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :] * stride_on
+        tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    else:
+        _zero_tail_fn(o_ptr, offs_ptr, t, ntiles, R, E, rn, n_mask, stride_om, stride_on, BLOCK_M, BLOCK_N)
 
 
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xk, stride_qm, stride_sm, stride_sk,
@@ -330,9 +452,11 @@ def _kernels(interpret: bool):
     """(linear, grouped, act_quant) jitted for the mode at first use (the interpreter is chosen when
     triton.jit runs)."""
     del interpret  # the cache key: triton.jit reads TRITON_INTERPRET itself
-    global _max_combine
-    _max_combine = triton.jit(_max)
-    return triton.jit(_fp8_linear_kernel), triton.jit(_fp8_grouped_kernel), triton.jit(_act_quant_kernel)
+    global _max_combine, _row_tile_fn, _zero_tail_fn, _k_step_fn
+    _max_combine, _row_tile_fn, _zero_tail_fn = triton.jit(_max), triton.jit(_row_tile), triton.jit(_zero_tail)
+    _k_step_fn = triton.jit(_k_step)
+    return (triton.jit(_fp8_linear_kernel), triton.jit(_fp8_grouped_kernel), triton.jit(_act_quant_kernel),
+            (triton.jit(_grouped_tiles_kernel), triton.jit(_w8a8_tma_kernel)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -437,7 +561,7 @@ def quantize_act(x: torch.Tensor, ue8m0: bool | None = None) -> tuple[torch.Tens
         q, s = _quantize_torch(x, ue8m0)
         return q, scales.copy_(s)
     q = torch.empty((m, k), dtype=torch.float32 if interpret() else torch.float8_e4m3fn, device=x.device)
-    _, _, quant = _kernels(interpret())
+    _, _, quant, _ = _kernels(interpret())
     bm = 32
     quant[(triton.cdiv(m, bm), kb)](x, q, scales, m, k, x.stride(0), x.stride(1), q.stride(0),
                                     scales.stride(0), scales.stride(1), BLOCK_M=bm, BLOCK_K=FP8_BLOCK,
@@ -504,6 +628,9 @@ def _weight_operand(w: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return (w.view(torch.uint8), True) if MODE.weights == "bytes" else (w, False)
 
 
+_SCALED_MM_REFUSED: set = set()  # (M, N, K, dtype) torch._scaled_mm refused: not tried (and raised) again
+
+
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
     """x (..., K) @ W.T -> (..., N) in x.dtype, W = w (N, K) fp8 * scale_inv per 128x128 block; fp32 accumulate.
 
@@ -520,15 +647,16 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor) -> tor
     m = x2.shape[0]
     if m == 0 or n == 0 or k == 0:
         return torch.zeros((*lead, n), dtype=x.dtype, device=x.device)
-    linear, _, _ = _kernels(interpret())
+    linear, _, _, _ = _kernels(interpret())
     if w8a8_dense(m, x.dtype):
         xq, xs = quantize_act(x2)
-        if MODE.dense == "scaled_mm" and x.device.type == "cuda":
+        key = (m, n, k, x.dtype)
+        if MODE.dense == "scaled_mm" and x.device.type == "cuda" and key not in _SCALED_MM_REFUSED:
             try:  # cuBLAS's block-scaled FP8 GEMM (sm_90): 1.5-2.5x the Triton kernel (traces/results/fp8/)
                 out = torch._scaled_mm(xq, w.T, scale_a=xs, scale_b=scale_inv.T, out_dtype=x.dtype)
                 return out.view(*lead, n)
-            except RuntimeError:  # a shape this torch build refuses: the Triton kernel below
-                pass
+            except RuntimeError:  # a shape this torch build refuses: the Triton kernel, now and from now on
+                _SCALED_MM_REFUSED.add(key)
         bm, bn, warps, stages = _w8a8_plan(m, n, _sm_count(x.device))
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
         linear[(triton.cdiv(m, bm), triton.cdiv(n, bn), 1)](
@@ -592,7 +720,9 @@ def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, of
     rows = row_expert is not None and ROW_PROGRAMS * r <= e
     if rows and row_expert.shape != (r,):
         raise ValueError(f"fp8_grouped_mm: row_expert {tuple(row_expert.shape)} for {r} rows")
-    _, grouped, _ = _kernels(interpret())
+    _, grouped, _, tile_kernels = _kernels(interpret())
+    if MODE.grouped != "experts" and not rows and (a8 or (r >= TILES16_ROWS * e and dtype != torch.float32)):
+        return _grouped_tiles(tile_kernels, x, x_scale, w, scale_inv, offs, out)
     if a8:
         bm, bn, warps, stages = _w8a8_grouped_plan(r, e)
         wk, wbytes, cfg, upcast = w, False, dict(num_warps=warps, num_stages=stages), interpret()
@@ -607,6 +737,54 @@ def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, of
         scale_inv.stride(0), scale_inv.stride(1), scale_inv.stride(2), out.stride(0), out.stride(1),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=FP8_BLOCK, K_TILES=_cdiv128(k), SCALE_BLOCK=FP8_BLOCK, PRECISION=prec,
         UPCAST=upcast, ROWS=rows, A_FP8=a8, W_BYTES=wbytes, **cfg)
+    return out
+
+
+def _tma_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """The TMA launch's conditions: a Hopper-class GPU (or the interpreter), x and w contiguous with
+    16-byte aligned bases and rows (the tensor-map rules for 1-byte elements)."""
+    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] < 9:
+        return False
+    return (x.is_contiguous() and w.is_contiguous() and x.shape[1] % 16 == 0
+            and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0)
+
+
+def _grouped_tiles(kernels, x, x_scale, w, scale_inv, offs, out):
+    """fp8_grouped_mm with a program per (column tile, expert row tile): FP8 x FP8 by _w8a8_tma_kernel
+    (MODE.grouped "tma", where _tma_ok) or _grouped_tiles_kernel, which also runs 16-bit x (weight-only,
+    e4m3 or bytes). The tile counts per expert come from offs by torch ops on the device (no host sync,
+    graph-capturable); the grid's row axis is the static bound ceil(R / BLOCK_M) + E."""
+    tiles_kernel, tma_kernel = kernels
+    e, n, k = w.shape
+    r = x.shape[0]
+    a8 = x_scale is not None
+    if a8:
+        bm, bn, warps, stages = _w8a8_grouped_plan(r, e)
+    else:  # a 16-bit x tile is twice FP8's bytes: 3 stages of 128 x 128 (48 KB each)
+        bm, bn, warps, stages = MODE.tiles or ((128, 128, 8, 3) if r >= 128 * e else (64, 128, 4, 3))
+    ends = offs.clamp(max=r)
+    counts = (ends - torch.nn.functional.pad(ends[:-1], (1, 0))).clamp(min=0)
+    tend = torch.div(counts + (bm - 1), bm, rounding_mode="floor").cumsum(0).to(torch.int32)
+    grid = (triton.cdiv(n, bn), triton.cdiv(r, bm) + e)
+    common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=FP8_BLOCK, K_TILES=_cdiv128(k), SCALE_BLOCK=FP8_BLOCK,
+                  SEARCH=max(1, (e - 1).bit_length()), num_warps=warps, num_stages=stages)
+    if a8 and MODE.grouped == "tma" and _tma_ok(x, w):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        xd = TensorDescriptor(x, [r, k], [k, 1], [bm, FP8_BLOCK])
+        wd = TensorDescriptor(w.view(e * n, k), [e * n, k], [k, 1], [bn, FP8_BLOCK])
+        tma_kernel[grid](xd, x_scale, wd, scale_inv, offs, tend, out, r, n, k, e,
+                         x_scale.stride(0), x_scale.stride(1), scale_inv.stride(0), scale_inv.stride(1),
+                         scale_inv.stride(2), out.stride(0), out.stride(1), **common)
+        return out
+    wk, wbytes = (w, False) if a8 else _weight_operand(w)
+    xs, xs_strides = (x_scale, x_scale.stride()) if a8 else (x, (0, 0))
+    tiles_kernel[grid](
+        x, xs, wk, scale_inv, offs, tend, out, r, n, k, e,
+        x.stride(0), x.stride(1), *xs_strides, w.stride(0), w.stride(1), w.stride(2),
+        scale_inv.stride(0), scale_inv.stride(1), scale_inv.stride(2), out.stride(0), out.stride(1),
+        PRECISION=_precision(out.dtype), UPCAST=interpret() if a8 else _upcast(x.dtype), A_FP8=a8,
+        W_BYTES=wbytes, **common)
     return out
 
 

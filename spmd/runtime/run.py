@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 from dataclasses import asdict
-from pathlib import Path
 
 from mpi4py import MPI
 
@@ -58,7 +57,7 @@ def run(comm, argv) -> None:
     on_root(comm, lambda: config.check_paths(args))  # inputs; outputs, progress and trace dir destroy nothing
     on_root(comm, lambda: resume.check_free(args.output))  # no other live run on this output (its lock)
     # config.json, the index and every shard's header (no tensor data), before any model is built
-    margs = on_root(comm, lambda: check_checkpoint(args.checkpoint))
+    margs, ckpt_bytes = on_root(comm, lambda: check_checkpoint(args.checkpoint))
     on_root(comm, lambda: config.check_model_topology(margs, args.group_size, args.engine, args.pp, comm.size,
                                                       args.orchestrator, args.group_layout))
     dpa = args.group_layout == "dpa"  # every rank its own rows (a group of one for attention), experts over G
@@ -66,7 +65,7 @@ def run(comm, argv) -> None:
                                  ep=args.group_size if dpa else 1)
     agree(comm, lambda: check_fits(world, args, margs))  # the planner's memory check, before the load
     # the load phase's deadline: this rank's share of the checkpoint's bytes at a minimum read rate
-    guard.set_load_deadline(_checkpoint_bytes(args.checkpoint) // max(args.group_size * args.pp, 1))
+    guard.set_load_deadline(ckpt_bytes // max(args.group_size * args.pp, 1))
     guard.start()  # faults at "start", the watchdog thread
     prof = Profiler.from_args(args, world)  # --profile: a window over decode steps, opened by set_phase
     timers = Timers(world.rank, world.device, args.trace_dir is not None, args.profile == "nsys",
@@ -108,11 +107,6 @@ def prepare_progress(args: RunArgs, margs: ModelArgs, prompt_set: PromptSet) -> 
     except UsageError:
         resume.release(args.output)
         raise
-
-
-def _checkpoint_bytes(checkpoint) -> int:
-    """The size of the checkpoint's shard files (checked to exist by check_checkpoint)."""
-    return sum(f.stat().st_size for f in Path(checkpoint).glob("*.safetensors"))
 
 
 def check_fits(world, args: RunArgs, margs: ModelArgs) -> None:

@@ -236,9 +236,9 @@ def read_shard(root: Path, file: str, names: list[str]) -> dict[str, dict]:
     return header
 
 
-def check_checkpoint(root: str | Path) -> ModelArgs:
-    """Every check above, config first -> its ModelArgs. Reads config.json, the index and each listed shard's
-    header (never tensor data); raises UsageError at the first problem."""
+def check_checkpoint(root: str | Path) -> tuple[ModelArgs, int]:
+    """Every check above, config first -> (its ModelArgs, the bytes of its listed shards). Reads config.json,
+    the index and each listed shard's header (never tensor data); raises UsageError at the first problem."""
     root = Path(root)
     margs = ModelArgs.from_checkpoint(root)
     weight_map = read_weight_map(root)
@@ -247,8 +247,10 @@ def check_checkpoint(root: str | Path) -> ModelArgs:
     for name, file in weight_map.items():
         by_file.setdefault(file, []).append(name)
     headers: dict[str, dict] = {}
+    nbytes = 0
     for file, names in sorted(by_file.items()):
         header = read_shard(root, file, names)
         headers.update((n, header[n]) for n in names)
+        nbytes += shard_path(root, file).stat().st_size
     check_shapes(headers, margs)
-    return margs
+    return margs, nbytes

@@ -56,7 +56,9 @@ def expect(ckpt: Path, *words: str) -> str:
 
 def test_tiny_checkpoints_pass(tiny_bf16, tiny_fp8, noqlora_bf16, ckpt):
     for c in (tiny_bf16, tiny_fp8, noqlora_bf16, ckpt):
-        assert v.check_checkpoint(c) == ModelArgs.from_checkpoint(c)
+        margs, nbytes = v.check_checkpoint(c)
+        assert margs == ModelArgs.from_checkpoint(c)
+        assert nbytes == sum(f.stat().st_size for f in Path(c).glob("*.safetensors"))  # the load deadline's bytes
     for name in ("tiny", "tiny-noqlora", "slice", "v3.1-671b"):
         ModelArgs.from_config(json.loads((ROOT / "inputs/models" / f"{name}.json").read_text()))
 
@@ -160,7 +162,7 @@ def test_missing_mtp_layer_is_fine(ckpt):
     """A checkpoint without its MTP layer (nothing reads it) passes; its decoder layers must all be there."""
     edit_json(ckpt / v.INDEX, lambda i: {"weight_map": {k: f for k, f in i["weight_map"].items()
                                                         if not k.startswith("model.layers.4.")}})
-    assert v.check_checkpoint(ckpt).n_mtp_layers == 1
+    assert v.check_checkpoint(ckpt)[0].n_mtp_layers == 1
     edit_json(ckpt / v.INDEX, lambda i: {"weight_map": {k: f for k, f in i["weight_map"].items()
                                                         if not k.startswith("model.layers.2.")}})
     expect(ckpt, "no tensors of layer(s) 2")

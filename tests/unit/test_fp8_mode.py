@@ -42,6 +42,16 @@ def test_auto_by_capability(gpu, name, weights, a8):
         ((native.W8A8_ROWS, native.W8A8_EXPERT_ROWS) if a8 else (0, 0))
     assert not _mode(scale_fmt=None)["ue8m0"]
     assert mode["dense"] == ("scaled_mm" if GPUS[name] >= (9, 0) else "triton")  # cuBLAS block scales: sm_90
+    assert mode["grouped"] == ("tma" if GPUS[name] >= (9, 0) else "tiles")  # the TMA unit: sm_90
+
+
+def test_grouped_launch_from_the_environment(gpu, monkeypatch):
+    gpu("H100")
+    monkeypatch.setenv("SPMD_FP8_GROUPED", "experts")
+    assert _mode()["grouped"] == "experts"
+    monkeypatch.setenv("SPMD_FP8_GROUPED", "fast")
+    with pytest.raises(ValueError, match="SPMD_FP8_GROUPED"):
+        _mode()
 
 
 def test_forced_choices(gpu):

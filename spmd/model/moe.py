@@ -231,8 +231,11 @@ class MoE(nn.Module):
         w = torch.where(local, weights.flatten(), 0.0)[order]  # (N*k,) float32; other ranks' slots 0
         act.mul_(w.to(act.dtype)[:, None])
         h = self._gmm(act, self.w2, s2, offs, row_expert, a8=a8)  # (N*k, dim)
-        h.masked_fill_(~local[order, None], 0.0)  # rows past offs[-1]: not computed by torch._grouped_mm
-        return torch.zeros_like(h).index_copy_(0, order, h).view(n, k, h.shape[-1]).sum(1)  # slot order: deterministic
+        if self.expert_lo > 0 or self.expert_hi < self.n_experts:  # some slots are other ranks' experts:
+            h.masked_fill_(~local[order, None], 0.0)  # their rows (past offs[-1]) are not computed
+        # back to slot order (slot order[i] is row i) by a gather, then each token's k slots summed in order
+        inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        return h.index_select(0, inv).view(n, k, h.shape[-1]).sum(1)
 
     def _routed_loop(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """One GEMM pair per local expert that was hit (one host sync for the counts)."""

@@ -8,7 +8,8 @@
 #             loop's largest prefill chunk)
 #   launches  the slice's FP8 default at BATCHES once per grouped-expert launch (SPMD_FP8_GROUPED: tiles,
 #             experts; the default run of `bench` is the third)
-#   validate  the validation matrix's slice rows on this GPU (G1, bf16 and FP8 weights)
+#   validate  the validation matrix's slice rows on this GPU (G1; VALIDATE_WEIGHTS, default bf16,fp8: both
+#             checkpoints and a baseline's copy need ~100 GB of disk, fp8 alone ~30 GB)
 #   serve     the serving benchmark (traces/serve_bench.py; SERVE_BENCH_OPTS)
 #   load      the loader's read rate of the FP8 slice, cold and warm (traces/load_bench.py; issue 28's I/O input)
 #   bash launch/gpu_fp8.sh OUT_DIR
@@ -45,12 +46,15 @@ if has launches; then
 fi
 if has validate; then
   timeout "${VALIDATE_S:-300}" python3 -m validation.matrix --device cuda --configs slice --max-gpus 1 \
-    --engines native --layouts G1 --out "$out/validation" 2>&1 | tail -25
+    --engines native --layouts G1 --weights "${VALIDATE_WEIGHTS:-bf16,fp8}" --out "$out/validation" 2>&1 | tail -25
 fi
 if has serve; then
   # shellcheck disable=SC2086
-  timeout "${SERVE_S:-300}" python3 -m traces.serve_bench --device cuda --out "$out/serve" ${SERVE_BENCH_OPTS:-} 2>&1 | tail -30
+  variant=()
+  [[ -n ${SERVE_VARIANT:-} ]] && variant=(--variant "$SERVE_VARIANT")   # NAME=OPTIONS, one more continuous run
+  timeout "${SERVE_S:-300}" python3 -m traces.serve_bench --device cuda --out "$out/serve" ${SERVE_BENCH_OPTS:-} \
+    "${variant[@]}" 2>&1 | tail -30
 fi
 if has load; then
-  timeout "${LOAD_S:-200}" python3 -m traces.load_bench --device cuda --out "$out/load" 2>&1 | tail -12
+  timeout "${LOAD_S:-200}" python3 -m traces.load_bench --device cuda --repeats "${LOAD_REPEATS:-2}" --out "$out/load" 2>&1 | tail -12
 fi

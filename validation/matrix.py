@@ -128,7 +128,8 @@ def fp32_gib(ckpt: Path) -> float:
 def baseline_job(ckpt: Path, args) -> tuple[Path, str, Job | None]:
     """The baseline file, its dtype, and the job that (re)makes it unless the file there matches.
 
-    fp32, except on a GPU too small for the fp32 model (the full-width slice: ~95 GiB): bf16 there.
+    fp32, except on a GPU too small for the fp32 model (the full-width slice: ~95 GiB): bf16 there, unless
+    the file there is an fp32 baseline of the same checkpoint (e.g. made on an H200), which is kept.
     """
     out = args.baselines / f"{ckpt.name}{'' if args.device == 'cpu' else '-' + args.device}.jsonl"  # one per device
     big = args.device == "cuda" and fp32_gib(ckpt) > 0.8 * args.gpu_mem_gib
@@ -137,9 +138,10 @@ def baseline_job(ckpt: Path, args) -> tuple[Path, str, Job | None]:
         head = read_baseline(out)[0] if out.is_file() else None
     except BaselineError:
         head = None
-    if head and head["checkpoint_sha256"] == checkpoint_fingerprint(ckpt) and \
-            (head["max_new_tokens"], head["dtype"], head["device"]) == (args.max_new_tokens, dtype, args.device):
-        return out, dtype, None
+    # a stored fp32 baseline serves where this GPU could only make a bf16 one (made on a larger GPU)
+    if head and head["checkpoint_sha256"] == checkpoint_fingerprint(ckpt) and head["dtype"] in (dtype, "fp32") and \
+            (head["max_new_tokens"], head["device"]) == (args.max_new_tokens, args.device):
+        return out, head["dtype"], None
     cmd = [sys.executable, "-m", "validation.baseline", "--checkpoint", str(ckpt), "--prompts", str(PROMPTS),
            "--out", str(out), "--max-new-tokens", str(args.max_new_tokens), "--dtype", dtype,
            "--device", args.device, "--batch-size", "20" if args.device == "cuda" else "1"]

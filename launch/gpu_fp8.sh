@@ -46,7 +46,8 @@ if has launches; then
 fi
 if has validate; then
   timeout "${VALIDATE_S:-300}" python3 -m validation.matrix --device cuda --configs slice --max-gpus 1 \
-    --engines native --layouts G1 --weights "${VALIDATE_WEIGHTS:-bf16,fp8}" --out "$out/validation" 2>&1 | tail -25
+    --engines native --layouts G1 --weights "${VALIDATE_WEIGHTS:-bf16,fp8}" --out "$out/validation" \
+    --program-opts "${VALIDATE_OPTS:-}" 2>&1 | tail -25
 fi
 if has serve; then
   # shellcheck disable=SC2086

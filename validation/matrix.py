@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import shlex
 import os
 import socket
 import subprocess
@@ -163,6 +164,7 @@ def run_job(row: Row, ckpt: Path, baseline: Path, args) -> Job:
                           mpi4py=True)
     if pp > 1:
         cmd += ["--pp", str(pp)]
+    cmd += shlex.split(args.program_opts)
     if ranks > group * pp:
         cmd += ["--dispatch", "dynamic", "--dispatch-size", "5"]
     return Job(row.tag, cmd, ranks, args.work / "logs" / f"{row.tag}.log")
@@ -297,6 +299,8 @@ def parse_args(argv=None):
     p.add_argument("--weights", default="bf16,fp8")
     p.add_argument("--max-gpus", type=int, default=2, help="cuda: layouts needing more ranks are left out")
     p.add_argument("--slots", type=int, default=None, help="concurrent ranks (default: CPU cores, or --max-gpus)")
+    p.add_argument("--program-opts", default="", help="more options of every run, e.g. '--fp8-prefill w8a16' "
+                   "(recorded in the result file)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=None, help="default: 20 (all prompts) on cuda, 4 on cpu")
     p.add_argument("--reuse", action="store_true", help="keep finished runs whose scores match the baseline")
@@ -348,7 +352,7 @@ def main(argv=None) -> int:
     results = run_rows(args, rows, ready, errors)
     stamp = dt.date.today().isoformat()
     doc = {"machine": args.machine, "date": stamp, "device": args.device, "max_new_tokens": args.max_new_tokens,
-           "batch_size": args.batch_size,
+           "batch_size": args.batch_size, "program_opts": args.program_opts,
            "prompts": str(PROMPTS.relative_to(ROOT)), "engines": engines, "notes": notes,
            "baselines": {f"{c}-{w}": {"file": _rel(b), "dtype": d} for (c, w), (_, b, d) in ready.items()},
            "layout_agreement": layout_agreement(args, rows), "rows": results}

@@ -9,7 +9,9 @@
 #   launches  the slice's FP8 default at BATCHES once per grouped-expert launch (SPMD_FP8_GROUPED: tiles,
 #             experts; the default run of `bench` is the third)
 #   validate  the validation matrix's slice rows on this GPU (G1; VALIDATE_WEIGHTS, default bf16,fp8: both
-#             checkpoints and a baseline's copy need ~100 GB of disk, fp8 alone ~30 GB)
+#             checkpoints and a baseline's copy need ~100 GB of disk, fp8 alone ~30 GB); VALIDATE_OPTS: more
+#             program options; VALIDATE_ACT_QUANT=1: against the FP8-activation baseline (validation/act_quant.py;
+#             fp32 for the slice needs an H200, made once, ~95 GiB)
 #   serve     the serving benchmark (traces/serve_bench.py; SERVE_BENCH_OPTS)
 #   load      the loader's read rate of the FP8 slice, cold and warm (traces/load_bench.py; issue 28's I/O input)
 #   bash launch/gpu_fp8.sh OUT_DIR
@@ -47,12 +49,13 @@ fi
 if has validate; then
   timeout "${VALIDATE_S:-300}" python3 -m validation.matrix --device cuda --configs slice --max-gpus 1 \
     --engines native --layouts G1 --weights "${VALIDATE_WEIGHTS:-bf16,fp8}" --out "$out/validation" \
-    --program-opts "${VALIDATE_OPTS:-}" 2>&1 | tail -25
+    --program-opts "${VALIDATE_OPTS:-}" ${VALIDATE_ACT_QUANT:+--act-quant} 2>&1 | tail -25
 fi
 if has serve; then
   # shellcheck disable=SC2086
   variant=()
   [[ -n ${SERVE_VARIANT:-} ]] && variant=(--variant "$SERVE_VARIANT")   # NAME=OPTIONS, one more continuous run
+  # shellcheck disable=SC2086  # SERVE_BENCH_OPTS is a list of options
   timeout "${SERVE_S:-300}" python3 -m traces.serve_bench --device cuda --out "$out/serve" ${SERVE_BENCH_OPTS:-} \
     "${variant[@]}" 2>&1 | tail -30
 fi

@@ -63,6 +63,8 @@ def header(args, n_prompts: int, prompt_pairs: list[tuple[str, str]], eos_id: in
             "git_commit": git_commit(),
             # FP8 weights transformers cannot dequantize itself: read from spmd.weights.fp8_cast's exact copy
             "fp8_weights_cast_by_spmd": len(needs_cast(args.checkpoint)),
+            # FP8 GEMM inputs rounded through e4m3 per 1 x 128, as --fp8-prefill w8a8 (validation/act_quant.py)
+            "act_quant": bool(getattr(args, "act_quant", False)),
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -84,6 +86,10 @@ def make_baseline(args) -> list[dict]:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     model = load_hf(args.checkpoint, args.dtype, args.device, log=False)
+    if args.act_quant:  # the FP8-activation recipe of --fp8-prefill w8a8 (validation/act_quant.py)
+        from validation.act_quant import fake_quantize
+        if not fake_quantize(model, args.checkpoint, ModelArgs.from_checkpoint(args.checkpoint).scale_fmt == "ue8m0"):
+            raise BaselineError(f"--act-quant: checkpoint {args.checkpoint} has no FP8 linear layers")
     rows = greedy_with_topk(model, ids, args.max_new_tokens, args.top_k, eos, args.batch_size)
     name = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor() or "cpu"
     head = header(args, len(prompts), [(p.id, p.text) for p in prompts], eos, name)
@@ -103,6 +109,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--batch-size", type=int, default=1, help="prompts per generate call (1: no padding)")
     p.add_argument("--no-chat-template", dest="chat", action="store_false")
+    p.add_argument("--act-quant", action="store_true", help="quantize the FP8 layers' inputs per 1 x 128 as the "
+                   "engine's --fp8-prefill w8a8 does (the reference for its validation rows)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for building the model (dequantizing "
                    "FP8, fusing experts); 0: torch's default (OMP_NUM_THREADS, 1 under launch/env.sh)")
     return p

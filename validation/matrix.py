@@ -106,7 +106,8 @@ class Row:
 def plan(args, engines: list[str]) -> list[Row]:
     """Every row to run, in table order; layouts needing more ranks than GPUs are left out on cuda."""
     fits = [lay for lay in args.layouts if args.device == "cpu" or LAYOUTS[lay][0] <= args.max_gpus]
-    return [Row(c, w, e, lay, d) for c in args.configs for w in args.weights for e in engines for lay in fits
+    weights = [w for w in args.weights if w == "fp8" or not getattr(args, "act_quant", False)]  # a8: FP8 only
+    return [Row(c, w, e, lay, d) for c in args.configs for w in weights for e in engines for lay in fits
             for d in args.dtypes if row_fits(c, w, e, lay, d)]
 
 
@@ -132,7 +133,8 @@ def baseline_job(ckpt: Path, args) -> tuple[Path, str, Job | None]:
     fp32, except on a GPU too small for the fp32 model (the full-width slice: ~95 GiB): bf16 there, unless
     the file there is an fp32 baseline of the same checkpoint (e.g. made on an H200), which is kept.
     """
-    out = args.baselines / f"{ckpt.name}{'' if args.device == 'cpu' else '-' + args.device}.jsonl"  # one per device
+    a8 = getattr(args, "act_quant", False)  # the FP8-activation reference (validation/act_quant.py)
+    out = args.baselines / f"{ckpt.name}{'' if args.device == 'cpu' else '-' + args.device}{'-a8' if a8 else ''}.jsonl"
     big = args.device == "cuda" and fp32_gib(ckpt) > 0.8 * args.gpu_mem_gib
     dtype = "bf16" if big else "fp32"
     try:
@@ -141,11 +143,13 @@ def baseline_job(ckpt: Path, args) -> tuple[Path, str, Job | None]:
         head = None
     # a stored fp32 baseline serves where this GPU could only make a bf16 one (made on a larger GPU)
     if head and head["checkpoint_sha256"] == checkpoint_fingerprint(ckpt) and head["dtype"] in (dtype, "fp32") and \
-            (head["max_new_tokens"], head["device"]) == (args.max_new_tokens, args.device):
+            (head["max_new_tokens"], head["device"], head.get("act_quant", False)) == \
+            (args.max_new_tokens, args.device, a8):
         return out, head["dtype"], None
     cmd = [sys.executable, "-m", "validation.baseline", "--checkpoint", str(ckpt), "--prompts", str(PROMPTS),
            "--out", str(out), "--max-new-tokens", str(args.max_new_tokens), "--dtype", dtype,
-           "--device", args.device, "--batch-size", "20" if args.device == "cuda" else "1"]
+           "--device", args.device, "--batch-size", "20" if args.device == "cuda" else "1",
+           *(("--act-quant",) if a8 else ())]
     # a large model is built in host memory first (validation.reference.load_hf): one at a time, with every
     # CPU core (FP8 dequantizing and expert fusing on one thread made the slice-fp8 baseline take > 6 min)
     if big:
@@ -301,6 +305,8 @@ def parse_args(argv=None):
     p.add_argument("--slots", type=int, default=None, help="concurrent ranks (default: CPU cores, or --max-gpus)")
     p.add_argument("--program-opts", default="", help="more options of every run, e.g. '--fp8-prefill w8a16' "
                    "(recorded in the result file)")
+    p.add_argument("--act-quant", action="store_true", help="FP8 rows against a baseline whose FP8 layers "
+                   "quantize their inputs as --fp8-prefill w8a8 does (baselines NAME-a8.jsonl; bf16 rows left out)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=None, help="default: 20 (all prompts) on cuda, 4 on cpu")
     p.add_argument("--reuse", action="store_true", help="keep finished runs whose scores match the baseline")
@@ -352,7 +358,7 @@ def main(argv=None) -> int:
     results = run_rows(args, rows, ready, errors)
     stamp = dt.date.today().isoformat()
     doc = {"machine": args.machine, "date": stamp, "device": args.device, "max_new_tokens": args.max_new_tokens,
-           "batch_size": args.batch_size, "program_opts": args.program_opts,
+           "batch_size": args.batch_size, "program_opts": args.program_opts, "act_quant": args.act_quant,
            "prompts": str(PROMPTS.relative_to(ROOT)), "engines": engines, "notes": notes,
            "baselines": {f"{c}-{w}": {"file": _rel(b), "dtype": d} for (c, w), (_, b, d) in ready.items()},
            "layout_agreement": layout_agreement(args, rows), "rows": results}

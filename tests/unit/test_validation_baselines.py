@@ -38,3 +38,12 @@ def test_a_bf16_baseline_is_remade_where_fp32_fits(tmp_path, tiny_fp8):
     got, dtype, job = matrix.baseline_job(tiny_fp8, _args(tmp_path, gpu_mem_gib=80.0))
     assert (got, dtype) == (out, "fp32") and job is not None and "--dtype" in job.cmd
     assert job.cmd[job.cmd.index("--dtype") + 1] == "fp32"
+
+
+def test_the_fp8_activation_reference_is_its_own_file(tmp_path, tiny_fp8):
+    """--act-quant rows need a baseline made with --act-quant: the plain one beside it is not taken."""
+    _store(tmp_path, tiny_fp8, "fp32")
+    args = _args(tmp_path, gpu_mem_gib=80.0)
+    args.act_quant = True
+    got, dtype, job = matrix.baseline_job(tiny_fp8, args)
+    assert got == tmp_path / f"{tiny_fp8.name}-cuda-a8.jsonl" and job is not None and "--act-quant" in job.cmd

@@ -1,0 +1,75 @@
+"""The FP8-activation recipe on the transformers reference: what `--fp8-prefill w8a8` computes, in fp32.
+
+The native engine's FP8 x FP8 GEMMs (spmd.kernels.fp8) quantize each GEMM's input per row and 128-column
+group to e4m3 (scale = max|x| / 448 in float32, rounded up to a power of two where the checkpoint's
+``scale_fmt`` is ``ue8m0``) and multiply it with the FP8 weight. ``fake_quantize(model, ckpt)`` makes a
+transformers ``DeepseekV3ForCausalLM`` do the same in its own precision: the input of every linear layer
+whose weight is FP8 in the checkpoint and that the engine keeps in FP8 (q_a, q_b, kv_a, o_proj, the dense
+and shared MLPs; not kv_b_proj, which the engine absorbs as a dequantized matrix, nor the router or
+lm_head, which are not FP8) is replaced by ``dequantize(quantize(x))`` (spmd.kernels.fp8's torch
+arithmetic, the kernels' reference in tests/unit/test_fp8.py); the routed experts quantize each token once
+for gate+up and the intermediate, scaled by its routing weight as spmd.model.moe applies it (before the
+down projection, not after as transformers and DeepSeek's inference code do: the same product, but the
+quantized intermediate differs where scales are powers of two), for down.
+
+A baseline made so (``python -m validation.baseline --act-quant``, ``validation.matrix --act-quant``) judges
+the w8a8 path by its recipe: what is left between it and a run is the run's bf16 compute and kernels, as
+for weight-only FP8 against the plain baseline. Quantization applies to every call here, while the engine
+switches by row count (``W8A8_ROWS``, ``W8A8_EXPERT_ROWS``): the matrix's teacher-forced scoring pass is one
+prefill over every prompt and its completion, above both thresholds; decode steps of small batches stay
+weight-only in the engine (the "exact prompts" column sees that difference, the thresholds do not).
+"""
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+
+import torch
+
+from spmd.kernels.fp8 import SCALE_SUFFIX, _quantize_torch, dequantize_act
+
+NOT_KEPT = ("kv_b_proj",)  # FP8 in the checkpoint, dequantized by the engine (MLA absorption)
+
+
+def fake_quant(x: torch.Tensor, ue8m0: bool) -> torch.Tensor:
+    """x rounded through e4m3 per row and 128 columns, back in x's dtype and shape."""
+    shape = x.shape
+    q, s = _quantize_torch(x.reshape(-1, shape[-1]), ue8m0)
+    return dequantize_act(q, s).to(x.dtype).view(shape)
+
+
+def fp8_modules(ckpt: Path) -> set[str]:
+    """Module names (transformers' naming) whose weight the checkpoint stores as FP8 with block scales."""
+    index = json.loads((Path(ckpt) / "model.safetensors.index.json").read_text())["weight_map"]
+    return {n[:-len(SCALE_SUFFIX)] for n in index if n.endswith(SCALE_SUFFIX)}
+
+
+def _experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """transformers' DeepseekV3Experts.forward with the engine's activation quantization."""
+    out = torch.zeros_like(hidden_states)
+    xq = fake_quant(hidden_states, self.act_quant_ue8m0)  # each token once, as the engine quantizes then gathers
+    mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
+    for e in torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()[:, 0].tolist():
+        pos, tok = torch.where(mask[e])
+        gate, up = torch.nn.functional.linear(xq[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
+        act = self.act_fn(gate) * up * top_k_weights[tok, pos, None].to(up.dtype)
+        h = torch.nn.functional.linear(fake_quant(act, self.act_quant_ue8m0), self.down_proj[e])
+        out.index_add_(0, tok, h.to(out.dtype))
+    return out
+
+
+def fake_quantize(model: torch.nn.Module, ckpt: Path, ue8m0: bool) -> list[str]:
+    """Make `model` (transformers DeepseekV3ForCausalLM) quantize its FP8 GEMMs' inputs; returns the names
+    of the modules changed (linear layers, then experts blocks)."""
+    fp8 = fp8_modules(ckpt)
+    changed = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name in fp8 and not name.endswith(NOT_KEPT):
+            mod.register_forward_pre_hook(lambda m, args: (fake_quant(args[0], ue8m0), *args[1:]))
+            changed.append(name)
+        elif type(mod).__name__ == "DeepseekV3Experts" and f"{name}.0.gate_proj" in fp8:
+            mod.act_quant_ue8m0 = ue8m0
+            mod.forward = types.MethodType(_experts_forward, mod)
+            changed.append(name)
+    return changed

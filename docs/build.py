@@ -5,9 +5,13 @@
 The templates (docs/paper/paper.typ.in, docs/proposal/proposal.typ.in) hold no measured or projected
 number of their own: each is a placeholder ``{{name}}`` (a fact) or ``{{table:name}}`` (a table), filled
 here from the files under validation/results, traces/results/bench, traces/results/scaling and traces/results/model, and every fact records the
-file it came from (``facts()``: name -> Fact(text, source)). tests/unit/test_docs.py fails when a template
-has a number outside a placeholder (beyond the allow-listed model and format names) or a placeholder
-without a fact. Typeset with Typst (PyPI ``typst``, the compiler itself as a Python extension).
+file it came from (``facts()``: name -> Fact(text, source)). The proposal's facts and tables (the system,
+the planner's layouts, the node-hour request and its arithmetic) come from docs/proposal_facts.py, the
+paper's figures from docs/figures.py (drawn into OUT/figures from the same result files), its
+bibliography from docs/paper/refs.yml. tests/unit/test_docs.py fails when a template has a number outside
+a placeholder (beyond the allow-listed model and format names), a placeholder without a fact, a figure
+that was not drawn or a citation without an entry; tests/unit/test_proposal.py recomputes the request.
+Typeset with Typst (PyPI ``typst``, the compiler itself as a Python extension).
 """
 from __future__ import annotations
 
@@ -33,10 +37,16 @@ ORDER = {v: ROOT / f"traces/results/scaling/dispatch-order-NVIDIA_H200-2026-11-2
 TIMERS_GRAPH = ROOT / "traces/results/bench/timers-NVIDIA_H200-graph-vm-2026-11-28.json"
 TIMERS_LAYER = ROOT / "traces/results/bench/timers-NVIDIA_H200-graph-stamp-layer-slice-fp8-b1-vm-2026-11-28.json"
 FULL_CFG, SLICE_CFG = ROOT / "inputs/models/v3.1-671b.json", ROOT / "inputs/models/slice.json"
+# issue 26's and the serving loop's H100 results (one card, 2026-12-06)
+SERVE = ROOT / "traces/results/serve/NVIDIA_H100_80GB_HBM3-2026-12-06-r4.json"      # the serving loop, 400 prompts
+SERVE_FP8 = ROOT / "traces/results/serve/NVIDIA_H100_80GB_HBM3-2026-12-06-r5.json"  # w8a8 vs w8a16 prefill
+FP8_BENCH = ROOT / "traces/results/bench/fp8-modes-2026-12-06-r3/NVIDIA_H100_80GB_HBM3-2026-12-06.json"
+VALID_A8 = ROOT / "validation/results/NVIDIA_H100_80GB_HBM3-2026-12-06.json"
+FP8_GEMMS = ROOT / "traces/results/fp8/NVIDIA_H100_80GB_HBM3-2026-12-06-r4.json"  # per GEMM (the fp8 figure's)
+LOAD = ROOT / "traces/results/load/NVIDIA_H100_80GB_HBM3-2026-12-06.json"
+DPA_G1 = ROOT / "traces/results/bench/dpa-g1-NVIDIA_H100_80GB_HBM3-2026-12-06.json"
 PLACEHOLDER = re.compile(r"\{\{([a-z0-9_:]+)\}\}")
 NODE_GPUS = 8
-# the proposal's experiment plan (a choice, not a result): runs per configuration and generated tokens
-PLAN = {"repeats": 3, "prompts": 2000, "new_tokens": 256, "batches": (1, 32, 128), "nodes": (1, 2, 3)}
 
 
 @dataclass(frozen=True)
@@ -152,7 +162,87 @@ def facts() -> dict[str, Fact]:
     put("h100_1node_fits", "no" if not prow("H100", 1, "G8", 1)["fits"] else "yes", MODEL)
     h100 = prow("H100", 2, "G16", 32)
     put("h100_2node_g16_tps", _fmt(h100["tokens_per_s"], 0), MODEL)
-    f.update(request_facts(proj))
+    f.update(h100_facts())
+    from docs import proposal_facts  # imports this module: here, not at the top
+    f.update(proposal_facts.facts())
+    return f
+
+
+def _serve_runs(path: Path) -> dict[str, dict]:
+    return {r["name"]: r["summary"] for r in _load(path)["runs"] if "summary" in r}
+
+
+def h100_facts() -> dict[str, Fact]:
+    """The serving loop, FP8 prefill, its validation, the loader's read rate, dpa at one GPU (one H100)."""
+    f: dict[str, Fact] = {}
+
+    def put(name: str, text: str, src: Path) -> None:
+        f[name] = Fact(text, _rel(src))
+
+    sv = _serve_runs(SERVE)
+    put("serve_gpu", _load(SERVE)["device"] if "NVIDIA" in _load(SERVE)["device"] else _load(SERVE)["machine"], SERVE)
+    put("serve_prompts", str(_load(SERVE)["workload"]["n"]), SERVE)
+    put("serve_static_tps", _fmt(sv["static-8"]["output_tokens_per_s"], 0), SERVE)
+    put("serve_cont_tps", _fmt(sv["continuous"]["output_tokens_per_s"], 0), SERVE)
+    put("serve_cont_x", _fmt(sv["continuous"]["output_tokens_per_s"] / sv["static-8"]["output_tokens_per_s"]), SERVE)
+    put("serve_idle_static", _fmt(sv["static-8"]["gpu_idle_share"] * 100, 1), SERVE)
+    put("serve_idle_cont", _fmt(sv["continuous"]["gpu_idle_share"] * 100, 1), SERVE)
+    s8 = _serve_runs(SERVE_FP8)
+    put("serve_a8_prompts", str(_load(SERVE_FP8)["workload"]["n"]), SERVE_FP8)
+    put("serve_a8_tps", _fmt(s8["continuous"]["output_tokens_per_s"], 0), SERVE_FP8)
+    put("serve_a16_tps", _fmt(s8["continuous-w8a16"]["output_tokens_per_s"], 0), SERVE_FP8)
+    put("serve_a8_x", _fmt(s8["continuous"]["output_tokens_per_s"] / s8["continuous-w8a16"]["output_tokens_per_s"]),
+        SERVE_FP8)
+    rows = _load(FP8_BENCH)["rows"]
+    for b in (32, 128):
+        a, d = _bench_row(rows, "native-1gpu-fp8", b), _bench_row(rows, "native-1gpu-fp8-dequant", b)
+        put(f"fp8_prefill_b{b}_tps", _fmt(a["prefill_tok_s"], 0), FP8_BENCH)
+        put(f"dq_prefill_b{b}_tps", _fmt(d["prefill_tok_s"], 0), FP8_BENCH)
+        put(f"fp8_prefill_b{b}_x", _fmt(a["prefill_tok_s"] / d["prefill_tok_s"]), FP8_BENCH)
+        put(f"fp8_prefill_b{b}_tokens", str(b * a["prompt"]), FP8_BENCH)
+    for b in (1, 128):
+        put(f"fp8_decode_b{b}_ms", _fmt(_bench_row(rows, "native-1gpu-fp8", b)["decode_ms_step"]), FP8_BENCH)
+        put(f"dq_decode_b{b}_ms", _fmt(_bench_row(rows, "native-1gpu-fp8-dequant", b)["decode_ms_step"]), FP8_BENCH)
+    ratios = [_bench_row(rows, "native-1gpu-fp8-bytes", b)["decode_ms_step"] /
+              _bench_row(rows, "native-1gpu-fp8-w8a16", b)["decode_ms_step"] for b in (1, 32, 128)]
+    put("bytes_decode_x", _rng(ratios), FP8_BENCH)
+    # one 16,384-token prefill under torch.profiler: GPU kernel time by kind
+    a, d = _bench_row(rows, "native-1gpu-fp8", 128), _bench_row(rows, "native-1gpu-fp8-dequant", 128)
+
+    def kernels(r: dict, pred) -> float:
+        return sum(k["ms"] for k in r["prefill_kernels"] if pred(k["name"]))
+    grouped_fp8 = kernels(a, lambda n: "w8a8" in n or "grouped" in n)
+    grouped_bf16 = kernels(d, lambda n: "cutlass" in n)
+    dense_fp8 = kernels(a, lambda n: "Ablk128" in n)  # cuBLAS block-scaled FP8
+    shared = kernels(a, lambda n: n.startswith("nvjet") and "Ablk128" not in n)  # bf16 GEMMs both runs have
+    dense_bf16 = kernels(d, lambda n: n.startswith("nvjet")) - shared
+    put("pf_fp8_ms", _fmt(a["prefill_kernel_ms"], 1), FP8_BENCH)
+    put("pf_dq_ms", _fmt(d["prefill_kernel_ms"], 1), FP8_BENCH)
+    put("pf_fp8_grouped_ms", _fmt(grouped_fp8, 1), FP8_BENCH)
+    put("pf_dq_grouped_ms", _fmt(grouped_bf16, 1), FP8_BENCH)
+    put("pf_fp8_dense_ms", _fmt(dense_fp8, 1), FP8_BENCH)
+    put("pf_dq_dense_ms", _fmt(dense_bf16, 1), FP8_BENCH)
+    put("pf_glue_ms", _fmt(d["prefill_kernel_ms"] - grouped_bf16 - dense_bf16 - shared, 0), FP8_BENCH)
+    v = next(r for r in _load(VALID_A8)["rows"] if r["config"] == "slice" and r["weights"] == "fp8")
+    put("a8_top1", _fmt(v["top1_agreement"], 3), VALID_A8)
+    put("a8_kl", _fmt(v["kl_mean"], 3), VALID_A8)
+    ld = _load(LOAD)
+    cold = next(r for r in ld["runs"] if r["cache"] == "cold")
+    warm = next(r for r in ld["runs"] if r["cache"] == "warm")
+    put("load_gb", _fmt(ld["checkpoint_bytes"] / 1e9, 1), LOAD)
+    put("load_cold_gbs", _fmt(cold["load"]["gb_s"]), LOAD)
+    put("load_raw_gbs", _fmt(cold["raw"]["gb_s"]), LOAD)
+    put("load_warm_gbs", _fmt(warm["load"]["gb_s"]), LOAD)
+    dp = _load(DPA_G1)["rows"]
+    for tag, key in (("native-1gpu-fp8", "tp"), ("native-1gpu-dpa-fp8", "dpa")):
+        put(f"{key}_g1_b128_ms", _fmt(_bench_row(dp, tag, 128)["decode_ms_step"]), DPA_G1)
+    put("dpa_batch", "128", DPA_G1)
+    from spmd.config.errors import FP8_BLOCK
+    put("fp8_block", str(FP8_BLOCK), ROOT / "spmd/config/errors.py")
+    # the result files the figures' captions name
+    for key, path in (("src_bench", BENCH), ("src_sweep", SWEEP_GPU), ("src_serve", SERVE), ("src_fp8", FP8_BENCH),
+                      ("src_model", MODEL), ("src_marks", SWEEP_MARKS), ("src_fpgemm", FP8_GEMMS)):
+        put(key, f"`{_rel(path)}`", path)
     return f
 
 
@@ -196,32 +286,6 @@ def sweep_facts() -> dict[str, Fact]:
     return f
 
 
-def request_facts(proj: list[dict]) -> dict[str, Fact]:
-    """The proposal's node-hours: per node count and planned batch, the fitting single-instance layout the
-    model projects fastest, the plan's tokens at its projected tokens/s plus a stated quarter hour of
-    start-up and checkpoint loading per run, times the repeats and the nodes."""
-    src = _rel(MODEL)
-    hours, lines = 0.0, []
-    tokens = PLAN["prompts"] * PLAN["new_tokens"]
-    for n in PLAN["nodes"]:
-        for b in PLAN["batches"]:
-            fit = [r for r in proj if r["gpu"] == "H200" and r["nodes"] == n and r["batch"] == b and r["fits"]
-                   and not r["layout"].startswith(f"{n}x")]  # one model instance over the n nodes
-            if not fit:
-                continue
-            best = max(fit, key=lambda r: r["tokens_per_s"])
-            gen_h = tokens / best["tokens_per_s"] / 3600
-            run_h = (gen_h + 0.25) * n * PLAN["repeats"]  # 15 minutes of start-up and load per run, stated
-            hours += run_h
-            lines.append((n, b, best["layout"], best["tokens_per_s"], run_h))
-    return {"plan_repeats": Fact(str(PLAN["repeats"]), "docs/build.py PLAN"),
-            "plan_prompts": Fact(str(PLAN["prompts"]), "docs/build.py PLAN"),
-            "plan_tokens": Fact(str(PLAN["new_tokens"]), "docs/build.py PLAN"),
-            "node_hours": Fact(_fmt(hours, 0), src),
-            "node_hours_request": Fact(str(int(-(-hours * 2 // 100) * 100)), src),  # x2 margin, rounded up
-            "_plan_lines": Fact(json.dumps(lines), src)}
-
-
 def tables(f: dict[str, Fact]) -> dict[str, str]:
     """Typst tables, built from the result files."""
     def table(cols: list[str], rows: list[list[str]]) -> str:
@@ -247,14 +311,12 @@ def tables(f: dict[str, Fact]) -> dict[str, str]:
     gpus = {r["layout"]: r["ranks"] for series in sweep["series"].values() for r in series}
     srows = [[n, str(gpus[n]), _fmt(r["tokens_per_s"], 0), _fmt(r["decode_ms"]), _fmt(r["job_tokens_per_s"], 0),
               _fmt(r["model_idle_pct"], 0), "yes" if r.get("warmup") else "no"] for n, r in sweep["runs"].items()]
-    plan = json.loads(f["_plan_lines"].text)
-    qrows = [[str(n), str(b), lay, _fmt(tps, 0), _fmt(h, 1)] for n, b, lay, tps, h in plan]
-    return {
+    from docs import proposal_facts
+    return {**proposal_facts.tables(f),
         "validation_gpu": table(["checkpoint", "weights", "layout", "exact", "top-1", "KL mean", "result"], vrows),
         "bench": table(["configuration", "batch 1", "batch 8", "batch 32", "batch 64"], brows),
         "model_validation": table(["measured row", "layout", "batch", "measured ms", "predicted ms", "error"], mrows),
         "projection": table(["GPU", "nodes", "layout", "batch", "GiB/GPU", "step ms", "tokens/s", "efficiency"], prows),
-        "request": table(["nodes", "batch", "layout", "tokens/s", "node-hours"], qrows),
         "sweep": table(["layout", "GPUs", "tokens/s", "decode ms", "job tokens/s", "idle %", "warm-up"], srows),
     }
 
@@ -268,12 +330,22 @@ def render(template: str, f: dict[str, Fact], t: dict[str, str]) -> str:
     return PLACEHOLDER.sub(sub, template)
 
 
+PAPER_FILES = (ROOT / "docs/paper/refs.yml",)  # beside the rendered sources: the bibliography
+
+
 def build(out: Path) -> list[Path]:
+    import shutil
+
     import typst
+
+    from docs import figures
 
     f = facts()
     t = tables(f)
     out.mkdir(parents=True, exist_ok=True)
+    figures.make(out / "figures")  # the paper's figures, drawn from the result files
+    for extra in PAPER_FILES:
+        shutil.copy(extra, out / extra.name)
     made = []
     for name, path in DOCS.items():
         src = out / f"{name}.typ"

@@ -10,7 +10,7 @@ import pytest
 from docs import build as docs_build
 
 # names that contain digits but are no results: models, formats, GPUs, programs, Typst lengths
-ALLOWED = re.compile(r"DeepSeek-V3(\.1)?|DeepseekV3ForCausalLM|top-1|H[12]00|mpi4py|HDF5|[Ff][Pp](8|16|32)|bf16|e4m3|UE8M0|kv_a_proj_with_mqa|"
+ALLOWED = re.compile(r"DeepSeek-V3(\.1)?|DeepseekV3ForCausalLM|top-1|H[12]00|A100|mpi4py|HDF5|[Ff][Pp](8|16|32)|bf16|e4m3|UE8M0|kv_a_proj_with_mqa|"
                      r"\b\d+(\.\d+)?(pt|cm)\b|\"a4\"")
 
 
@@ -50,11 +50,18 @@ def test_facts_are_the_result_files_numbers():
 
 
 def test_pdfs_build(tmp_path):
+    """Both PDFs build; every figure the paper includes was drawn, every citation is in the bibliography."""
     pytest.importorskip("typst")
     for pdf in docs_build.build(tmp_path):
         assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 20_000
     text = (tmp_path / "paper.typ").read_text()
     assert "{{" not in text and docs_build.facts()["n1_bf16_b1_ms"].text in text
+    images = re.findall(r'image\("([^"]+)"', text)
+    assert len(images) >= 6 and all((tmp_path / i).is_file() and (tmp_path / i).stat().st_size > 5_000 for i in images)
+    keys = set(re.findall(r"^([a-z]+):", (docs_build.ROOT / "docs/paper/refs.yml").read_text(), re.M))
+    labels = set(re.findall(r"<([a-z]+)>", text))  # the figures' labels
+    cited = set(re.findall(r"(?<![\w.])@([a-z]+)\b", text)) - labels
+    assert cited and cited <= keys, sorted(cited - keys)
 
 
 def test_every_spmd_variable_is_in_the_one_table():

@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = {"paper": ROOT / "docs/paper/paper.typ.in", "proposal": ROOT / "docs/proposal/proposal.typ.in"}
-VALID_CPU = ROOT / "validation/results/cpu-vm-2026-11-28.json"
+VALID_CPU = ROOT / "validation/results/cpu-vm-2026-12-06.json"
 VALID_GPU = ROOT / "validation/results/NVIDIA_H200-2026-11-28.json"
 BENCH = ROOT / "traces/results/bench/NVIDIA_H200-2026-11-28.json"
 BENCH_PP = ROOT / "traces/results/bench/pp-NVIDIA_H200-2026-11-28.json"

@@ -180,8 +180,9 @@ def h100_facts() -> dict[str, Fact]:
         f[name] = Fact(text, _rel(src))
 
     sv = _serve_runs(SERVE)
-    put("serve_gpu", _load(SERVE)["device"] if "NVIDIA" in _load(SERVE)["device"] else _load(SERVE)["machine"], SERVE)
-    put("serve_prompts", str(_load(SERVE)["workload"]["n"]), SERVE)
+    serve = _load(SERVE)
+    put("serve_gpu", serve["machine"], SERVE)
+    put("serve_prompts", str(serve["workload"]["n"]), SERVE)
     put("serve_static_tps", _fmt(sv["static-8"]["output_tokens_per_s"], 0), SERVE)
     put("serve_cont_tps", _fmt(sv["continuous"]["output_tokens_per_s"], 0), SERVE)
     put("serve_cont_x", _fmt(sv["continuous"]["output_tokens_per_s"] / sv["static-8"]["output_tokens_per_s"]), SERVE)

@@ -30,16 +30,13 @@ from traces.plots import COLORS  # noqa: E402  (the report's colours per event k
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = ROOT / "traces/results"
-BENCH = RES / "bench/NVIDIA_H200-2026-11-28.json"
-SWEEP = RES / "scaling/gpu-NVIDIA_H200-2026-11-28.json"
-MARKS = RES / "scaling/gpu-NVIDIA_H200-2026-11-28-layer-marks.json"
 TRACE_TP = RES / "gpu/slice-bf16-native-2.h5"  # eager decode of one group of two: per-layer compute and comm
 TRACE_ORCH = RES / "scaling/dispatch-order-NVIDIA_H200-2026-11-29-r2-G1O-sorted.h5"  # G1+O: orchestrator + model
-# the 400-prompt serving call: call 4 is the result, calls 1-3 the steps to it (docs/performance.md)
-SERVE_400 = RES / "serve/NVIDIA_H100_80GB_HBM3-2026-12-06-r4.json"
-SERVE_128 = RES / "serve/NVIDIA_H100_80GB_HBM3-2026-12-06-r5.json"  # FP8 w8a8 prefill (default) vs w8a16
-MODEL = RES / "model/model-NVIDIA_H200.json"
-FP8 = RES / "fp8/NVIDIA_H100_80GB_HBM3-2026-12-06-r4.json"
+# the result files: the ones the paper's text reads (docs/build.py), so figures and text cannot drift apart.
+# The 400-prompt serving call: call 4 is the result, calls 1-3 the steps to it (docs/performance.md); the
+# 128-prompt one compares FP8 w8a8 prefill (default) with w8a16.
+from docs.build import BENCH, MODEL, SWEEP_GPU as SWEEP, SWEEP_MARKS as MARKS  # noqa: E402
+from docs.build import FP8_GEMMS as FP8, SERVE as SERVE_400, SERVE_FP8 as SERVE_128  # noqa: E402
 
 # choices, not results
 BENCH_TAGS = ("native-1gpu-bf16", "native-1gpu-fp8", "native-2gpu-bf16", "native-2gpu-fp8", "hf-1gpu-bf16",

@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from docs.build import ROOT, Fact, _fmt, _load, _rel
+from docs.build import (DPA_G1, FP8_BENCH, FULL_CFG, LOAD, ROOT, SERVE, SLICE_CFG, VALID_A8, VALID_CPU, Fact, _fmt,
+                        _load, _rel)
 
 # --- the system: an input, not a result -------------------------------------------------------------------------
 # MareNostrum 5, accelerated partition (ACC), Barcelona Supercomputing Center. Per node: 2 Intel Sapphire Rapids
@@ -82,7 +83,7 @@ FAMILIES = ("tp group across nodes", "pipeline stages", "dpa (data-parallel atte
 PLANNER_NODES = range(1, 17)
 
 # --- loading the checkpoint: measured rates, one stated assumption ------------------------------------------------
-LOAD_FILE = ROOT / "traces/results/load/NVIDIA_H100_80GB_HBM3-2026-12-06.json"
+LOAD_FILE = LOAD  # docs.build's: the paper reads the same measurement
 LOAD_VM_GLOB = "cpu-*.json"  # a CPU machine's measurement (raw read at least), used when present (beside LOAD_FILE)
 # ASSUMPTION (not a measurement, not a published figure): one of our jobs gets at most this aggregate read rate
 # from the parallel file system. The GPFS's published bandwidth was not found in the sources searched; 40 GB/s
@@ -90,14 +91,10 @@ LOAD_VM_GLOB = "cpu-*.json"  # a CPU machine's measurement (raw read at least), 
 FS_JOB_GBPS = 40.0
 
 # --- other result files ---------------------------------------------------------------------------------------
-FULL_CFG = ROOT / "inputs/models/v3.1-671b.json"
-SLICE_CFG = ROOT / "inputs/models/slice.json"
-PREFILL = ROOT / "traces/results/bench/fp8-modes-2026-12-06-r3/NVIDIA_H100_80GB_HBM3-2026-12-06.json"
+# (the paper's files, docs/build.py: one place for each result the two documents share)
+PREFILL = FP8_BENCH
 PREFILL_TAG, PREFILL_BATCH = "native-1gpu-fp8-w8a16", 32  # the validated weight-only path, 32 x 128 tokens
-SERVE = ROOT / "traces/results/serve/NVIDIA_H100_80GB_HBM3-2026-12-06-r4.json"
-VALID_H100 = ROOT / "validation/results/NVIDIA_H100_80GB_HBM3-2026-12-06.json"
-VALID_CPU = ROOT / "validation/results/cpu-vm-2026-12-06.json"
-DPA_G1 = ROOT / "traces/results/bench/dpa-g1-NVIDIA_H100_80GB_HBM3-2026-12-06.json"
+VALID_H100 = VALID_A8
 TRACE = ROOT / "traces/results/gpu/slice-bf16-native-2.h5"  # an eager 2-rank trace: bytes and events per step
 THIS = Path(__file__)
 

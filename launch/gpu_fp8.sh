@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 26's GPU measurements in one device call (one GPU). Stages (STAGES, comma-separated; default all but
 # validate and serve):
-#   tests     the FP8 kernels' GPU tests (tests/unit/test_fp8.py, test_fp8_mode.py)
+#   tests     the FP8 and fused kernels' GPU tests (tests/unit/test_fp8.py, test_fp8_mode.py, test_fused.py)
 #   fp8       the per-GEMM benchmark (traces/fp8_bench.py; FP8_BENCH_OPTS) with its tile sweep
 #   bench     the slice's prefill/decode per FP8 mode (traces/gpu_bench.py: CONFIGS, BATCHES; PROFILE_BATCHES
 #             are profiled per GPU kernel), 128-token prompts up to 128 x 128 = 16,384 tokens (the serving
@@ -24,7 +24,7 @@ stages=",${STAGES:-tests,fp8,bench},"
 has() { [[ $stages == *",$1,"* ]]; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 if has tests; then
-  timeout "${TEST_S:-100}" python3 -m pytest -q tests/unit/test_fp8.py tests/unit/test_fp8_mode.py 2>&1 | tail -8 | tee "$out/tests.txt"
+  timeout "${TEST_S:-150}" python3 -m pytest -q tests/unit/test_fp8.py tests/unit/test_fp8_mode.py tests/unit/test_fused.py 2>&1 | tail -8 | tee "$out/tests.txt"
 fi
 if has fp8; then
   # shellcheck disable=SC2086  # FP8_BENCH_OPTS is a list of options

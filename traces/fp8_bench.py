@@ -43,10 +43,11 @@ GROUPED = {"experts.gate_up": (2 * MOE_INTER, DIM), "experts.down": (DIM, MOE_IN
 ROWS = (1, 8, 64, 128, 256, 512, 4096, 16384)
 TOKENS = (1, 8, 64, 400, 1024, 4096, 16384)
 SWEEP = ((64, 128, 4, 3), (64, 128, 4, 4), (128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 3), (128, 64, 4, 4))
-# the grouped kernel's tiles: 256-column tiles span two weight-scale blocks (the row-tile launch loads the
-# scales per column); (128, 256) holds two 128 x 256 fp32 tiles in registers (the dot's and the sum)
-SWEEP_GROUPED = ((64, 128, 4, 4), (128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 4, 4), (64, 256, 8, 3),
-                 (128, 256, 8, 3), (128, 256, 8, 2))
+# the grouped kernel's tiles (256-column tiles span two weight-scale blocks: the scales load per column;
+# (128, 256) was 3x slower, register-bound: traces/results/fp8/*-r3-launches.log), and its program orders
+# (fp8.Mode.group_m: row tiles per group, 1 = column tiles fastest), swept with the TMA launch
+SWEEP_GROUPED = ((64, 128, 4, 4), (64, 128, 4, 3), (128, 128, 8, 4), (64, 256, 8, 3))
+SWEEP_GROUP_M = (1, 4, 8, 16)
 
 
 def _weights(shape, gen):
@@ -219,21 +220,22 @@ def sweep(ceil, gen, only: str | None = None, tokens=(4096, 16384)) -> list[dict
             offs = torch.bincount(ids, minlength=EXPERTS).cumsum(0).to(torch.int32)
             q, qs = fp8.quantize_act(torch.randn(t, k, device="cuda", generator=gen).to(torch.bfloat16))
             q, qs = fp8.gather_rows(q, qs, order // TOPK)
-            for launch in ("tma", "tiles"):
-                for tile in SWEEP_GROUPED:
-                    fp8.configure(tiles=tile, grouped=launch)
-                    try:
-                        ms = _median_ms(lambda: fp8.fp8_grouped_mm(q, w, s, offs, key, x_scale=qs,
-                                                                   out_dtype=torch.bfloat16), reps=10, warmup=2)
-                    except RuntimeError as exc:  # e.g. out of shared memory / registers for this tile
-                        out.append(dict(gemm=name, tokens=t, launch=launch, tile=list(tile), error=str(exc)[:200]))
-                        continue
-                    out.append(dict(gemm=name, tokens=t, launch=launch, tile=list(tile), ms=ms,
-                                    tflops=2 * t * TOPK * n * k / ms / 1e9))
+            runs = [("tma", tile, g) for tile in SWEEP_GROUPED for g in SWEEP_GROUP_M]
+            runs += [("tiles", tile, fp8.Mode.group_m) for tile in SWEEP_GROUPED]
+            for launch, tile, group_m in runs:
+                fp8.configure(tiles=tile, grouped=launch, group_m=group_m)
+                case = dict(gemm=name, tokens=t, launch=launch, tile=list(tile) + [group_m])
+                try:
+                    ms = _median_ms(lambda: fp8.fp8_grouped_mm(q, w, s, offs, key, x_scale=qs,
+                                                               out_dtype=torch.bfloat16), reps=10, warmup=2)
+                except RuntimeError as exc:  # e.g. out of shared memory / registers for this tile
+                    out.append(dict(case, error=str(exc)[:200]))
+                    continue
+                out.append(dict(case, ms=ms, tflops=2 * t * TOPK * n * k / ms / 1e9))
             del q, qs
         del w, s
         torch.cuda.empty_cache()
-    fp8.configure(tiles=None, grouped="tiles")
+    fp8.configure(tiles=None, grouped="tiles", group_m=fp8.Mode.group_m)
     return out
 
 
@@ -265,7 +267,8 @@ def markdown(doc: dict) -> str:
         label = f"{m} tok" if gemm.startswith("experts") else str(m)
         lines.append(f"| {gemm} | {label} | " + " | ".join(cells) + f" | {sp:.2f} | {e16} | {e8} |")
     lines += ["", "w8a8 tiles (BLOCK_M, BLOCK_N, warps, stages); dense at 4096 rows; experts per launch "
-              "(tiles: a program per row tile, experts: per expert) and tokens:", "",
+              "(a program per row tile, operands by TMA or cp.async: tma, tiles) and tokens, their tile with "
+              "the row tiles per group of the program order last:", "",
               "| GEMM | rows / tokens | launch | tile | ms | TFLOP/s |", "|---|---|---|---|---|---|"]
     for r in doc["sweep"]:
         size = r.get("tokens", r.get("rows"))

@@ -107,6 +107,8 @@ class Mode:
     # FP8 x FP8 grouped launch: a program per (column tile, expert row tile), its operands loaded by the
     # TMA unit ("tma", sm_90+) or by cp.async ("tiles"), or a program per (column tile, expert) ("experts")
     grouped: str = "tiles"
+    # row tiles per group in the row-tile launches' program order (_tile): 1 = column tiles vary fastest
+    group_m: int = 8
 
 
 MODE = Mode()
@@ -122,6 +124,8 @@ def configure(**changes) -> Mode:
                          f"grouped {new.grouped!r} (tma|tiles|experts)")
     if min(new.w8a8_rows, new.w8a8_expert_rows) < 0:
         raise ValueError("fp8 mode: w8a8 row thresholds must be >= 0")
+    if new.group_m < 1:
+        raise ValueError("fp8 mode: group_m must be >= 1")
     for f in dataclasses.fields(Mode):
         setattr(MODE, f.name, getattr(new, f.name))
     return old
@@ -299,28 +303,40 @@ def _fp8_grouped_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, offs_ptr, rexp_ptr, o_ptr, 
         m0 += z_step
 
 
-def _row_tile(t, tend_ptr, offs_ptr, R, E, BLOCK_M: tl.constexpr, SEARCH: tl.constexpr):
-    """Row tile t of the experts' row tiles (tend: cumulative tiles per expert): (expert e, first row,
-    end row of e). Binary search for the first e with tend[e] > t, SEARCH = ceil(log2 E) steps."""
-    lo = t * 0
+def _tile(p, NT, tend_ptr, offs_ptr, R, E, BLOCK_M: tl.constexpr, SEARCH: tl.constexpr,
+          GROUP_M: tl.constexpr):
+    """Program p < tend[E-1] * NT of a row-tile launch (NT column tiles; tend: cumulative row tiles per
+    expert): (expert e, first row, end row of e, column tile). The programs of one expert are contiguous;
+    inside, groups of GROUP_M row tiles, and in a group the row tiles vary fastest: the programs running
+    together share the weight's column tiles (read from HBM once, not once per row tile) and a few row
+    tiles of activations (from L2). The expert: binary search for the first e with tend[e] > p // NT
+    (SEARCH = ceil(log2 E) steps), which is the first with tend[e] * NT > p."""
+    tq = p // NT
+    lo = tq * 0
     hi = lo + E - 1
     for _ in range(SEARCH):
         mid = (lo + hi) // 2
-        right = tl.load(tend_ptr + mid) <= t
+        right = tl.load(tend_ptr + mid) <= tq
         lo = tl.where(right, mid + 1, lo)
         hi = tl.where(right, hi, mid)
     first = tl.load(tend_ptr + lo - 1, mask=lo > 0, other=0)
     start = tl.load(offs_ptr + lo - 1, mask=lo > 0, other=0)
-    return lo, start + (t - first) * BLOCK_M, tl.minimum(tl.load(offs_ptr + lo), R)
+    count = tl.load(tend_ptr + lo) - first
+    local = p - first * NT
+    g0 = (local // (GROUP_M * NT)) * GROUP_M
+    in_group = tl.minimum(count - g0, GROUP_M)
+    inner = local - g0 * NT
+    t = g0 + inner % in_group
+    return lo, start + t * BLOCK_M, tl.minimum(tl.load(offs_ptr + lo), R), inner // in_group
 
 
-def _zero_tail(o_ptr, offs_ptr, t, ntiles, R, E, rn, n_mask, stride_om, stride_on,
+def _zero_tail(o_ptr, offs_ptr, z, chunks, R, E, rn, n_mask, stride_om, stride_on,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Program t >= ntiles of a row-tile launch: its share of the rows past offs[E-1] (no expert), zeros,
-    in BLOCK_M chunks dealt over the grid's programs past ntiles."""
+    """Row chunk z of `chunks` (the launch's programs past its tiles, per column tile): its share of the
+    rows past offs[E-1] (no expert), zeros, in BLOCK_M chunks dealt round-robin."""
     zero = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=o_ptr.dtype.element_ty)
-    m0 = tl.minimum(tl.maximum(tl.load(offs_ptr + E - 1), 0), R) + (t - ntiles) * BLOCK_M
-    step = (tl.num_programs(1) - ntiles) * BLOCK_M
+    m0 = tl.minimum(tl.maximum(tl.load(offs_ptr + E - 1), 0), R) + z * BLOCK_M
+    step = chunks * BLOCK_M
     while m0 < R:
         rm = m0 + tl.arange(0, BLOCK_M)
         o_ptrs = o_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :] * stride_on
@@ -328,40 +344,48 @@ def _zero_tail(o_ptr, offs_ptr, t, ntiles, R, E, rn, n_mask, stride_om, stride_o
         m0 += step
 
 
-_row_tile_fn = _zero_tail_fn = None  # _row_tile, _zero_tail jitted by _kernels (as _max_combine)
+_tile_fn = _zero_tail_fn = None  # _tile, _zero_tail jitted by _kernels (as _max_combine)
 
 
 def _w8a8_tma_kernel(x_desc, xs_ptr, w_desc, s_ptr, offs_ptr, tend_ptr, o_ptr, R, N, K, E,
                      stride_xsm, stride_xsk, stride_se, stride_sn, stride_sk, stride_om, stride_on,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     K_TILES: tl.constexpr, SCALE_BLOCK: tl.constexpr, SEARCH: tl.constexpr):
+                     K_TILES: tl.constexpr, SCALE_BLOCK: tl.constexpr, SEARCH: tl.constexpr,
+                     GROUP_M: tl.constexpr):
     """_grouped_tiles_kernel's FP8 x FP8 with the operand tiles loaded by the Hopper TMA unit (host tensor descriptors:
     x (R, K) in (BLOCK_M, 128) blocks, the experts' weights as one (E * N, K) matrix in (BLOCK_N, 128)
     blocks). A tile's rows past its expert's end (another expert's rows, or zeros past R) and columns
     past N (the next expert's) are loaded and computed but never stored; K past the end reads zeros."""
-    pid_n = tl.program_id(0)
-    t = tl.program_id(1)
+    p = tl.program_id(0)
+    nt = (N + BLOCK_N - 1) // BLOCK_N
     ntiles = tl.load(tend_ptr + E - 1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = rn < N
-    if t < ntiles:
-        e, m0, end = _row_tile_fn(t, tend_ptr, offs_ptr, R, E, BLOCK_M, SEARCH)
+    if p < ntiles * nt:
+        e, m0, end, pid_n = _tile_fn(p, nt, tend_ptr, offs_ptr, R, E, BLOCK_M, SEARCH, GROUP_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = rn < N
         rm = m0 + tl.arange(0, BLOCK_M)
         m_mask = rm < end
         xs_ptrs = xs_ptr + rm.to(tl.int64) * stride_xsm
-        s_ptrs = s_ptr + e.to(tl.int64) * stride_se + (rn // SCALE_BLOCK) * stride_sn
         wrow = e * N + pid_n * BLOCK_N
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
         for kb in range(0, K_TILES):
             a = x_desc.load([m0, kb * BLOCK_K])
             b = w_desc.load([wrow, kb * BLOCK_K])
-            s = tl.load(xs_ptrs + kb * stride_xsk, mask=m_mask, other=0.0)[:, None] * \
-                tl.load(s_ptrs + kb * stride_sk, mask=n_mask, other=0.0)[None, :]
-            acc += tl.dot(a, b.T) * s
+            xs = tl.load(xs_ptrs + kb * stride_xsk, mask=m_mask, other=0.0)
+            if BLOCK_N == SCALE_BLOCK:  # one weight block: a scalar, one multiply-add per product element
+                ws = tl.load(s_ptr + e.to(tl.int64) * stride_se + pid_n * stride_sn + kb * stride_sk)
+                acc += tl.dot(a, b.T) * (xs * ws)[:, None]
+            else:
+                ws = tl.load(s_ptr + e.to(tl.int64) * stride_se + (rn // SCALE_BLOCK) * stride_sn + kb * stride_sk,
+                             mask=n_mask, other=0.0)
+                acc += tl.dot(a, b.T) * (xs[:, None] * ws[None, :])
         o_ptrs = o_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :] * stride_on
         tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
     else:
-        _zero_tail_fn(o_ptr, offs_ptr, t, ntiles, R, E, rn, n_mask, stride_om, stride_on, BLOCK_M, BLOCK_N)
+        z = p - ntiles * nt
+        rn = (z % nt) * BLOCK_N + tl.arange(0, BLOCK_N)
+        _zero_tail_fn(o_ptr, offs_ptr, z // nt, tl.num_programs(0) // nt - ntiles, R, E, rn, rn < N,
+                      stride_om, stride_on, BLOCK_M, BLOCK_N)
 
 
 def _grouped_tiles_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, offs_ptr, tend_ptr, o_ptr, R, N, K, E,
@@ -369,7 +393,8 @@ def _grouped_tiles_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, offs_ptr, tend_ptr, o_ptr
                           stride_se, stride_sn, stride_sk, stride_om, stride_on,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           K_TILES: tl.constexpr, SCALE_BLOCK: tl.constexpr, SEARCH: tl.constexpr,
-                          PRECISION: tl.constexpr, UPCAST: tl.constexpr, A_FP8: tl.constexpr, W_BYTES: tl.constexpr):
+                          GROUP_M: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                          A_FP8: tl.constexpr, W_BYTES: tl.constexpr):
     """Grouped GEMM with one program per (column tile j, row tile t) of the experts' row tiles.
 
     tend (E,) int32: the cumulative count of BLOCK_M-row tiles per expert (tend[e] - tend[e-1] =
@@ -377,38 +402,68 @@ def _grouped_tiles_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, offs_ptr, tend_ptr, o_ptr
     = ceil(log2 E) steps) and computes rows offs[e-1] + (t - tend[e-1]) * BLOCK_M .. of it; programs t >=
     tend[E-1] zero the rows past offs[E-1]. So every program has one tile: the GPU's block scheduler
     balances experts of uneven size, where _fp8_grouped_kernel's program per expert walks all of its
-    expert's row tiles in turn. Column tiles vary fastest: the programs of one row tile run together and
-    read its activation rows from L2, and consecutive row tiles are mostly one expert's (its weights stay
-    in L2). Weight scales are loaded per column (BLOCK_N may span several 128-column blocks).
+    expert's row tiles in turn. The launch is one-dimensional, in _tile's order: an expert's programs
+    together, row tiles fastest inside groups of GROUP_M, so the weight's column tiles are read once
+    from HBM for a group of row tiles. A weight scale is a scalar where BLOCK_N is one 128-column block,
+    else loaded per column.
     A_FP8: FP8 x FP8 with x's scales per row and k-block; else x is 16-bit and the weight tile is
     converted (W_BYTES: decoded from its bytes, as in _fp8_linear_kernel)."""
-    pid_n = tl.program_id(0)
-    t = tl.program_id(1)
+    p = tl.program_id(0)
+    nt = (N + BLOCK_N - 1) // BLOCK_N
     ntiles = tl.load(tend_ptr + E - 1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    n_mask = rn < N
-    if t < ntiles:
-        e, m0, end = _row_tile_fn(t, tend_ptr, offs_ptr, R, E, BLOCK_M, SEARCH)
+    if p < ntiles * nt:
+        e, m0, end, pid_n = _tile_fn(p, nt, tend_ptr, offs_ptr, R, E, BLOCK_M, SEARCH, GROUP_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = rn < N
         rm = m0 + tl.arange(0, BLOCK_M)
         m_mask = rm < end
         x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk
         xs_ptrs = xs_ptr + rm.to(tl.int64) * stride_xsm
         w_ptrs = w_ptr + e.to(tl.int64) * stride_we + rn.to(tl.int64)[None, :] * stride_wn + rk[:, None] * stride_wk
         s_ptrs = s_ptr + e.to(tl.int64) * stride_se + (rn // SCALE_BLOCK) * stride_sn
+        s_one = s_ptr + e.to(tl.int64) * stride_se + pid_n * stride_sn
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
         for kb in range(0, K_TILES):  # constexpr trip count: a pipelined loop
             k_mask = rk < K - kb * BLOCK_K
             a = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             b = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            s = tl.load(s_ptrs + kb * stride_sk, mask=n_mask, other=0.0)[None, :]
+            if BLOCK_N == SCALE_BLOCK:  # one weight block: its scale is a scalar
+                s = tl.load(s_one + kb * stride_sk)
+            else:
+                s = tl.load(s_ptrs + kb * stride_sk, mask=n_mask, other=0.0)[None, :]
             acc = _k_step_fn(acc, a, b, s, xs_ptrs + kb * stride_xsk, m_mask, PRECISION, UPCAST, A_FP8, W_BYTES)
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
         o_ptrs = o_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :] * stride_on
         tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
     else:
-        _zero_tail_fn(o_ptr, offs_ptr, t, ntiles, R, E, rn, n_mask, stride_om, stride_on, BLOCK_M, BLOCK_N)
+        z = p - ntiles * nt
+        rn = (z % nt) * BLOCK_N + tl.arange(0, BLOCK_N)
+        _zero_tail_fn(o_ptr, offs_ptr, z // nt, tl.num_programs(0) // nt - ntiles, R, E, rn, rn < N,
+                      stride_om, stride_on, BLOCK_M, BLOCK_N)
+
+
+def _quant_block(x, UE8M0: tl.constexpr, EXACT_DIV: tl.constexpr):
+    """fp32 x (rows, 128) -> (q, s): s = max|x| per row / 448 (1e-10 / 448 at least; rounded up to a power
+    of two if UE8M0), q = x / s saturated at +-448 (fp32, for the caller's e4m3 store)."""
+    # tl.reduce with this module's combine function: tl.max is a triton.language @jit helper, fixed to one
+    # mode at triton's import (see the module's docstring), _max_combine is wrapped by _kernels per mode
+    amax = tl.maximum(tl.reduce(tl.abs(x), 1, _max_combine), 1e-10)
+    if EXACT_DIV:  # IEEE division, as torch's (Triton's `/` is the approximate one on GPUs)
+        scale = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
+    else:  # the interpreter's `/` is numpy's, exact
+        scale = amax / 448.0
+    if UE8M0:  # the next power of two up: exponent + 1 unless the mantissa is 0 (scales are normal, > 0)
+        scale = ((scale.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
+    if EXACT_DIV:
+        q = tl.math.div_rn(x, scale[:, None])
+    else:
+        q = x / scale[:, None]
+    return tl.minimum(tl.maximum(q, -448.0), 448.0), scale
+
+
+_quant_block_fn = None  # _quant_block, jitted by _kernels (as _max_combine); spmd.kernels.fused uses it too
 
 
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xk, stride_qm, stride_sm, stride_sk,
@@ -425,20 +480,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xk, stride_qm
     mask = (rm < M)[:, None] & (rk < K)[None, :]
     x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk, mask=mask,
                 other=0.0).to(tl.float32)
-    # tl.reduce with this module's combine function: tl.max is a triton.language @jit helper, fixed to one
-    # mode at triton's import (see the module's docstring), _max_combine is wrapped by _kernels per mode
-    amax = tl.maximum(tl.reduce(tl.abs(x), 1, _max_combine), 1e-10)
-    if EXACT_DIV:  # IEEE division, as torch's (Triton's `/` is the approximate one on GPUs)
-        scale = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
-    else:  # the interpreter's `/` is numpy's, exact
-        scale = amax / 448.0
-    if UE8M0:  # the next power of two up: exponent + 1 unless the mantissa is 0 (scales are normal, > 0)
-        scale = ((scale.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
-    if EXACT_DIV:
-        q = tl.math.div_rn(x, scale[:, None])
-    else:
-        q = x / scale[:, None]
-    q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+    q, scale = _quant_block_fn(x, UE8M0, EXACT_DIV)
     tl.store(q_ptr + rm.to(tl.int64)[:, None] * stride_qm + rk[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + rm.to(tl.int64) * stride_sm + kb * stride_sk, scale, mask=rm < M)
 
@@ -455,9 +497,9 @@ def _kernels(interpret: bool):
     """(linear, grouped, act_quant) jitted for the mode at first use (the interpreter is chosen when
     triton.jit runs)."""
     del interpret  # the cache key: triton.jit reads TRITON_INTERPRET itself
-    global _max_combine, _row_tile_fn, _zero_tail_fn, _k_step_fn
-    _max_combine, _row_tile_fn, _zero_tail_fn = triton.jit(_max), triton.jit(_row_tile), triton.jit(_zero_tail)
-    _k_step_fn = triton.jit(_k_step)
+    global _max_combine, _tile_fn, _zero_tail_fn, _k_step_fn, _quant_block_fn
+    _max_combine, _tile_fn, _zero_tail_fn = triton.jit(_max), triton.jit(_tile), triton.jit(_zero_tail)
+    _k_step_fn, _quant_block_fn = triton.jit(_k_step), triton.jit(_quant_block)
     return (triton.jit(_fp8_linear_kernel), triton.jit(_fp8_grouped_kernel), triton.jit(_act_quant_kernel),
             (triton.jit(_grouped_tiles_kernel), triton.jit(_w8a8_tma_kernel)))
 
@@ -586,7 +628,7 @@ def _quantize_torch(x: torch.Tensor, ue8m0: bool) -> tuple[torch.Tensor, torch.T
     s = xp.abs().amax(-1).clamp_min(1e-10) / 448.0
     if ue8m0:
         s = ((s.view(torch.int32) + 0x7FFFFF) & 0x7F800000).view(torch.float32)
-    q = (xp / s[..., None]).clamp(-448.0, 448.0).view(m, -1)[:, :k].to(torch.float8_e4m3fn)
+    q = (xp / s[..., None]).clamp(-448.0, 448.0).view(m, kb * FP8_BLOCK)[:, :k].to(torch.float8_e4m3fn)
     return q, s
 
 
@@ -758,10 +800,10 @@ def _tma_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def _grouped_tiles(kernels, x, x_scale, w, scale_inv, offs, out):
-    """fp8_grouped_mm with a program per (column tile, expert row tile): FP8 x FP8 by _w8a8_tma_kernel
+    """fp8_grouped_mm with a program per (column tile, expert row tile), in _tile's order: FP8 x FP8 by _w8a8_tma_kernel
     (MODE.grouped "tma", where _tma_ok) or _grouped_tiles_kernel, which also runs 16-bit x (weight-only,
     e4m3 or bytes). The tile counts per expert come from offs by torch ops on the device (no host sync,
-    graph-capturable); the grid's row axis is the static bound ceil(R / BLOCK_M) + E."""
+    graph-capturable); the grid is the static bound (ceil(R / BLOCK_M) + E) row tiles per column tile."""
     tiles_kernel, tma_kernel = kernels
     e, n, k = w.shape
     r = x.shape[0]
@@ -774,9 +816,10 @@ def _grouped_tiles(kernels, x, x_scale, w, scale_inv, offs, out):
     ends = offs.clamp(max=r)
     counts = (ends - torch.nn.functional.pad(ends[:-1], (1, 0))).clamp(min=0)
     tend = torch.div(counts + (bm - 1), bm, rounding_mode="floor").cumsum(0).to(torch.int32)
-    grid = (triton.cdiv(n, bn), triton.cdiv(r, bm) + e)
+    grid = (triton.cdiv(n, bn) * (triton.cdiv(r, bm) + e),)
     common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=FP8_BLOCK, K_TILES=_cdiv128(k), SCALE_BLOCK=FP8_BLOCK,
-                  SEARCH=max(1, (e - 1).bit_length()), num_warps=warps, num_stages=stages)
+                  SEARCH=max(1, (e - 1).bit_length()), GROUP_M=MODE.group_m, num_warps=warps,
+                  num_stages=stages)
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 

@@ -1,4 +1,4 @@
-"""Fused small ops in Triton, for the decode step on CUDA: RMSNorm and the MoE router, one kernel each.
+"""Fused small ops in Triton on CUDA: RMSNorm and the MoE router for the decode step, one kernel each; the prefill glue.
 
 At decode the step is a chain of small kernels between the weight-bound GEMMs, and each costs a launch
 (~2-3 µs inside a CUDA graph) whatever its size. Torch's RMSNorm (``spmd.model.transformer.RMSNorm``) is five of them
@@ -14,6 +14,13 @@ top-k experts of the kept groups, their unbiased scores normalized and scaled. O
 holds its E scores in registers; top-k is k rounds of argmax (ties to the lower index). It returns the
 experts in descending order of choice score, as torch.topk does.
 
+Prefill glue, where torch makes several memory passes of large tensors: ``rope`` rotates q's rope part in
+place (so q needs no concatenation) with torch's roundings op by op; ``mla_keys`` builds the per-head keys
+(k_nope | shared rotated key) in one pass, where torch.cat of an expanded view is a slow strided copy;
+``silu_mul`` makes silu(gate) * up * routing weight from the experts' gate+up output in one read, and for
+the FP8 x FP8 down projection writes it quantized as spmd.kernels.fp8.quantize_act would. MLA and MoE take
+them for steps of FUSED_ROWS tokens or more (``fused_for``), and in decode graphs.
+
 The model takes them on CUDA where Triton imports (``spmd.model.transformer.use_fused`` decides once per module);
 elsewhere the torch path runs. Tested against torch
 under Triton's CPU interpreter (tests/unit/test_fused.py) and on GPUs.
@@ -24,6 +31,7 @@ import functools
 
 import torch
 
+from spmd.kernels import fp8
 from spmd.kernels.fp8 import interpret
 
 try:
@@ -31,6 +39,19 @@ try:
     import triton.language as tl
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = tl = None
+
+
+# Steps of at least this many tokens take the fused glue kernels of MLA and MoE (rope, the per-head keys,
+# silu * up) even in eager mode, where use_fused leaves the small ops to torch: at this size a kernel's
+# host cost is small beside the memory passes it saves (a 16,384-token prefill of the slice: torch's cat
+# of the keys and its rope ops took ~15 ms of ~110 on an H100, traces/results/bench/fp8-modes-2026-12-06-r3).
+FUSED_ROWS = 256
+
+
+def fused_for(mod, rows: int) -> bool:
+    """Whether mod (an MLA or MoE, switched by spmd.model.transformer.use_fused: `fused` in decode graphs,
+    `fused_ok` where the kernels run) takes its fused kernels for a step of `rows` tokens."""
+    return mod.fused or (mod.fused_ok and rows >= FUSED_ROWS)
 
 
 def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, D, stride_x, stride_o, eps, BLOCK: tl.constexpr):
@@ -75,10 +96,85 @@ def _route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, stride_l, route_scale,
     tl.store(ids_ptr + row * K + slots, ids)
 
 
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, o_ptr, T, H, stride_xb, stride_xt, stride_xh, stride_cb, stride_ct,
+                 stride_ob, stride_ot, stride_oh, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Program (b * T + t, head block): x's interleaved pairs rotated, written de-interleaved to o (which
+    may be x: every load precedes every store, and programs own disjoint rows). Each product and each
+    sum is rounded to x's dtype, as torch's ops in apply_rope are."""
+    row = tl.program_id(0)
+    b, t = row // T, row % T
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    j = tl.arange(0, HALF)
+    mask = (h < H)[:, None]
+    base = x_ptr + b.to(tl.int64) * stride_xb + t.to(tl.int64) * stride_xt + h.to(tl.int64)[:, None] * stride_xh
+    even = tl.load(base + 2 * j[None, :], mask=mask, other=0.0)
+    odd = tl.load(base + 2 * j[None, :] + 1, mask=mask, other=0.0)
+    c = tl.load(cos_ptr + b.to(tl.int64) * stride_cb + t.to(tl.int64) * stride_ct + j)[None, :].to(tl.float32)
+    s = tl.load(sin_ptr + b.to(tl.int64) * stride_cb + t.to(tl.int64) * stride_ct + j)[None, :].to(tl.float32)
+    dt = even.dtype
+    ef, of = even.to(tl.float32), odd.to(tl.float32)
+    r0 = ((ef * c).to(dt).to(tl.float32) - (of * s).to(dt).to(tl.float32)).to(dt)
+    r1 = ((of * c).to(dt).to(tl.float32) + (ef * s).to(dt).to(tl.float32)).to(dt)
+    out = o_ptr + b.to(tl.int64) * stride_ob + t.to(tl.int64) * stride_ot + h.to(tl.int64)[:, None] * stride_oh
+    tl.store(out + j[None, :], r0, mask=mask)
+    tl.store(out + HALF + j[None, :], r1, mask=mask)
+
+
+def _mla_keys_kernel(kn_ptr, pe_ptr, k_ptr, S, H, stride_nb, stride_ns, stride_nh, stride_pb, stride_ps,
+                     stride_kb, stride_ks, stride_kh, NOPE: tl.constexpr, ROPE: tl.constexpr,
+                     BLOCK_H: tl.constexpr):
+    """Program (b * S + s, head block): k[b, s, h] = (k_nope[b, s, h] | pe[b, s]), every head the same pe."""
+    row = tl.program_id(0)
+    b, s = (row // S).to(tl.int64), (row % S).to(tl.int64)
+    h = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
+    mask = (h < H)[:, None]
+    c = tl.arange(0, NOPE)
+    r = tl.arange(0, ROPE)
+    nope = tl.load(kn_ptr + b * stride_nb + s * stride_ns + h[:, None] * stride_nh + c[None, :], mask=mask)
+    pe = tl.load(pe_ptr + b * stride_pb + s * stride_ps + r)
+    out = k_ptr + b * stride_kb + s * stride_ks + h[:, None] * stride_kh
+    tl.store(out + c[None, :], nope, mask=mask)
+    tl.store(out + NOPE + r[None, :], tl.broadcast_to(pe[None, :], (BLOCK_H, ROPE)), mask=mask)
+
+
+def _silu_mul_kernel(gu_ptr, w_ptr, o_ptr, q_ptr, s_ptr, M, I, stride_gm, stride_om, stride_qm, stride_sm, stride_sk,
+                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_W: tl.constexpr, QUANT: tl.constexpr,
+                     UE8M0: tl.constexpr, EXACT_DIV: tl.constexpr):
+    """Program (row block, 128-column block kb): a = silu(gate) * up (* w[row], the routing weight) from
+    gate_up (M, 2I) = (gate | up), each op rounded to the dtype as torch's are; then either a to o, or
+    a quantized per row and 128 columns as spmd.kernels.fp8.quantize_act does (q e4m3, s float32)."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rm < M)[:, None] & (rk < I)[None, :]
+    g_ptrs = gu_ptr + rm.to(tl.int64)[:, None] * stride_gm + rk[None, :]
+    g = tl.load(g_ptrs, mask=mask, other=0.0)
+    u = tl.load(g_ptrs + I, mask=mask, other=0.0)
+    dt = g.dtype
+    gf = g.to(tl.float32)
+    a = (gf / (1.0 + tl.exp(-gf))).to(dt)
+    a = (a.to(tl.float32) * u.to(tl.float32)).to(dt)
+    if HAS_W:
+        w = tl.load(w_ptr + rm, mask=rm < M, other=0.0).to(dt)
+        a = (a.to(tl.float32) * w.to(tl.float32)[:, None]).to(dt)
+    if QUANT:
+        q, scale = _quant_block_fn(a.to(tl.float32), UE8M0, EXACT_DIV)
+        tl.store(q_ptr + rm.to(tl.int64)[:, None] * stride_qm + rk[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(s_ptr + rm.to(tl.int64) * stride_sm + tl.program_id(1) * stride_sk, scale, mask=rm < M)
+    else:
+        tl.store(o_ptr + rm.to(tl.int64)[:, None] * stride_om + rk[None, :], a, mask=mask)
+
+
+_quant_block_fn = None  # spmd.kernels.fp8's, jitted for the mode in use: set by _kernels
+
+
 @functools.lru_cache(maxsize=None)
 def _kernels(interpret: bool):
-    del interpret  # the cache key: triton.jit reads TRITON_INTERPRET itself
-    return triton.jit(_rms_norm_kernel), triton.jit(_route_kernel)
+    # interpret: the cache key (triton.jit reads TRITON_INTERPRET itself)
+    global _quant_block_fn
+    fp8._kernels(interpret)
+    _quant_block_fn = fp8._quant_block_fn
+    return (triton.jit(_rms_norm_kernel), triton.jit(_route_kernel), triton.jit(_rope_kernel),
+            triton.jit(_mla_keys_kernel), triton.jit(_silu_mul_kernel))
 
 
 def route_fits(n_experts: int, n_groups: int, top_k: int) -> bool:
@@ -122,3 +218,77 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
             x2, weight, out, d, x2.stride(0), out.stride(0), eps, BLOCK=block,
             num_warps=8 if block >= 4096 else 4)
     return out.view(x.shape)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """spmd.model.transformer.apply_rope in one kernel, for x (B, T, H, rope) or (B, T, rope) with unit
+    stride in the last dim, cos/sin (B or 1, T, rope/2) in x's dtype; out (x's shape; x itself: in
+    place) or a new tensor."""
+    b, t = x.shape[:2]
+    heads = x.shape[2] if x.dim() == 4 else 1
+    half = x.shape[-1] // 2
+    if x.shape[-1] % 2 or cos.shape not in ((b, t, half), (1, t, half)) or sin.shape != cos.shape \
+            or x.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride() != cos.stride() \
+            or cos.dtype != x.dtype or sin.dtype != x.dtype:
+        raise ValueError(f"rope: x {tuple(x.shape)} {x.dtype}, cos {tuple(cos.shape)} {cos.dtype}, "
+                         f"sin {tuple(sin.shape)}")
+    out = torch.empty_like(x) if out is None else out
+    if out.shape != x.shape or out.stride(-1) != 1:
+        raise ValueError(f"rope: out {tuple(out.shape)} for x {tuple(x.shape)}")
+    sx = x.stride()[:3] if x.dim() == 4 else (*x.stride()[:2], 0)
+    so = out.stride()[:3] if out.dim() == 4 else (*out.stride()[:2], 0)
+    block_h = min(16, triton.next_power_of_2(heads))
+    if b * t:
+        _kernels(interpret())[2][(b * t, triton.cdiv(heads, block_h))](
+            x, cos, sin, out, t, heads, *sx, cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1), *so,
+            HALF=half, BLOCK_H=block_h,
+            num_warps=4)
+    return out
+
+
+def mla_keys(k_nope: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
+    """(B, S, H, nope) and the shared rotated key (B, S, rope) -> keys (B, S, H, nope + rope), one kernel
+    (torch.cat of k_nope with pe expanded over the heads is a slow strided copy)."""
+    b, s, h, nope = k_nope.shape
+    rope_dim = pe.shape[-1]
+    if pe.shape != (b, s, rope_dim) or k_nope.stride(-1) != 1 or pe.stride(-1) != 1:
+        raise ValueError(f"mla_keys: k_nope {tuple(k_nope.shape)}, pe {tuple(pe.shape)}")
+    k = torch.empty((b, s, h, nope + rope_dim), dtype=k_nope.dtype, device=k_nope.device)
+    block_h = min(16, triton.next_power_of_2(h))
+    if b * s:
+        _kernels(interpret())[3][(b * s, triton.cdiv(h, block_h))](
+            k_nope, pe, k, s, h, *k_nope.stride()[:3], pe.stride(0), pe.stride(1), *k.stride()[:3],
+            NOPE=nope, ROPE=rope_dim, BLOCK_H=block_h, num_warps=4)
+    return k
+
+
+def silu_mul(gate_up: torch.Tensor, weight: torch.Tensor | None = None, quant: bool = False,
+             ue8m0: bool = False):
+    """gate_up (M, 2I) = (gate | up) -> silu(gate) * up (* weight[:, None]) (M, I) in gate_up's dtype, as
+    torch computes it op by op; quant: instead (q, s) of that product quantized as
+    spmd.kernels.fp8.quantize_act(product, ue8m0) does (I a multiple of 128). One kernel, one read."""
+    m, i2 = gate_up.shape
+    i = i2 // 2
+    if i2 % 2 or gate_up.stride(-1) != 1 or (weight is not None and weight.shape != (m,)) \
+            or (quant and i % 128):
+        raise ValueError(f"silu_mul: gate_up {tuple(gate_up.shape)}, weight "
+                         f"{None if weight is None else tuple(weight.shape)}, quant {quant}")
+    bm, bk = 32, 128
+    interp = interpret()
+    dummy = gate_up
+    if quant:
+        q = torch.empty((m, i), dtype=torch.float32 if interp else torch.float8_e4m3fn, device=gate_up.device)
+        mp = -(-m // 4) * 4  # quantize_act's layout: column-major scales
+        s = torch.empty((i // bk, mp), dtype=torch.float32, device=gate_up.device)[:, :m].T
+        o, strides = dummy, (0, q.stride(0), s.stride(0), s.stride(1))
+    else:
+        o = torch.empty((m, i), dtype=gate_up.dtype, device=gate_up.device)
+        q, s, strides = dummy, dummy, (o.stride(0), 0, 0, 0)
+    if m:
+        _kernels(interp)[4][(triton.cdiv(m, bm), triton.cdiv(i, bk))](
+            gate_up, dummy if weight is None else weight, o, q, s, m, i, gate_up.stride(0), *strides,
+            BLOCK_M=bm, BLOCK_K=bk, HAS_W=weight is not None, QUANT=quant, UE8M0=ue8m0, EXACT_DIV=not interp,
+            num_warps=4)
+    if quant:
+        return q.to(torch.float8_e4m3fn), s
+    return o

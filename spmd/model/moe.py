@@ -115,6 +115,7 @@ class MoE(nn.Module):
         split = ep if ep is not None else tp
         owned = local_slice(m.n_routed_experts, split.rank, split.size)
         self.tp, self.ep, self.layer = tp, ep, layer
+        self.fused = self.fused_ok = False  # silu * up in Triton (spmd.model.transformer.use_fused, fused_for)
         self.n_experts, self.expert_lo, self.expert_hi = m.n_routed_experts, owned.start, owned.stop
         self.gate = Gate(m, dtype, device)
         self.shared_experts = MLP(m.dim, m.moe_inter_dim * m.n_shared_experts, tp, "moe.shared",
@@ -122,6 +123,9 @@ class MoE(nn.Module):
         # keyed by the GLOBAL expert index, so parameter names match the checkpoint's
         self.experts = nn.ModuleDict({str(e): Expert(m.dim, m.moe_inter_dim, dtype, device)
                                       for e in range(owned.start, owned.stop)})
+
+    def fused_fits(self) -> bool:
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -184,17 +188,17 @@ class MoE(nn.Module):
                 e.down_proj.weight_scale_inv = self.s2[i]
 
     def _gmm(self, x: torch.Tensor, w: torch.Tensor, scale, offs: torch.Tensor, row_expert,
-             rows: torch.Tensor | None = None, a8: bool = False) -> torch.Tensor:
+             rows: torch.Tensor | None = None, a8: bool = False, xq=None, dtype=None) -> torch.Tensor:
         """Grouped x[rows] @ w[e]^T over the rows of each local expert (offs: their end rows; row_expert:
         each row's local expert, E_l past them). a8 (kept FP8 weights, spmd.kernels.fp8.w8a8_grouped):
         x is quantized per row and 128 columns first (before the gather: N tokens, not N * top_k slots)
-        and the GEMM runs FP8 x FP8."""
+        and the GEMM runs FP8 x FP8; xq: x already quantized, (q, scales), x None and dtype the output's."""
         if a8:
             from spmd.kernels.fp8 import fp8_grouped_mm, gather_rows, quantize_act
-            q, qs = quantize_act(x)
+            q, qs = quantize_act(x) if xq is None else xq
             if rows is not None:
                 q, qs = gather_rows(q, qs, rows)
-            return fp8_grouped_mm(q, w, scale, offs, row_expert, x_scale=qs, out_dtype=x.dtype)
+            return fp8_grouped_mm(q, w, scale, offs, row_expert, x_scale=qs, out_dtype=dtype or x.dtype)
         if rows is not None:
             x = x[rows]
         if scale is not None:
@@ -223,14 +227,25 @@ class MoE(nn.Module):
             from spmd.kernels.fp8 import w8a8_grouped
             a8 = w8a8_grouped(n * k * self.w13.shape[0] // self.n_experts, self.w13.shape[0], x.dtype)
         # (N*k, 2I) over the slots in expert order; rows past offs[-1] belong to no group and are not computed
-        gate, up = self._gmm(x, self.w13, s13, offs, row_expert, rows=order // k, a8=a8).chunk(2, dim=-1)
-        act = F.silu(gate) * up  # (N*k, I)
-        del gate, up
-        # the routing weight scales the I-wide intermediate, in place and in the activation dtype (linear:
-        # down(w a) = w down(a)): no float32 copy of the dim-wide output (issue 26: 28 GiB at 32 x 4096 tokens)
+        gate_up = self._gmm(x, self.w13, s13, offs, row_expert, rows=order // k, a8=a8)  # (N*k, 2I)
+        # the routing weight scales the I-wide intermediate in the activation dtype (linear: down(w a) =
+        # w down(a)): no float32 copy of the dim-wide output (issue 26: 28 GiB at 32 x 4096 tokens)
         w = torch.where(local, weights.flatten(), 0.0)[order]  # (N*k,) float32; other ranks' slots 0
-        act.mul_(w.to(act.dtype)[:, None])
-        h = self._gmm(act, self.w2, s2, offs, row_expert, a8=a8)  # (N*k, dim)
+        xq, dtype = None, gate_up.dtype
+        if fused.fused_for(self, n) and gate_up.dtype in (torch.bfloat16, torch.float16):
+            # one kernel: silu(gate) * up * w, quantized for the FP8 x FP8 down projection where it runs one
+            from spmd.kernels.fp8 import MODE
+            if a8:
+                act, xq = None, fused.silu_mul(gate_up, w, quant=True, ue8m0=MODE.ue8m0)
+            else:
+                act = fused.silu_mul(gate_up, w)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate) * up  # (N*k, I)
+            del gate, up
+            act.mul_(w.to(act.dtype)[:, None])
+        del gate_up
+        h = self._gmm(act, self.w2, s2, offs, row_expert, a8=a8, xq=xq, dtype=dtype)  # (N*k, dim)
         if self.expert_lo > 0 or self.expert_hi < self.n_experts:  # some slots are other ranks' experts:
             h.masked_fill_(~local[order, None], 0.0)  # their rows (past offs[-1]) are not computed
         # back to slot order (slot order[i] is row i) by a gather, then each token's k slots summed in order

@@ -124,7 +124,9 @@ def use_fused(model: nn.Module, on: bool) -> None:
     for mod in model.modules():
         if hasattr(mod, "fused"):
             dev = next(mod.parameters()).device
-            mod.fused = bool(on and dev.type == "cuda" and triton_available(dev) and mod.fused_fits())
+            ok = bool(dev.type == "cuda" and triton_available(dev) and mod.fused_fits())
+            mod.fused, mod.fused_ok = on and ok, ok
+
 
 
 class RMSNorm(nn.Module):
@@ -168,8 +170,12 @@ class MLA(nn.Module):
         self.kv_b_proj = ColumnParallelLinear(m.kv_lora_rank, m.n_heads * (m.qk_nope_head_dim + m.v_head_dim),
                                               tp, dtype, device=device)
         self.kv_b_proj.fp8_ok = False  # absorbed into q and the output as a plain matrix (`_absorb`)
+        self.fused = self.fused_ok = False  # rope and the keys in Triton (use_fused, fused_for)
         self.o_proj = RowParallelLinear(m.n_heads * m.v_head_dim, m.dim, tp, dtype, name="attn.o_proj",
                                         layer=layer, device=device)
+
+    def fused_fits(self) -> bool:
+        return self.rope % 2 == 0
 
     def forward(self, x, rope, bias, kv_cache, pe_cache, start, naive: bool) -> torch.Tensor:
         """Timed attend + o_proj (with its all-reduce); x (B, T, dim) already normalized."""
@@ -180,12 +186,19 @@ class MLA(nn.Module):
     def attend(self, x, rope, bias, kv_cache, pe_cache, start, naive: bool) -> torch.Tensor:
         """x (B, T, dim) -> (B, T, n_local_heads * v_head_dim); writes slots start..start+T-1 of the caches."""
         bsz, seqlen, _ = x.shape
-        cos, sin = rope  # (B, T, rope/2)
+        cos, sin = rope  # (B or 1, T, rope/2)
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
-        q_nope, q_pe = q.view(bsz, seqlen, self.n_local_heads, -1).split([self.nope, self.rope], dim=-1)
-        q_pe = apply_rope(q_pe, cos[:, :, None], sin[:, :, None])  # (B, T, n_local_heads, rope)
+        q = q.view(bsz, seqlen, self.n_local_heads, -1)  # (B, T, n_local_heads, qk)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
-        latent, k_pe = self.kv_a_layernorm(latent), apply_rope(k_pe, cos, sin)  # (B, T, rank), (B, T, rope)
+        glue = fused.fused_for(self, bsz * seqlen) and x.dtype in (torch.bfloat16, torch.float16) and cos.dtype == x.dtype
+        if glue:  # q's rope part rotated in place: q is then the attention's query, no concatenation
+            fused.rope(q_pe, cos, sin, out=q_pe)
+            k_pe = fused.rope(k_pe, cos, sin)
+        else:
+            q_pe = apply_rope(q_pe, cos[:, :, None], sin[:, :, None])  # (B, T, n_local_heads, rope)
+            q, k_pe = None, apply_rope(k_pe, cos, sin)
+        latent = self.kv_a_layernorm(latent)  # (B, T, rank); k_pe (B, T, rope)
         if isinstance(start, torch.Tensor):  # static shapes: write at device-side slots, attend to all slots
             rows = torch.arange(bsz, device=x.device)[:, None]  # start (1,): one slot for all rows; (B,): its own
             slots = start[:, None] + torch.arange(seqlen, device=x.device)  # (1 or B, T)
@@ -195,15 +208,21 @@ class MLA(nn.Module):
             kv, pe = kv_cache[:, :start + seqlen], pe_cache[:, :start + seqlen]  # (B, S, rank), (B, S, rope)
         if bias is None:  # continuous decode, Transformer.varlen_decode: row b sees its columns 0..start[b]
             return self._absorb_varlen(q_nope, q_pe, kv, pe, start + 1).flatten(2)
-        attend = self._naive if naive else self._absorb
-        return attend(q_nope, q_pe, kv, pe, bias).flatten(2)
+        if naive:
+            return self._naive(q_nope, q_pe, kv, pe, bias, q).flatten(2)
+        return self._absorb(q_nope, q_pe, kv, pe, bias).flatten(2)
 
-    def _naive(self, q_nope, q_pe, kv, pe, bias) -> torch.Tensor:
-        """Expand the latents through kv_b_proj into per-head keys and values; (B, T, H_l, v_head_dim)."""
+    def _naive(self, q_nope, q_pe, kv, pe, bias, q=None) -> torch.Tensor:
+        """Expand the latents through kv_b_proj into per-head keys and values; (B, T, H_l, v_head_dim).
+        q: the whole query (B, T, H_l, qk) where attend made it in place (its fused path, which also
+        builds the keys in one kernel); else q_nope and q_pe are concatenated."""
         bsz, slen, _ = kv.shape
         k_nope, v = self.kv_b_proj(kv).view(bsz, slen, self.n_local_heads, -1).split([self.nope, self.v_dim], -1)
-        k = torch.cat([k_nope, pe[:, :, None].expand(-1, -1, self.n_local_heads, -1)], dim=-1)  # (B, S, H_l, qk)
-        q = torch.cat([q_nope, q_pe], dim=-1)  # (B, T, H_l, qk)
+        if q is not None:
+            k = fused.mla_keys(k_nope, pe)
+        else:
+            k = torch.cat([k_nope, pe[:, :, None].expand(-1, -1, self.n_local_heads, -1)], dim=-1)  # (B, S, H_l, qk)
+            q = torch.cat([q_nope, q_pe], dim=-1)  # (B, T, H_l, qk)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=bias, scale=self.softmax_scale)  # (B, H_l, T, v)
         return o.transpose(1, 2)

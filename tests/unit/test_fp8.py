@@ -133,6 +133,7 @@ GROUPED = {  # name: (E, K, N, R, offs)
     "no-rows-routed": (4, 64, 96, 5, [0, 0, 0, 0]),
     "decode-8-of-6": (6, 192, 256, 8, [1, 1, 3, 3, 7, 8]),
     "decode-tail-of-12": (12, 128, 96, 8, [0, 2, 2, 2, 3, 3, 3, 3, 5, 5, 5, 5]),  # 3 rows of no expert
+    "many-row-tiles": (3, 192, 160, 96, [5, 75, 80]),  # 70 rows: 5 row tiles of 16 in groups of 2, 2, 1
 }
 
 
@@ -150,12 +151,14 @@ def test_grouped(case):
 
 @pytest.mark.parametrize("case,weights,tiles", [
     ("empty-experts-and-tail", "e4m3", None), ("several-chunks-per-expert", "bytes", (16, 32, 4, 2)),
-    ("long-tail-round-robin", "e4m3", (32, 64, 4, 2)), ("wide-tiles", "bytes", (64, 256, 8, 3))])
+    ("long-tail-round-robin", "e4m3", (32, 64, 4, 2)), ("wide-tiles", "bytes", (64, 256, 8, 3)),
+    ("many-row-tiles", "bytes", (16, 128, 4, 2, 3))])
 def test_grouped_row_tiles_16bit(monkeypatch, case, weights, tiles):
     """Prefill-sized weight-only grouped GEMMs (TILES16_ROWS rows per expert on, here from 0) take the
     program-per-row-tile launch, with hardware e4m3 and with the byte decoding: equal to the reference."""
     monkeypatch.setattr(fp8, "TILES16_ROWS", 0)
-    fp8.configure(weights=weights, tiles=tiles)
+    fp8.configure(weights=weights, tiles=tiles[:4] if tiles else None,
+                  group_m=tiles[4] if tiles and len(tiles) > 4 else fp8.Mode.group_m)
     e, k, n, r, offs = GROUPED[case]
     gen = torch.Generator().manual_seed(5 * len(case))
     w, s = _weight((e, n, k), gen)
@@ -351,14 +354,20 @@ def test_linear_w8a8(m, k, n):
     ("wide-tiles", "tiles", (64, 256, 8, 3)),  # a column tile over two 128-column scale blocks
     ("wide-tiles", "experts", None), ("long-tail-round-robin", "tiles", (32, 64, 4, 2)),  # zeroing programs
     ("no-rows-routed", "tiles", None), ("several-chunks-per-expert", "tma", (16, 32, 4, 2)),
-    ("wide-tiles", "tma", (64, 256, 8, 3)), ("long-tail-round-robin", "tma", (32, 64, 4, 2))])
+    ("wide-tiles", "tma", (64, 256, 8, 3)), ("long-tail-round-robin", "tma", (32, 64, 4, 2)),
+    # the program order's row-tile groups (_tile): partial last group, one column tile per weight block
+    # (a scalar scale), column tiles fastest (group_m 1)
+    ("many-row-tiles", "tiles", (16, 32, 4, 2, 2)), ("many-row-tiles", "tma", (16, 128, 4, 2, 2)),
+    ("many-row-tiles", "tiles", (16, 128, 4, 2, 1))])
 def test_grouped_w8a8(monkeypatch, case, grouped, tiles):
     """Quantize the tokens once, gather their rows (as MoE does): equal to the emulation per expert,
     rows past offs[-1] zeros, within W8A8_REL_ERR of the unquantized product. Every launch: a program
     per row tile with cp.async ("tiles", the default) or TMA loads ("tma"), and per expert (which
-    fewer than TILES8_ROWS rows per expert take whatever the mode: here 0)."""
+    fewer than TILES8_ROWS rows per expert take whatever the mode: here 0). tiles: (BLOCK_M, BLOCK_N,
+    warps, stages[, group_m])."""
     monkeypatch.setattr(fp8, "TILES8_ROWS", 0)
-    fp8.configure(grouped=grouped, tiles=tiles)
+    fp8.configure(grouped=grouped, tiles=tiles[:4] if tiles else None,
+                  group_m=tiles[4] if tiles and len(tiles) > 4 else fp8.Mode.group_m)
     e, k, n, r, offs = GROUPED[case]
     gen = torch.Generator().manual_seed(3 * len(case))
     w, s = _weight((e, n, k), gen)

@@ -95,3 +95,129 @@ print("ok")
 
 def test_fused_ops_equal_torch():
     triton_check(CHECK)
+
+
+PREFILL = r'''
+import sys, torch
+from spmd.kernels import fused
+from spmd.kernels.fp8 import quantize_act
+from spmd.model.transformer import apply_rope
+dev = sys.argv[1]
+real = torch.empty
+torch.empty = lambda *a, **k: (lambda t: t.fill_(float("nan")) if t.is_floating_point() else t)(real(*a, **k))
+g = torch.Generator().manual_seed(1)
+# the interpreter truncates where GPUs round to nearest, and silu's exp is not torch's: up to 2 bf16 ulps
+# per rounded op (3 in a row at most) there; rope on a GPU is torch's arithmetic exactly
+def same(a, b, exact=False):
+    if exact and dev == "cuda":
+        assert torch.equal(a, b)
+    else:
+        torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=2e-2)
+for b, t, h in ((2, 5, 3), (1, 1, 20), (1, 0, 4)):
+    cos, sin = (torch.randn(b, t, 32, generator=g).to(torch.bfloat16).to(dev) for _ in range(2))
+    # q: the rope part of (B, T, H, 192) rotated in place; its nope part untouched
+    q = torch.randn(b, t, h * 192, generator=g).to(torch.bfloat16).to(dev).view(b, t, h, 192)
+    ref = apply_rope(q[..., 128:], cos[:, :, None], sin[:, :, None])
+    nope = q[..., :128].clone()
+    fused.rope(q[..., 128:], cos, sin, out=q[..., 128:])
+    same(q[..., 128:], ref, exact=True)
+    assert torch.equal(q[..., :128], nope)
+    # k_pe: a strided (B, T, 64) view of the kv_a output, into a new tensor
+    kv = torch.randn(b, t, 576, generator=g).to(torch.bfloat16).to(dev)
+    same(fused.rope(kv[..., 512:], cos, sin), apply_rope(kv[..., 512:], cos, sin), exact=True)
+    # one row of angles for every row of the batch (the same positions)
+    same(fused.rope(kv[..., 512:], cos[:1], sin[:1]), apply_rope(kv[..., 512:], cos[:1], sin[:1]), exact=True)
+    # keys: k_nope a strided view of kv_b's output (B, S, H, 256), pe (B, S, 64) a view of the cache
+    kvb = torch.randn(b, t, h, 256, generator=g).to(torch.bfloat16).to(dev)
+    pe = kv[..., 512:]
+    k = fused.mla_keys(kvb[..., :128], pe)
+    assert torch.equal(k, torch.cat([kvb[..., :128], pe[:, :, None].expand(-1, -1, h, -1)], -1))
+for m, i in ((37, 256), (1, 128), (0, 128), (64, 384)):
+    gu = (torch.randn(m, 2 * i, generator=g) * 3).to(torch.bfloat16).to(dev)
+    w = torch.rand(m, generator=g).to(dev)
+    gate, up = gu.chunk(2, dim=-1)
+    plain = torch.nn.functional.silu(gate) * up
+    same(fused.silu_mul(gu), plain)
+    ref = plain * w.to(plain.dtype)[:, None]
+    got = fused.silu_mul(gu, w)
+    same(got, ref)
+    for ue8m0 in (False, True):  # the quantized product: quantize_act of the fused product, bit for bit
+        q, s = fused.silu_mul(gu, w, quant=True, ue8m0=ue8m0)
+        rq, rs = quantize_act(got, ue8m0)
+        assert q.dtype == torch.float8_e4m3fn and s.stride(0) == 1 and s.shape == rs.shape
+        assert torch.equal(q.float(), rq.float()) and torch.equal(s, rs)
+for bad in (lambda: fused.silu_mul(torch.zeros(2, 3, device=dev)),
+            lambda: fused.silu_mul(torch.zeros(2, 200, device=dev), quant=True),
+            lambda: fused.mla_keys(torch.zeros(1, 2, 3, 128, device=dev), torch.zeros(1, 3, 64, device=dev)),
+            lambda: fused.rope(torch.zeros(1, 2, 64, device=dev), torch.zeros(1, 2, 16, device=dev),
+                               torch.zeros(1, 2, 16, device=dev))):
+    try:
+        bad()
+        raise SystemExit("a wrong shape was accepted")
+    except ValueError:
+        pass
+print("ok")
+'''
+
+
+def test_fused_prefill_ops_equal_torch():
+    """The prefill glue kernels (rope in place, the per-head keys, silu * up * routing weight, quantized or
+    not) against the torch ops they replace."""
+    triton_check(PREFILL)
+
+
+MODEL = r'''
+import json, sys, torch
+from spmd.config import ModelArgs
+from spmd.kernels import fused
+from spmd.model.moe import MoE
+from spmd.model.transformer import MLA, Transformer, use_fused
+from spmd.parallel.comm import Group
+dev = sys.argv[1]
+m = ModelArgs.from_config(json.load(open("inputs/models/tiny.json")))
+torch.manual_seed(0)
+model = Transformer(m, Group(), torch.bfloat16).eval()
+for p in model.parameters():
+    p.data.copy_(torch.randn(p.shape) * 0.05)
+model.init_buffers("cpu")
+assert model.pack_experts() == "grouped"
+model = model.to(dev)
+calls = {}
+for name in ("rope", "mla_keys", "silu_mul"):  # count the glue kernels' calls
+    def wrap(f, name=name):
+        def g(*a, **k):
+            calls[name] = calls.get(name, 0) + 1
+            return f(*a, **k)
+        return g
+    setattr(fused, name, wrap(getattr(fused, name)))
+glue = [mod for mod in model.modules() if isinstance(mod, (MLA, MoE))]
+def run(ok: bool, t: int):
+    use_fused(model, False)
+    for mod in glue:  # the interpreter: what use_fused sets on CUDA, by hand
+        mod.fused_ok = ok
+    tokens = torch.randint(2, m.vocab_size, (2, t), generator=torch.Generator().manual_seed(t)).to(dev)
+    pos = torch.arange(t, device=dev)[None].expand(2, -1)
+    mask = torch.ones(2, t, dtype=torch.bool, device=dev)
+    with torch.inference_mode():
+        return model(tokens, pos, mask, model.new_cache(2, t), 0, naive=True, all_positions=True).float()
+t = fused.FUSED_ROWS // 2 + 3  # 2 x t rows: at the threshold's size
+ref = run(False, t)
+assert not calls
+got = run(True, t)
+n_moe = sum(isinstance(mod, MoE) for mod in glue)
+assert calls == {"rope": 2 * m.n_layers, "mla_keys": m.n_layers, "silu_mul": n_moe}, calls
+assert torch.isfinite(got).all()
+err = (got - ref).abs().max().item() / ref.abs().max().item()
+assert err < 3e-2, err
+calls.clear()
+run(True, 5)  # fewer rows: torch's ops (the decode graphs' switch `fused` is off)
+assert not calls
+print("ok")
+'''
+
+
+def test_model_takes_glue_kernels_for_prefill():
+    """A bf16 prefill of the tiny model at FUSED_ROWS tokens takes the glue kernels (rope twice per layer,
+    the keys, silu * up per MoE layer) and gives torch's logits within bf16 rounding; a small step keeps
+    torch's ops."""
+    triton_check(MODEL)

@@ -50,8 +50,9 @@ class NativeEngine:
         stats = agree(world.group_comm, lambda: load(self.model, args.checkpoint, world.tp_rank,
                                                      world.tp_size, dtype, self.device, timers, log, fp8=fp8))
         moe_path = self.model.pack_experts()
+        packed = self.model.pack_linears() if self.device.type == "cuda" else 0
         self.model.eval()
-        self.info = {"moe_path": moe_path, "load_bytes_read": stats.bytes_read, "load_s": stats.seconds,
+        self.info = {"moe_path": moe_path, "packed_linears": packed, "load_bytes_read": stats.bytes_read, "load_s": stats.seconds,
                      "load_tensors": stats.n_tensors, "param_bytes": param_bytes(self.model),
                      "expert_param_bytes": param_bytes(self.model, "mlp.experts."),
                      "rss_peak_before_load": peak0, "rss_peak_after_load": _rss_peak_bytes()}

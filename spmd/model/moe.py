@@ -17,7 +17,8 @@ from spmd.kernels import fused
 from spmd.config import ModelArgs
 from spmd.parallel.comm import UNTIMED, Group
 from spmd.parallel.ep import combine, dispatch
-from spmd.parallel.layers import ColumnParallelLinear, Linear, RowParallelLinear, local_slice, own_span
+from spmd.parallel.layers import (ColumnParallelLinear, Linear, RowParallelLinear, local_slice, matmul, own_span,
+                                  pack_weights)
 
 
 class MLP(nn.Module):
@@ -33,10 +34,31 @@ class MLP(nn.Module):
         self.up_proj = ColumnParallelLinear(dim, inter, tp, dtype, device=device)
         self.down_proj = RowParallelLinear(inter, dim, tp, dtype, reduce_output, name=f"{name}.down",
                                            layer=layer, device=device)
+        self.w13 = self.s13 = None  # gate and up as one GEMM (pack)
+        self.fused = self.fused_ok = False  # silu * up in Triton (spmd.model.transformer.use_fused)
+
+    def fused_fits(self) -> bool:
+        return True
+
+    def pack(self) -> None:
+        """gate_proj and up_proj as one (2 inter/G, dim) GEMM: one read of x (one quantization of it for
+        FP8 x FP8), and silu * up from its output in one kernel (spmd.kernels.fused.silu_mul)."""
+        packed = pack_weights([self.gate_proj, self.up_proj])
+        if packed is not None:
+            self.w13, self.s13 = packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with own_span(self, self.down_proj.reduce_output):
-            h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (..., inter/G)
+            if self.w13 is None:
+                h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (..., inter/G)
+            else:
+                gate_up = matmul(x, self.w13, self.s13)  # (..., 2 inter/G)
+                lead, rows = gate_up.shape[:-1], gate_up.numel() // gate_up.shape[-1]
+                if fused.fused_for(self, rows) and gate_up.dtype in (torch.bfloat16, torch.float16):
+                    h = fused.silu_mul(gate_up.view(rows, -1)).view(*lead, -1)
+                else:
+                    gate, up = gate_up.chunk(2, dim=-1)
+                    h = F.silu(gate) * up
         return self.down_proj(h)
 
 

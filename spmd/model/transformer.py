@@ -23,7 +23,8 @@ from spmd.kernels.fp8 import triton_available
 from spmd.kernels.mla_decode import mla_decode
 from spmd.model.moe import MLP, MoE
 from spmd.parallel.comm import UNTIMED, Group
-from spmd.parallel.layers import ColumnParallelLinear, Linear, ParallelEmbedding, RowParallelLinear
+from spmd.parallel.layers import (ColumnParallelLinear, Linear, ParallelEmbedding, RowParallelLinear, matmul,
+                                  pack_weights)
 
 SUB_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm: transformers builds them with the default eps
 
@@ -171,11 +172,20 @@ class MLA(nn.Module):
                                               tp, dtype, device=device)
         self.kv_b_proj.fp8_ok = False  # absorbed into q and the output as a plain matrix (`_absorb`)
         self.fused = self.fused_ok = False  # rope and the keys in Triton (use_fused, fused_for)
+        self.q_rank, self.wa, self.sa = m.q_lora_rank, None, None  # wa, sa: q_a and kv_a as one GEMM (pack)
         self.o_proj = RowParallelLinear(m.n_heads * m.v_head_dim, m.dim, tp, dtype, name="attn.o_proj",
                                         layer=layer, device=device)
 
     def fused_fits(self) -> bool:
         return self.rope % 2 == 0
+
+    def pack(self) -> None:
+        """q_a_proj and kv_a_proj_with_mqa read the same x: one (q_lora_rank + rank + rope, dim) GEMM, one
+        quantization of x for FP8 x FP8 (q_lora_rank is a multiple of 128, so the scale blocks align)."""
+        if self.q_lora:
+            packed = pack_weights([self.q_a_proj, self.kv_a_proj_with_mqa])
+            if packed is not None:
+                self.wa, self.sa = packed
 
     def forward(self, x, rope, bias, kv_cache, pe_cache, start, naive: bool) -> torch.Tensor:
         """Timed attend + o_proj (with its all-reduce); x (B, T, dim) already normalized."""
@@ -187,10 +197,14 @@ class MLA(nn.Module):
         """x (B, T, dim) -> (B, T, n_local_heads * v_head_dim); writes slots start..start+T-1 of the caches."""
         bsz, seqlen, _ = x.shape
         cos, sin = rope  # (B or 1, T, rope/2)
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
+        if self.wa is not None:  # packed: (B, T, q_lora_rank + rank + rope) from one GEMM
+            q_a, latent, k_pe = matmul(x, self.wa, self.sa).split([self.q_rank, self.rank, self.rope], dim=-1)
+            q = self.q_b_proj(self.q_a_layernorm(q_a))
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
+            latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
         q = q.view(bsz, seqlen, self.n_local_heads, -1)  # (B, T, n_local_heads, qk)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
         glue = fused.fused_for(self, bsz * seqlen) and x.dtype in (torch.bfloat16, torch.float16) and cos.dtype == x.dtype
         if glue:  # q's rope part rotated in place: q is then the attention's query, no concatenation
             fused.rope(q_pe, cos, sin, out=q_pe)
@@ -331,6 +345,18 @@ class Transformer(nn.Module):
         if name.startswith("model.embed_tokens."):
             return self.first
         return self.last if name.startswith(("model.norm.", "lm_head.")) else True
+
+    def pack_linears(self) -> int:
+        """Linears that read one input as one GEMM (MLA's q_a and kv_a, each MLP's gate and up: see their
+        pack); returns how many groups were packed. The engine packs on CUDA: on CPU the fp32 reference
+        path keeps its GEMMs as transformers has them."""
+        mods = []
+        for block in self.blocks():
+            mods.append(block.self_attn)
+            mods.append(block.mlp.shared_experts if isinstance(block.mlp, MoE) else block.mlp)
+        for mod in mods:
+            mod.pack()
+        return sum(getattr(mod, "wa", None) is not None or getattr(mod, "w13", None) is not None for mod in mods)
 
     def pack_experts(self) -> str:
         """After loading: stack each MoE layer's local experts for grouped GEMMs; returns the path in use."""

@@ -36,10 +36,38 @@ def own_span(module: nn.Module, on: bool):
 def linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """x W^T for a module's weight: bf16/fp32 by F.linear, a kept FP8 weight (see checkpoint.keep_fp8)
     by the block-scaled Triton kernel with its `weight_scale_inv`."""
-    w = module.weight
+    return matmul(x, module.weight, getattr(module, "weight_scale_inv", None))
+
+
+def pack_weights(mods: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Linears that read one input, as one: (their weights stacked by rows, their FP8 block scales stacked
+    alike or None); each module's weight (and scale) becomes a view of the stack, so the parameter names
+    and the memory stay as they were. None (nothing changed) where it cannot be: mixed dtypes or input
+    widths, or FP8 with a module other than the last whose rows are not a multiple of 128 (its last scale
+    row would cover the next one's rows)."""
+    ws = [m.weight for m in mods]
+    fp8 = ws[0].dtype == torch.float8_e4m3fn
+    if len({(w.dtype, w.shape[1], w.device) for w in ws}) != 1 or (fp8 and any(w.shape[0] % 128 for w in ws[:-1])):
+        return None
+    stack = torch.cat([w.data for w in ws])
+    scales = torch.cat([m.weight_scale_inv for m in mods]) if fp8 else None
+    row = srow = 0
+    for m, w in zip(mods, ws):
+        n = w.shape[0]
+        w.data = stack[row:row + n]
+        if fp8:
+            ns = m.weight_scale_inv.shape[0]
+            m.weight_scale_inv = scales[srow:srow + ns]
+            srow += ns
+        row += n
+    return stack, scales
+
+
+def matmul(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor | None) -> torch.Tensor:
+    """x W^T for a weight given directly (pack_weights' stacks): as `linear`."""
     if w.dtype == torch.float8_e4m3fn:
         from spmd.kernels.fp8 import fp8_linear
-        return fp8_linear(x, w, module.weight_scale_inv)
+        return fp8_linear(x, w, scale_inv)
     return F.linear(x, w)
 
 

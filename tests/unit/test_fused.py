@@ -170,7 +170,7 @@ MODEL = r'''
 import json, sys, torch
 from spmd.config import ModelArgs
 from spmd.kernels import fused
-from spmd.model.moe import MoE
+from spmd.model.moe import MLP, MoE
 from spmd.model.transformer import MLA, Transformer, use_fused
 from spmd.parallel.comm import Group
 dev = sys.argv[1]
@@ -190,7 +190,7 @@ for name in ("rope", "mla_keys", "silu_mul"):  # count the glue kernels' calls
             return f(*a, **k)
         return g
     setattr(fused, name, wrap(getattr(fused, name)))
-glue = [mod for mod in model.modules() if isinstance(mod, (MLA, MoE))]
+glue = [mod for mod in model.modules() if isinstance(mod, (MLA, MoE, MLP))]
 def run(ok: bool, t: int):
     use_fused(model, False)
     for mod in glue:  # the interpreter: what use_fused sets on CUDA, by hand
@@ -203,12 +203,17 @@ def run(ok: bool, t: int):
 t = fused.FUSED_ROWS // 2 + 3  # 2 x t rows: at the threshold's size
 ref = run(False, t)
 assert not calls
-got = run(True, t)
+assert model.pack_linears() == 2 * m.n_layers  # q_a + kv_a, gate + up: one GEMM each, per layer
+def close(got):
+    assert torch.isfinite(got).all()
+    err = (got - ref).abs().max().item() / ref.abs().max().item()
+    assert err < 3e-2, err
+close(run(False, t))  # packed GEMMs, torch's ops after them
+assert not calls
+close(run(True, t))
 n_moe = sum(isinstance(mod, MoE) for mod in glue)
-assert calls == {"rope": 2 * m.n_layers, "mla_keys": m.n_layers, "silu_mul": n_moe}, calls
-assert torch.isfinite(got).all()
-err = (got - ref).abs().max().item() / ref.abs().max().item()
-assert err < 3e-2, err
+# silu_mul: the routed experts of each MoE layer, and each layer's MLP (dense or shared experts)
+assert calls == {"rope": 2 * m.n_layers, "mla_keys": m.n_layers, "silu_mul": n_moe + m.n_layers}, calls
 calls.clear()
 run(True, 5)  # fewer rows: torch's ops (the decode graphs' switch `fused` is off)
 assert not calls
@@ -217,7 +222,7 @@ print("ok")
 
 
 def test_model_takes_glue_kernels_for_prefill():
-    """A bf16 prefill of the tiny model at FUSED_ROWS tokens takes the glue kernels (rope twice per layer,
-    the keys, silu * up per MoE layer) and gives torch's logits within bf16 rounding; a small step keeps
-    torch's ops."""
+    """A bf16 prefill of the tiny model at FUSED_ROWS tokens, its linears packed (q_a + kv_a, gate + up),
+    takes the glue kernels (rope twice per layer, the keys, silu * up per MLP and per MoE layer's experts)
+    and gives the unpacked torch path's logits within bf16 rounding; a small step keeps torch's ops."""
     triton_check(MODEL)

@@ -62,3 +62,30 @@ def test_expert_range_subset_only_counts_local_slots():
     ref = moe._routed_loop(x, w, ids)
     moe.pack()
     assert (moe.routed(x, w, ids) - ref).abs().max().item() < 1e-5
+
+
+def test_pack_weights_views_and_fp8_alignment():
+    """pack_weights stacks linears that read one input: the modules' weights and scales become views of
+    the stack (names and values kept), one GEMM gives their outputs side by side; FP8 modules whose rows
+    would share a 128-row scale block are left alone."""
+    from spmd.parallel.layers import Linear, matmul, pack_weights
+    g = torch.Generator().manual_seed(3)
+    a, b = Linear(64, 128, torch.float32), Linear(64, 40, torch.float32)
+    for mod in (a, b):
+        mod.weight.data.copy_(torch.randn(mod.weight.shape, generator=g))
+    x = torch.randn(5, 64, generator=g)
+    ref = torch.cat([a(x), b(x)], -1)
+    w, s = pack_weights([a, b])
+    assert s is None and w.shape == (168, 64)
+    assert a.weight.data_ptr() == w.data_ptr() and b.weight.data_ptr() == w[128:].data_ptr()
+    torch.testing.assert_close(matmul(x, w, None), ref, rtol=1e-6, atol=1e-5)
+    fa, fb = Linear(256, 128, torch.float8_e4m3fn), Linear(256, 40, torch.float8_e4m3fn)
+    for mod in (fa, fb):
+        mod.weight.data.copy_(torch.randn(mod.weight.shape, generator=g).to(torch.float8_e4m3fn))
+        mod.weight_scale_inv = torch.rand(-(-mod.weight.shape[0] // 128), 2, generator=g)
+    before = [fa.weight_scale_inv.clone(), fb.weight_scale_inv.clone()]
+    w8, s8 = pack_weights([fa, fb])
+    assert s8.shape == (2, 2) and torch.equal(fa.weight_scale_inv, before[0]) and torch.equal(fb.weight_scale_inv, before[1])
+    assert fb.weight_scale_inv.data_ptr() == s8[1:].data_ptr() and fb.weight.data_ptr() == w8[128:].data_ptr()
+    assert pack_weights([fb, fa]) is None  # 40 rows, then another module: its scale rows would not align
+    assert pack_weights([a, fa]) is None  # mixed dtypes

@@ -18,8 +18,10 @@ Prefill glue, where torch makes several memory passes of large tensors: ``rope``
 place (so q needs no concatenation) with torch's roundings op by op; ``mla_keys`` builds the per-head keys
 (k_nope | shared rotated key) in one pass, where torch.cat of an expanded view is a slow strided copy;
 ``silu_mul`` makes silu(gate) * up * routing weight from the experts' gate+up output in one read, and for
-the FP8 x FP8 down projection writes it quantized as spmd.kernels.fp8.quantize_act would. MLA and MoE take
-them for steps of FUSED_ROWS tokens or more (``fused_for``), and in decode graphs.
+the FP8 x FP8 down projection writes it quantized as spmd.kernels.fp8.quantize_act would; ``gather_sum``
+returns the experts' rows to their tokens and sums each token's k of them, without the (tokens x k, dim)
+copy of index_select. MLA, MLP and MoE take them for steps of FUSED_ROWS tokens or more (``fused_for``),
+and in decode graphs.
 
 The model takes them on CUDA where Triton imports (``spmd.model.transformer.use_fused`` decides once per module);
 elsewhere the torch path runs. Tested against torch
@@ -164,6 +166,19 @@ def _silu_mul_kernel(gu_ptr, w_ptr, o_ptr, q_ptr, s_ptr, M, I, stride_gm, stride
         tl.store(o_ptr + rm.to(tl.int64)[:, None] * stride_om + rk[None, :], a, mask=mask)
 
 
+def _gather_sum_kernel(h_ptr, idx_ptr, o_ptr, D, stride_h, stride_o, K: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (token i, column block): o[i] = sum over j < K of h[idx[i * K + j]], in float32 in j order,
+    rounded once to o's dtype."""
+    i = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < D
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for j in tl.static_range(K):
+        r = tl.load(idx_ptr + i * K + j).to(tl.int64)
+        acc += tl.load(h_ptr + r * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(o_ptr + i * stride_o + cols, acc.to(o_ptr.dtype.element_ty), mask=mask)
+
+
 _quant_block_fn = None  # spmd.kernels.fp8's, jitted for the mode in use: set by _kernels
 
 
@@ -174,7 +189,7 @@ def _kernels(interpret: bool):
     fp8._kernels(interpret)
     _quant_block_fn = fp8._quant_block_fn
     return (triton.jit(_rms_norm_kernel), triton.jit(_route_kernel), triton.jit(_rope_kernel),
-            triton.jit(_mla_keys_kernel), triton.jit(_silu_mul_kernel))
+            triton.jit(_mla_keys_kernel), triton.jit(_silu_mul_kernel), triton.jit(_gather_sum_kernel))
 
 
 def route_fits(n_experts: int, n_groups: int, top_k: int) -> bool:
@@ -292,3 +307,18 @@ def silu_mul(gate_up: torch.Tensor, weight: torch.Tensor | None = None, quant: b
     if quant:
         return q.to(torch.float8_e4m3fn), s
     return o
+
+
+def gather_sum(h: torch.Tensor, idx: torch.Tensor, k: int) -> torch.Tensor:
+    """h (R, D), idx (N * k,) rows of h -> (N, D): out[i] = sum_j h[idx[i * k + j]] (float32 sum, one
+    rounding), what h.index_select(0, idx).view(N, k, D).sum(1) gives without its (N * k, D) copy."""
+    r, d = h.shape
+    if idx.dim() != 1 or idx.numel() % k or h.stride(-1) != 1:
+        raise ValueError(f"gather_sum: h {tuple(h.shape)}, idx {tuple(idx.shape)}, k {k}")
+    n = idx.numel() // k
+    out = torch.empty((n, d), dtype=h.dtype, device=h.device)
+    block = min(1024, triton.next_power_of_2(max(d, 1)))
+    if n and d:
+        _kernels(interpret())[5][(n, triton.cdiv(d, block))](h, idx, out, d, h.stride(0), out.stride(0), K=k,
+                                                               BLOCK=block, num_warps=4)
+    return out

@@ -272,6 +272,8 @@ class MoE(nn.Module):
             h.masked_fill_(~local[order, None], 0.0)  # their rows (past offs[-1]) are not computed
         # back to slot order (slot order[i] is row i) by a gather, then each token's k slots summed in order
         inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        if fused.fused_for(self, n) and h.dtype in (torch.bfloat16, torch.float16):
+            return fused.gather_sum(h, inv, k)  # one kernel, no (N*k, dim) copy
         return h.index_select(0, inv).view(n, k, h.shape[-1]).sum(1)
 
     def _routed_loop(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -146,7 +146,13 @@ for m, i in ((37, 256), (1, 128), (0, 128), (64, 384)):
         rq, rs = quantize_act(got, ue8m0)
         assert q.dtype == torch.float8_e4m3fn and s.stride(0) == 1 and s.shape == rs.shape
         assert torch.equal(q.float(), rq.float()) and torch.equal(s, rs)
+for n, k, d in ((7, 8, 300), (1, 4, 1024), (0, 8, 64)):  # the experts' rows back to tokens, summed
+    h = torch.randn(n * k + 3, d, generator=g).to(torch.bfloat16).to(dev)
+    idx = torch.randperm(n * k + 3, generator=g)[:n * k].to(dev)
+    got = fused.gather_sum(h, idx, k)
+    same(got, h.index_select(0, idx).view(n, k, d).sum(1))
 for bad in (lambda: fused.silu_mul(torch.zeros(2, 3, device=dev)),
+            lambda: fused.gather_sum(torch.zeros(4, 8, device=dev), torch.zeros(5, dtype=torch.long, device=dev), 2),
             lambda: fused.silu_mul(torch.zeros(2, 200, device=dev), quant=True),
             lambda: fused.mla_keys(torch.zeros(1, 2, 3, 128, device=dev), torch.zeros(1, 3, 64, device=dev)),
             lambda: fused.rope(torch.zeros(1, 2, 64, device=dev), torch.zeros(1, 2, 16, device=dev),
@@ -183,7 +189,7 @@ model.init_buffers("cpu")
 assert model.pack_experts() == "grouped"
 model = model.to(dev)
 calls = {}
-for name in ("rope", "mla_keys", "silu_mul"):  # count the glue kernels' calls
+for name in ("rope", "mla_keys", "silu_mul", "gather_sum"):  # count the glue kernels' calls
     def wrap(f, name=name):
         def g(*a, **k):
             calls[name] = calls.get(name, 0) + 1
@@ -213,7 +219,8 @@ assert not calls
 close(run(True, t))
 n_moe = sum(isinstance(mod, MoE) for mod in glue)
 # silu_mul: the routed experts of each MoE layer, and each layer's MLP (dense or shared experts)
-assert calls == {"rope": 2 * m.n_layers, "mla_keys": m.n_layers, "silu_mul": n_moe + m.n_layers}, calls
+assert calls == {"rope": 2 * m.n_layers, "mla_keys": m.n_layers, "silu_mul": n_moe + m.n_layers,
+                 "gather_sum": n_moe}, calls
 calls.clear()
 run(True, 5)  # fewer rows: torch's ops (the decode graphs' switch `fused` is off)
 assert not calls

@@ -21,6 +21,8 @@ VARIABLES = {  # name -> (default, what it sets; who parses it)
                                       "(spmd.obs.graph_marks)"),
     "SPMD_FP8_GROUPED": ("auto", "the FP8 x FP8 grouped-expert launch: tma (sm_90+), tiles, experts; auto: tma on "
                                  "sm_90+, else tiles (spmd.engines.native, spmd.kernels.fp8)"),
+    "SPMD_FP8_GROUP_M": ("8", "row tiles per group in the grouped FP8 launches' program order (1: column tiles "
+                              "fastest; spmd.kernels.fp8.Mode.group_m)"),
     "SPMD_TMPDIR": ("", "where --engine hf writes its dequantized copy of an FP8 checkpoint (default: the "
                         "system's temporary directory)"),
 }

@@ -278,8 +278,11 @@ def fp8_mode(args, device: torch.device, margs) -> dict:
         raise ValueError(f"SPMD_FP8_GROUPED={grouped!r}: auto, tma, tiles or experts")
     if grouped == "auto":  # the TMA unit: sm_90+
         grouped = "tma" if cc is not None and cc >= (9, 0) else "tiles"
+    group_m = env.read("SPMD_FP8_GROUP_M") or "8"
+    if not group_m.isdigit() or int(group_m) < 1:
+        raise ValueError(f"SPMD_FP8_GROUP_M={group_m!r}: a positive integer")
     return dict(weights=weights, w8a8_rows=W8A8_ROWS if a8 else 0, w8a8_expert_rows=W8A8_EXPERT_ROWS if a8 else 0,
-                ue8m0=margs.scale_fmt == "ue8m0", grouped=grouped,
+                ue8m0=margs.scale_fmt == "ue8m0", grouped=grouped, group_m=int(group_m),
                 dense="scaled_mm" if cc is not None and cc >= (9, 0) else "triton")  # block scales: sm_90 cuBLAS
 
 

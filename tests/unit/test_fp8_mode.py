@@ -52,6 +52,13 @@ def test_grouped_launch_from_the_environment(gpu, monkeypatch):
     monkeypatch.setenv("SPMD_FP8_GROUPED", "fast")
     with pytest.raises(ValueError, match="SPMD_FP8_GROUPED"):
         _mode()
+    monkeypatch.delenv("SPMD_FP8_GROUPED")
+    assert _mode()["group_m"] == 8
+    monkeypatch.setenv("SPMD_FP8_GROUP_M", "1")
+    assert _mode()["group_m"] == 1
+    monkeypatch.setenv("SPMD_FP8_GROUP_M", "0")
+    with pytest.raises(ValueError, match="SPMD_FP8_GROUP_M"):
+        _mode()
 
 
 def test_forced_choices(gpu):

@@ -108,11 +108,11 @@ torch.empty = lambda *a, **k: (lambda t: t.fill_(float("nan")) if t.is_floating_
 g = torch.Generator().manual_seed(1)
 # the interpreter truncates where GPUs round to nearest, and silu's exp is not torch's: up to 2 bf16 ulps
 # per rounded op (3 in a row at most) there; rope on a GPU is torch's arithmetic exactly
-def same(a, b, exact=False):
+def same(a, b, exact=False, what=""):
     if exact and dev == "cuda":
-        assert torch.equal(a, b)
+        assert torch.equal(a, b), (what, (a.float() - b.float()).abs().max().item())
     else:
-        torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=2e-2)
+        torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=2e-2, msg=lambda m: f"{what}: {m}")
 for b, t, h in ((2, 5, 3), (1, 1, 20), (1, 0, 4)):
     cos, sin = (torch.randn(b, t, 32, generator=g).to(torch.bfloat16).to(dev) for _ in range(2))
     # q: the rope part of (B, T, H, 192) rotated in place; its nope part untouched
@@ -120,37 +120,38 @@ for b, t, h in ((2, 5, 3), (1, 1, 20), (1, 0, 4)):
     ref = apply_rope(q[..., 128:], cos[:, :, None], sin[:, :, None])
     nope = q[..., :128].clone()
     fused.rope(q[..., 128:], cos, sin, out=q[..., 128:])
-    same(q[..., 128:], ref, exact=True)
+    same(q[..., 128:], ref, exact=True, what="rope q")
     assert torch.equal(q[..., :128], nope)
     # k_pe: a strided (B, T, 64) view of the kv_a output, into a new tensor
     kv = torch.randn(b, t, 576, generator=g).to(torch.bfloat16).to(dev)
-    same(fused.rope(kv[..., 512:], cos, sin), apply_rope(kv[..., 512:], cos, sin), exact=True)
+    same(fused.rope(kv[..., 512:], cos, sin), apply_rope(kv[..., 512:], cos, sin), exact=True, what="rope k")
     # one row of angles for every row of the batch (the same positions)
-    same(fused.rope(kv[..., 512:], cos[:1], sin[:1]), apply_rope(kv[..., 512:], cos[:1], sin[:1]), exact=True)
+    same(fused.rope(kv[..., 512:], cos[:1], sin[:1]), apply_rope(kv[..., 512:], cos[:1], sin[:1]), exact=True,
+         what="rope one row")
     # keys: k_nope a strided view of kv_b's output (B, S, H, 256), pe (B, S, 64) a view of the cache
     kvb = torch.randn(b, t, h, 256, generator=g).to(torch.bfloat16).to(dev)
     pe = kv[..., 512:]
     k = fused.mla_keys(kvb[..., :128], pe)
-    assert torch.equal(k, torch.cat([kvb[..., :128], pe[:, :, None].expand(-1, -1, h, -1)], -1))
+    assert torch.equal(k, torch.cat([kvb[..., :128], pe[:, :, None].expand(-1, -1, h, -1)], -1)), "mla_keys"
 for m, i in ((37, 256), (1, 128), (0, 128), (64, 384)):
     gu = (torch.randn(m, 2 * i, generator=g) * 3).to(torch.bfloat16).to(dev)
     w = torch.rand(m, generator=g).to(dev)
     gate, up = gu.chunk(2, dim=-1)
     plain = torch.nn.functional.silu(gate) * up
-    same(fused.silu_mul(gu), plain)
+    same(fused.silu_mul(gu), plain, what="silu_mul")
     ref = plain * w.to(plain.dtype)[:, None]
     got = fused.silu_mul(gu, w)
-    same(got, ref)
+    same(got, ref, what="silu_mul w")
     for ue8m0 in (False, True):  # the quantized product: quantize_act of the fused product, bit for bit
         q, s = fused.silu_mul(gu, w, quant=True, ue8m0=ue8m0)
         rq, rs = quantize_act(got, ue8m0)
         assert q.dtype == torch.float8_e4m3fn and s.stride(0) == 1 and s.shape == rs.shape
-        assert torch.equal(q.float(), rq.float()) and torch.equal(s, rs)
+        assert torch.equal(q.float(), rq.float()) and torch.equal(s, rs), ("silu_mul quant", m, i, ue8m0)
 for n, k, d in ((7, 8, 300), (1, 4, 1024), (0, 8, 64)):  # the experts' rows back to tokens, summed
     h = torch.randn(n * k + 3, d, generator=g).to(torch.bfloat16).to(dev)
     idx = torch.randperm(n * k + 3, generator=g)[:n * k].to(dev)
     got = fused.gather_sum(h, idx, k)
-    same(got, h.index_select(0, idx).view(n, k, d).sum(1))
+    same(got, h.index_select(0, idx).view(n, k, d).sum(1), what="gather_sum")
 for bad in (lambda: fused.silu_mul(torch.zeros(2, 3, device=dev)),
             lambda: fused.gather_sum(torch.zeros(4, 8, device=dev), torch.zeros(5, dtype=torch.long, device=dev), 2),
             lambda: fused.silu_mul(torch.zeros(2, 200, device=dev), quant=True),
@@ -186,8 +187,8 @@ model = Transformer(m, Group(), torch.bfloat16).eval()
 for p in model.parameters():
     p.data.copy_(torch.randn(p.shape) * 0.05)
 model.init_buffers("cpu")
-assert model.pack_experts() == "grouped"
 model = model.to(dev)
+assert model.pack_experts() == "grouped"  # after the move: the stacks are plain attributes
 calls = {}
 for name in ("rope", "mla_keys", "silu_mul", "gather_sum"):  # count the glue kernels' calls
     def wrap(f, name=name):

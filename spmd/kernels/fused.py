@@ -101,8 +101,8 @@ def _route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, stride_l, route_scale,
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, o_ptr, T, H, stride_xb, stride_xt, stride_xh, stride_cb, stride_ct,
                  stride_ob, stride_ot, stride_oh, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
     """Program (b * T + t, head block): x's interleaved pairs rotated, written de-interleaved to o (which
-    may be x: every load precedes every store, and programs own disjoint rows). Each product and each
-    sum is rounded to x's dtype, as torch's ops in apply_rope are."""
+    may be x: a barrier puts every load of the program before its first store, and programs own disjoint
+    rows). Each product and each sum is rounded to x's dtype, as torch's ops in apply_rope are."""
     row = tl.program_id(0)
     b, t = row // T, row % T
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -113,6 +113,7 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, o_ptr, T, H, stride_xb, stride_xt, str
     odd = tl.load(base + 2 * j[None, :] + 1, mask=mask, other=0.0)
     c = tl.load(cos_ptr + b.to(tl.int64) * stride_cb + t.to(tl.int64) * stride_ct + j)[None, :].to(tl.float32)
     s = tl.load(sin_ptr + b.to(tl.int64) * stride_cb + t.to(tl.int64) * stride_ct + j)[None, :].to(tl.float32)
+    tl.debug_barrier()  # in place (o = x): every thread's loads of this program's rows before any store
     dt = even.dtype
     ef, of = even.to(tl.float32), odd.to(tl.float32)
     r0 = ((ef * c).to(dt).to(tl.float32) - (of * s).to(dt).to(tl.float32)).to(dt)

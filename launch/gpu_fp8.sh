@@ -8,6 +8,8 @@
 #             loop's largest prefill chunk)
 #   launches  the slice's FP8 default at BATCHES once per grouped-expert launch (SPMD_FP8_GROUPED: tiles,
 #             experts; the default run of `bench` is the third)
+#   groupm    the slice's FP8 default at BATCHES once per SPMD_FP8_GROUP_M in GROUP_MS (default 1,16; the
+#             default 8 is `bench`'s run)
 #   validate  the validation matrix's slice rows on this GPU (G1; VALIDATE_WEIGHTS, default bf16,fp8: both
 #             checkpoints and a baseline's copy need ~100 GB of disk, fp8 alone ~30 GB); VALIDATE_OPTS: more
 #             program options; VALIDATE_ACT_QUANT=1: against the FP8-activation baseline (validation/act_quant.py;
@@ -21,10 +23,13 @@ mkdir -p "$out"
 # shellcheck source=launch/env.sh
 . launch/env.sh
 stages=",${STAGES:-tests,fp8,bench},"
+GROUP_MS=${GROUP_MS:-1,16}
 has() { [[ $stages == *",$1,"* ]]; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 if has tests; then
-  timeout "${TEST_S:-150}" python3 -m pytest -q tests/unit/test_fp8.py tests/unit/test_fp8_mode.py tests/unit/test_fused.py 2>&1 | tail -8 | tee "$out/tests.txt"
+  timeout "${TEST_S:-150}" python3 -m pytest -q --tb=short tests/unit/test_fp8.py tests/unit/test_fp8_mode.py \
+    tests/unit/test_fused.py > "$out/tests.log" 2>&1
+  tail -8 "$out/tests.log"   # the whole log is kept in tests.log
 fi
 if has fp8; then
   # shellcheck disable=SC2086  # FP8_BENCH_OPTS is a list of options
@@ -44,6 +49,11 @@ has bench && bench bench bench
 if has launches; then
   for g in tiles experts; do
     CONFIGS=native-1gpu-fp8 bench "bench-$g" "bench-$g" SPMD_FP8_GROUPED=$g
+  done
+fi
+if has groupm; then
+  for g in ${GROUP_MS//,/ }; do
+    CONFIGS=native-1gpu-fp8 bench "bench-gm$g" "bench-gm$g" SPMD_FP8_GROUP_M="$g"
   done
 fi
 if has validate; then

@@ -61,7 +61,7 @@ def header(args, n_prompts: int, prompt_pairs: list[tuple[str, str]], eos_id: in
             "device": args.device, "device_name": device_name, "batch_size": args.batch_size,
             "eos_token_id": eos_id, "decoding": "greedy", "versions": versions(("torch", "transformers")),
             "git_commit": git_commit(),
-            # FP8 weights transformers cannot dequantize itself: read from spmd.weights.fp8_cast's exact copy
+            # FP8 weights transformers cannot dequantize itself: read by spmd.weights.fp8_cast.exact_partial_blocks
             "fp8_weights_cast_by_spmd": len(needs_cast(args.checkpoint)),
             # FP8 GEMM inputs rounded through e4m3 per 1 x 128, as --fp8-prefill w8a8 (validation/act_quant.py)
             "act_quant": bool(getattr(args, "act_quant", False)),

@@ -23,8 +23,6 @@ VARIABLES = {  # name -> (default, what it sets; who parses it)
                                  "sm_90+, else tiles (spmd.engines.native, spmd.kernels.fp8)"),
     "SPMD_FP8_GROUP_M": ("8", "row tiles per group in the grouped FP8 launches' program order (1: column tiles "
                               "fastest; spmd.kernels.fp8.Mode.group_m)"),
-    "SPMD_TMPDIR": ("", "where --engine hf writes its dequantized copy of an FP8 checkpoint (default: the "
-                        "system's temporary directory)"),
 }
 
 

@@ -5,15 +5,14 @@ split over the ranks (MLA attention is not in transformers' plan: replicated). A
 engine's tensor + expert parallelism, run on the same torch.distributed world."""
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from spmd.config import env
-from spmd.weights.fp8_cast import dequantized_copy, needs_cast
+from spmd.weights.fp8_cast import exact_partial_blocks, needs_cast
 from spmd.engines.memory import param_bytes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -42,27 +41,20 @@ def load_hf(checkpoint: Path, dtype: str = "fp32", device: str = "cpu", log: boo
     cls = type("DeepseekV3ForCausalLM", (DeepseekV3ForCausalLM,), attrs)
     # built on the CPU, then moved: transformers fuses the per-expert tensors while loading, and on the GPU
     # that needs a second copy of every MoE layer (the full-width slice does not fit an 80 GB card so)
-    misread = needs_cast(checkpoint)
     if parallel:
         from transformers import DistributedConfig
 
         place = {"distributed_config": DistributedConfig(tp_plan="auto", enable_expert_parallel=True)}
     else:
         place = {"device_map": "cpu"}
-    if not misread:
+    misread = needs_cast(checkpoint)
+    if misread and log:  # spmd/weights/fp8_cast.py
+        print(f"hf: {len(misread)} FP8 weights are not whole 128-blocks (e.g. {misread[0]}), which "
+              f"transformers' dequantizer refuses or misreads: dequantizing those per 128x128 block",
+              file=sys.stderr)
+    with exact_partial_blocks() if misread else contextlib.nullcontext():
         model = cls.from_pretrained(str(checkpoint), dtype=DTYPES[dtype], **place, **_dequantized(cfg))
-        return (model if parallel else model.to(device)).eval()
-    # FP8 weights transformers' dequantizer would refuse or misread (spmd/weights/fp8_cast.py): load an exact
-    # dequantized copy instead, written next to nothing the user owns and gone once the model is built
-    with tempfile.TemporaryDirectory(prefix="spmd-fp8cast-", dir=env.read("SPMD_TMPDIR") or None) as tmp:
-        say = (lambda m: print(m, file=sys.stderr)) if log else None
-        if log:
-            print(f"hf: {len(misread)} FP8 weights are not whole 128-blocks (e.g. {misread[0]}), which "
-                  f"transformers' dequantizer misreads: loading an exact dequantized copy", file=sys.stderr)
-        dequantized_copy(checkpoint, Path(tmp), "cuda" if str(device).startswith("cuda") else "cpu", log=say)
-        model = cls.from_pretrained(tmp, dtype=DTYPES[dtype], **place)
-        model = (model if parallel else model.to(device)).eval()
-    return model
+    return (model if parallel else model.to(device)).eval()
 
 
 def _dequantized(cfg: dict) -> dict:

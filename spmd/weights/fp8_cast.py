@@ -16,6 +16,7 @@ exact in bf16 and the copy stores bf16; other scales give float32. Tokenizer and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
@@ -107,6 +108,34 @@ def dequantized_copy(ckpt: Path, out: Path, device: str = "cpu", log=None) -> Pa
         log(f"fp8_cast: {ckpt} -> {out}: {len(files)} shards, {total / 2**30:.1f} GiB, "
             f"{time.perf_counter() - t0:.1f} s")
     return out
+
+
+@contextlib.contextmanager
+def exact_partial_blocks():
+    """While open, transformers' FP8 dequantizer reads a weight whose scale grid is ceil(shape / 128) with a
+    partial last block (kv_a_proj_with_mqa) as the checkpoint means it: W = q * scale per 128x128 block
+    (`dequantize`), instead of refusing it or reading it with rows // grid_rows blocks. Every other weight
+    goes through transformers' own code. The reference engine loads FP8 checkpoints so, in memory (the
+    written copy, `dequantized_copy`, needs the model's bf16 size again on disk)."""
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    own = Fp8Dequantize._dequantize_one
+
+    def patched(self, quantized, scales, output_dtype=None):
+        rows, cols = quantized.shape[-2:]
+        grid = tuple(scales.shape[-2:]) if scales.dim() >= 2 else None
+        # (the loader may hand over the e4m3 values already cast to the model's float dtype: exact)
+        if (rows % BLOCK or cols % BLOCK) and grid == (-(-rows // BLOCK), -(-cols // BLOCK)):
+            dtype = output_dtype or (scales.dtype if scales.dtype.is_floating_point and scales.element_size() >= 2
+                                     else torch.bfloat16)
+            return dequantize(quantized, scales, torch.float32).to(dtype)
+        return own(self, quantized, scales, output_dtype=output_dtype)
+
+    Fp8Dequantize._dequantize_one = patched
+    try:
+        yield
+    finally:
+        Fp8Dequantize._dequantize_one = own
 
 
 def main(argv=None) -> int:

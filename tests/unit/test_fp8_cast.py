@@ -1,5 +1,5 @@
 """spmd.weights.fp8_cast: the FP8 weights transformers' dequantizer misreads are found, and the dequantized copy is
-exact, complete and what the reference engine (load_hf) builds transformers' model from."""
+exact and complete, and the reference engine (load_hf) reads them exactly in memory."""
 from __future__ import annotations
 
 import json
@@ -53,8 +53,8 @@ def test_dequantized_copy_is_exact_and_complete(tmp_path):
 
 def test_reference_reads_partial_blocks_right(tmp_path):
     """A checkpoint whose kv_a_proj scale blocks differ (as in real weights): transformers' own dequantizer
-    would read its 192 rows as two 96-row blocks; load_hf (through the copy) gives W = q * scale per
-    128x128 block, the loader's numbers."""
+    would read its 192 rows as two 96-row blocks; load_hf (in memory, exact_partial_blocks) gives W = q *
+    scale per 128x128 block, the loader's numbers, and leaves transformers' dequantizer as it was."""
     from spmd.engines.hf import load_hf
 
     src = tmp_path / "fp8"
@@ -69,10 +69,14 @@ def test_reference_reads_partial_blocks_right(tmp_path):
     tensors[sname][1] *= 4.0  # rows 128..191: another power of two
     save_file(tensors, str(file), metadata={"format": "pt"})
     model = load_hf(src, "fp32", "cpu", log=False)
-    want = dequantize(tensors[name], tensors[sname])
+    want = dequantize(tensors[name], tensors[sname], torch.float32)
     assert torch.equal(model.state_dict()[name], want)
     scale96 = tensors[sname].repeat_interleave(96, 0).repeat_interleave(128, 1)[:, :256]  # 2 blocks of 96 rows
     assert not torch.equal(want, tensors[name].float() * scale96)  # the misreading differs here
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    theirs = Fp8Dequantize(None)._dequantize_one(tensors[name], tensors[sname], torch.float32)
+    assert torch.equal(theirs, tensors[name].float() * scale96)  # restored after the load
 
 
 @pytest.mark.parametrize("bad", ["bf16", "nonempty"])

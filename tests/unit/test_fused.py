@@ -234,3 +234,28 @@ def test_model_takes_glue_kernels_for_prefill():
     takes the glue kernels (rope twice per layer, the keys, silu * up per MLP and per MoE layer's experts)
     and gives the unpacked torch path's logits within bf16 rounding; a small step keeps torch's ops."""
     triton_check(MODEL)
+
+
+def test_gate_logits_bf16_gemm_equal_float32():
+    """On CUDA the router's logits of bf16 x and W come from one bf16 GEMM with float32 output: the exact
+    products summed in float32, equal to the float32 GEMM of both upcast up to summation order."""
+    import torch
+
+    from types import SimpleNamespace
+
+    from spmd.model.moe import Gate
+
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA only (torch.mm's out_dtype overload)")
+    m = SimpleNamespace(n_activated_experts=8, n_expert_groups=8, n_limited_groups=4, route_scale=2.5,
+                        n_routed_experts=256, dim=7168)
+    gate = Gate(m, torch.bfloat16, "cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    gate.weight.data = (torch.randn(256, 7168, device="cuda", generator=g) * 0.02).bfloat16()
+    x = torch.randn(300, 7168, device="cuda", generator=g).bfloat16()
+    got = gate.logits(x)
+    ref = torch.nn.functional.linear(x.double(), gate.weight.double()).float()
+    fp32 = torch.nn.functional.linear(x.float(), gate.weight.float())
+    assert got.dtype == torch.float32
+    scale = ref.abs().max().item()
+    assert (got - ref).abs().max().item() <= 2 * (fp32 - ref).abs().max().item() + 1e-6 * scale

@@ -4,9 +4,10 @@ The native engine's FP8 x FP8 GEMMs (spmd.kernels.fp8) quantize each GEMM's inpu
 group to e4m3 (scale = max|x| / 448 in float32, rounded up to a power of two where the checkpoint's
 ``scale_fmt`` is ``ue8m0``) and multiply it with the FP8 weight. ``fake_quantize(model, ckpt)`` makes a
 transformers ``DeepseekV3ForCausalLM`` do the same in its own precision: the input of every linear layer
-whose weight is FP8 in the checkpoint and that the engine keeps in FP8 (q_a, q_b, kv_a, o_proj, the dense
-and shared MLPs; not kv_b_proj, which the engine absorbs as a dequantized matrix, nor the router or
-lm_head, which are not FP8) is replaced by ``dequantize(quantize(x))`` (spmd.kernels.fp8's torch
+whose weight is FP8 in the checkpoint and that the engine multiplies in FP8 (q_a, q_b, kv_a, o_proj, the
+dense and shared MLPs; kv_b_proj where its scales are powers of two: the engine keeps it dequantized for
+the absorbed decode path and, on CUDA, an exact FP8 copy for prefill's expansion of the latents
+(spmd.parallel.layers.fp8_copy); not the router or lm_head, which are not FP8) is replaced by ``dequantize(quantize(x))`` (spmd.kernels.fp8's torch
 arithmetic, the kernels' reference in tests/unit/test_fp8.py); the routed experts quantize each token once
 for gate+up and the intermediate, scaled by its routing weight as spmd.model.moe applies it (before the
 down projection, not after as transformers and DeepSeek's inference code do: the same product, but the
@@ -27,9 +28,11 @@ from pathlib import Path
 
 import torch
 
+from safetensors import safe_open
+
 from spmd.kernels.fp8 import SCALE_SUFFIX, _quantize_torch, dequantize_act
 
-NOT_KEPT = ("kv_b_proj",)  # FP8 in the checkpoint, dequantized by the engine (MLA absorption)
+KV_B = "kv_b_proj"  # FP8 in the checkpoint; dequantized by the engine, with an FP8 copy where exact
 
 
 def fake_quant(x: torch.Tensor, ue8m0: bool) -> torch.Tensor:
@@ -43,6 +46,18 @@ def fp8_modules(ckpt: Path) -> set[str]:
     """Module names (transformers' naming) whose weight the checkpoint stores as FP8 with block scales."""
     index = json.loads((Path(ckpt) / "model.safetensors.index.json").read_text())["weight_map"]
     return {n[:-len(SCALE_SUFFIX)] for n in index if n.endswith(SCALE_SUFFIX)}
+
+
+def _power_of_two_scales(ckpt: Path, names: list[str]) -> bool:
+    """Whether every block scale of these FP8 modules is a power of two (fp8_copy's exactness condition)."""
+    index = json.loads((Path(ckpt) / "model.safetensors.index.json").read_text())["weight_map"]
+    for name in names:
+        key = name + SCALE_SUFFIX
+        with safe_open(Path(ckpt) / index[key], "pt") as f:
+            mantissa, _ = torch.frexp(f.get_tensor(key).float())
+        if not bool((mantissa == 0.5).all()):
+            return False
+    return True
 
 
 def _experts_forward(self, hidden_states, top_k_index, top_k_weights):
@@ -63,9 +78,11 @@ def fake_quantize(model: torch.nn.Module, ckpt: Path, ue8m0: bool) -> list[str]:
     """Make `model` (transformers DeepseekV3ForCausalLM) quantize its FP8 GEMMs' inputs; returns the names
     of the modules changed (linear layers, then experts blocks)."""
     fp8 = fp8_modules(ckpt)
+    if not _power_of_two_scales(ckpt, sorted(n for n in fp8 if n.endswith(KV_B))):
+        fp8 = {n for n in fp8 if not n.endswith(KV_B)}  # the engine keeps no FP8 copy of kv_b_proj then
     changed = []
     for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and name in fp8 and not name.endswith(NOT_KEPT):
+        if isinstance(mod, torch.nn.Linear) and name in fp8:
             mod.register_forward_pre_hook(lambda m, args: (fake_quant(args[0], ue8m0), *args[1:]))
             changed.append(name)
         elif type(mod).__name__ == "DeepseekV3Experts" and f"{name}.0.gate_proj" in fp8:

@@ -52,7 +52,9 @@ class NativeEngine:
         moe_path = self.model.pack_experts()
         packed = self.model.pack_linears() if self.device.type == "cuda" else 0
         self.model.eval()
-        self.info = {"moe_path": moe_path, "packed_linears": packed, "load_bytes_read": stats.bytes_read, "load_s": stats.seconds,
+        self.info = {"moe_path": moe_path, "packed_linears": packed, "fp8_kv_b": self.model.fp8_kv_b(),
+                     "load_bytes_read": stats.bytes_read,
+                     "load_s": stats.seconds,
                      "load_tensors": stats.n_tensors, "param_bytes": param_bytes(self.model),
                      "expert_param_bytes": param_bytes(self.model, "mlp.experts."),
                      "rss_peak_before_load": peak0, "rss_peak_after_load": _rss_peak_bytes()}

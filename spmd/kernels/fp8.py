@@ -67,8 +67,10 @@ import functools
 import os
 
 import torch
+import torch.nn.functional as F
 
 from spmd.config import FP8_BLOCK  # DeepSeek-V3's weight quantization block (both dims)
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
 SCALE_SUFFIX = ".weight_scale_inv"  # an FP8 weight's float32 (V3.1: power-of-two, UE8M0) block scales
 # fp8_grouped_mm runs a program per row (not per expert) when given each row's expert and the experts
 # number at least this many times the rows. Measured on H200 (256 experts, decode shapes): 8 rows
@@ -167,6 +169,19 @@ def dequantize(w: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = to
     s = scale_inv.to(device=w.device, dtype=torch.float32)
     s = s.repeat_interleave(FP8_BLOCK, -2).repeat_interleave(FP8_BLOCK, -1)[..., r:r + n, c:c + k]
     return (w.to(torch.float32) * s).to(dtype)
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) weight -> float8_e4m3fn (out, in) and float32 scales (ceil(out/128), ceil(in/128)), powers of
+    two (UE8M0: each block's amax / 448 rounded up, so no block saturates). `dequantize` inverts it exactly
+    where w came from such a checkpoint (synthetic checkpoints; MLA.pack's FP8 copy of kv_b_proj)."""
+    out, inp = w.shape
+    bo, bi = _cdiv128(out), _cdiv128(inp)
+    blocks = F.pad(w.float(), (0, bi * FP8_BLOCK - inp, 0, bo * FP8_BLOCK - out)).view(bo, FP8_BLOCK, bi, FP8_BLOCK)
+    amax = blocks.abs().amax(dim=(1, 3))  # (bo, bi)
+    scale = torch.exp2(torch.ceil(torch.log2((amax / FP8_MAX).clamp(min=2.0**-126))))
+    q = (blocks / scale[:, None, :, None]).reshape(bo * FP8_BLOCK, bi * FP8_BLOCK)[:out, :inp]
+    return q.to(torch.float8_e4m3fn).contiguous(), scale
 
 
 # ---------------------------------------------------------------- kernels (wrapped by triton.jit lazily)

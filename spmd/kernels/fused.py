@@ -51,7 +51,7 @@ FUSED_ROWS = 256
 
 
 def fused_for(mod, rows: int) -> bool:
-    """Whether mod (an MLA or MoE, switched by spmd.model.transformer.use_fused: `fused` in decode graphs,
+    """Whether mod (an MLA, MLP or MoE, switched by spmd.model.transformer.use_fused: `fused` in decode graphs,
     `fused_ok` where the kernels run) takes its fused kernels for a step of `rows` tokens."""
     return mod.fused or (mod.fused_ok and rows >= FUSED_ROWS)
 

@@ -19,12 +19,12 @@ from torch import nn
 
 from spmd.kernels import fused
 from spmd.config import ModelArgs
-from spmd.kernels.fp8 import triton_available
+from spmd.kernels.fp8 import triton_available, w8a8_dense
 from spmd.kernels.mla_decode import mla_decode
 from spmd.model.moe import MLP, MoE
 from spmd.parallel.comm import UNTIMED, Group
-from spmd.parallel.layers import (ColumnParallelLinear, Linear, ParallelEmbedding, RowParallelLinear, matmul,
-                                  pack_weights)
+from spmd.parallel.layers import (ColumnParallelLinear, Linear, ParallelEmbedding, RowParallelLinear, fp8_copy,
+                                  matmul, pack_weights)
 
 SUB_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm: transformers builds them with the default eps
 
@@ -173,6 +173,7 @@ class MLA(nn.Module):
         self.kv_b_proj.fp8_ok = False  # absorbed into q and the output as a plain matrix (`_absorb`)
         self.fused = self.fused_ok = False  # rope and the keys in Triton (use_fused, fused_for)
         self.q_rank, self.wa, self.sa = m.q_lora_rank, None, None  # wa, sa: q_a and kv_a as one GEMM (pack)
+        self.kv_b_q = self.kv_b_s = None  # kv_b_proj's weight in FP8 for FP8 x FP8 prefill (pack)
         self.o_proj = RowParallelLinear(m.n_heads * m.v_head_dim, m.dim, tp, dtype, name="attn.o_proj",
                                         layer=layer, device=device)
 
@@ -181,11 +182,14 @@ class MLA(nn.Module):
 
     def pack(self) -> None:
         """q_a_proj and kv_a_proj_with_mqa read the same x: one (q_lora_rank + rank + rope, dim) GEMM, one
-        quantization of x for FP8 x FP8 (q_lora_rank is a multiple of 128, so the scale blocks align)."""
+        quantization of x for FP8 x FP8 (q_lora_rank is a multiple of 128, so the scale blocks align). And
+        kv_b_proj, kept in 16 bits for the absorbed decode path, gets an FP8 copy for prefill's expansion of
+        the latents (`_naive`) where the model keeps FP8 weights and it re-quantizes exactly (fp8_copy)."""
         if self.q_lora:
             packed = pack_weights([self.q_a_proj, self.kv_a_proj_with_mqa])
             if packed is not None:
                 self.wa, self.sa = packed
+        self.kv_b_q, self.kv_b_s = fp8_copy(self.kv_b_proj.weight, like=self.o_proj.weight)
 
     def forward(self, x, rope, bias, kv_cache, pe_cache, start, naive: bool) -> torch.Tensor:
         """Timed attend + o_proj (with its all-reduce); x (B, T, dim) already normalized."""
@@ -231,7 +235,11 @@ class MLA(nn.Module):
         q: the whole query (B, T, H_l, qk) where attend made it in place (its fused path, which also
         builds the keys in one kernel); else q_nope and q_pe are concatenated."""
         bsz, slen, _ = kv.shape
-        k_nope, v = self.kv_b_proj(kv).view(bsz, slen, self.n_local_heads, -1).split([self.nope, self.v_dim], -1)
+        if self.kv_b_q is not None and w8a8_dense(bsz * slen, kv.dtype):  # FP8 x FP8 (pack)
+            kv = matmul(kv, self.kv_b_q, self.kv_b_s)
+        else:
+            kv = self.kv_b_proj(kv)
+        k_nope, v = kv.view(bsz, slen, self.n_local_heads, -1).split([self.nope, self.v_dim], -1)
         if q is not None:
             k = fused.mla_keys(k_nope, pe)
         else:
@@ -357,6 +365,10 @@ class Transformer(nn.Module):
         for mod in mods:
             mod.pack()
         return sum(getattr(mod, "wa", None) is not None or getattr(mod, "w13", None) is not None for mod in mods)
+
+    def fp8_kv_b(self) -> int:
+        """How many layers have kv_b_proj's FP8 copy (MLA.pack)."""
+        return sum(block.self_attn.kv_b_q is not None for block in self.blocks())
 
     def pack_experts(self) -> str:
         """After loading: stack each MoE layer's local experts for grouped GEMMs; returns the path in use."""

@@ -63,6 +63,20 @@ def pack_weights(mods: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | No
     return stack, scales
 
 
+def fp8_copy(w: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+    """An FP8 copy (weight, block scales) of a 16-bit weight that the loader dequantized from power-of-two
+    (UE8M0) block scales, as V3.1's, for FP8 x FP8 GEMMs beside it, when the model keeps its other FP8
+    weights as FP8 (`like` is one of them): `quantize_weight`, taken only where it dequantizes back to w
+    exactly (other checkpoints' scales: (None, None), the 16-bit GEMM stays)."""
+    if like.dtype != torch.float8_e4m3fn or w.dtype not in (torch.bfloat16, torch.float16):
+        return None, None
+    from spmd.kernels.fp8 import dequantize, quantize_weight
+    q, s = quantize_weight(w)
+    if not torch.equal(dequantize(q, s, w.dtype), w):
+        return None, None
+    return q, s
+
+
 def matmul(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor | None) -> torch.Tensor:
     """x W^T for a weight given directly (pack_weights' stacks): as `linear`."""
     if w.dtype == torch.float8_e4m3fn:

@@ -29,14 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from spmd.config import FP8_BLOCK
 
-from spmd.kernels.fp8 import scale_name
+from spmd.kernels.fp8 import quantize_weight, scale_name
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
 EMBED_STD = 1.0  # residual stream starts at unit scale; RMSNorm follows anyway
 NORM_STD = 0.1  # norm weights ~ N(1, 0.1)
 BIAS_STD = 0.02  # e_score_correction_bias ~ N(0, 0.02): small next to sigmoid scores in (0, 1)
@@ -199,18 +197,6 @@ def default_shard_bytes(total_bytes: int) -> int:
     return max(1 << 20, min(4300 * 10**6, total_bytes // 5))
 
 
-def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 (out, in) -> float8_e4m3fn (out, in), fp32 scale (ceil(out/128), ceil(in/128)) powers of two."""
-    out, inp = w.shape
-    bo, bi = math.ceil(out / FP8_BLOCK), math.ceil(inp / FP8_BLOCK)
-    blocks = F.pad(w, (0, bi * FP8_BLOCK - inp, 0, bo * FP8_BLOCK - out)).view(bo, FP8_BLOCK, bi, FP8_BLOCK)
-    amax = blocks.abs().amax(dim=(1, 3))  # (bo, bi)
-    # UE8M0: round amax/448 UP to a power of two so no block saturates
-    scale = torch.exp2(torch.ceil(torch.log2((amax / FP8_MAX).clamp(min=2.0**-126))))
-    q = (blocks / scale[:, None, :, None]).reshape(bo * FP8_BLOCK, bi * FP8_BLOCK)[:out, :inp]
-    return q.to(torch.float8_e4m3fn).contiguous(), scale
-
-
 def tensor_seed(seed: int, key: str) -> int:
     """Stable 63-bit generator seed for one tensor."""
     digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
@@ -236,7 +222,7 @@ def materialize(spec: TensorSpec, seed: int, weights: str, device: str = "cpu") 
     if spec.kind == "bias":
         return {spec.name: w.cpu()}
     if spec.kind == "linear" and weights == "fp8":
-        q, scale = quantize_fp8(w)
+        q, scale = quantize_weight(w)
         return {spec.name: q.cpu(), scale_name(spec.name): scale.cpu()}
     return {spec.name: w.to(torch.bfloat16).cpu()}
 

@@ -142,7 +142,8 @@ def test_fp8_weights_kept_equal_dequantized(world, monkeypatch):
 # Per-layer error of FP8 x FP8 prefill (activations quantized per row and 128 columns) against the
 # dequantized bf16 model, each layer on the reference's own input (relative Frobenius norm of its output,
 # residual included). Measured (tiny model, Triton's interpreter, 2 x 8 tokens): w8a8 0.039, 0.075, 0.029,
-# 0.024; weight-only 0.007, 0.065, 0.007, 0.006 (layer 1: bf16 rounding flips a token's expert, both paths).
+# 0.024 (0.044 and 0.075 on the first two with kv_b_proj's FP8 copy, 2026-12-06); weight-only 0.007,
+# 0.065, 0.007, 0.006 (layer 1: bf16 rounding flips a token's expert, both paths).
 W8A8_LAYER_REL_ERR = 0.10
 
 
@@ -175,9 +176,9 @@ def _isolated_layer_errors(ref, other, tokens, mask, layers: int) -> list[float]
 
 
 def test_fp8_w8a8_layer_error(world, monkeypatch):
-    """bf16 compute: FP8 x FP8 GEMMs (forced from one row on) keep a dense and a MoE layer within
-    W8A8_LAYER_REL_ERR of the dequantized bf16 model, the weight-only kernels within it too, and w8a8 adds
-    error (it ran). One rank: it checks the kernels' numerics, not sharding. Two layers: Triton's
+    """bf16 compute: FP8 x FP8 GEMMs (forced from one row on; the linears packed and kv_b_proj's FP8 copy
+    taken, as on CUDA) keep a dense and a MoE layer within W8A8_LAYER_REL_ERR of the dequantized bf16
+    model, the weight-only kernels within it too, and w8a8 adds error (it ran). One rank: it checks the kernels' numerics, not sharding. Two layers: Triton's
     interpreter takes ~4 s per layer and mode."""
     pytest.importorskip("triton")
     if world.size > 1:
@@ -190,10 +191,12 @@ def test_fp8_w8a8_layer_error(world, monkeypatch):
     tokens, mask = left_pad(ids, 1, "cpu")
     ref = _engine(world, ckpt, 1, "off", "dequant", "bf16")
     kept = _engine(world, ckpt, 1, "off", "keep", "bf16", "w8a8")
+    kept.model.pack_linears()  # as on CUDA: q_a + kv_a and gate + up packed, kv_b_proj's FP8 copy
+    m = ModelArgs.from_checkpoint(ckpt)
+    assert kept.model.fp8_kv_b() == m.n_layers and ref.model.fp8_kv_b() == 0
     old = fp8.configure()
     try:
         fp8.configure(w8a8_rows=0, w8a8_expert_rows=0)
-        m = ModelArgs.from_checkpoint(ckpt)
         layers = m.n_dense_layers + 1  # the dense layers and the first MoE layer
         w8a16 = _isolated_layer_errors(ref, kept, tokens, mask, layers)
         fp8.configure(w8a8_rows=1, w8a8_expert_rows=1)  # this tiny batch is far below the prefill threshold

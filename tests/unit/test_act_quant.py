@@ -17,16 +17,40 @@ def pair(tiny_fp8):
 
 
 def test_the_engines_fp8_gemms_and_only_those(pair, tiny_fp8):
-    """Every FP8 linear the engine keeps in FP8 and every experts block; not kv_b_proj (absorbed,
-    dequantized), the router or lm_head (not FP8)."""
+    """Every FP8 linear the engine multiplies in FP8 and every experts block: kv_b_proj too (the tiny
+    checkpoint's scales are powers of two: the engine's FP8 copy for prefill); not the router or lm_head
+    (not FP8)."""
     _, _, changed = pair
     fp8 = act_quant.fp8_modules(tiny_fp8)
     assert any(n.endswith("q_b_proj") for n in changed) and any(n.endswith("mlp.experts") for n in changed)
     assert any(n.endswith("shared_experts.down_proj") for n in changed)
-    assert not any(n.endswith(("kv_b_proj", "lm_head", "mlp.gate")) for n in changed)
+    assert any(n.endswith("kv_b_proj") for n in changed)
+    assert not any(n.endswith(("lm_head", "mlp.gate")) for n in changed)
     linears = [n for n in changed if not n.endswith("experts")]
     present = {n for n, _ in pair[1].named_modules()}  # the MTP layer's tensors are not transformers' modules
-    assert set(linears) == {n for n in fp8 & present if ".experts." not in n and not n.endswith("kv_b_proj")}
+    assert set(linears) == {n for n in fp8 & present if ".experts." not in n}
+
+
+def test_kv_b_left_out_where_its_scales_are_not_powers_of_two(tiny_fp8, tmp_path):
+    """An FP8 checkpoint with other scales (DeepSeek-V3's float32 ones): the engine keeps no FP8 copy of
+    kv_b_proj (its dequantized weight does not re-quantize exactly), so the reference leaves it alone."""
+    import json
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src = tmp_path / "fp8"
+    shutil.copytree(tiny_fp8, src)
+    index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    for key in [k for k in index if k.endswith("kv_b_proj.weight_scale_inv")]:
+        with safe_open(src / index[key], "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors[key] = tensors[key] * 1.25
+        save_file(tensors, str(src / index[key]), metadata={"format": "pt"})
+    model = load_hf(src, "fp32", "cpu", log=False)
+    changed = act_quant.fake_quantize(model, src, ue8m0=False)
+    assert changed and not any(n.endswith("kv_b_proj") for n in changed)
 
 
 def test_a_linear_multiplies_the_quantized_input(pair):

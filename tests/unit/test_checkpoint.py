@@ -13,7 +13,7 @@ from torch import nn
 
 from spmd.weights import checkpoint as ck
 from spmd.kernels.fp8 import SCALE_SUFFIX, dequantize as fp8_dequantize
-from spmd.weights.synth import quantize_fp8
+from spmd.kernels.fp8 import quantize_weight as quantize_fp8
 from spmd.obs.timers import Timers
 from spmd.config import UsageError
 from tests.conftest import checkpoint_dir

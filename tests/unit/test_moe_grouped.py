@@ -89,3 +89,21 @@ def test_pack_weights_views_and_fp8_alignment():
     assert fb.weight_scale_inv.data_ptr() == s8[1:].data_ptr() and fb.weight.data_ptr() == w8[128:].data_ptr()
     assert pack_weights([fb, fa]) is None  # 40 rows, then another module: its scale rows would not align
     assert pack_weights([a, fa]) is None  # mixed dtypes
+
+
+def test_fp8_copy_only_where_exact():
+    """kv_b_proj's FP8 copy (MLA.pack): taken for a 16-bit weight dequantized from power-of-two block scales
+    (it dequantizes back to the same weight), refused for other weights and beside a 16-bit model."""
+    from spmd.kernels.fp8 import dequantize, quantize_weight
+    from spmd.parallel.layers import fp8_copy
+
+    g = torch.Generator().manual_seed(0)
+    fp8 = torch.zeros(8, 8, dtype=torch.float8_e4m3fn)
+    q, s = quantize_weight(torch.randn(256, 384, generator=g) * 0.02)
+    w = dequantize(q, s, torch.bfloat16)
+    cq, cs = fp8_copy(w, like=fp8)
+    assert cq.dtype == torch.float8_e4m3fn and torch.equal(dequantize(cq, cs, torch.bfloat16), w)
+    other = w * 1.25  # not q * a power of two: does not re-quantize exactly
+    assert fp8_copy(other, like=fp8) == (None, None)
+    assert fp8_copy(w, like=w) == (None, None)  # the model keeps no FP8 weights
+    assert fp8_copy(w.float(), like=fp8) == (None, None)  # float32 compute: no FP8 GEMMs

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from spmd.weights import synth
-from spmd.kernels.fp8 import dequantize as fp8_dequantize
+from spmd.kernels.fp8 import dequantize as fp8_dequantize, quantize_weight
 
 MODELS = Path(__file__).resolve().parents[2] / "inputs" / "models"
 TINY, NOQ = MODELS / "tiny.json", MODELS / "tiny-noqlora.json"
@@ -165,12 +165,19 @@ def test_fp8_scales_and_dequant(ckpts):
             assert torch.equal(bf[k], fp[k]), k  # embed, head, norms, gate, bias identical in both variants
 
 
-def test_quantize_fp8_edge_shapes():
+def test_quantize_weight_edge_shapes_and_exact_requantization():
     w = torch.randn(192, 300) * 0.01
     w[:128, :128] = 0.0  # an all-zero block must not give inf/nan
-    q, s = synth.quantize_fp8(w)
+    w[128:, 128:256] *= 1e-3  # a block whose values fall in e4m3's subnormal range at the first scale
+    q, s = quantize_weight(w)
     assert q.shape == (192, 300) and s.shape == (2, 3) and torch.isfinite(s).all()
     assert torch.allclose(fp8_dequantize(q, s, torch.float32), w, rtol=0.07, atol=1e-6)
+    # a weight dequantized from power-of-two scales (exact in bf16) quantizes back to the same values:
+    # what MLA.pack's FP8 copy of kv_b_proj relies on
+    deq = fp8_dequantize(q, s, torch.bfloat16)
+    assert torch.equal(deq.float(), fp8_dequantize(q, s, torch.float32))
+    q2, s2 = quantize_weight(deq)
+    assert torch.equal(fp8_dequantize(q2, s2, torch.float32), deq.float())
 
 
 def test_determinism(ckpts, tmp_path):

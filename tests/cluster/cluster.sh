@@ -94,6 +94,13 @@ write_configs() {
       nodes+="NodeName=spmdh$i$hw NodeAddr=$NET.1$i State=UNKNOWN"$'\n'
     done
   fi
+  if [ "$HOSTS" -ge 2 ]; then
+    # the hosts' /etc/hosts (bind-mounted in each host's mount namespace only): every node's name resolves
+    # at once, as a cluster's DNS does; without it each lookup of a host's own name (gloo, c10d) waits
+    # for this machine's name server to time out (~10 s a process) and gloo falls back to loopback
+    { printf '127.0.0.1\tlocalhost\n%s.1\t%s\n' "$NET" "$NODE"
+      for ((i = 1; i <= HOSTS; i++)); do printf '%s.1%s\tspmdh%s\n' "$NET" "$i" "$i"; done; } >"$DIR/etc/hosts"
+  fi
   cat >"$DIR/etc/slurm.conf" <<EOF
 # One-host test cluster written by tests/cluster/cluster.sh; all state under $DIR.
 ClusterName=$CLUSTER
@@ -218,10 +225,11 @@ start_slurm() {
     if [ "$HOSTS" -ge 2 ]; then  # in the host's network namespace, under its own host name
       # nsenter, not `ip netns exec`: that one remounts /sys, hiding /sys/fs/cgroup from slurmd. A mount
       # namespace of its own only for PMIx's directory (mpi.conf), which is named by job and step, not
-      # by node: the hosts share every other path, as nodes on a shared file system do
+      # by node, and for /etc/hosts: the hosts share every other path, as nodes on a shared file system do
       mkdir -p "$DIR/pmix/$n"
       nsenter --net="/run/netns/spmd-$n" unshare --uts --mount --propagation private \
-        sh -c "hostname $n && mount --bind $DIR/pmix/$n $DIR/pmix/here && exec slurmd -N $n" \
+        sh -c "hostname $n && mount --bind $DIR/pmix/$n $DIR/pmix/here && mount --bind $DIR/etc/hosts /etc/hosts \
+               && exec slurmd -N $n" \
         </dev/null >>"$DIR/log/daemons.out" 2>&1 || die "slurmd of $n did not start (log: $DIR/log/slurmd-$n.log)"
     else
       slurmd -N "$n" </dev/null >>"$DIR/log/daemons.out" 2>&1 || die "slurmd did not start (log: $DIR/log/slurmd-$n.log)"

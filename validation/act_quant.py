@@ -67,9 +67,10 @@ def _experts_forward(self, hidden_states, top_k_index, top_k_weights):
     mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
     for e in torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()[:, 0].tolist():
         pos, tok = torch.where(mask[e])
-        gate, up = torch.nn.functional.linear(xq[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
+        # the weights in x's dtype: bf16-held ones under validation.reference.compute_in_fp32
+        gate, up = torch.nn.functional.linear(xq[tok], self.gate_up_proj[e].to(xq.dtype)).chunk(2, dim=-1)
         act = self.act_fn(gate) * up * top_k_weights[tok, pos, None].to(up.dtype)
-        h = torch.nn.functional.linear(fake_quant(act, self.act_quant_ue8m0), self.down_proj[e])
+        h = torch.nn.functional.linear(fake_quant(act, self.act_quant_ue8m0), self.down_proj[e].to(act.dtype))
         out.index_add_(0, tok, h.to(out.dtype))
     return out
 

@@ -65,6 +65,8 @@ def header(args, n_prompts: int, prompt_pairs: list[tuple[str, str]], eos_id: in
             "fp8_weights_cast_by_spmd": len(needs_cast(args.checkpoint)),
             # FP8 GEMM inputs rounded through e4m3 per 1 x 128, as --fp8-prefill w8a8 (validation/act_quant.py)
             "act_quant": bool(getattr(args, "act_quant", False)),
+            # the weights held in bf16, float32 arithmetic: the float32 model's numbers where they are exact
+            "weights_held": "bf16" if getattr(args, "lean", False) else args.dtype,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -85,7 +87,11 @@ def make_baseline(args) -> list[dict]:
     hf_logging.disable_progress_bar()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    model = load_hf(args.checkpoint, args.dtype, args.device, log=False)
+    if args.lean:  # float32 arithmetic over bf16-held weights (validation.reference.compute_in_fp32)
+        from validation.reference import load_hf_fp32_lean
+        model = load_hf_fp32_lean(args.checkpoint, args.device, log=False)
+    else:
+        model = load_hf(args.checkpoint, args.dtype, args.device, log=False)
     if args.act_quant:  # the FP8-activation recipe of --fp8-prefill w8a8 (validation/act_quant.py)
         from validation.act_quant import fake_quantize
         if not fake_quantize(model, args.checkpoint, ModelArgs.from_checkpoint(args.checkpoint).scale_fmt == "ue8m0"):
@@ -111,6 +117,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat-template", dest="chat", action="store_false")
     p.add_argument("--act-quant", action="store_true", help="quantize the FP8 layers' inputs per 1 x 128 as the "
                    "engine's --fp8-prefill w8a8 does (the reference for its validation rows)")
+    p.add_argument("--lean", action="store_true", help="with --dtype fp32: hold the weights in bf16 and "
+                   "compute in float32 (half the memory; refused unless every weight is exact in bf16: bf16 or "
+                   "UE8M0 FP8 checkpoints)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for building the model (dequantizing "
                    "FP8, fusing experts); 0: torch's default (OMP_NUM_THREADS, 1 under launch/env.sh)")
     return p
@@ -118,6 +127,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    if args.lean and args.dtype != "fp32":
+        print("error: --lean is float32 arithmetic over bf16-held weights: it needs --dtype fp32", file=sys.stderr)
+        return 2
     if min(args.max_new_tokens, args.top_k, args.batch_size) < 1 or args.threads < 0:
         print("error: --max-new-tokens, --top-k and --batch-size must be >= 1, --threads >= 0", file=sys.stderr)
         return 2

@@ -130,13 +130,18 @@ def fp32_gib(ckpt: Path) -> float:
 def baseline_job(ckpt: Path, args) -> tuple[Path, str, Job | None]:
     """The baseline file, its dtype, and the job that (re)makes it unless the file there matches.
 
-    fp32, except on a GPU too small for the fp32 model (the full-width slice: ~95 GiB): bf16 there, unless
-    the file there is an fp32 baseline of the same checkpoint (e.g. made on an H200), which is kept.
+    fp32, except on a GPU too small for the fp32 model (the full-width slice: ~95 GiB): there float32
+    arithmetic over bf16-held weights (`validation.baseline --lean`, the same numbers) where every weight is
+    exact in bf16 and half fits, else bf16, unless the file there is an fp32 baseline of the same checkpoint
+    (e.g. made on an H200), which is kept.
     """
     a8 = getattr(args, "act_quant", False)  # the FP8-activation reference (validation/act_quant.py)
     out = args.baselines / f"{ckpt.name}{'' if args.device == 'cpu' else '-' + args.device}{'-a8' if a8 else ''}.jsonl"
     big = args.device == "cuda" and fp32_gib(ckpt) > 0.8 * args.gpu_mem_gib
-    dtype = "bf16" if big else "fp32"
+    if big:
+        from validation.reference import bf16_exact
+    lean = big and fp32_gib(ckpt) / 2 <= 0.8 * args.gpu_mem_gib and bf16_exact(ckpt) is None
+    dtype = "bf16" if big and not lean else "fp32"
     try:
         head = read_baseline(out)[0] if out.is_file() else None
     except BaselineError:
@@ -149,7 +154,7 @@ def baseline_job(ckpt: Path, args) -> tuple[Path, str, Job | None]:
     cmd = [sys.executable, "-m", "validation.baseline", "--checkpoint", str(ckpt), "--prompts", str(PROMPTS),
            "--out", str(out), "--max-new-tokens", str(args.max_new_tokens), "--dtype", dtype,
            "--device", args.device, "--batch-size", "20" if args.device == "cuda" else "1",
-           *(("--act-quant",) if a8 else ())]
+           *(("--act-quant",) if a8 else ()), *(("--lean",) if lean else ())]
     # a large model is built in host memory first (validation.reference.load_hf): one at a time, with every
     # CPU core (FP8 dequantizing and expert fusing on one thread made the slice-fp8 baseline take > 6 min)
     if big:

@@ -11,9 +11,9 @@
 #   groupm    the slice's FP8 default at BATCHES once per SPMD_FP8_GROUP_M in GROUP_MS (default 1,16; the
 #             default 8 is `bench`'s run)
 #   validate  the validation matrix's slice rows on this GPU (G1; VALIDATE_WEIGHTS, default bf16,fp8: both
-#             checkpoints and a baseline's copy need ~100 GB of disk, fp8 alone ~30 GB); VALIDATE_OPTS: more
+#             checkpoints need ~80 GB of disk, fp8 alone ~30 GB); VALIDATE_OPTS: more
 #             program options; VALIDATE_ACT_QUANT=1: against the FP8-activation baseline (validation/act_quant.py;
-#             fp32 for the slice needs an H200, made once, ~95 GiB)
+#             fp32 arithmetic; on an 80 GB card over bf16-held weights: validation.baseline --lean)
 #   serve     the serving benchmark (traces/serve_bench.py; SERVE_BENCH_OPTS)
 #   load      the loader's read rate of the FP8 slice, cold and warm (traces/load_bench.py; issue 28's I/O input)
 #   bash launch/gpu_fp8.sh OUT_DIR

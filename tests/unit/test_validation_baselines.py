@@ -61,9 +61,10 @@ def test_a_gpu_too_small_for_fp32_holds_the_weights_in_bf16(tmp_path, tiny_fp8):
 
 
 def test_the_lean_reference_is_the_fp32_one(tiny_fp8, tiny_bf16, tmp_path):
-    """compute_in_fp32 over bf16-held weights gives the float32 model's logits bit for bit on the CPU (the
-    weights are exact in bf16), with the FP8-activation recipe too; a checkpoint with float32 weights is
-    refused."""
+    """compute_in_fp32 over bf16-held weights gives the float32 model's logits (the weights are exact in
+    bf16; bit for bit when run alone, up to float32 summation order after other tests changed torch's
+    threads or transformers' experts path), with the FP8-activation recipe too; a checkpoint with float32
+    weights is refused."""
     import shutil
 
     import pytest
@@ -76,15 +77,18 @@ def test_the_lean_reference_is_the_fp32_one(tiny_fp8, tiny_bf16, tmp_path):
     from validation.reference import bf16_exact, load_hf, load_hf_fp32_lean
 
     ids = torch.tensor([[5, 9, 200, 31, 7, 1000, 44]])
+
+    def same(a, b):
+        assert (a - b).abs().max().item() <= 1e-5 * a.abs().max().item()
     for ckpt in (tiny_fp8, tiny_bf16):
         full, lean = load_hf(ckpt, "fp32", "cpu", log=False), load_hf_fp32_lean(ckpt, "cpu", log=False)
         assert next(lean.parameters()).dtype == torch.bfloat16
         with torch.inference_mode():
-            assert torch.equal(full(ids).logits, lean(ids).logits)
+            same(full(ids).logits, lean(ids).logits)
     full, lean = load_hf(tiny_fp8, "fp32", "cpu", log=False), load_hf_fp32_lean(tiny_fp8, "cpu", log=False)
     assert act_quant.fake_quantize(full, tiny_fp8, True) == act_quant.fake_quantize(lean, tiny_fp8, True)
     with torch.inference_mode():
-        assert torch.equal(full(ids).logits, lean(ids).logits)
+        same(full(ids).logits, lean(ids).logits)
     bad = tmp_path / "fp32w"
     shutil.copytree(tiny_bf16, bad)
     index = json.loads((bad / "model.safetensors.index.json").read_text())["weight_map"]

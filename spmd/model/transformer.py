@@ -189,7 +189,8 @@ class MLA(nn.Module):
             packed = pack_weights([self.q_a_proj, self.kv_a_proj_with_mqa])
             if packed is not None:
                 self.wa, self.sa = packed
-        self.kv_b_q, self.kv_b_s = fp8_copy(self.kv_b_proj.weight, like=self.o_proj.weight)
+        if w8a8_dense(1 << 62, self.kv_b_proj.weight.dtype):  # FP8 x FP8 runs here at all (not on sm_80)
+            self.kv_b_q, self.kv_b_s = fp8_copy(self.kv_b_proj.weight, like=self.o_proj.weight)
 
     def forward(self, x, rope, bias, kv_cache, pe_cache, start, naive: bool) -> torch.Tensor:
         """Timed attend + o_proj (with its all-reduce); x (B, T, dim) already normalized."""

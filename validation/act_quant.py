@@ -31,6 +31,7 @@ import torch
 from safetensors import safe_open
 
 from spmd.kernels.fp8 import SCALE_SUFFIX, _quantize_torch, dequantize_act
+from spmd.weights.fp8_cast import power_of_two
 
 KV_B = "kv_b_proj"  # FP8 in the checkpoint; dequantized by the engine, with an FP8 copy where exact
 
@@ -54,9 +55,8 @@ def _power_of_two_scales(ckpt: Path, names: list[str]) -> bool:
     for name in names:
         key = name + SCALE_SUFFIX
         with safe_open(Path(ckpt) / index[key], "pt") as f:
-            mantissa, _ = torch.frexp(f.get_tensor(key).float())
-        if not bool((mantissa == 0.5).all()):
-            return False
+            if not power_of_two(f.get_tensor(key)):
+                return False
     return True
 
 

@@ -1,9 +1,17 @@
 """The reference: single-process transformers `DeepseekV3ForCausalLM.generate`, greedy, one prompt at a time."""
 from __future__ import annotations
 
-import torch
+import json
+import types
+from pathlib import Path
 
+import torch
+from safetensors import safe_open
+
+from spmd.config import UsageError
 from spmd.engines.hf import load_hf
+from spmd.kernels.fp8 import SCALE_SUFFIX
+from spmd.weights.fp8_cast import power_of_two
 
 __all__ = ["load_hf", "load_hf_fp32_lean", "hf_generate", "hf_last_logits"]
 
@@ -30,13 +38,6 @@ def bf16_exact(ckpt) -> str | None:
     """None where every weight of `ckpt` is exact in bf16 (bf16 tensors; FP8 ones whose block scales are all
     powers of two, as V3.1's UE8M0: q x 2^e); else why not. Only the router's correction bias may be float32:
     transformers keeps it in float32 whatever the model's dtype (_keep_in_fp32_modules_strict)."""
-    import json
-    from pathlib import Path
-
-    from safetensors import safe_open
-
-    from spmd.kernels.fp8 import SCALE_SUFFIX
-
     ckpt = Path(ckpt)
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
     for file in sorted(set(index.values())):
@@ -44,8 +45,7 @@ def bf16_exact(ckpt) -> str | None:
             for name in f.keys():
                 dtype = f.get_slice(name).get_dtype()
                 if name.endswith(SCALE_SUFFIX):
-                    mantissa, _ = torch.frexp(f.get_tensor(name).float())
-                    if not bool((mantissa == 0.5).all()):
+                    if not power_of_two(f.get_tensor(name)):
                         return f"{name}: FP8 block scales that are not powers of two"
                 elif dtype not in ("BF16", "F8_E4M3") and not name.endswith("e_score_correction_bias"):
                     return f"{name} is stored as {dtype}"
@@ -76,8 +76,6 @@ def compute_in_fp32(model) -> torch.nn.Module:
     a time), the experts likewise per expert; RMSNorm, rope, attention and the router then run in float32
     as in the float32 model. Where the weights are exact in bf16 (`bf16_exact`) these are the float32
     model's numbers with half its memory: the full-width slice's float32 reference fits an 80 GB GPU."""
-    import types
-
     for mod in model.modules():
         if isinstance(mod, torch.nn.Linear):
             mod.forward = types.MethodType(_linear_fp32, mod)
@@ -91,8 +89,6 @@ def compute_in_fp32(model) -> torch.nn.Module:
 def load_hf_fp32_lean(ckpt, device: str = "cpu", log: bool = True) -> torch.nn.Module:
     """The float32 reference with bf16-held weights (compute_in_fp32); refuses a checkpoint whose weights
     are not exact in bf16."""
-    from spmd.config import UsageError
-
     why = bf16_exact(ckpt)
     if why:
         raise UsageError(f"{ckpt}: weights not exact in bf16 ({why}): the float32 reference needs them in float32")

@@ -62,8 +62,8 @@ def needs_cast(ckpt: Path) -> list[str]:
     return sorted(out)
 
 
-def _exact_in_bf16(scale: torch.Tensor) -> bool:
-    """Power-of-two scales: q (3 mantissa bits) times them is exact in bf16 (7 bits, fp32's exponents)."""
+def power_of_two(scale: torch.Tensor) -> bool:
+    """Power-of-two (or zero) scales: q (3 mantissa bits) times them is exact in bf16 (7 bits, fp32's exponents)."""
     m, _ = torch.frexp(scale.float())
     return bool(((m == 0.5) | (scale == 0)).all())
 
@@ -92,7 +92,7 @@ def dequantized_copy(ckpt: Path, out: Path, device: str = "cpu", log=None) -> Pa
                     else:
                         with safe_open(ckpt / weights[sname], "pt", device=device) as g:
                             s = g.get_tensor(sname)
-                    t = dequantize(t, s, torch.float32).to(torch.bfloat16 if _exact_in_bf16(s) else torch.float32)
+                    t = dequantize(t, s, torch.float32).to(torch.bfloat16 if power_of_two(s) else torch.float32)
                 tensors[n] = t.cpu().contiguous()
                 new_map[n] = file
         total += sum(t.numel() * t.element_size() for t in tensors.values())

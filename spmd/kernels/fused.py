@@ -99,10 +99,13 @@ def _route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, stride_l, route_scale,
 
 
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, o_ptr, T, H, stride_xb, stride_xt, stride_xh, stride_cb, stride_ct,
-                 stride_ob, stride_ot, stride_oh, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+                 stride_ob, stride_ot, stride_oh, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BF16: tl.constexpr):
     """Program (b * T + t, head block): x's interleaved pairs rotated, written de-interleaved to o (which
     may be x: a barrier puts every load of the program before its first store, and programs own disjoint
-    rows). Each product and each sum is rounded to x's dtype, as torch's ops in apply_rope are."""
+    rows). Each product and each sum is rounded to x's dtype, as torch's ops in apply_rope are. For bf16
+    the products are rounded by integer arithmetic (nearest, ties to even, on the float32 bits: finite
+    values), which the compiler can neither drop nor fuse into an FMA: written as casts to bf16 and back,
+    the H100's kernel came out one bf16 ulp off torch's (2026-12-07)."""
     row = tl.program_id(0)
     b, t = row // T, row % T
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -116,11 +119,21 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, o_ptr, T, H, stride_xb, stride_xt, str
     tl.debug_barrier()  # in place (o = x): every thread's loads of this program's rows before any store
     dt = even.dtype
     ef, of = even.to(tl.float32), odd.to(tl.float32)
-    r0 = ((ef * c).to(dt).to(tl.float32) - (of * s).to(dt).to(tl.float32)).to(dt)
-    r1 = ((of * c).to(dt).to(tl.float32) + (ef * s).to(dt).to(tl.float32)).to(dt)
+    if BF16:
+        r0 = _bf16_fn(_bf16_fn(ef * c) - _bf16_fn(of * s)).to(dt)  # exact casts: Triton's interpreter too
+        r1 = _bf16_fn(_bf16_fn(of * c) + _bf16_fn(ef * s)).to(dt)
+    else:
+        r0 = ((ef * c).to(dt).to(tl.float32) - (of * s).to(dt).to(tl.float32)).to(dt)
+        r1 = ((of * c).to(dt).to(tl.float32) + (ef * s).to(dt).to(tl.float32)).to(dt)
     out = o_ptr + b.to(tl.int64) * stride_ob + t.to(tl.int64) * stride_ot + h.to(tl.int64)[:, None] * stride_oh
     tl.store(out + j[None, :], r0, mask=mask)
     tl.store(out + HALF + j[None, :], r1, mask=mask)
+
+
+def _bf16_round(v):
+    """float32 v rounded to bf16's precision (nearest, ties to even; finite v), still float32."""
+    u = v.to(tl.uint32, bitcast=True)
+    return (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).to(tl.float32, bitcast=True)
 
 
 def _mla_keys_kernel(kn_ptr, pe_ptr, k_ptr, S, H, stride_nb, stride_ns, stride_nh, stride_pb, stride_ps,
@@ -181,14 +194,16 @@ def _gather_sum_kernel(h_ptr, idx_ptr, o_ptr, D, stride_h, stride_o, K: tl.const
 
 
 _quant_block_fn = None  # spmd.kernels.fp8's, jitted for the mode in use: set by _kernels
+_bf16_fn = None  # _bf16_round, jitted: set by _kernels
 
 
 @functools.lru_cache(maxsize=None)
 def _kernels(interpret: bool):
     # interpret: the cache key (triton.jit reads TRITON_INTERPRET itself)
-    global _quant_block_fn
+    global _quant_block_fn, _bf16_fn
     fp8._kernels(interpret)
     _quant_block_fn = fp8._quant_block_fn
+    _bf16_fn = triton.jit(_bf16_round)
     return (triton.jit(_rms_norm_kernel), triton.jit(_route_kernel), triton.jit(_rope_kernel),
             triton.jit(_mla_keys_kernel), triton.jit(_silu_mul_kernel), triton.jit(_gather_sum_kernel))
 
@@ -257,7 +272,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tenso
     if b * t:
         _kernels(interpret())[2][(b * t, triton.cdiv(heads, block_h))](
             x, cos, sin, out, t, heads, *sx, cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1), *so,
-            HALF=half, BLOCK_H=block_h,
+            HALF=half, BLOCK_H=block_h, BF16=x.dtype == torch.bfloat16,
             num_warps=4)
     return out
 

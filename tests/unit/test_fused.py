@@ -107,9 +107,10 @@ real = torch.empty
 torch.empty = lambda *a, **k: (lambda t: t.fill_(float("nan")) if t.is_floating_point() else t)(real(*a, **k))
 g = torch.Generator().manual_seed(1)
 # the interpreter truncates where GPUs round to nearest, and silu's exp is not torch's: up to 2 bf16 ulps
-# per rounded op (3 in a row at most) there; rope on a GPU is torch's arithmetic exactly
+# per rounded op (3 in a row at most) there; rope in bf16 rounds by integer arithmetic: torch's exactly,
+# interpreted too; the keys' copy is exact anywhere
 def same(a, b, exact=False, what=""):
-    if exact and dev == "cuda":
+    if exact:
         assert torch.equal(a, b), (what, (a.float() - b.float()).abs().max().item())
     else:
         torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=2e-2, msg=lambda m: f"{what}: {m}")
@@ -236,9 +237,12 @@ def test_model_takes_glue_kernels_for_prefill():
     triton_check(MODEL)
 
 
-def test_gate_logits_bf16_gemm_equal_float32():
-    """On CUDA the router's logits of bf16 x and W come from one bf16 GEMM with float32 output: the exact
-    products summed in float32, equal to the float32 GEMM of both upcast up to summation order."""
+def test_gate_logits_bf16_gemm_accumulates_in_float32():
+    """On CUDA the router's logits of bf16 x and W come from one bf16 tensor-core GEMM with float32 output:
+    exact products, float32 sums. The tensor cores' float32 accumulation is coarser than a CUDA-core float32
+    GEMM's (one H100, 2026-12-07: 3.1e-5 on logits up to 7.5, the float32 GEMM 1.7e-6), so the bound is on
+    the error against exact sums relative to each logit's sum of |x_i w_i|: 2^-19 (that H100: ~2^-21.5).
+    A bf16 output's rounding alone breaks it, as the last line checks."""
     import torch
 
     from types import SimpleNamespace
@@ -254,8 +258,12 @@ def test_gate_logits_bf16_gemm_equal_float32():
     gate.weight.data = (torch.randn(256, 7168, device="cuda", generator=g) * 0.02).bfloat16()
     x = torch.randn(300, 7168, device="cuda", generator=g).bfloat16()
     got = gate.logits(x)
-    ref = torch.nn.functional.linear(x.double(), gate.weight.double()).float()
-    fp32 = torch.nn.functional.linear(x.float(), gate.weight.float())
     assert got.dtype == torch.float32
-    scale = ref.abs().max().item()
-    assert (got - ref).abs().max().item() <= 2 * (fp32 - ref).abs().max().item() + 1e-6 * scale
+    w64, x64 = gate.weight.double(), x.double()
+    ref = torch.nn.functional.linear(x64, w64)
+    mag = torch.nn.functional.linear(x64.abs(), w64.abs())
+
+    def rel(v):
+        return ((v.double() - ref).abs() / mag).max().item()
+    assert rel(got) <= 2 ** -19, rel(got)
+    assert rel(torch.nn.functional.linear(x, gate.weight)) > 2 ** -19  # bf16 output

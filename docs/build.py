@@ -40,7 +40,9 @@ FULL_CFG, SLICE_CFG = ROOT / "inputs/models/v3.1-671b.json", ROOT / "inputs/mode
 # issue 26's and the serving loop's H100 results (one card, 2026-12-06)
 SERVE = ROOT / "traces/results/serve/NVIDIA_H100_80GB_HBM3-2026-12-06-r4.json"      # the serving loop, 400 prompts
 SERVE_FP8 = ROOT / "traces/results/serve/NVIDIA_H100_80GB_HBM3-2026-12-06-r5.json"  # w8a8 vs w8a16 prefill
-FP8_BENCH = ROOT / "traces/results/bench/fp8-modes-2026-12-06-r3/NVIDIA_H100_80GB_HBM3-2026-12-06.json"
+FP8_BENCH = ROOT / "traces/results/bench/fp8-modes-2026-12-06-r3/NVIDIA_H100_80GB_HBM3-2026-12-06.json"  # decode, bytes
+# prefill and its kernel profile: the latest call (the router GEMM and kv_b in FP8; same card type)
+FP8_PREFILL = ROOT / "traces/results/bench/fp8-router-kvb-2026-12-07/NVIDIA_H100_80GB_HBM3-2026-12-07.json"
 VALID_A8 = ROOT / "validation/results/NVIDIA_H100_80GB_HBM3-2026-12-06.json"
 FP8_GEMMS = ROOT / "traces/results/fp8/NVIDIA_H100_80GB_HBM3-2026-12-06-r4.json"  # per GEMM (the fp8 figure's)
 LOAD = ROOT / "traces/results/load/NVIDIA_H100_80GB_HBM3-2026-12-06.json"
@@ -194,13 +196,14 @@ def h100_facts() -> dict[str, Fact]:
     put("serve_a16_tps", _fmt(s8["continuous-w8a16"]["output_tokens_per_s"], 0), SERVE_FP8)
     put("serve_a8_x", _fmt(s8["continuous"]["output_tokens_per_s"] / s8["continuous-w8a16"]["output_tokens_per_s"]),
         SERVE_FP8)
-    rows = _load(FP8_BENCH)["rows"]
+    pre = _load(FP8_PREFILL)["rows"]
     for b in (32, 128):
-        a, d = _bench_row(rows, "native-1gpu-fp8", b), _bench_row(rows, "native-1gpu-fp8-dequant", b)
-        put(f"fp8_prefill_b{b}_tps", _fmt(a["prefill_tok_s"], 0), FP8_BENCH)
-        put(f"dq_prefill_b{b}_tps", _fmt(d["prefill_tok_s"], 0), FP8_BENCH)
-        put(f"fp8_prefill_b{b}_x", _fmt(a["prefill_tok_s"] / d["prefill_tok_s"]), FP8_BENCH)
-        put(f"fp8_prefill_b{b}_tokens", str(b * a["prompt"]), FP8_BENCH)
+        a, d = _bench_row(pre, "native-1gpu-fp8", b), _bench_row(pre, "native-1gpu-fp8-dequant", b)
+        put(f"fp8_prefill_b{b}_tps", _fmt(a["prefill_tok_s"], 0), FP8_PREFILL)
+        put(f"dq_prefill_b{b}_tps", _fmt(d["prefill_tok_s"], 0), FP8_PREFILL)
+        put(f"fp8_prefill_b{b}_x", _fmt(a["prefill_tok_s"] / d["prefill_tok_s"]), FP8_PREFILL)
+        put(f"fp8_prefill_b{b}_tokens", str(b * a["prompt"]), FP8_PREFILL)
+    rows = _load(FP8_BENCH)["rows"]
     for b in (1, 128):
         put(f"fp8_decode_b{b}_ms", _fmt(_bench_row(rows, "native-1gpu-fp8", b)["decode_ms_step"]), FP8_BENCH)
         put(f"dq_decode_b{b}_ms", _fmt(_bench_row(rows, "native-1gpu-fp8-dequant", b)["decode_ms_step"]), FP8_BENCH)
@@ -208,7 +211,7 @@ def h100_facts() -> dict[str, Fact]:
               _bench_row(rows, "native-1gpu-fp8-w8a16", b)["decode_ms_step"] for b in (1, 32, 128)]
     put("bytes_decode_x", _rng(ratios), FP8_BENCH)
     # one 16,384-token prefill under torch.profiler: GPU kernel time by kind
-    a, d = _bench_row(rows, "native-1gpu-fp8", 128), _bench_row(rows, "native-1gpu-fp8-dequant", 128)
+    a, d = _bench_row(pre, "native-1gpu-fp8", 128), _bench_row(pre, "native-1gpu-fp8-dequant", 128)
 
     def kernels(r: dict, pred) -> float:
         return sum(k["ms"] for k in r["prefill_kernels"] if pred(k["name"]))
@@ -217,13 +220,13 @@ def h100_facts() -> dict[str, Fact]:
     dense_fp8 = kernels(a, lambda n: "Ablk128" in n)  # cuBLAS block-scaled FP8
     shared = kernels(a, lambda n: n.startswith("nvjet") and "Ablk128" not in n)  # bf16 GEMMs both runs have
     dense_bf16 = kernels(d, lambda n: n.startswith("nvjet")) - shared
-    put("pf_fp8_ms", _fmt(a["prefill_kernel_ms"], 1), FP8_BENCH)
-    put("pf_dq_ms", _fmt(d["prefill_kernel_ms"], 1), FP8_BENCH)
-    put("pf_fp8_grouped_ms", _fmt(grouped_fp8, 1), FP8_BENCH)
-    put("pf_dq_grouped_ms", _fmt(grouped_bf16, 1), FP8_BENCH)
-    put("pf_fp8_dense_ms", _fmt(dense_fp8, 1), FP8_BENCH)
-    put("pf_dq_dense_ms", _fmt(dense_bf16, 1), FP8_BENCH)
-    put("pf_glue_ms", _fmt(d["prefill_kernel_ms"] - grouped_bf16 - dense_bf16 - shared, 0), FP8_BENCH)
+    put("pf_fp8_ms", _fmt(a["prefill_kernel_ms"], 1), FP8_PREFILL)
+    put("pf_dq_ms", _fmt(d["prefill_kernel_ms"], 1), FP8_PREFILL)
+    put("pf_fp8_grouped_ms", _fmt(grouped_fp8, 1), FP8_PREFILL)
+    put("pf_dq_grouped_ms", _fmt(grouped_bf16, 1), FP8_PREFILL)
+    put("pf_fp8_dense_ms", _fmt(dense_fp8, 1), FP8_PREFILL)
+    put("pf_dq_dense_ms", _fmt(dense_bf16, 1), FP8_PREFILL)
+    put("pf_glue_ms", _fmt(d["prefill_kernel_ms"] - grouped_bf16 - dense_bf16 - shared, 0), FP8_PREFILL)
     v = next(r for r in _load(VALID_A8)["rows"] if r["config"] == "slice" and r["weights"] == "fp8")
     put("a8_top1", _fmt(v["top1_agreement"], 3), VALID_A8)
     put("a8_kl", _fmt(v["kl_mean"], 3), VALID_A8)

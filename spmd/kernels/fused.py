@@ -102,10 +102,11 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, o_ptr, T, H, stride_xb, stride_xt, str
                  stride_ob, stride_ot, stride_oh, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BF16: tl.constexpr):
     """Program (b * T + t, head block): x's interleaved pairs rotated, written de-interleaved to o (which
     may be x: a barrier puts every load of the program before its first store, and programs own disjoint
-    rows). Each product and each sum is rounded to x's dtype, as torch's ops in apply_rope are. For bf16
-    the products are rounded by integer arithmetic (nearest, ties to even, on the float32 bits: finite
-    values), which the compiler can neither drop nor fuse into an FMA: written as casts to bf16 and back,
-    the H100's kernel came out one bf16 ulp off torch's (2026-12-07)."""
+    rows). Each product and each sum is rounded to x's dtype, as torch's ops in apply_rope are. In bf16
+    they are rounded by integer arithmetic on the float32 bits (nearest, ties to even; finite values):
+    written as casts to bf16 and back, the kernel compiled for an H100 came out one bf16 ulp off torch's
+    (2026-12-07; a compiler may fold such round trips or contract into FMAs), and Triton's interpreter
+    truncates casts."""
     row = tl.program_id(0)
     b, t = row // T, row % T
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)

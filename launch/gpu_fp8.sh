@@ -10,6 +10,8 @@
 #             experts; the default run of `bench` is the third)
 #   groupm    the slice's FP8 default at BATCHES once per SPMD_FP8_GROUP_M in GROUP_MS (default 1,16; the
 #             default 8 is `bench`'s run)
+#   loops     the slice's FP8 default at BATCHES once per SPMD_FP8_TMA_LOOP in TMA_LOOPS (default defer; the
+#             default inline is `bench`'s run)
 #   validate  the validation matrix's slice rows on this GPU (G1; VALIDATE_WEIGHTS, default bf16,fp8: both
 #             checkpoints need ~80 GB of disk, fp8 alone ~30 GB); VALIDATE_OPTS: more
 #             program options; VALIDATE_ACT_QUANT=1: against the FP8-activation baseline (validation/act_quant.py;
@@ -24,6 +26,7 @@ mkdir -p "$out"
 . launch/env.sh
 stages=",${STAGES:-tests,fp8,bench},"
 GROUP_MS=${GROUP_MS:-1,16}
+TMA_LOOPS=${TMA_LOOPS:-defer}
 has() { [[ $stages == *",$1,"* ]]; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 if has tests; then
@@ -54,6 +57,11 @@ fi
 if has groupm; then
   for g in ${GROUP_MS//,/ }; do
     CONFIGS=native-1gpu-fp8 bench "bench-gm$g" "bench-gm$g" SPMD_FP8_GROUP_M="$g"
+  done
+fi
+if has loops; then
+  for l in ${TMA_LOOPS//,/ }; do
+    CONFIGS=native-1gpu-fp8 bench "bench-loop-$l" "bench-loop-$l" SPMD_FP8_TMA_LOOP="$l"
   done
 fi
 if has validate; then

@@ -196,9 +196,10 @@ def _finish(row: dict, flops: int, fp8_bytes: int, var: str, ceil: dict) -> dict
     return row
 
 
-def sweep(ceil, gen, only: str | None = None, tokens=(4096, 16384)) -> list[dict]:
+def sweep(ceil, gen, only: str | None = None, tokens=(4096, 16384), loops=("inline",)) -> list[dict]:
     """w8a8 tiles at prefill sizes: dense o_proj and mlp.gate_up at 4096 rows, experts at `tokens` tokens
-    (both launches of the grouped kernel)."""
+    (both launches of the grouped kernel; the TMA one per k loop in `loops`, fp8.TMA_LOOPS: the other
+    loops at the default program order only)."""
     from spmd.kernels import fp8
     from traces.gpu_bench import _median_ms
 
@@ -220,22 +221,25 @@ def sweep(ceil, gen, only: str | None = None, tokens=(4096, 16384)) -> list[dict
             offs = torch.bincount(ids, minlength=EXPERTS).cumsum(0).to(torch.int32)
             q, qs = fp8.quantize_act(torch.randn(t, k, device="cuda", generator=gen).to(torch.bfloat16))
             q, qs = fp8.gather_rows(q, qs, order // TOPK)
-            runs = [("tma", tile, g) for tile in SWEEP_GROUPED for g in SWEEP_GROUP_M]
-            runs += [("tiles", tile, fp8.Mode.group_m) for tile in SWEEP_GROUPED]
-            for launch, tile, group_m in runs:
-                fp8.configure(tiles=tile, grouped=launch, group_m=group_m)
-                case = dict(gemm=name, tokens=t, launch=launch, tile=list(tile) + [group_m])
+            gm = fp8.Mode.group_m
+            runs = [("tma", tile, g, loop) for loop in loops for tile in SWEEP_GROUPED
+                    for g in (SWEEP_GROUP_M if loop == "inline" else (gm,))]
+            runs += [("tiles", tile, gm, "inline") for tile in SWEEP_GROUPED]
+            for launch, tile, group_m, loop in runs:
+                fp8.configure(tiles=tile, grouped=launch, group_m=group_m, tma_loop=loop)
+                case = dict(gemm=name, tokens=t, launch=launch if loop == "inline" else f"{launch}-{loop}",
+                            tile=list(tile) + [group_m])
                 try:
                     ms = _median_ms(lambda: fp8.fp8_grouped_mm(q, w, s, offs, key, x_scale=qs,
                                                                out_dtype=torch.bfloat16), reps=10, warmup=2)
-                except RuntimeError as exc:  # e.g. out of shared memory / registers for this tile
+                except Exception as exc:  # e.g. out of shared memory / registers, a Triton compile error
                     out.append(dict(case, error=str(exc)[:200]))
                     continue
                 out.append(dict(case, ms=ms, tflops=2 * t * TOPK * n * k / ms / 1e9))
             del q, qs
         del w, s
         torch.cuda.empty_cache()
-    fp8.configure(tiles=None, grouped="tiles", group_m=fp8.Mode.group_m)
+    fp8.configure(tiles=None, grouped="tiles", group_m=fp8.Mode.group_m, tma_loop="inline")
     return out
 
 
@@ -283,6 +287,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     p.add_argument("--no-sweep", action="store_true")
     p.add_argument("--sweep-tokens", default="4096,16384", help="token counts of the grouped tile sweep")
+    p.add_argument("--sweep-loops", default="inline",
+                   help="the TMA launch's k loops to sweep (spmd.kernels.fp8.TMA_LOOPS, comma-separated)")
     p.add_argument("--only", choices=("dense", "grouped"), help="one kind of GEMM (and its part of the sweep)")
     p.add_argument("--out", default=str(ROOT / "traces" / "results" / "fp8"))
     a = p.parse_args(argv)
@@ -302,7 +308,8 @@ def main(argv=None) -> int:
     cases += [] if a.only == "dense" else grouped_cases([int(t) for t in a.tokens.split(",")], ceil, gen)
     doc = {"gpu": ceil["gpu"], "date": dt.date.today().isoformat(), "ceilings": ceil, "torch": torch.__version__,
            "scaled_mm_probe": probe, "cases": cases,
-           "sweep": [] if a.no_sweep else sweep(ceil, gen, a.only, [int(t) for t in a.sweep_tokens.split(",")])}
+           "sweep": [] if a.no_sweep else sweep(ceil, gen, a.only, [int(t) for t in a.sweep_tokens.split(",")],
+                                                           a.sweep_loops.split(","))}
     fp8.configure(**vars(old))
     from traces.table import write_result
     write_result(Path(a.out), f"{ceil['gpu']}-{doc['date']}", doc, markdown(doc))

@@ -283,8 +283,13 @@ def fp8_mode(args, device: torch.device, margs) -> dict:
     group_m = env.read("SPMD_FP8_GROUP_M") or "8"
     if not group_m.isdigit() or int(group_m) < 1:
         raise ValueError(f"SPMD_FP8_GROUP_M={group_m!r}: a positive integer")
+    from spmd.kernels.fp8 import TMA_LOOPS
+
+    tma_loop = env.read("SPMD_FP8_TMA_LOOP") or "inline"
+    if tma_loop not in TMA_LOOPS:
+        raise ValueError(f"SPMD_FP8_TMA_LOOP={tma_loop!r}: {', '.join(TMA_LOOPS)}")
     return dict(weights=weights, w8a8_rows=W8A8_ROWS if a8 else 0, w8a8_expert_rows=W8A8_EXPERT_ROWS if a8 else 0,
-                ue8m0=margs.scale_fmt == "ue8m0", grouped=grouped, group_m=int(group_m),
+                ue8m0=margs.scale_fmt == "ue8m0", grouped=grouped, group_m=int(group_m), tma_loop=tma_loop,
                 dense="scaled_mm" if cc is not None and cc >= (9, 0) else "triton")  # block scales: sm_90 cuBLAS
 
 

@@ -111,9 +111,14 @@ class Mode:
     grouped: str = "tiles"
     # row tiles per group in the row-tile launches' program order (_tile): 1 = column tiles vary fastest
     group_m: int = 8
+    # the TMA launch's k loop (_w8a8_tma_kernel): "inline" (each block's scales applied right after its
+    # wgmma), "defer" (one block later, overlapping the next wgmma), "ws" / "defer-ws" (the same with
+    # Triton's warp specialization)
+    tma_loop: str = "inline"
 
 
 MODE = Mode()
+TMA_LOOPS = ("inline", "defer", "ws", "defer-ws")
 
 
 def configure(**changes) -> Mode:
@@ -128,6 +133,8 @@ def configure(**changes) -> Mode:
         raise ValueError("fp8 mode: w8a8 row thresholds must be >= 0")
     if new.group_m < 1:
         raise ValueError("fp8 mode: group_m must be >= 1")
+    if new.tma_loop not in TMA_LOOPS:
+        raise ValueError(f"fp8 mode: tma_loop {new.tma_loop!r} ({'|'.join(TMA_LOOPS)})")
     for f in dataclasses.fields(Mode):
         setattr(MODE, f.name, getattr(new, f.name))
     return old
@@ -362,15 +369,36 @@ def _zero_tail(o_ptr, offs_ptr, z, chunks, R, E, rn, n_mask, stride_om, stride_o
 _tile_fn = _zero_tail_fn = None  # _tile, _zero_tail jitted by _kernels (as _max_combine)
 
 
+def _ab_scale(xs_ptrs, s_e, pid_n, rn, n_mask, m_mask, kb, stride_xsk, stride_sn, stride_sk,
+              BLOCK_N: tl.constexpr, SCALE_BLOCK: tl.constexpr):
+    """The scale of k-block kb's product in a TMA tile: the rows' activation scales times the weight's
+    block scale, (BLOCK_M, 1) where BLOCK_N is one 128-column block (a scalar weight scale: one multiply
+    per product element), else (BLOCK_M, BLOCK_N) from per-column weight scales."""
+    xs = tl.load(xs_ptrs + kb * stride_xsk, mask=m_mask, other=0.0)
+    if BLOCK_N == SCALE_BLOCK:
+        return (xs * tl.load(s_e + pid_n * stride_sn + kb * stride_sk))[:, None]
+    else:
+        ws = tl.load(s_e + (rn // SCALE_BLOCK) * stride_sn + kb * stride_sk, mask=n_mask, other=0.0)
+        return xs[:, None] * ws[None, :]
+
+
+_ab_scale_fn = None  # _ab_scale, jitted by _kernels (as _max_combine)
+
+
 def _w8a8_tma_kernel(x_desc, xs_ptr, w_desc, s_ptr, offs_ptr, tend_ptr, o_ptr, R, N, K, E,
                      stride_xsm, stride_xsk, stride_se, stride_sn, stride_sk, stride_om, stride_on,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      K_TILES: tl.constexpr, SCALE_BLOCK: tl.constexpr, SEARCH: tl.constexpr,
-                     GROUP_M: tl.constexpr):
+                     GROUP_M: tl.constexpr, DEFER: tl.constexpr, WS: tl.constexpr):
     """_grouped_tiles_kernel's FP8 x FP8 with the operand tiles loaded by the Hopper TMA unit (host tensor descriptors:
     x (R, K) in (BLOCK_M, 128) blocks, the experts' weights as one (E * N, K) matrix in (BLOCK_N, 128)
     blocks). A tile's rows past its expert's end (another expert's rows, or zeros past R) and columns
-    past N (the next expert's) are loaded and computed but never stored; K past the end reads zeros."""
+    past N (the next expert's) are loaded and computed but never stored; K past the end reads zeros.
+    The k loop (MODE.tma_loop): each 128-deep block's product is scaled by its activation and weight
+    scales and added to the float32 accumulator right after its wgmma (DEFER 0), or one block later,
+    after the next block's wgmma is issued (DEFER 1: the promotion on CUDA cores can overlap the tensor
+    cores' next product, DeepGEMM's idea, at the cost of a second accumulator tile in registers); WS:
+    Triton's warp specialization of the loop (a producer warp loading by TMA for the math warps)."""
     p = tl.program_id(0)
     nt = (N + BLOCK_N - 1) // BLOCK_N
     ntiles = tl.load(tend_ptr + E - 1)
@@ -382,18 +410,25 @@ def _w8a8_tma_kernel(x_desc, xs_ptr, w_desc, s_ptr, offs_ptr, tend_ptr, o_ptr, R
         m_mask = rm < end
         xs_ptrs = xs_ptr + rm.to(tl.int64) * stride_xsm
         wrow = e * N + pid_n * BLOCK_N
+        s_e = s_ptr + e.to(tl.int64) * stride_se
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
-        for kb in range(0, K_TILES):
-            a = x_desc.load([m0, kb * BLOCK_K])
-            b = w_desc.load([wrow, kb * BLOCK_K])
-            xs = tl.load(xs_ptrs + kb * stride_xsk, mask=m_mask, other=0.0)
-            if BLOCK_N == SCALE_BLOCK:  # one weight block: a scalar, one multiply-add per product element
-                ws = tl.load(s_ptr + e.to(tl.int64) * stride_se + pid_n * stride_sn + kb * stride_sk)
-                acc += tl.dot(a, b.T) * (xs * ws)[:, None]
-            else:
-                ws = tl.load(s_ptr + e.to(tl.int64) * stride_se + (rn // SCALE_BLOCK) * stride_sn + kb * stride_sk,
-                             mask=n_mask, other=0.0)
-                acc += tl.dot(a, b.T) * (xs[:, None] * ws[None, :])
+        if DEFER:
+            prev = tl.dot(x_desc.load([m0, 0]), w_desc.load([wrow, 0]).T)
+            sc = _ab_scale_fn(xs_ptrs, s_e, pid_n, rn, n_mask, m_mask, 0, stride_xsk, stride_sn, stride_sk,
+                              BLOCK_N, SCALE_BLOCK)
+            for kb in tl.range(1, K_TILES, warp_specialize=WS):
+                cur = tl.dot(x_desc.load([m0, kb * BLOCK_K]), w_desc.load([wrow, kb * BLOCK_K]).T)
+                acc += prev * sc
+                sc = _ab_scale_fn(xs_ptrs, s_e, pid_n, rn, n_mask, m_mask, kb, stride_xsk, stride_sn, stride_sk,
+                                  BLOCK_N, SCALE_BLOCK)
+                prev = cur
+            acc += prev * sc
+        else:
+            for kb in tl.range(0, K_TILES, warp_specialize=WS):
+                a = x_desc.load([m0, kb * BLOCK_K])
+                b = w_desc.load([wrow, kb * BLOCK_K])
+                acc += tl.dot(a, b.T) * _ab_scale_fn(xs_ptrs, s_e, pid_n, rn, n_mask, m_mask, kb, stride_xsk,
+                                                     stride_sn, stride_sk, BLOCK_N, SCALE_BLOCK)
         o_ptrs = o_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :] * stride_on
         tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
     else:
@@ -512,8 +547,9 @@ def _kernels(interpret: bool):
     """(linear, grouped, act_quant) jitted for the mode at first use (the interpreter is chosen when
     triton.jit runs)."""
     del interpret  # the cache key: triton.jit reads TRITON_INTERPRET itself
-    global _max_combine, _tile_fn, _zero_tail_fn, _k_step_fn, _quant_block_fn
+    global _max_combine, _tile_fn, _zero_tail_fn, _k_step_fn, _quant_block_fn, _ab_scale_fn
     _max_combine, _tile_fn, _zero_tail_fn = triton.jit(_max), triton.jit(_tile), triton.jit(_zero_tail)
+    _ab_scale_fn = triton.jit(_ab_scale)
     _k_step_fn, _quant_block_fn = triton.jit(_k_step), triton.jit(_quant_block)
     return (triton.jit(_fp8_linear_kernel), triton.jit(_fp8_grouped_kernel), triton.jit(_act_quant_kernel),
             (triton.jit(_grouped_tiles_kernel), triton.jit(_w8a8_tma_kernel)))
@@ -842,7 +878,8 @@ def _grouped_tiles(kernels, x, x_scale, w, scale_inv, offs, out):
         wd = TensorDescriptor(w.view(e * n, k), [e * n, k], [k, 1], [bn, FP8_BLOCK])
         tma_kernel[grid](xd, x_scale, wd, scale_inv, offs, tend, out, r, n, k, e,
                          x_scale.stride(0), x_scale.stride(1), scale_inv.stride(0), scale_inv.stride(1),
-                         scale_inv.stride(2), out.stride(0), out.stride(1), **common)
+                         scale_inv.stride(2), out.stride(0), out.stride(1), DEFER=MODE.tma_loop.startswith("defer"),
+                         WS=MODE.tma_loop.endswith("ws"), **common)
         return out
     wk, wbytes = (w, False) if a8 else _weight_operand(w)
     xs, xs_strides = (x_scale, x_scale.stride()) if a8 else (x, (0, 0))

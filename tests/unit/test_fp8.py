@@ -386,6 +386,31 @@ def test_grouped_w8a8(monkeypatch, case, grouped, tiles):
         fp8.fp8_grouped_mm(q[rows], w, s, offs_t)
 
 
+@pytest.mark.parametrize("loop", [loop for loop in fp8.TMA_LOOPS if loop != "inline"])
+@pytest.mark.parametrize("case,tiles", [("several-chunks-per-expert", (16, 32, 4, 2)),  # K = 192: 2 blocks
+                                        ("many-row-tiles", (16, 128, 4, 2)),  # a scalar weight scale
+                                        ("wide-tiles", (64, 256, 8, 3)),  # K = 64: one block, no loop
+                                        ("long-tail-round-robin", (32, 64, 4, 2))])
+def test_grouped_w8a8_tma_loops(monkeypatch, case, tiles, loop):
+    """The TMA launch's other k loops (the scales applied one block later; warp specialized) give the
+    inline loop's result: the same products and scales, summed in the same order."""
+    monkeypatch.setattr(fp8, "TILES8_ROWS", 0)
+    e, k, n, r, offs = GROUPED[case]
+    gen = torch.Generator().manual_seed(5 * len(case))
+    w, s = _weight((e, n, k), gen)
+    q, qs = fp8.quantize_act(_act((r, k), torch.bfloat16, gen))
+    offs_t = torch.tensor(offs, dtype=torch.int32, device=DEVICE)
+    outs = {}
+    for mode in ("inline", loop):
+        fp8.configure(grouped="tma", tiles=tiles, tma_loop=mode)
+        outs[mode] = fp8.fp8_grouped_mm(q, w, s, offs_t, x_scale=qs, out_dtype=torch.bfloat16)
+    assert torch.equal(outs["inline"], outs[loop])
+    _close(outs[loop], _ref_grouped(fp8.dequantize_act(q, qs), w, s, offs), torch.bfloat16)
+    assert (outs[loop][offs[-1]:] == 0).all()
+    with pytest.raises(ValueError, match="tma_loop"):
+        fp8.configure(tma_loop="fast")
+
+
 def test_w8a8_thresholds():
     fp8.configure(w8a8_rows=128, w8a8_expert_rows=16)
     assert fp8.w8a8_dense(128, torch.bfloat16) and not fp8.w8a8_dense(127, torch.bfloat16)

@@ -59,6 +59,13 @@ def test_grouped_launch_from_the_environment(gpu, monkeypatch):
     monkeypatch.setenv("SPMD_FP8_GROUP_M", "0")
     with pytest.raises(ValueError, match="SPMD_FP8_GROUP_M"):
         _mode()
+    monkeypatch.delenv("SPMD_FP8_GROUP_M")
+    assert _mode()["tma_loop"] == "inline"
+    monkeypatch.setenv("SPMD_FP8_TMA_LOOP", "defer")
+    assert _mode()["tma_loop"] == "defer"
+    monkeypatch.setenv("SPMD_FP8_TMA_LOOP", "later")
+    with pytest.raises(ValueError, match="SPMD_FP8_TMA_LOOP"):
+        _mode()
 
 
 def test_forced_choices(gpu):

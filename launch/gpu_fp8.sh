@@ -36,7 +36,8 @@ if has tests; then
 fi
 if has fp8; then
   # shellcheck disable=SC2086  # FP8_BENCH_OPTS is a list of options
-  timeout "${FP8_BENCH_S:-240}" python3 -m traces.fp8_bench --out "$out/fp8" ${FP8_BENCH_OPTS:-} 2>&1 | tail -70
+  timeout "${FP8_BENCH_S:-240}" python3 -m traces.fp8_bench --out "$out/fp8" ${FP8_BENCH_OPTS:-} 2>&1 \
+    | tee "$out/fp8.log" | tail -70
 fi
 bench() {  # bench OUT_SUBDIR WORK_SUBDIR [env...]: gpu_bench all over CONFIGS
   local sub=$1 work=$2

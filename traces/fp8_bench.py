@@ -196,7 +196,8 @@ def _finish(row: dict, flops: int, fp8_bytes: int, var: str, ceil: dict) -> dict
     return row
 
 
-def sweep(ceil, gen, only: str | None = None, tokens=(4096, 16384), loops=("inline",)) -> list[dict]:
+def sweep(ceil, gen, only: str | None = None, tokens=(4096, 16384), loops=("inline",),
+          group_ms=SWEEP_GROUP_M) -> list[dict]:
     """w8a8 tiles at prefill sizes: dense o_proj and mlp.gate_up at 4096 rows, experts at `tokens` tokens
     (both launches of the grouped kernel; the TMA one per k loop in `loops`, fp8.TMA_LOOPS: the other
     loops at the default program order only)."""
@@ -223,7 +224,7 @@ def sweep(ceil, gen, only: str | None = None, tokens=(4096, 16384), loops=("inli
             q, qs = fp8.gather_rows(q, qs, order // TOPK)
             gm = fp8.Mode.group_m
             runs = [("tma", tile, g, loop) for loop in loops for tile in SWEEP_GROUPED
-                    for g in (SWEEP_GROUP_M if loop == "inline" else (gm,))]
+                    for g in (group_ms if loop == "inline" else (gm,))]
             runs += [("tiles", tile, gm, "inline") for tile in SWEEP_GROUPED]
             for launch, tile, group_m, loop in runs:
                 fp8.configure(tiles=tile, grouped=launch, group_m=group_m, tma_loop=loop)
@@ -234,8 +235,10 @@ def sweep(ceil, gen, only: str | None = None, tokens=(4096, 16384), loops=("inli
                                                                out_dtype=torch.bfloat16), reps=10, warmup=2)
                 except Exception as exc:  # e.g. out of shared memory / registers, a Triton compile error
                     out.append(dict(case, error=str(exc)[:200]))
+                    print(f"sweep {json.dumps(out[-1])}", flush=True)
                     continue
                 out.append(dict(case, ms=ms, tflops=2 * t * TOPK * n * k / ms / 1e9))
+                print(f"sweep {json.dumps(out[-1])}", flush=True)  # kept in the log should a later run hang
             del q, qs
         del w, s
         torch.cuda.empty_cache()
@@ -289,6 +292,8 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-tokens", default="4096,16384", help="token counts of the grouped tile sweep")
     p.add_argument("--sweep-loops", default="inline",
                    help="the TMA launch's k loops to sweep (spmd.kernels.fp8.TMA_LOOPS, comma-separated)")
+    p.add_argument("--sweep-group-m", default=",".join(map(str, SWEEP_GROUP_M)),
+                   help="the row tiles per group swept with the TMA launch's inline loop")
     p.add_argument("--only", choices=("dense", "grouped"), help="one kind of GEMM (and its part of the sweep)")
     p.add_argument("--out", default=str(ROOT / "traces" / "results" / "fp8"))
     a = p.parse_args(argv)
@@ -309,7 +314,8 @@ def main(argv=None) -> int:
     doc = {"gpu": ceil["gpu"], "date": dt.date.today().isoformat(), "ceilings": ceil, "torch": torch.__version__,
            "scaled_mm_probe": probe, "cases": cases,
            "sweep": [] if a.no_sweep else sweep(ceil, gen, a.only, [int(t) for t in a.sweep_tokens.split(",")],
-                                                           a.sweep_loops.split(","))}
+                                                           a.sweep_loops.split(","),
+                                                           [int(g) for g in a.sweep_group_m.split(",")])}
     fp8.configure(**vars(old))
     from traces.table import write_result
     write_result(Path(a.out), f"{ceil['gpu']}-{doc['date']}", doc, markdown(doc))

@@ -718,7 +718,7 @@ def _w8a8_grouped_plan(r: int, e: int, tma: bool = False) -> tuple[int, int, int
     4,096); with cp.async loads 128 x 128 on two. Below 128 rows per expert, 64-row tiles."""
     if MODE.tiles is not None:
         return MODE.tiles
-    if tma or r < 128 * e:
+    if r < 128 * e:
         return 64, 128, 4, 4
     return 128, 128, 8, 4
 

@@ -82,6 +82,9 @@ TILES16_ROWS = 64
 # and FP8 x FP8 from this many (below, a program per expert: at 400 tokens, 12.5 rows per expert, gate+up
 # 3.13 ms per expert vs 3.24 / 3.49 per row tile with cp.async / TMA on an H100)
 TILES8_ROWS = 64
+# and 128-row tiles on two warpgroups from this many (_w8a8_grouped_plan: measured better at 512 rows per
+# expert, worse at 128; 256 is between the two, not measured)
+W8A8_WIDE_ROWS = 256
 
 
 
@@ -711,14 +714,16 @@ def _w8a8_plan(m: int, n: int, sms: int) -> tuple[int, int, int, int]:
     return bm, 128, 8 if bm == 128 else 4, 4
 
 
-def _w8a8_grouped_plan(r: int, e: int, tma: bool = False) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, warps, stages) of the FP8 x FP8 grouped launches. Measured on an H100
-    (traces/results/fp8/, 256 experts, 4,096 and 16,384 tokens): with TMA loads 64 x 128 tiles on one
-    warpgroup are the fastest (gate+up 13.2 vs 13.7 ms for 128 x 128 at 16,384 tokens, 4.35 vs 5.0 at
-    4,096); with cp.async loads 128 x 128 on two. Below 128 rows per expert, 64-row tiles."""
+def _w8a8_grouped_plan(r: int, e: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, warps, stages) of the FP8 x FP8 grouped launches: 128 x 128 tiles on two
+    warpgroups from W8A8_WIDE_ROWS rows per expert, else 64 x 128 on one. Measured on an H100 with the
+    program order's row-tile groups (traces/results/fp8/NVIDIA_H100_80GB_HBM3-2026-12-07-*, 256 experts,
+    TMA loads, gate+up): 9.57 vs 12.13 ms at 16,384 tokens (512 rows per expert), but 4.00 vs 3.79 at
+    4,096 (128 per expert); down 5.87 vs 6.47 and 2.60 vs 2.29. The same plan for cp.async loads (sm_89;
+    at 16,384 tokens 11.40 vs 11.13 ms, the same call)."""
     if MODE.tiles is not None:
         return MODE.tiles
-    if r < 128 * e:
+    if r < W8A8_WIDE_ROWS * e:
         return 64, 128, 4, 4
     return 128, 128, 8, 4
 
@@ -861,7 +866,7 @@ def _grouped_tiles(kernels, x, x_scale, w, scale_inv, offs, out):
     a8 = x_scale is not None
     tma = a8 and MODE.grouped == "tma" and _tma_ok(x, w)
     if a8:
-        bm, bn, warps, stages = _w8a8_grouped_plan(r, e, tma)
+        bm, bn, warps, stages = _w8a8_grouped_plan(r, e)
     else:  # a 16-bit x tile is twice FP8's bytes: 3 stages of 128 x 128 (48 KB each)
         bm, bn, warps, stages = MODE.tiles or ((128, 128, 8, 3) if r >= 128 * e else (64, 128, 4, 3))
     ends = offs.clamp(max=r)

@@ -42,7 +42,7 @@ SERVE = ROOT / "traces/results/serve/NVIDIA_H100_80GB_HBM3-2026-12-06-r4.json"  
 SERVE_FP8 = ROOT / "traces/results/serve/NVIDIA_H100_80GB_HBM3-2026-12-06-r5.json"  # w8a8 vs w8a16 prefill
 FP8_BENCH = ROOT / "traces/results/bench/fp8-modes-2026-12-06-r3/NVIDIA_H100_80GB_HBM3-2026-12-06.json"  # decode, bytes
 # prefill and its kernel profile: the latest call (the router GEMM and kv_b in FP8; same card type)
-FP8_PREFILL = ROOT / "traces/results/bench/fp8-router-kvb-2026-12-07/NVIDIA_H100_80GB_HBM3-2026-12-07.json"
+FP8_PREFILL = ROOT / "traces/results/bench/fp8-tiles-2026-12-07/NVIDIA_H100_80GB_HBM3-2026-12-07.json"
 VALID_A8 = ROOT / "validation/results/NVIDIA_H100_80GB_HBM3-2026-12-06.json"
 FP8_GEMMS = ROOT / "traces/results/fp8/NVIDIA_H100_80GB_HBM3-2026-12-06-r4.json"  # per GEMM (the fp8 figure's)
 LOAD = ROOT / "traces/results/load/NVIDIA_H100_80GB_HBM3-2026-12-06.json"
@@ -224,6 +224,7 @@ def h100_facts() -> dict[str, Fact]:
     put("pf_dq_ms", _fmt(d["prefill_kernel_ms"], 1), FP8_PREFILL)
     put("pf_fp8_grouped_ms", _fmt(grouped_fp8, 1), FP8_PREFILL)
     put("pf_dq_grouped_ms", _fmt(grouped_bf16, 1), FP8_PREFILL)
+    put("pf_grouped_x", _fmt(grouped_bf16 / grouped_fp8), FP8_PREFILL)
     put("pf_fp8_dense_ms", _fmt(dense_fp8, 1), FP8_PREFILL)
     put("pf_dq_dense_ms", _fmt(dense_bf16, 1), FP8_PREFILL)
     put("pf_glue_ms", _fmt(d["prefill_kernel_ms"] - grouped_bf16 - dense_bf16 - shared, 0), FP8_PREFILL)

@@ -714,16 +714,16 @@ def _w8a8_plan(m: int, n: int, sms: int) -> tuple[int, int, int, int]:
     return bm, 128, 8 if bm == 128 else 4, 4
 
 
-def _w8a8_grouped_plan(r: int, e: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, warps, stages) of the FP8 x FP8 grouped launches: 128 x 128 tiles on two
-    warpgroups from W8A8_WIDE_ROWS rows per expert, else 64 x 128 on one. Measured on an H100 with the
-    program order's row-tile groups (traces/results/fp8/NVIDIA_H100_80GB_HBM3-2026-12-07-*, 256 experts,
-    TMA loads, gate+up): 9.57 vs 12.13 ms at 16,384 tokens (512 rows per expert), but 4.00 vs 3.79 at
-    4,096 (128 per expert); down 5.87 vs 6.47 and 2.60 vs 2.29. The same plan for cp.async loads (sm_89;
-    at 16,384 tokens 11.40 vs 11.13 ms, the same call)."""
+def _w8a8_grouped_plan(r: int, e: int, tma: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, warps, stages) of the FP8 x FP8 grouped launches: with TMA loads 128 x 128 tiles
+    on two warpgroups from W8A8_WIDE_ROWS rows per expert, else 64 x 128 on one. Measured on an H100 with
+    the program order's row-tile groups (traces/results/fp8/NVIDIA_H100_80GB_HBM3-2026-12-07-*, 256
+    experts, gate+up): TMA 9.57 vs 12.13 ms at 16,384 tokens (512 rows per expert), but 4.00 vs 3.79 at
+    4,096 (128 per expert); down 5.87 vs 6.47 and 2.60 vs 2.29. cp.async loads (sm_89, or operands TMA
+    cannot take) keep 64 x 128: 11.13 vs 11.40 ms at 16,384 tokens in the same call."""
     if MODE.tiles is not None:
         return MODE.tiles
-    if r < W8A8_WIDE_ROWS * e:
+    if not tma or r < W8A8_WIDE_ROWS * e:
         return 64, 128, 4, 4
     return 128, 128, 8, 4
 
@@ -866,7 +866,7 @@ def _grouped_tiles(kernels, x, x_scale, w, scale_inv, offs, out):
     a8 = x_scale is not None
     tma = a8 and MODE.grouped == "tma" and _tma_ok(x, w)
     if a8:
-        bm, bn, warps, stages = _w8a8_grouped_plan(r, e)
+        bm, bn, warps, stages = _w8a8_grouped_plan(r, e, tma)
     else:  # a 16-bit x tile is twice FP8's bytes: 3 stages of 128 x 128 (48 KB each)
         bm, bn, warps, stages = MODE.tiles or ((128, 128, 8, 3) if r >= 128 * e else (64, 128, 4, 3))
     ends = offs.clamp(max=r)

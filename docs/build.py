@@ -44,6 +44,8 @@ FP8_BENCH = ROOT / "traces/results/bench/fp8-modes-2026-12-06-r3/NVIDIA_H100_80G
 # prefill and its kernel profile: the latest call (the router GEMM and kv_b in FP8; same card type)
 FP8_PREFILL = ROOT / "traces/results/bench/fp8-tiles-2026-12-07/NVIDIA_H100_80GB_HBM3-2026-12-07.json"
 VALID_A8 = ROOT / "validation/results/NVIDIA_H100_80GB_HBM3-2026-12-06.json"
+# the weight-only run scored against the baseline with FP8 activations (validation.matrix --act-quant)
+VALID_A16_VS_A8 = ROOT / "validation/results/NVIDIA_H100_80GB_HBM3-2026-12-07-w8a16-vs-a8.json"
 FP8_GEMMS = ROOT / "traces/results/fp8/NVIDIA_H100_80GB_HBM3-2026-12-06-r4.json"  # per GEMM (the fp8 figure's)
 LOAD = ROOT / "traces/results/load/NVIDIA_H100_80GB_HBM3-2026-12-06.json"
 DPA_G1 = ROOT / "traces/results/bench/dpa-g1-NVIDIA_H100_80GB_HBM3-2026-12-06.json"
@@ -231,6 +233,9 @@ def h100_facts() -> dict[str, Fact]:
     v = next(r for r in _load(VALID_A8)["rows"] if r["config"] == "slice" and r["weights"] == "fp8")
     put("a8_top1", _fmt(v["top1_agreement"], 3), VALID_A8)
     put("a8_kl", _fmt(v["kl_mean"], 3), VALID_A8)
+    v = next(r for r in _load(VALID_A16_VS_A8)["rows"] if r["config"] == "slice" and r["weights"] == "fp8")
+    put("a16r_top1", _fmt(v["top1_agreement"], 3), VALID_A16_VS_A8)
+    put("a16r_kl", _fmt(v["kl_mean"], 3), VALID_A16_VS_A8)
     ld = _load(LOAD)
     cold = next(r for r in ld["runs"] if r["cache"] == "cold")
     warm = next(r for r in ld["runs"] if r["cache"] == "warm")

@@ -175,17 +175,15 @@ def _isolated_layer_errors(ref, other, tokens, mask, layers: int) -> list[float]
     return errs
 
 
-def _layer0_inputs(model_layer0, names, run) -> dict:
-    """The float32 inputs of layer 0's modules `names` during run()."""
-    caps, mods = {}, dict(model_layer0.named_modules())
-    hooks = [mods[n].register_forward_pre_hook(lambda m, a, n=n: caps.__setitem__(n, a[0].float().clone()))
-             for n in names]
+def _input_of(module, run) -> torch.Tensor:
+    """module's (first) input during run(), in float32; hooked before anything run() registers."""
+    seen = {}
+    hook = module.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0].float().clone()))
     try:
         run()
     finally:
-        for h in hooks:
-            h.remove()
-    return caps
+        hook.remove()
+    return seen["x"]
 
 
 def test_fp8_w8a8_follows_the_activation_recipe(world, monkeypatch):
@@ -206,19 +204,16 @@ def test_fp8_w8a8_follows_the_activation_recipe(world, monkeypatch):
     ckpt = checkpoint_dir("tiny", "fp8")
     ids = encode(load_tokenizer(ckpt), read_prompts(PROMPTS20), chat=True)[:1]
     tokens, mask = left_pad(ids, 1, "cpu")
-    name = "self_attn.q_b_proj"
     ref = {}
     for quant in (False, True):
         hf = load_hf(ckpt, log=False)
-        seen = {}  # hooked before the recipe's own hook: the input before its rounding
-        h = hf.model.layers[0].self_attn.q_b_proj.register_forward_pre_hook(
-            lambda m, a: seen.__setitem__("x", a[0].float().clone()))
-        if quant:
-            act_quant.fake_quantize(hf, ckpt, ue8m0=ModelArgs.from_checkpoint(ckpt).scale_fmt == "ue8m0")
-        with torch.inference_mode():
-            hf(torch.tensor(ids))
-        h.remove()
-        ref["recipe" if quant else "plain"] = seen["x"]
+
+        def run(hf=hf, quant=quant):
+            if quant:  # the recipe's hooks after the capturing one: it sees the input before their rounding
+                act_quant.fake_quantize(hf, ckpt, ue8m0=ModelArgs.from_checkpoint(ckpt).scale_fmt == "ue8m0")
+            with torch.inference_mode():
+                hf(torch.tensor(ids))
+        ref["recipe" if quant else "plain"] = _input_of(hf.model.layers[0].self_attn.q_b_proj, run)
     got = {}
     for mode, rows in (("w8a16", 0), ("w8a8", 1)):
         eng = _engine(world, ckpt, 1, "off", "keep", "bf16", "w8a8")
@@ -226,7 +221,7 @@ def test_fp8_w8a8_follows_the_activation_recipe(world, monkeypatch):
         old = fp8.configure()
         try:
             fp8.configure(w8a8_rows=rows, w8a8_expert_rows=rows)
-            got[mode] = _layer0_inputs(eng.model.model.layers[0], [name], lambda: eng.prefill(tokens, mask))[name]
+            got[mode] = _input_of(eng.model.model.layers[0].self_attn.q_b_proj, lambda: eng.prefill(tokens, mask))
         finally:
             fp8.configure(**vars(old))
             eng.release()

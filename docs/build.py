@@ -41,7 +41,7 @@ FULL_CFG, SLICE_CFG = ROOT / "inputs/models/v3.1-671b.json", ROOT / "inputs/mode
 SERVE = ROOT / "traces/results/serve/NVIDIA_H100_80GB_HBM3-2026-12-06-r4.json"      # the serving loop, 400 prompts
 SERVE_FP8 = ROOT / "traces/results/serve/NVIDIA_H100_80GB_HBM3-2026-12-06-r5.json"  # w8a8 vs w8a16 prefill
 FP8_BENCH = ROOT / "traces/results/bench/fp8-modes-2026-12-06-r3/NVIDIA_H100_80GB_HBM3-2026-12-06.json"  # decode, bytes
-# prefill and its kernel profile: the latest call (the router GEMM and kv_b in FP8; same card type)
+# prefill and its kernel profile: the latest call (128-row grouped FP8 tiles; same card type)
 FP8_PREFILL = ROOT / "traces/results/bench/fp8-tiles-2026-12-07/NVIDIA_H100_80GB_HBM3-2026-12-07.json"
 VALID_A8 = ROOT / "validation/results/NVIDIA_H100_80GB_HBM3-2026-12-06.json"
 # the weight-only run scored against the baseline with FP8 activations (validation.matrix --act-quant)

@@ -233,11 +233,9 @@ def sweep(ceil, gen, only: str | None = None, tokens=(4096, 16384), loops=("inli
                 try:
                     ms = _median_ms(lambda: fp8.fp8_grouped_mm(q, w, s, offs, key, x_scale=qs,
                                                                out_dtype=torch.bfloat16), reps=10, warmup=2)
+                    out.append(dict(case, ms=ms, tflops=2 * t * TOPK * n * k / ms / 1e9))
                 except Exception as exc:  # e.g. out of shared memory / registers, a Triton compile error
                     out.append(dict(case, error=str(exc)[:200]))
-                    print(f"sweep {json.dumps(out[-1])}", flush=True)
-                    continue
-                out.append(dict(case, ms=ms, tflops=2 * t * TOPK * n * k / ms / 1e9))
                 print(f"sweep {json.dumps(out[-1])}", flush=True)  # kept in the log should a later run hang
             del q, qs
         del w, s

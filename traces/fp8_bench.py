@@ -13,7 +13,8 @@ activations, per row count:
 - ``w8a8``: activations quantized per row and 128 columns (its kernel timed with the GEMM), FP8 x FP8;
   grouped: a program per (column tile, expert row tile), operands by cp.async; ``w8a8-tma``: the same
   with TMA loads; ``w8a8x``, ``w8a16x``, ``bytesx``: a program per expert (the launch before the row-tile
-  ones, which 16-bit x takes from TILES16_ROWS rows per expert);
+  ones, which 16-bit x takes from TILES16_ROWS rows per expert); ``w8a8-cublas``: one cuBLAS block-scaled
+  GEMM per expert (torch._scaled_mm, after a host read of the expert offsets);
 - ``scaled_mm``: the same quantization, then torch._scaled_mm with 1x128 x 128x128 block scales (dense
   only; "unsupported" where this torch build refuses the shapes or the layout).
 Experts: each token routes to 8 distinct experts drawn uniformly (rows = tokens x 8, ~tokens / 32 per expert).
@@ -105,7 +106,8 @@ def _variants(kind: str):
         v += [("w8a16x", dict(weights="e4m3", w8a8_rows=0, w8a8_expert_rows=0, grouped="experts")),
               ("bytesx", dict(weights="bytes", w8a8_rows=0, w8a8_expert_rows=0, grouped="experts")),
               ("w8a8-tma", dict(weights="e4m3", w8a8_rows=1, w8a8_expert_rows=1, grouped="tma")),
-              ("w8a8x", dict(weights="e4m3", w8a8_rows=1, w8a8_expert_rows=1, grouped="experts"))]
+              ("w8a8x", dict(weights="e4m3", w8a8_rows=1, w8a8_expert_rows=1, grouped="experts")),
+              ("w8a8-cublas", dict(weights="e4m3", w8a8_rows=1, w8a8_expert_rows=1, grouped="scaled_mm"))]
     if kind == "dense":
         v.append(("scaled_mm", dict(weights="e4m3", w8a8_rows=1, dense="scaled_mm")))
     return v
@@ -139,7 +141,7 @@ def dense_cases(rows, ceil, gen) -> list[dict]:
     return out
 
 
-def grouped_cases(tokens, ceil, gen) -> list[dict]:
+def grouped_cases(tokens, ceil, gen, variants: tuple = ()) -> list[dict]:
     from spmd.kernels import fp8
     from traces.gpu_bench import _median_ms
 
@@ -161,6 +163,8 @@ def grouped_cases(tokens, ceil, gen) -> list[dict]:
                              enumerate(zip([0] + offs[:-1].tolist(), offs.tolist()))]) if t <= 1024 else None
             hit = int((counts > 0).sum())
             for var, mode in _variants("grouped"):
+                if variants and var not in variants:
+                    continue
                 row = dict(gemm=name, tokens=t, rows=r, n=n, k=k, variant=var, experts_hit=hit)
                 if mode is None:
                     fn = lambda: torch._grouped_mm(x[rows], wd.transpose(1, 2), offs=offs)  # noqa: E731
@@ -250,7 +254,8 @@ def markdown(doc: dict) -> str:
              f"Ceilings (same call): bf16 matmul {c['matmul_tflops']:.0f} TFLOP/s, FP8 matmul "
              f"{c['fp8_matmul_tflops']:.0f} TFLOP/s (torch._scaled_mm, 8192^3), copy {c['copy_gbps']:.0f} GB/s.", "",
              "ms per GEMM (x its ceiling: matmul rate for large rows, weight bytes for small); rel. error vs fp32.", ""]
-    variants = ["bf16", "w8a16", "w8a16x", "bytes", "bytesx", "w8a8", "w8a8-tma", "w8a8x", "scaled_mm"]
+    variants = ["bf16", "w8a16", "w8a16x", "bytes", "bytesx", "w8a8", "w8a8-tma", "w8a8x", "w8a8-cublas",
+                "scaled_mm"]
     lines += ["| GEMM | rows | " + " | ".join(variants) + " | w8a8 / bf16 speed | err w8a16 | err w8a8 |",
               "|" + "---|" * (len(variants) + 5)]
     keyed: dict = {}
@@ -293,6 +298,7 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-group-m", default=",".join(map(str, SWEEP_GROUP_M)),
                    help="the row tiles per group swept with the TMA launch's inline loop")
     p.add_argument("--only", choices=("dense", "grouped"), help="one kind of GEMM (and its part of the sweep)")
+    p.add_argument("--variants", default="", help="grouped variants to run (comma-separated; default all)")
     p.add_argument("--out", default=str(ROOT / "traces" / "results" / "fp8"))
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -308,7 +314,8 @@ def main(argv=None) -> int:
     print(f"torch._scaled_mm block scales: {json.dumps(probe)}", flush=True)
     cases = [] if a.only == "grouped" else dense_cases([int(r) for r in a.rows.split(",")], ceil, gen)
     print("dense done", flush=True)
-    cases += [] if a.only == "dense" else grouped_cases([int(t) for t in a.tokens.split(",")], ceil, gen)
+    cases += [] if a.only == "dense" else grouped_cases([int(t) for t in a.tokens.split(",")], ceil, gen,
+                                                           tuple(v for v in a.variants.split(",") if v))
     doc = {"gpu": ceil["gpu"], "date": dt.date.today().isoformat(), "ceilings": ceil, "torch": torch.__version__,
            "scaled_mm_probe": probe, "cases": cases,
            "sweep": [] if a.no_sweep else sweep(ceil, gen, a.only, [int(t) for t in a.sweep_tokens.split(",")],

@@ -6,8 +6,8 @@
 #   bench     the slice's prefill/decode per FP8 mode (traces/gpu_bench.py: CONFIGS, BATCHES; PROFILE_BATCHES
 #             are profiled per GPU kernel), 128-token prompts up to 128 x 128 = 16,384 tokens (the serving
 #             loop's largest prefill chunk)
-#   launches  the slice's FP8 default at BATCHES once per grouped-expert launch (SPMD_FP8_GROUPED: tiles,
-#             experts; the default run of `bench` is the third)
+#   launches  the slice's FP8 default at BATCHES once per grouped-expert launch in LAUNCHES (SPMD_FP8_GROUPED;
+#             default tiles,experts; the default run of `bench` is tma; scaled_mm: cuBLAS per expert)
 #   groupm    the slice's FP8 default at BATCHES once per SPMD_FP8_GROUP_M in GROUP_MS (default 1,16; the
 #             default 8 is `bench`'s run)
 #   loops     the slice's FP8 default at BATCHES once per SPMD_FP8_TMA_LOOP in TMA_LOOPS (default defer; the
@@ -15,7 +15,9 @@
 #   validate  the validation matrix's slice rows on this GPU (G1; VALIDATE_WEIGHTS, default bf16,fp8: both
 #             checkpoints need ~80 GB of disk, fp8 alone ~30 GB); VALIDATE_OPTS: more
 #             program options; VALIDATE_ACT_QUANT=1: against the FP8-activation baseline (validation/act_quant.py;
-#             fp32 arithmetic; on an 80 GB card over bf16-held weights: validation.baseline --lean)
+#             fp32 arithmetic; on an 80 GB card over bf16-held weights: validation.baseline --lean);
+#             VALIDATE_RECIPE=1: FP8 rows against the plain baseline by recipe-relative thresholds
+#             (validation.matrix --recipe-relative)
 #   serve     the serving benchmark (traces/serve_bench.py; SERVE_BENCH_OPTS)
 #   load      the loader's read rate of the FP8 slice, cold and warm (traces/load_bench.py; issue 28's I/O input)
 #   bash launch/gpu_fp8.sh OUT_DIR
@@ -27,6 +29,7 @@ mkdir -p "$out"
 stages=",${STAGES:-tests,fp8,bench},"
 GROUP_MS=${GROUP_MS:-1,16}
 TMA_LOOPS=${TMA_LOOPS:-defer}
+LAUNCHES=${LAUNCHES:-tiles,experts}
 has() { [[ $stages == *",$1,"* ]]; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 if has tests; then
@@ -51,7 +54,7 @@ bench() {  # bench OUT_SUBDIR WORK_SUBDIR [env...]: gpu_bench all over CONFIGS
 }
 has bench && bench bench bench
 if has launches; then
-  for g in tiles experts; do
+  for g in ${LAUNCHES//,/ }; do
     CONFIGS=native-1gpu-fp8 bench "bench-$g" "bench-$g" SPMD_FP8_GROUPED=$g
   done
 fi
@@ -68,7 +71,8 @@ fi
 if has validate; then
   timeout "${VALIDATE_S:-300}" python3 -m validation.matrix --device cuda --configs slice --max-gpus 1 \
     --engines native --layouts G1 --weights "${VALIDATE_WEIGHTS:-bf16,fp8}" --out "$out/validation" \
-    --program-opts "${VALIDATE_OPTS:-}" ${VALIDATE_ACT_QUANT:+--act-quant} 2>&1 | tail -25
+    --program-opts "${VALIDATE_OPTS:-}" ${VALIDATE_ACT_QUANT:+--act-quant} ${VALIDATE_RECIPE:+--recipe-relative} \
+    2>&1 | tail -25
 fi
 if has serve; then
   # shellcheck disable=SC2086

@@ -24,7 +24,8 @@ from spmd.config import UsageError
 from spmd.obs.metadata import git_commit, versions
 from spmd.runtime.prompts import write_jsonl
 from spmd.weights.fp8_cast import needs_cast
-from spmd.runtime.score import FORMAT, KIND, BaselineError, checkpoint_fingerprint, prompts_fingerprint
+from spmd.runtime.score import FORMAT, KIND, BaselineError, checkpoint_fingerprint, file_sha256, \
+    prompts_fingerprint, read_baseline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,20 +71,19 @@ def header(args, n_prompts: int, prompt_pairs: list[tuple[str, str]], eos_id: in
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 
-def make_baseline(args) -> list[dict]:
-    """The baseline's lines (header first) for the parsed command line."""
-    from spmd.runtime import prompts as prompt_io
+def _check_checkpoint(ckpt: Path) -> None:
+    if not (Path(ckpt) / "config.json").is_file():
+        raise BaselineError(f"checkpoint {ckpt} has no config.json")
+
+
+def load_model(args):
+    """The transformers model the command line asks for (dtype, lean, device, threads, act-quant)."""
     from transformers.utils import logging as hf_logging
 
     from spmd.config import ModelArgs
     from validation.reference import load_hf
 
-    if not (Path(args.checkpoint) / "config.json").is_file():
-        raise BaselineError(f"checkpoint {args.checkpoint} has no config.json")
-    eos = ModelArgs.from_checkpoint(args.checkpoint).eos_token_id
-    prompts = prompt_io.read_prompts(args.prompts)
-    tokenizer = prompt_io.load_tokenizer(args.checkpoint)
-    ids = prompt_io.encode(tokenizer, prompts, args.chat)
+    _check_checkpoint(args.checkpoint)
     hf_logging.disable_progress_bar()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -96,6 +96,52 @@ def make_baseline(args) -> list[dict]:
         from validation.act_quant import fake_quantize
         if not fake_quantize(model, args.checkpoint, ModelArgs.from_checkpoint(args.checkpoint).scale_fmt == "ue8m0"):
             raise BaselineError(f"--act-quant: checkpoint {args.checkpoint} has no FP8 linear layers")
+    return model
+
+
+@torch.inference_mode()
+def teacher_forced(model, rows: list[dict], k: int) -> list[dict]:
+    """Per baseline row: the model's numbers at the positions that predict its completion, fed prompt +
+    completion (each prompt alone), as the SPMD program's --score computes them."""
+    from spmd.runtime.generate import position_numbers
+
+    out = []
+    for r in rows:
+        prompt, target = r["prompt_token_ids"], r["completion_token_ids"]
+        x = torch.tensor([prompt + target[:-1]], device=model.device)
+        logits = model(x, attention_mask=torch.ones_like(x)).logits[0, len(prompt) - 1:]
+        out.append(position_numbers(logits, target, r["topk_ids"], k))
+    return out
+
+
+def score_of(args) -> list[dict]:
+    """--score-of: run-format rows (id, prompt, empty completion, score) of this model scoring the baseline."""
+    header, rows = read_baseline(args.score_of)
+    if header is None:
+        raise BaselineError(f"--score-of {args.score_of}: a text baseline has no tokens to score")
+    _check_checkpoint(args.checkpoint)
+    if header["checkpoint_sha256"] != checkpoint_fingerprint(args.checkpoint):
+        raise BaselineError(f"--score-of {args.score_of} was made from checkpoint {header.get('checkpoint')}, "
+                            f"not {args.checkpoint}")
+    model = load_model(args)
+    meta = {"checkpoint_sha256": header["checkpoint_sha256"], "baseline_sha256": file_sha256(args.score_of),
+            "engine": "transformers", "dtype": args.dtype, "lean": args.lean, "act_quant": args.act_quant}
+    return [{"id": r["id"], "prompt": r["prompt"], "completion": "", "completion_token_ids": [],
+             "score": {**meta, **nums}} for r, nums in zip(rows, teacher_forced(model, rows, int(header["top_k"])))]
+
+
+def make_baseline(args) -> list[dict]:
+    """The baseline's lines (header first) for the parsed command line."""
+    from spmd.runtime import prompts as prompt_io
+
+    from spmd.config import ModelArgs
+
+    _check_checkpoint(args.checkpoint)
+    eos = ModelArgs.from_checkpoint(args.checkpoint).eos_token_id
+    prompts = prompt_io.read_prompts(args.prompts)
+    tokenizer = prompt_io.load_tokenizer(args.checkpoint)
+    ids = prompt_io.encode(tokenizer, prompts, args.chat)
+    model = load_model(args)
     rows = greedy_with_topk(model, ids, args.max_new_tokens, args.top_k, eos, args.batch_size)
     name = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor() or "cpu"
     head = header(args, len(prompts), [(p.id, p.text) for p in prompts], eos, name)
@@ -107,7 +153,9 @@ def make_baseline(args) -> list[dict]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m validation.baseline", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--prompts", type=Path, required=True)
+    p.add_argument("--prompts", type=Path, help="the prompt set (required unless --score-of)")
+    p.add_argument("--score-of", type=Path, default=None, metavar="BASELINE",
+                   help="score this baseline's tokens teacher-forced (no generation): the run format of --score")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--top-k", type=int, default=8)
@@ -133,12 +181,19 @@ def main(argv=None) -> int:
     if min(args.max_new_tokens, args.top_k, args.batch_size) < 1 or args.threads < 0:
         print("error: --max-new-tokens, --top-k and --batch-size must be >= 1, --threads >= 0", file=sys.stderr)
         return 2
+    if args.prompts is None and args.score_of is None:
+        print("error: --prompts is required (unless --score-of)", file=sys.stderr)
+        return 2
     try:
-        lines = make_baseline(args)
+        lines = score_of(args) if args.score_of is not None else make_baseline(args)
     except (UsageError, BaselineError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     write_jsonl(args.out, lines)
+    if args.score_of is not None:
+        print(f"wrote {args.out}: scores of {len(lines)} prompts of {args.score_of} ({args.dtype}"
+              f"{', lean' if args.lean else ''}{', FP8 activations' if args.act_quant else ''})")
+        return 0
     n_tok = sum(len(r["completion_token_ids"]) for r in lines[1:])
     print(f"wrote {args.out}: {len(lines) - 1} prompts, {n_tok} tokens, top-{args.top_k}, {args.dtype} on "
           f"{lines[0]['device_name']}")

@@ -1,7 +1,7 @@
 """Compare a run's outputs with a baseline: tokens, teacher-forced scores, KL; thresholds per precision.
 
     python -m validation.compare RUN_OUTPUT BASELINE [--precision fp32|bf16|fp8] [--report DIR]
-        [--checkpoint DIR] [--tokenizer DIR]
+        [--checkpoint DIR] [--tokenizer DIR] [--recipe RECIPE_SCORES]
 
 Token baseline (from `validation.baseline`), per prompt: exact token match, first divergence (the index
 of the first differing token; an identical prompt counts its length), and from the run's `score`
@@ -18,12 +18,21 @@ or both models spread it alike.
 Text baseline ({id, completion} rows, e.g. another system's outputs): exact text match and common
 prefix length in characters, and in tokens with `--tokenizer DIR`.
 
+Recipe-relative thresholds (`--recipe`): where the run follows a numerical recipe that is meant to move
+the outputs (FP8 activations, `--fp8-prefill w8a8`), RECIPE_SCORES is the baseline's own model with that
+recipe, teacher-forced on the baseline's tokens (`python -m validation.baseline --score-of BASELINE
+--act-quant`). Its distance from the baseline is added to the precision's allowance: top-1 agreement at
+least min_top1 - (1 - recipe's), KL mean and max at most the bound plus the recipe's (small, independent
+perturbations: their KLs add to first order, their top-1 misses at most add). The run may then be as far
+from the baseline as the recipe in fp32 is, plus what its own precision costs: no further.
+
 A baseline of another checkpoint or prompt set (fingerprints, ids, order, texts) is refused, not
 compared: exit 2. Thresholds failed: exit 1.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -184,9 +193,29 @@ def summarize(per_prompt: list[dict]) -> dict:
     return s
 
 
-def judge(summary: dict, precision: str, text_mode: bool = False) -> list[str]:
-    """The thresholds this summary fails (empty: pass)."""
-    t, fails = THRESHOLDS[precision], []
+RECIPE_KEYS = ("top1_agreement", "kl_mean", "kl_max", "max_abs_dlogp")
+
+
+def relative(t: Thresholds, recipe: dict) -> Thresholds:
+    """t widened by a recipe's own distance from the baseline (its compare summary): see --recipe."""
+    def add(bound, key):
+        return None if bound is None else bound + recipe[key]
+    return dataclasses.replace(t, min_top1=None if t.min_top1 is None else t.min_top1 - (1 - recipe["top1_agreement"]),
+                               max_dlogp=add(t.max_dlogp, "max_abs_dlogp"), max_kl_mean=add(t.max_kl_mean, "kl_mean"),
+                               max_kl_max=add(t.max_kl_max, "kl_max"))
+
+
+def thresholds_for(precision: str, recipe: dict | None = None) -> tuple[str, Thresholds]:
+    """(label, bounds) of a precision, recipe-relative where a recipe summary is given."""
+    if recipe is None:
+        return precision, THRESHOLDS[precision]
+    return f"{precision}+recipe", relative(THRESHOLDS[precision], recipe)
+
+
+def judge(summary: dict, precision: str, text_mode: bool = False, recipe: dict | None = None) -> list[str]:
+    """The thresholds this summary fails (empty: pass); recipe: the recipe's summary (relative bounds)."""
+    fails = []
+    precision, t = thresholds_for(precision, recipe)
     if t.exact and summary.get("exact_prompts", summary["n_prompts"]) < summary["n_prompts"]:
         fails.append(f"{precision}: {summary['exact_prompts']}/{summary['n_prompts']} prompts identical, "
                      f"all must be")
@@ -203,9 +232,24 @@ def judge(summary: dict, precision: str, text_mode: bool = False) -> list[str]:
     return fails
 
 
+def recipe_summary(recipe: Path, header: dict | None, base: list[dict], baseline: Path) -> dict:
+    """The recipe scores' distance from the baseline (RECIPE_KEYS of their summary), checked to be scores
+    of this baseline file."""
+    if header is None:
+        raise BaselineError(f"--recipe needs a token baseline; {baseline} is a text baseline")
+    rows = read_run(recipe)
+    check_token_baseline(rows, header, base, baseline, None)
+    if "score" not in rows[0]:
+        raise BaselineError(f"recipe {recipe} has no scores: make it with python -m validation.baseline "
+                            f"--score-of {baseline}")
+    s = summarize(token_metrics(rows, base))
+    return {k: s[k] for k in RECIPE_KEYS}
+
+
 def compare(run_path: Path, baseline: Path, precision: str = "fp32", checkpoint: Path | None = None,
-            tokenizer: Path | None = None) -> dict:
-    """Everything the report needs: mode, per-prompt metrics, summary, failures, notes."""
+            tokenizer: Path | None = None, recipe: Path | None = None) -> dict:
+    """Everything the report needs: mode, per-prompt metrics, summary, failures, notes; with recipe (its
+    scores of the baseline's tokens) the bounds are recipe-relative."""
     run = read_run(run_path)
     header, base = read_baseline(baseline)
     if header is None:
@@ -218,9 +262,12 @@ def compare(run_path: Path, baseline: Path, precision: str = "fp32", checkpoint:
         if "score" not in run[0]:
             notes.append("no teacher-forced numbers (the run has no scores: run with --score BASELINE)")
     summary = summarize(per)
-    fails = judge(summary, precision, text_mode=header is None)
+    rec = recipe_summary(recipe, header, base, baseline) if recipe is not None else None
+    fails = judge(summary, precision, text_mode=header is None, recipe=rec)
+    label, bounds = thresholds_for(precision, rec)
     return {"run": str(run_path), "baseline": str(baseline), "mode": "text" if header is None else "tokens",
-            "precision": precision, "thresholds": asdict(THRESHOLDS[precision]), "baseline_header": header,
+            "precision": label, "thresholds": asdict(bounds), "baseline_header": header,
+            "recipe": None if rec is None else {"file": str(recipe), **rec},
             "per_prompt": per, "summary": summary, "failures": fails, "passed": not fails, "notes": notes}
 
 
@@ -241,9 +288,11 @@ def main(argv=None) -> int:
     p.add_argument("--report", type=Path, default=None, help="write report.md and report.png here")
     p.add_argument("--checkpoint", type=Path, default=None, help="verify the checkpoint of an unscored run")
     p.add_argument("--tokenizer", type=Path, default=None, help="checkpoint dir: token prefixes in text mode")
+    p.add_argument("--recipe", type=Path, default=None, help="the baseline's model with the run's recipe, "
+                   "teacher-forced on the baseline's tokens (validation.baseline --score-of): relative bounds")
     args = p.parse_args(argv)
     try:
-        result = compare(args.run, args.baseline, args.precision, args.checkpoint, args.tokenizer)
+        result = compare(args.run, args.baseline, args.precision, args.checkpoint, args.tokenizer, args.recipe)
     except BaselineError as exc:
         print(f"error: refused: {exc}", file=sys.stderr)
         return 2

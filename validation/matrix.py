@@ -1,6 +1,7 @@
 """The validation matrix: engines × layouts × dtypes × weights, each run scored against its checkpoint's baseline.
 
     python -m validation.matrix [--device cpu|cuda] [--configs tiny[,slice]] [--engines auto|hf,native,...]
+        [--act-quant | --recipe-relative]
         [--layouts G1,G2,G4,2xG1,P2,P2G2,2xP2,G2s,G1+O,2xG1+O,G2+O,D4,2xD2,D2+O] [--dtypes fp32,bf16] [--weights bf16,fp8]
         [--max-gpus N] [--slots N]
         [--max-new-tokens 32] [--batch-size B] [--reuse] [--merge] [--out validation/results]
@@ -17,6 +18,10 @@ fp32; bf16 compute → bf16 (bf16 weights) or fp8 (fp8 weights, dequantized). Jo
 (CPU cores, or GPUs with their own CUDA_VISIBLE_DEVICES). Writes <out>/<machine>-<date>.md and .json
 (`--merge`: into the day's file, so several calls make one table); exit 1 if any row fails.
 `--rejudge RESULT.json` only re-applies the current thresholds to a stored file's numbers.
+`--recipe-relative` (FP8 activations, `--fp8-prefill w8a8`): FP8 rows are judged against the plain baseline
+by thresholds widened by the recipe's own distance from it (`validation.compare --recipe`), measured by
+the baseline's model with the recipe scoring the baseline's tokens (`NAME.recipe-a8.jsonl`, reused while
+it scores the same baseline file).
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ from operator import itemgetter
 from pathlib import Path
 
 from spmd.runtime import commands
-from spmd.runtime.score import BaselineError, checkpoint_fingerprint, read_baseline
+from spmd.runtime.score import BaselineError, checkpoint_fingerprint, file_sha256, read_baseline
 from validation.compare import compare, judge
 from validation.jobs import Job, run_jobs
 from validation.report import write_text
@@ -137,11 +142,7 @@ def baseline_job(ckpt: Path, args) -> tuple[Path, str, Job | None]:
     """
     a8 = getattr(args, "act_quant", False)  # the FP8-activation reference (validation/act_quant.py)
     out = args.baselines / f"{ckpt.name}{'' if args.device == 'cpu' else '-' + args.device}{'-a8' if a8 else ''}.jsonl"
-    big = args.device == "cuda" and fp32_gib(ckpt) > 0.8 * args.gpu_mem_gib
-    if big:
-        from validation.reference import bf16_exact
-    lean = big and fp32_gib(ckpt) / 2 <= 0.8 * args.gpu_mem_gib and bf16_exact(ckpt) is None
-    dtype = "bf16" if big and not lean else "fp32"
+    big, dtype, model_opts = reference_model(ckpt, args)
     try:
         head = read_baseline(out)[0] if out.is_file() else None
     except BaselineError:
@@ -152,15 +153,42 @@ def baseline_job(ckpt: Path, args) -> tuple[Path, str, Job | None]:
             (args.max_new_tokens, args.device, a8):
         return out, head["dtype"], None
     cmd = [sys.executable, "-m", "validation.baseline", "--checkpoint", str(ckpt), "--prompts", str(PROMPTS),
-           "--out", str(out), "--max-new-tokens", str(args.max_new_tokens), "--dtype", dtype,
-           "--device", args.device, "--batch-size", "20" if args.device == "cuda" else "1",
-           *(("--act-quant",) if a8 else ()), *(("--lean",) if lean else ())]
-    # a large model is built in host memory first (validation.reference.load_hf): one at a time, with every
-    # CPU core (FP8 dequantizing and expert fusing on one thread made the slice-fp8 baseline take > 6 min)
-    if big:
-        cmd += ["--threads", str(len(os.sched_getaffinity(0)))]
+           "--out", str(out), "--max-new-tokens", str(args.max_new_tokens), "--batch-size",
+           "20" if args.device == "cuda" else "1", *(("--act-quant",) if a8 else ()), *model_opts]
     return out, dtype, Job(f"baseline-{ckpt.name}", cmd, args.slots if big else 1,
                            args.work / "logs" / f"baseline-{ckpt.name}.log")
+
+
+def reference_model(ckpt: Path, args) -> tuple[bool, str, list[str]]:
+    """(big, dtype, validation.baseline options) of the transformers reference on this device: see
+    baseline_job. A large model is built in host memory first (validation.reference.load_hf): one at a
+    time, with every CPU core (FP8 dequantizing and expert fusing on one thread made the slice-fp8
+    baseline take > 6 min)."""
+    big = args.device == "cuda" and fp32_gib(ckpt) > 0.8 * args.gpu_mem_gib
+    if big:
+        from validation.reference import bf16_exact
+    lean = big and fp32_gib(ckpt) / 2 <= 0.8 * args.gpu_mem_gib and bf16_exact(ckpt) is None
+    dtype = "bf16" if big and not lean else "fp32"
+    opts = ["--dtype", dtype, "--device", args.device, *(("--lean",) if lean else ())]
+    return big, dtype, opts + (["--threads", str(len(os.sched_getaffinity(0)))] if big else [])
+
+
+def recipe_job(ckpt: Path, baseline: Path, args) -> tuple[Path, Job | None]:
+    """--recipe-relative: the baseline's model with the FP8-activation recipe scoring the baseline's tokens
+    (validation.baseline --score-of --act-quant), and the job that makes it unless the file there scores
+    this very baseline file."""
+    out = baseline.with_name(baseline.stem + ".recipe-a8.jsonl")
+    try:
+        rows = [json.loads(ln) for ln in out.read_text().splitlines() if ln.strip()] if out.is_file() else []
+    except (OSError, json.JSONDecodeError):
+        rows = []
+    sha = file_sha256(baseline)
+    if rows and all(r.get("score", {}).get("baseline_sha256") == sha and r["score"].get("act_quant") for r in rows):
+        return out, None
+    big, _, model_opts = reference_model(ckpt, args)
+    cmd = [sys.executable, "-m", "validation.baseline", "--checkpoint", str(ckpt), "--score-of", str(baseline),
+           "--out", str(out), "--act-quant", *model_opts]
+    return out, Job(f"recipe-{ckpt.name}", cmd, args.slots if big else 1, args.work / "logs" / f"recipe-{ckpt.name}.log")
 
 
 def run_job(row: Row, ckpt: Path, baseline: Path, args) -> Job:
@@ -183,13 +211,16 @@ def output(row: Row, args) -> Path:
     return args.work / "runs" / f"{row.tag}.jsonl"
 
 
-def evaluate(row: Row, baseline: Path, args, wall_s: float | None, error: str | None) -> dict:
-    """One result row: the configuration, the compare summary, pass/fail (an error is a fail)."""
+def evaluate(row: Row, baseline: Path, args, wall_s: float | None, error: str | None,
+             recipe: Path | None = None) -> dict:
+    """One result row: the configuration, the compare summary, pass/fail (an error is a fail); with recipe
+    (its scores of the baseline) judged by recipe-relative thresholds, the recipe's numbers kept."""
     res = {**row.__dict__, "precision": row.precision, "wall_s": wall_s}
     if error is None:
         try:
-            c = compare(output(row, args), baseline, row.precision)
-            return {**res, **c["summary"], "passed": c["passed"], "failures": c["failures"]}
+            c = compare(output(row, args), baseline, row.precision, recipe=recipe)
+            return {**res, **c["summary"], "passed": c["passed"], "failures": c["failures"],
+                    **({"recipe": c["recipe"]} if c["recipe"] else {})}
         except BaselineError as exc:
             error = f"refused: {exc}"
     return {**res, "passed": False, "failures": [error]}
@@ -211,7 +242,8 @@ def tail(path: Path, n: int = 1500) -> str:
 
 
 def prepare(args, rows: list[Row]) -> tuple[dict, dict]:
-    """Checkpoints, then baselines (a phase of jobs each): {(config, weights): (ckpt, baseline, dtype)}, errors."""
+    """Checkpoints, then baselines, then (--recipe-relative) the FP8 recipe's scores of them (a phase of jobs
+    each): {(config, weights): (ckpt, baseline, dtype, recipe scores or None)}, errors."""
     pairs = sorted({(r.config, r.weights) for r in rows})
     ckpts = {p: checkpoint_job(*p, args) for p in pairs}
     done = run_jobs([j for _, j in ckpts.values() if j], args.slots, ROOT, echo=_echo)
@@ -221,12 +253,19 @@ def prepare(args, rows: list[Row]) -> tuple[dict, dict]:
     done = run_jobs([j for *_, j in bases.values() if j], args.slots, ROOT, _gpus(args), _echo)
     errors.update({p: f"baseline failed: {tail(j.log)}" for p, (*_, j) in bases.items()
                    if j and done[j.tag].returncode})
-    return {p: (ckpts[p][0], b[0], b[1]) for p, b in bases.items() if p not in errors}, errors
+    ready = {p: (ckpts[p][0], b[0], b[1], None) for p, b in bases.items() if p not in errors}
+    if getattr(args, "recipe_relative", False):  # FP8 rows: the recipe's own distance from the baseline
+        recipes = {p: recipe_job(ready[p][0], ready[p][1], args) for p in ready if p[1] == "fp8"}
+        done = run_jobs([j for _, j in recipes.values() if j], args.slots, ROOT, _gpus(args), _echo)
+        errors.update({p: f"recipe scores failed: {tail(j.log)}" for p, (_, j) in recipes.items()
+                       if j and done[j.tag].returncode})
+        ready = {p: (*v[:3], recipes[p][0] if p in recipes else None) for p, v in ready.items() if p not in errors}
+    return ready, errors
 
 
 def run_rows(args, rows: list[Row], ready: dict, errors: dict) -> list[dict]:
     """Run what is not reusable, then one result per row, in plan order."""
-    jobs = [run_job(r, ready[r.config, r.weights][0], ready[r.config, r.weights][1], args) for r in rows
+    jobs = [run_job(r, *ready[r.config, r.weights][:2], args) for r in rows
             if (r.config, r.weights) in ready and not reusable(r, ready[r.config, r.weights][1], args)]
     done = run_jobs(jobs, args.slots, ROOT, _gpus(args), _echo)
     out = []
@@ -236,8 +275,8 @@ def run_rows(args, rows: list[Row], ready: dict, errors: dict) -> list[dict]:
             continue
         d = done.get(r.tag)
         err = f"exit {d.returncode}: {tail(args.work / 'logs' / f'{r.tag}.log')}" if d and d.returncode else None
-        _, baseline, bdtype = ready[r.config, r.weights]
-        out.append({**evaluate(r, baseline, args, d.wall_s if d else None, err), "baseline_dtype": bdtype})
+        _, baseline, bdtype, recipe = ready[r.config, r.weights]
+        out.append({**evaluate(r, baseline, args, d.wall_s if d else None, err, recipe), "baseline_dtype": bdtype})
     return out
 
 
@@ -312,6 +351,9 @@ def parse_args(argv=None):
                    "(recorded in the result file)")
     p.add_argument("--act-quant", action="store_true", help="FP8 rows against a baseline whose FP8 layers "
                    "quantize their inputs as --fp8-prefill w8a8 does (baselines NAME-a8.jsonl; bf16 rows left out)")
+    p.add_argument("--recipe-relative", action="store_true", help="FP8 rows judged against the plain baseline "
+                   "by thresholds widened by the FP8-activation recipe's own distance from it (validation.compare "
+                   "--recipe; the recipe's scores: validation.baseline --score-of --act-quant, NAME.recipe-a8.jsonl)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=None, help="default: 20 (all prompts) on cuda, 4 on cpu")
     p.add_argument("--reuse", action="store_true", help="keep finished runs whose scores match the baseline")
@@ -328,6 +370,9 @@ def parse_args(argv=None):
     a.batch_size = a.batch_size or (20 if a.device == "cuda" else 4)
     a.slots = a.slots or (a.max_gpus if a.device == "cuda" else os.cpu_count() or 1)
     a.machine, a.gpu_mem_gib = gpu_info() if a.device == "cuda" else (f"cpu-{socket.gethostname()}", 0.0)
+    if a.recipe_relative and a.act_quant:
+        p.error("--recipe-relative judges against the plain baseline; --act-quant replaces that baseline by the "
+                "recipe's own: choose one")
     bad = [x for x in a.layouts if x not in LAYOUTS] + [x for x in a.dtypes if x not in ("fp32", "bf16")] + \
         [x for x in a.weights if x not in ("bf16", "fp8")]
     if bad:
@@ -340,7 +385,7 @@ def rejudge(path: Path) -> int:
     doc = json.loads(path.read_text())
     for r in doc["rows"]:
         if "top1_agreement" in r or "exact_prompts" in r:  # rows that failed to run keep their error
-            r["failures"] = judge(r, r["precision"])
+            r["failures"] = judge(r, r["precision"], recipe=r.get("recipe"))
             r["passed"] = not r["failures"]
     write_text(path, json.dumps(doc, indent=1) + "\n")
     write_text(path.with_suffix(".md"), matrix_markdown(doc))
@@ -364,8 +409,10 @@ def main(argv=None) -> int:
     stamp = dt.date.today().isoformat()
     doc = {"machine": args.machine, "date": stamp, "device": args.device, "max_new_tokens": args.max_new_tokens,
            "batch_size": args.batch_size, "program_opts": args.program_opts, "act_quant": args.act_quant,
+           "recipe_relative": args.recipe_relative,
            "prompts": str(PROMPTS.relative_to(ROOT)), "engines": engines, "notes": notes,
-           "baselines": {f"{c}-{w}": {"file": _rel(b), "dtype": d} for (c, w), (_, b, d) in ready.items()},
+           "baselines": {f"{c}-{w}": {"file": _rel(b), "dtype": d, **({"recipe": _rel(rc)} if rc else {})}
+                         for (c, w), (_, b, d, rc) in ready.items()},
            "layout_agreement": layout_agreement(args, rows), "rows": results}
     name = f"{args.machine.replace(' ', '_')}-{stamp}"
     if args.merge:

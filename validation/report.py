@@ -70,7 +70,11 @@ def markdown(result: dict) -> str:
              + (f"; {h.get('engine')} {h.get('dtype')} on {h.get('device_name')}, checkpoint `{h.get('checkpoint')}`, "
                 f"{h.get('max_new_tokens')} new tokens, top-{h.get('top_k')}, {h.get('created')}" if h else "") + ")",
              f"- precision: {result['precision']}; thresholds: "
-             + ", ".join(f"{k}={v}" for k, v in result["thresholds"].items() if v is not None)]
+             + ", ".join(f"{k}={fmt(v)}" for k, v in result["thresholds"].items() if v is not None)]
+    if result.get("recipe"):
+        rec = result["recipe"]
+        lines.append(f"- recipe-relative: `{rec['file']}` (the baseline's model with the run's recipe) is itself at "
+                     + ", ".join(f"{k}={fmt(rec[k])}" for k in rec if k != "file") + " from the baseline")
     lines += [f"- **fail**: {f}" for f in result["failures"]] + [f"- note: {n}" for n in result["notes"]]
     lines += ["", "## Summary", ""] + table(list(result["summary"]), [list(result["summary"].values())])
     cols = [(k, t) for k, t in PER_PROMPT[result["mode"]] if any(k in m for m in result["per_prompt"])]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from validation.compare import KL_NOTE, THRESHOLDS
+from validation.compare import KL_NOTE, THRESHOLDS, thresholds_for
 from validation.report import fmt, table
 
 COLUMNS = [("config", "config"), ("weights", "weights"), ("engine", "engine"), ("layout", "layout"),
@@ -13,6 +13,7 @@ COLUMNS = [("config", "config"), ("weights", "weights"), ("engine", "engine"), (
            ("max_abs_dlogp", "max \\|Δlogp\\|"), ("kl_mean", "KL mean"), ("kl_max", "KL max")]
 
 EXACT = [k for k, _ in COLUMNS].index("exact_prompts")
+PRECISION = [k for k, _ in COLUMNS].index("precision")
 
 
 def matrix_rows(rows: list[dict]) -> list[list]:
@@ -22,6 +23,8 @@ def matrix_rows(rows: list[dict]) -> list[list]:
         cells = [r.get(k) for k, _ in COLUMNS]
         if r.get("exact_prompts") is not None:
             cells[EXACT] = f"{r['exact_prompts']}/{r['n_prompts']}"
+        if r.get("recipe"):
+            cells[PRECISION] = thresholds_for(r["precision"], r["recipe"])[0]
         out.append(cells + ["pass" if r["passed"] else "**FAIL**"])
     return out
 
@@ -75,6 +78,14 @@ def matrix_markdown(doc: dict) -> str:
     lines += ["", "## What it answers", ""] + answers(doc)
     lines += ["", "## Thresholds", ""] + [f"- {p}: " + ", ".join(f"{k}={v}" for k, v in asdict(t).items()
                                                                   if v is not None) for p, t in THRESHOLDS.items()]
+    for r in rows:
+        if r.get("recipe"):
+            rec, (label, t) = r["recipe"], thresholds_for(r["precision"], r["recipe"])
+            lines.append(f"- {label} ({r['config']}-{r['weights']} {r['engine']} {r['layout']} {r['dtype']}): "
+                         + ", ".join(f"{k}={fmt(v)}" for k, v in asdict(t).items() if v is not None)
+                         + f"; {r['precision']} widened by the FP8-activation recipe's own distance from the baseline "
+                         f"(`{rec['file']}`: top-1 {fmt(rec['top1_agreement'])}, KL mean {fmt(rec['kl_mean'])}, "
+                         f"KL max {fmt(rec['kl_max'])})")
     lines += ["", KL_NOTE]
     fails = [f"- {r['config']}-{r['weights']} {r['engine']} {r['layout']} {r['dtype']}: "
              + " ".join("; ".join(r["failures"]).split())[-400:] for r in rows if not r["passed"]]

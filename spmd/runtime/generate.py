@@ -161,7 +161,7 @@ def score(stepper: Stepper, batch: list[WorkItem], k: int, timers=None) -> list[
         for b, r in enumerate(chunk):
             it = batch[r]
             first = tokens.shape[1] - len(seqs[r]) + len(it.ids) - 1  # the position that predicts target[0]
-            out[r] = _position_numbers(logits[b, first:first + len(it.target)], it.target, it.support, k)
+            out[r] = position_numbers(logits[b, first:first + len(it.target)], it.target, it.support, k)
         del logits
     return out
 
@@ -181,7 +181,7 @@ def _similar_lengths(lengths: list[int]) -> list[list[int]]:
     return chunks
 
 
-def _position_numbers(logits: torch.Tensor, target: list[int], support: list[list[int]], k: int) -> dict:
+def position_numbers(logits: torch.Tensor, target: list[int], support: list[list[int]], k: int) -> dict:
     """(n, V) logits of the positions that predict `target` → the run's numbers at those positions."""
     lp = torch.log_softmax(logits.float(), dim=-1)  # (n, V)
     top = lp.topk(k, dim=-1)

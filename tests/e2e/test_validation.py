@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PROMPTS20, mpirun
+from conftest import PROMPTS20, checkpoint_dir, mpirun
 from spmd.runtime.generate import score
 from spmd.runtime.records import WorkItem
 from spmd.runtime.score import FORMAT, KIND, BaselineError, checkpoint_fingerprint, file_sha256, load_targets, \
@@ -215,6 +215,42 @@ def test_score_aligns_targets_under_left_padding():
     assert out[1]["support_logprobs"][1] == pytest.approx([hit, miss]) and len(out[0]["topk_ids"][0]) == 2
 
 
+def _noisy(case, scale: float, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.log_softmax(lp + scale * torch.randn(lp.shape, generator=g), -1) for lp in case.logp]
+
+
+def _recipe(case, scale: float, seed: int = 1, base: Path | None = None) -> Path:
+    """Scores of the baseline by a 'recipe' model (validation.baseline --score-of's rows: no completion)."""
+    rows = [dict(_run_row(r, lp, case.ckpt, base or case.base), completion="", completion_token_ids=[])
+            for r, lp in zip(case.rows, _noisy(case, scale, seed))]
+    return _write(case.dir / "recipe.jsonl", rows)
+
+
+def test_recipe_relative_thresholds(case):
+    """A run as far from the baseline as the recipe it follows passes the recipe-relative bounds (fp8's
+    allowance added to the recipe's own distance) and fails the plain fp8 ones; a run three times as
+    perturbed fails both; the recipe must score this very baseline file."""
+    recipe = _recipe(case, 1.0)
+    run = _write(case.dir / "run.jsonl", [_run_row(r, lp, case.ckpt, case.base)
+                                         for r, lp in zip(case.rows, _noisy(case, 1.0, 2))])
+    plain, rel = comparison.compare(run, case.base, "fp8"), comparison.compare(run, case.base, "fp8", recipe=recipe)
+    own = comparison.compare(recipe, case.base, "fp8")["summary"]
+    assert not plain["passed"] and rel["passed"], (plain["failures"], rel["failures"])
+    assert rel["precision"] == "fp8+recipe" and rel["recipe"]["kl_mean"] == own["kl_mean"] > 0.15
+    t = comparison.THRESHOLDS["fp8"]
+    assert rel["thresholds"]["min_top1"] == pytest.approx(t.min_top1 - (1 - own["top1_agreement"]))
+    assert rel["thresholds"]["max_kl_mean"] == pytest.approx(t.max_kl_mean + own["kl_mean"])
+    worse = _write(case.dir / "worse.jsonl", [_run_row(r, lp, case.ckpt, case.base)
+                                             for r, lp in zip(case.rows, _noisy(case, 3.0, 2))])
+    res = comparison.compare(worse, case.base, "fp8", recipe=recipe)
+    assert not res["passed"] and all(f.startswith("fp8+recipe:") for f in res["failures"])
+    other = case.dir / "other-baseline.jsonl"
+    other.write_text(case.base.read_text() + "\n")  # the same rows in another file
+    with pytest.raises(BaselineError, match="another baseline file"):
+        comparison.compare(run, case.base, "fp8", recipe=_recipe(case, 1.0, base=other))
+
+
 def test_baseline_round_trip(tiny_bf16, tmp_path):
     from spmd.runtime.prompts import write_jsonl
     from validation.baseline import make_baseline, parser
@@ -242,6 +278,41 @@ def tiny_baseline(tiny_bf16, tmp_path_factory):
     write_jsonl(out, make_baseline(parser().parse_args(["--checkpoint", str(tiny_bf16), "--prompts", str(PROMPTS20),
                                                         "--out", str(out), "--max-new-tokens", "8"])))
     return out
+
+
+def test_score_of_reproduces_the_baselines_own_numbers(tiny_bf16, tiny_baseline, tmp_path):
+    """validation.baseline --score-of: the baseline's model scoring its own greedy tokens teacher-forced is
+    the baseline up to float32 rounding (the run format of --score, no completion); another checkpoint's
+    baseline is refused with one message."""
+    from validation.baseline import main
+
+    out = tmp_path / "scores.jsonl"
+    assert main(["--checkpoint", str(tiny_bf16), "--score-of", str(tiny_baseline), "--out", str(out)]) == 0
+    rows = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert len(rows) == 20 and rows[0]["completion_token_ids"] == [] and rows[0]["score"]["act_quant"] is False
+    res = comparison.compare(out, tiny_baseline, "fp32")
+    assert res["passed"], res["failures"]
+    assert res["summary"]["top1_agreement"] == 1.0 and res["summary"]["max_abs_dlogp"] < 1e-4
+    fp8 = checkpoint_dir("tiny", "fp8")
+    assert main(["--checkpoint", str(fp8), "--score-of", str(tiny_baseline), "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
+
+
+def test_score_of_with_the_fp8_activation_recipe(tiny_fp8, tmp_path):
+    """The recipe's scores of a tiny FP8 baseline: it moves the outputs (KL > 0), and judged by bounds
+    relative to itself it passes with its own numbers as the recipe part."""
+    from spmd.runtime.prompts import write_jsonl
+    from validation.baseline import main, make_baseline, parser
+
+    base = tmp_path / "tiny-fp8.jsonl"
+    write_jsonl(base, make_baseline(parser().parse_args(["--checkpoint", str(tiny_fp8), "--prompts", str(PROMPTS20),
+                                                         "--out", str(base), "--max-new-tokens", "6"])))
+    out = tmp_path / "recipe.jsonl"
+    assert main(["--checkpoint", str(tiny_fp8), "--score-of", str(base), "--out", str(out), "--act-quant"]) == 0
+    own = comparison.compare(out, base, "fp8")["summary"]
+    assert 0 < own["kl_mean"] and own["max_abs_dlogp"] > 1e-3
+    res = comparison.compare(out, base, "fp8", recipe=out)
+    assert res["passed"] and res["recipe"]["kl_mean"] == own["kl_mean"]
 
 
 def test_score_native_g2_fp32_agrees_with_the_baseline(tiny_bf16, tiny_baseline, tmp_path):
@@ -294,6 +365,14 @@ def test_matrix_rejudge_and_merge(tmp_path):
     rows = json.loads(path.read_text())["rows"]
     assert rows[0]["passed"] and not rows[1]["passed"] and "kl_mean" in rows[1]["failures"][0]
     assert "1/2 configurations pass" in path.with_suffix(".md").read_text()
+    # a recipe-relative row: the same KL mean passes where the recipe itself is 0.45 from the baseline
+    recipe = {"file": "r.jsonl", "top1_agreement": 0.9, "kl_mean": 0.45, "kl_max": 3.0, "max_abs_dlogp": 5.0}
+    path.write_text(json.dumps(dict(doc, rows=[dict(_matrix_row("G2", 0.5), recipe=recipe)])))
+    assert rejudge(path) == 0
+    md = path.with_suffix(".md").read_text()
+    assert "| bf16+recipe |" in md and "min_top1=0.75" in md and "max_kl_mean=0.57" in md
+    path.write_text(json.dumps(doc))
+    rejudge(path)
     new = dict(doc, rows=[dict(_matrix_row("G2", 0.04), passed=True, failures=[])])
     both = merged(new, path)["rows"]
     assert [(r["layout"], r["passed"]) for r in both] == [("G1", True), ("G2", True)]

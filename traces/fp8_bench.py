@@ -13,8 +13,9 @@ activations, per row count:
 - ``w8a8``: activations quantized per row and 128 columns (its kernel timed with the GEMM), FP8 x FP8;
   grouped: a program per (column tile, expert row tile), operands by cp.async; ``w8a8-tma``: the same
   with TMA loads; ``w8a8x``, ``w8a16x``, ``bytesx``: a program per expert (the launch before the row-tile
-  ones, which 16-bit x takes from TILES16_ROWS rows per expert); ``w8a8-cublas``: one cuBLAS block-scaled
-  GEMM per expert (torch._scaled_mm, after a host read of the expert offsets);
+  ones, which 16-bit x takes from TILES16_ROWS rows per expert); ``cublas-loop``: the alternative to a
+  grouped kernel, one cuBLAS block-scaled GEMM per expert (torch._scaled_mm after a host read of the
+  offsets; its 1 x 128 scales need each expert's rows padded to a multiple of 4, done in the gather);
 - ``scaled_mm``: the same quantization, then torch._scaled_mm with 1x128 x 128x128 block scales (dense
   only; "unsupported" where this torch build refuses the shapes or the layout).
 Experts: each token routes to 8 distinct experts drawn uniformly (rows = tokens x 8, ~tokens / 32 per expert).
@@ -106,8 +107,7 @@ def _variants(kind: str):
         v += [("w8a16x", dict(weights="e4m3", w8a8_rows=0, w8a8_expert_rows=0, grouped="experts")),
               ("bytesx", dict(weights="bytes", w8a8_rows=0, w8a8_expert_rows=0, grouped="experts")),
               ("w8a8-tma", dict(weights="e4m3", w8a8_rows=1, w8a8_expert_rows=1, grouped="tma")),
-              ("w8a8x", dict(weights="e4m3", w8a8_rows=1, w8a8_expert_rows=1, grouped="experts")),
-              ("w8a8-cublas", dict(weights="e4m3", w8a8_rows=1, w8a8_expert_rows=1, grouped="scaled_mm"))]
+              ("w8a8x", dict(weights="e4m3", w8a8_rows=1, w8a8_expert_rows=1, grouped="experts"))]
     if kind == "dense":
         v.append(("scaled_mm", dict(weights="e4m3", w8a8_rows=1, dense="scaled_mm")))
     return v
@@ -141,6 +141,40 @@ def dense_cases(rows, ceil, gen) -> list[dict]:
     return out
 
 
+def _cublas_loop(x: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor, w: torch.Tensor, s: torch.Tensor):
+    """The per-expert cuBLAS alternative as MoE would run it: quantize the tokens, gather them into each
+    expert's rows padded to a multiple of 4 (torch._scaled_mm takes 1 x 128 scales only as (M, K/128)
+    with strides (1, M), and cuBLAS refuses M not a multiple of 4: measured on the H100, 2026-12-07) with
+    the scales laid out per expert, then one GEMM per expert after a host read of the padded offsets.
+    Returns (fn, valid): fn's output rows are the padded layout, valid the mask of real rows."""
+    from spmd.kernels import fp8
+
+    dev, k, n = x.device, x.shape[1], w.shape[1]
+    kb, padded = k // fp8.FP8_BLOCK, (counts + 3) // 4 * 4
+    pend, start = padded.cumsum(0), counts.cumsum(0) - counts
+    p = torch.arange(int(pend[-1]), device=dev)
+    j = torch.searchsorted(pend, p, right=True)  # each padded row's expert
+    local = p - (pend - padded)[j]
+    valid = local < counts[j]
+    src = torch.where(valid, rows[(start[j] + local).clamp(max=rows.numel() - 1)], 0)  # pad rows: token 0
+    idx = (kb * (pend - padded)[j][:, None] + torch.arange(kb, device=dev)[None, :] * padded[j][:, None]
+           + local[:, None]).flatten()
+
+    def fn():
+        q, qs = fp8.quantize_act(x)
+        scales = torch.empty(kb * len(p), dtype=torch.float32, device=dev)
+        scales[idx] = qs[src].flatten()
+        qp, out = q[src], torch.empty((len(p), n), dtype=x.dtype, device=dev)
+        begin = 0
+        for e, end in enumerate(pend.tolist()):  # the host read of the offsets: a sync per call
+            if end > begin:
+                torch._scaled_mm(qp[begin:end], w[e].T, scale_a=scales[kb * begin:kb * end].view(kb, end - begin).T,
+                                 scale_b=s[e].T, out_dtype=x.dtype, out=out[begin:end])
+            begin = end
+        return out
+    return fn, valid
+
+
 def grouped_cases(tokens, ceil, gen, variants: tuple = ()) -> list[dict]:
     from spmd.kernels import fp8
     from traces.gpu_bench import _median_ms
@@ -162,11 +196,15 @@ def grouped_cases(tokens, ceil, gen, variants: tuple = ()) -> list[dict]:
             ref = torch.cat([xs[a:b].float() @ wd[e].float().T for e, (a, b) in
                              enumerate(zip([0] + offs[:-1].tolist(), offs.tolist()))]) if t <= 1024 else None
             hit = int((counts > 0).sum())
-            for var, mode in _variants("grouped"):
+            for var, mode in _variants("grouped") + [("cublas-loop", None)]:
                 if variants and var not in variants:
                     continue
                 row = dict(gemm=name, tokens=t, rows=r, n=n, k=k, variant=var, experts_hit=hit)
-                if mode is None:
+                check = None
+                if var == "cublas-loop":
+                    fn, valid = _cublas_loop(x, rows, counts, w, s)
+                    check = lambda: fn()[valid]  # noqa: E731  (the real rows, in the sorted order)
+                elif mode is None:
                     fn = lambda: torch._grouped_mm(x[rows], wd.transpose(1, 2), offs=offs)  # noqa: E731
                 elif var.startswith("w8a8"):
                     fp8.configure(**mode)
@@ -179,7 +217,7 @@ def grouped_cases(tokens, ceil, gen, variants: tuple = ()) -> list[dict]:
                     fp8.configure(**mode)
                     fn = lambda: fp8.fp8_grouped_mm(x[rows], w, s, offs, key)  # noqa: E731
                 if ref is not None:
-                    row["rel_err"] = _rel(fn(), ref)
+                    row["rel_err"] = _rel((check or fn)(), ref)
                 row["ms"] = _median_ms(fn, reps=20, warmup=3)
                 # weight bytes actually read: the experts hit
                 out.append(_finish(row, 2 * r * n * k, hit * n * k, var, ceil))
@@ -192,7 +230,8 @@ def _finish(row: dict, flops: int, fp8_bytes: int, var: str, ceil: dict) -> dict
     if "ms" not in row:
         return row
     row["tflops"] = flops / row["ms"] / 1e9
-    top = ceil["fp8_matmul_tflops"] if var.startswith("w8a8") or var == "scaled_mm" else ceil["matmul_tflops"]
+    top = ceil["fp8_matmul_tflops"] if var.startswith("w8a8") or var in ("scaled_mm", "cublas-loop") \
+        else ceil["matmul_tflops"]
     row["of_matmul_ceiling"] = row["tflops"] / top
     wbytes = fp8_bytes * (2 if var == "bf16" else 1)
     row["bytes_floor_ms"] = wbytes / (ceil["copy_gbps"] * 1e9) * 1e3
@@ -254,7 +293,7 @@ def markdown(doc: dict) -> str:
              f"Ceilings (same call): bf16 matmul {c['matmul_tflops']:.0f} TFLOP/s, FP8 matmul "
              f"{c['fp8_matmul_tflops']:.0f} TFLOP/s (torch._scaled_mm, 8192^3), copy {c['copy_gbps']:.0f} GB/s.", "",
              "ms per GEMM (x its ceiling: matmul rate for large rows, weight bytes for small); rel. error vs fp32.", ""]
-    variants = ["bf16", "w8a16", "w8a16x", "bytes", "bytesx", "w8a8", "w8a8-tma", "w8a8x", "w8a8-cublas",
+    variants = ["bf16", "w8a16", "w8a16x", "bytes", "bytesx", "w8a8", "w8a8-tma", "w8a8x", "cublas-loop",
                 "scaled_mm"]
     lines += ["| GEMM | rows | " + " | ".join(variants) + " | w8a8 / bf16 speed | err w8a16 | err w8a8 |",
               "|" + "---|" * (len(variants) + 5)]

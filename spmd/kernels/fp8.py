@@ -110,9 +110,7 @@ class Mode:
     dense: str = "triton"
     tiles: tuple | None = None  # (BLOCK_M, BLOCK_N, warps, stages) for every w8a8 launch: benchmark sweeps
     # FP8 x FP8 grouped launch: a program per (column tile, expert row tile), its operands loaded by the
-    # TMA unit ("tma", sm_90+) or by cp.async ("tiles"), or a program per (column tile, expert) ("experts");
-    # "scaled_mm": one cuBLAS block-scaled GEMM per expert (torch._scaled_mm, sm_90; a host sync on the
-    # expert offsets, so not under CUDA graph capture: there, and where cuBLAS refuses, the TMA launch)
+    # TMA unit ("tma", sm_90+) or by cp.async ("tiles"), or a program per (column tile, expert) ("experts")
     grouped: str = "tiles"
     # row tiles per group in the row-tile launches' program order (_tile): 1 = column tiles vary fastest
     group_m: int = 8
@@ -124,7 +122,6 @@ class Mode:
 
 MODE = Mode()
 TMA_LOOPS = ("inline", "defer", "ws", "defer-ws")
-GROUPED_LAUNCHES = ("tma", "tiles", "experts", "scaled_mm")
 
 
 def configure(**changes) -> Mode:
@@ -132,9 +129,9 @@ def configure(**changes) -> Mode:
     old = dataclasses.replace(MODE)
     new = dataclasses.replace(MODE, **changes)
     if new.weights not in ("e4m3", "bytes") or new.dense not in ("triton", "scaled_mm") \
-            or new.grouped not in GROUPED_LAUNCHES:
+            or new.grouped not in ("tma", "tiles", "experts"):
         raise ValueError(f"fp8 mode: weights {new.weights!r} (e4m3|bytes), dense {new.dense!r} (triton|scaled_mm), "
-                         f"grouped {new.grouped!r} ({'|'.join(GROUPED_LAUNCHES)})")
+                         f"grouped {new.grouped!r} (tma|tiles|experts)")
     if min(new.w8a8_rows, new.w8a8_expert_rows) < 0:
         raise ValueError("fp8 mode: w8a8 row thresholds must be >= 0")
     if new.group_m < 1:
@@ -736,8 +733,7 @@ def _weight_operand(w: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return (w.view(torch.uint8), True) if MODE.weights == "bytes" else (w, False)
 
 
-# (M, N, K, dtype), or ("grouped", N, K, dtype), torch._scaled_mm refused: not tried (and raised) again
-_SCALED_MM_REFUSED: set = set()
+_SCALED_MM_REFUSED: set = set()  # (M, N, K, dtype) torch._scaled_mm refused: not tried (and raised) again
 
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
@@ -830,12 +826,6 @@ def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, of
     if rows and row_expert.shape != (r,):
         raise ValueError(f"fp8_grouped_mm: row_expert {tuple(row_expert.shape)} for {r} rows")
     _, grouped, _, tile_kernels = _kernels(interpret())
-    key = ("grouped", n, k, dtype)
-    if a8 and MODE.grouped == "scaled_mm" and _per_expert_cublas(x, r, e) and key not in _SCALED_MM_REFUSED:
-        try:
-            return _grouped_scaled_mm(x, x_scale, w, scale_inv, offs, out)
-        except RuntimeError:  # a shape this torch build's cuBLAS path refuses: the TMA launch, from now on
-            _SCALED_MM_REFUSED.add(key)
     tiles_from = TILES8_ROWS if a8 else TILES16_ROWS
     if MODE.grouped != "experts" and not rows and r >= tiles_from * e and dtype != torch.float32:
         return _grouped_tiles(tile_kernels, x, x_scale, w, scale_inv, offs, out)
@@ -874,7 +864,7 @@ def _grouped_tiles(kernels, x, x_scale, w, scale_inv, offs, out):
     e, n, k = w.shape
     r = x.shape[0]
     a8 = x_scale is not None
-    tma = a8 and MODE.grouped in ("tma", "scaled_mm") and _tma_ok(x, w)
+    tma = a8 and MODE.grouped == "tma" and _tma_ok(x, w)
     if a8:
         bm, bn, warps, stages = _w8a8_grouped_plan(r, e, tma)
     else:  # a 16-bit x tile is twice FP8's bytes: 3 stages of 128 x 128 (48 KB each)
@@ -904,50 +894,6 @@ def _grouped_tiles(kernels, x, x_scale, w, scale_inv, offs, out):
         scale_inv.stride(0), scale_inv.stride(1), scale_inv.stride(2), out.stride(0), out.stride(1),
         PRECISION=_precision(out.dtype), UPCAST=interpret() if a8 else _upcast(x.dtype), A_FP8=a8,
         W_BYTES=wbytes, **common)
-    return out
-
-
-def _per_expert_cublas(x: torch.Tensor, r: int, e: int) -> bool:
-    """Whether MODE.grouped "scaled_mm" runs: CUDA, prefill-sized (the TILES8_ROWS bound of the row-tile
-    launch), not capturing a CUDA graph (the launch reads the expert offsets on the host), not refused."""
-    return x.device.type == "cuda" and r >= TILES8_ROWS * e and not torch.cuda.is_current_stream_capturing()
-
-
-def expert_scales(x_scale: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """x_scale (R, KB) of rows sorted by expert → one flat float32 buffer holding expert e's rows [s, t)
-    at [KB * s, KB * t) as (KB, t - s) row-major: ``buf[KB * s:KB * t].view(KB, t - s).T`` is their
-    (t - s, KB) scales with strides (1, t - s), the only 1 x 128 layout torch._scaled_mm takes.
-    Rows past offs[-1] (no expert here) are left out; one scatter on the device, no host sync."""
-    r, kb = x_scale.shape
-    ends = offs.clamp(max=r).to(torch.int64)
-    starts = F.pad(ends[:-1], (1, 0))
-    i = torch.arange(r, device=x_scale.device)
-    ex = torch.searchsorted(ends, i, right=True)  # each row's expert; len(offs) past the last end
-    keep = ex < ends.numel()
-    i, ex = i[keep], ex[keep]
-    s, m = starts[ex], (ends - starts)[ex]
-    j = torch.arange(kb, device=x_scale.device)
-    idx = kb * s[:, None] + j[None, :] * m[:, None] + (i - s)[:, None]  # (rows, KB)
-    buf = torch.zeros(kb * r, dtype=torch.float32, device=x_scale.device)
-    buf[idx.flatten()] = x_scale[i].float().flatten()
-    return buf
-
-
-def _grouped_scaled_mm(x, x_scale, w, scale_inv, offs, out):
-    """fp8_grouped_mm by one torch._scaled_mm (cuBLAS, 1 x 128 activation and 128 x 128 weight block
-    scales) per non-empty expert, after one host read of the offsets; rows past offs[-1] zeroed."""
-    r, kb = x_scale.shape
-    buf = expert_scales(x_scale, offs)
-    start = 0
-    for e, end in enumerate(offs.tolist()):
-        end = min(end, r)
-        if end > start:
-            m = end - start
-            torch._scaled_mm(x[start:end], w[e].T, scale_a=buf[kb * start:kb * end].view(kb, m).T,
-                             scale_b=scale_inv[e].T, out_dtype=out.dtype, out=out[start:end])
-        start = max(start, end)
-    if start < r:
-        out[start:].zero_()
     return out
 
 

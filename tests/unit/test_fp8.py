@@ -386,49 +386,6 @@ def test_grouped_w8a8(monkeypatch, case, grouped, tiles):
         fp8.fp8_grouped_mm(q[rows], w, s, offs_t)
 
 
-@pytest.mark.parametrize("case", ["empty-experts-and-tail", "several-chunks-per-expert", "no-rows-routed",
-                                  "decode-tail-of-12"])
-def test_expert_scales_layout(case):
-    """The cuBLAS launch's activation scales: expert e's rows as a (rows, KB) view with strides (1, rows)
-    (torch._scaled_mm's 1 x 128 layout) equal to those rows of x_scale; rows of no expert left out."""
-    e, k, _, r, offs = GROUPED[case]
-    gen = torch.Generator().manual_seed(len(case))
-    _, qs = fp8.quantize_act(_act((r, k), torch.bfloat16, gen))
-    buf = fp8.expert_scales(qs, torch.tensor(offs, dtype=torch.int32, device=DEVICE))
-    kb, start = qs.shape[1], 0
-    for end in offs:
-        if end > start:
-            view = buf[kb * start:kb * end].view(kb, end - start).T
-            assert view.stride() == (1, end - start) and torch.equal(view, qs[start:end])
-        start = max(start, end)
-    assert (buf[kb * offs[-1]:] == 0).all()
-
-
-@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] < 9, reason="cuBLAS block-scaled FP8: sm_90")
-@pytest.mark.parametrize("case", ["empty-experts-and-tail", "several-chunks-per-expert", "wide-tiles",
-                                  "many-row-tiles", "prefill-like"])
-def test_grouped_w8a8_cublas(monkeypatch, case):
-    """MODE.grouped "scaled_mm": one cuBLAS block-scaled GEMM per expert equals the emulation (and the
-    TMA launch up to rounding), rows past offs[-1] zeros; the launch really ran (not refused)."""
-    monkeypatch.setattr(fp8, "TILES8_ROWS", 0)
-    if case == "prefill-like":  # DeepSeek-like K and N multiples of 128, uneven experts, a tail
-        e, k, n, r, offs = 8, 512, 384, 700, [90, 90, 250, 251, 400, 520, 600, 690]
-    else:
-        e, k, n, r, offs = GROUPED[case]
-    gen = torch.Generator().manual_seed(11 * len(case))
-    w, s = _weight((e, n, k), gen)
-    q, qs = fp8.quantize_act(_act((r, k), torch.bfloat16, gen))
-    offs_t = torch.tensor(offs, dtype=torch.int32, device=DEVICE)
-    fp8.configure(grouped="scaled_mm")
-    out = fp8.fp8_grouped_mm(q, w, s, offs_t, x_scale=qs, out_dtype=torch.bfloat16)
-    if case == "prefill-like":
-        assert ("grouped", n, k, torch.bfloat16) not in fp8._SCALED_MM_REFUSED
-    _close(out, _ref_grouped(fp8.dequantize_act(q, qs), w, s, offs), torch.bfloat16)
-    assert (out[offs[-1]:] == 0).all()
-    fp8.configure(grouped="tma")
-    _close(out, fp8.fp8_grouped_mm(q, w, s, offs_t, x_scale=qs, out_dtype=torch.bfloat16), torch.bfloat16)
-
-
 @pytest.mark.parametrize("loop", [loop for loop in fp8.TMA_LOOPS if loop != "inline"])
 @pytest.mark.parametrize("case,tiles", [("several-chunks-per-expert", (16, 32, 4, 2)),  # K = 192: 2 blocks
                                         ("many-row-tiles", (16, 128, 4, 2)),  # a scalar weight scale
@@ -462,8 +419,6 @@ def test_w8a8_thresholds():
         fp8.configure(weights="e5m2")
     with pytest.raises(ValueError, match="tma_loop"):
         fp8.configure(tma_loop="fast")
-    with pytest.raises(ValueError, match="scaled_mm"):
-        fp8.configure(grouped="cutlass")
     assert fp8.MODE.weights == "bytes", "a refused change leaves the mode as it was"
 
 

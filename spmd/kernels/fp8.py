@@ -645,21 +645,30 @@ def _cdiv128(n: int) -> int:
     return -(-n // FP8_BLOCK)
 
 
-def quantize_act(x: torch.Tensor, ue8m0: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_act(x: torch.Tensor, ue8m0: bool | None = None,
+                 pad4: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) 16-bit -> (q (M, K) float8_e4m3fn, s (M, ceil(K/128)) float32), x ~= q * s per 128-column group.
 
     s = max|x| of the row's group / 448 (at least 1e-10 / 448), rounded up to a power of two if ue8m0
     (default MODE.ue8m0); q = x / s saturated to +-448. s is column-major (stride (1, M rounded up to 4)),
     the layout torch._scaled_mm takes; the kernels read any strides. One Triton kernel (reads x once), or
-    the same arithmetic in torch where the kernels cannot run."""
+    the same arithmetic in torch where the kernels cannot run. pad4: both padded to M rounded up to 4 rows
+    (zeros, scale 1): cuBLAS's block-scaled GEMM takes no other row count (traces/fp8_bench.py)."""
     ue8m0 = MODE.ue8m0 if ue8m0 is None else ue8m0
     m, k = x.shape
     kb, mp = _cdiv128(k), -(-m // 4) * 4
-    scales = torch.empty((kb, mp), dtype=torch.float32, device=x.device)[:, :m].T  # every element written
+    rows = mp if pad4 else m
+    full = torch.empty((kb, mp), dtype=torch.float32, device=x.device)
+    scales = full[:, :rows].T  # every element of the first m rows written; pad rows below
+    if rows > m:
+        full[:, m:] = 1.0
     if not triton_available(x.device) or m == 0 or k == 0:
         q, s = _quantize_torch(x, ue8m0)
-        return q, scales.copy_(s)
-    q = torch.empty((m, k), dtype=torch.float32 if interpret() else torch.float8_e4m3fn, device=x.device)
+        scales[:m].copy_(s)
+        return (torch.cat([q, q.new_zeros((rows - m, k))]) if rows > m else q), scales
+    q = torch.empty((rows, k), dtype=torch.float32 if interpret() else torch.float8_e4m3fn, device=x.device)
+    if rows > m:
+        q[m:] = 0
     _, _, quant, _ = _kernels(interpret())
     bm = 32
     quant[(triton.cdiv(m, bm), kb)](x, q, scales, m, k, x.stride(0), x.stride(1), q.stride(0),
@@ -754,14 +763,16 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor) -> tor
         return torch.zeros((*lead, n), dtype=x.dtype, device=x.device)
     linear, _, _, _ = _kernels(interpret())
     if w8a8_dense(m, x.dtype):
-        xq, xs = quantize_act(x2)
-        key = (m, n, k, x.dtype)
-        if MODE.dense == "scaled_mm" and x.device.type == "cuda" and key not in _SCALED_MM_REFUSED:
+        key = (-(-m // 4) * 4, n, k, x.dtype)
+        cublas = MODE.dense == "scaled_mm" and x.device.type == "cuda" and key not in _SCALED_MM_REFUSED
+        xq, xs = quantize_act(x2, pad4=cublas)  # cuBLAS refuses a row count not a multiple of 4: padded
+        if cublas:
             try:  # cuBLAS's block-scaled FP8 GEMM (sm_90): 1.5-2.5x the Triton kernel (traces/results/fp8/)
                 out = torch._scaled_mm(xq, w.T, scale_a=xs, scale_b=scale_inv.T, out_dtype=x.dtype)
-                return out.view(*lead, n)
+                return out[:m].view(*lead, n)
             except RuntimeError:  # a shape this torch build refuses: the Triton kernel, now and from now on
                 _SCALED_MM_REFUSED.add(key)
+            xq, xs = xq[:m], xs[:m]
         bm, bn, warps, stages = _w8a8_plan(m, n, _sm_count(x.device))
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
         linear[(triton.cdiv(m, bm), triton.cdiv(n, bn), 1)](

@@ -348,6 +348,38 @@ def test_linear_w8a8(m, k, n):
     _close(fp8.fp8_linear(x, w, s), _ref_linear(x, w, s), torch.bfloat16)
 
 
+@pytest.mark.parametrize("m", [1, 37, 90, 128])
+def test_quantize_act_padded_to_four_rows(m):
+    """pad4 (the cuBLAS GEMM's operands): M rounded up to 4 rows, zeros with scale 1 below the real rows,
+    which equal the unpadded quantization; the scales column-major with leading dimension the padded M."""
+    gen = torch.Generator().manual_seed(m)
+    x = _act((m, 320), torch.bfloat16, gen)
+    q, qs = fp8.quantize_act(x)
+    qp, qsp = fp8.quantize_act(x, pad4=True)
+    mp = -(-m // 4) * 4
+    assert qp.shape == (mp, 320) and qsp.shape == (mp, 3) and qsp.stride() == (1, mp)
+    assert torch.equal(qp[:m].float(), q.float()) and torch.equal(qsp[:m], qs)
+    assert (qp[m:].float() == 0).all() and (qsp[m:] == 1).all()
+
+
+@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] < 9, reason="cuBLAS block-scaled FP8: sm_90")
+@pytest.mark.parametrize("m", [37, 90, 128, 16383])
+def test_linear_w8a8_cublas_any_row_count(m):
+    """The dense FP8 x FP8 GEMM by cuBLAS (the sm_90 default) at any row count: cuBLAS refuses one not a
+    multiple of 4, so the operands are padded; not refused, equal to the emulation up to bf16 rounding."""
+    k, n = 512, 384
+    gen = torch.Generator().manual_seed(m)
+    w, s = _weight((n, k), gen)
+    x = _act((m, k), torch.bfloat16, gen)
+    fp8.configure(w8a8_rows=1, dense="scaled_mm")
+    out = fp8.fp8_linear(x, w, s)
+    assert (-(-m // 4) * 4, n, k, torch.bfloat16) not in fp8._SCALED_MM_REFUSED
+    q, qs = fp8.quantize_act(x)
+    emul = fp8.dequantize_act(q, qs).cpu() @ fp8.dequantize(w, s, torch.float32).cpu().T
+    assert out.shape == (m, n)
+    _close(out.cpu(), emul, torch.bfloat16)
+
+
 @pytest.mark.parametrize("case,grouped,tiles", [
     ("empty-experts-and-tail", "tiles", None), ("empty-experts-and-tail", "experts", None),
     ("several-chunks-per-expert", "tiles", (16, 32, 4, 2)), ("several-chunks-per-expert", "experts", None),

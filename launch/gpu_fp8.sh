@@ -4,8 +4,9 @@
 #   tests     the FP8 and fused kernels' GPU tests (tests/unit/test_fp8.py, test_fp8_mode.py, test_fused.py)
 #   fp8       the per-GEMM benchmark (traces/fp8_bench.py; FP8_BENCH_OPTS) with its tile sweep
 #   bench     the slice's prefill/decode per FP8 mode (traces/gpu_bench.py: CONFIGS, BATCHES; PROFILE_BATCHES
-#             are profiled per GPU kernel), 128-token prompts up to 128 x 128 = 16,384 tokens (the serving
-#             loop's largest prefill chunk)
+#             are profiled per GPU kernel), 128-token prompts (PROMPT) up to 128 x 128 = 16,384 tokens (the
+#             serving loop's largest prefill chunk); REPEATS=N: N runs of the configurations in turn
+#             (bench, bench-r2, ...: the call's spread)
 #   launches  the slice's FP8 default at BATCHES once per grouped-expert launch in LAUNCHES (SPMD_FP8_GROUPED;
 #             default tiles,experts; the default run of `bench` is tma; scaled_mm: cuBLAS per expert)
 #   groupm    the slice's FP8 default at BATCHES once per SPMD_FP8_GROUP_M in GROUP_MS (default 1,16; the
@@ -48,11 +49,14 @@ bench() {  # bench OUT_SUBDIR WORK_SUBDIR [env...]: gpu_bench all over CONFIGS
   env "$@" timeout "${GPU_BENCH_S:-240}" python3 -m traces.gpu_bench all --out "$out/$sub" --work "build/$work" \
     --trace-batches "" --profile-batches "${PROFILE_BATCHES:-}" \
     --configs "${CONFIGS:-native-1gpu-fp8,native-1gpu-fp8-dequant,native-1gpu-fp8-bytes,native-1gpu-fp8-w8a16}" \
-    --batches "${BATCHES:-1,32,128}" 2>&1 | tail -30
+    --batches "${BATCHES:-1,32,128}" --prompt "${PROMPT:-128}" 2>&1 | tail -30
   mkdir -p "$out/$sub"
   cp "build/$work"/*.json "$out/$sub/" 2>/dev/null || true   # the configurations that finished
 }
-has bench && bench bench bench
+if has bench; then
+  bench bench bench
+  for ((i = 2; i <= ${REPEATS:-1}; i++)); do bench "bench-r$i" "bench-r$i"; done
+fi
 if has launches; then
   for g in ${LAUNCHES//,/ }; do
     CONFIGS=native-1gpu-fp8 bench "bench-$g" "bench-$g" SPMD_FP8_GROUPED=$g

@@ -203,7 +203,8 @@ def run(a) -> int:
     return 0
 
 
-def _spawn(tag: str, ckpt: Path, work: Path, batches: str, trace_batches: str, profile_batches: str = "") -> list[dict]:
+def _spawn(tag: str, ckpt: Path, work: Path, batches: str, trace_batches: str, profile_batches: str = "",
+           prompt: int = 128) -> list[dict]:
     engine, g, weights, opts = CONFIGS[tag]
     out = work / f"{tag}.json"
     if not out.is_file():
@@ -211,7 +212,7 @@ def _spawn(tag: str, ckpt: Path, work: Path, batches: str, trace_batches: str, p
         cmd = commands.mpirun(g, "traces.gpu_bench", "run", "--engine", engine, "--checkpoint", str(ckpt),
                               "--group-size", str(g // pp), "--weights", weights, "--tag", tag, "--out", str(out),
                               "--batches", batches, "--trace-batches", trace_batches,
-                              "--profile-batches", profile_batches, *opts)
+                              "--profile-batches", profile_batches, "--prompt", str(prompt), *opts)
         r = subprocess.run(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)  # stdout: the rows as they come
         if r.returncode != 0:
             print(f"{tag} failed:\n{r.stderr[-3000:]}", file=sys.stderr, flush=True)
@@ -249,8 +250,8 @@ def all_(a) -> int:
         _, g, weights, _ = CONFIGS[tag]
         if g > torch.cuda.device_count():
             continue
-        rows += _spawn(tag, commands.checkpoint("slice", weights, Path(a.ckpt_root), "cuda"), work, a.batches_arg, a.trace_batches_arg,
-                       a.profile_batches_arg)
+        rows += _spawn(tag, commands.checkpoint("slice", weights, Path(a.ckpt_root), "cuda"), work, a.batches_arg,
+                       a.trace_batches_arg, a.profile_batches_arg, a.prompt)
     for r in rows:
         if "decode_floor_bytes" in r:
             r["decode_floor_ms"] = r["decode_floor_bytes"] / (ceil["copy_gbps"] * 1e9) * 1e3
@@ -311,6 +312,7 @@ def main(argv=None) -> int:
                     help="batches run again with the timers on (time per span, collectives, bubble)")
     al.add_argument("--profile-batches", dest="profile_batches_arg", default="",
                     help="batches whose prefill is profiled per GPU kernel (torch.profiler)")
+    al.add_argument("--prompt", type=int, default=128, help="prompt tokens per row (the prefill is batch x this)")
     al.add_argument("--ckpt-root", default=str(ROOT / "build" / "checkpoints"))
     al.add_argument("--work", default=str(ROOT / "build" / "bench"))
     al.add_argument("--out", default=str(ROOT / "traces" / "results" / "bench"))

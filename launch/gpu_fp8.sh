@@ -46,6 +46,7 @@ fi
 bench() {  # bench OUT_SUBDIR WORK_SUBDIR [env...]: gpu_bench all over CONFIGS
   local sub=$1 work=$2
   shift 2
+  rm -f "build/$work"/*.json   # gpu_bench keeps a configuration's finished result in its work dir: run afresh
   env "$@" timeout "${GPU_BENCH_S:-240}" python3 -m traces.gpu_bench all --out "$out/$sub" --work "build/$work" \
     --trace-batches "" --profile-batches "${PROFILE_BATCHES:-}" \
     --configs "${CONFIGS:-native-1gpu-fp8,native-1gpu-fp8-dequant,native-1gpu-fp8-bytes,native-1gpu-fp8-w8a16}" \

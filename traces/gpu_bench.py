@@ -160,7 +160,31 @@ def _prefill_kernels(engine, batch: int, prompt: int, vocab: int, top: int = 25)
     total = sum(k[1] for k in kern)
     return {"profiled_batch": batch, "prefill_kernel_ms": total,
             "prefill_kernels": [{"name": n[:120], "ms": ms, "calls": c} for n, ms, c in kern[:top]],
-            "prefill_kernels_rest_ms": total - sum(k[1] for k in kern[:top])}
+            "prefill_kernels_rest_ms": total - sum(k[1] for k in kern[:top]), **_idle(prof.events())}
+
+
+def _idle(events, top: int = 8, least_us: float = 20.0) -> dict:
+    """Where the GPU waited during the profiled prefill: the span from the first kernel's start to the last
+    one's end, the idle time in it (the span less the kernels' union), and the longest gaps of at least
+    `least_us`, each with the kernels before and after (a gap is the host not keeping up: launch cost of
+    small kernels, or a synchronisation)."""
+    from torch.autograd import DeviceType
+
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                   if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    if not spans:
+        return {}
+    gaps, idle, end, prev = [], 0.0, spans[0][1], spans[0][2]
+    for a, b, name in spans[1:]:
+        if a > end:
+            idle += a - end
+            if a - end >= least_us:
+                gaps.append({"us": a - end, "after": prev[:80], "before": name[:80]})
+        if b > end:
+            end, prev = b, name
+    gaps.sort(key=lambda g: -g["us"])
+    return {"prefill_gpu_span_ms": (end - spans[0][0]) / 1e3, "prefill_gpu_idle_ms": idle / 1e3,
+            "prefill_gaps": gaps[:top], "prefill_gaps_n": len(gaps)}
 
 
 def run(a) -> int:

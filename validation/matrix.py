@@ -220,7 +220,7 @@ def evaluate(row: Row, baseline: Path, args, wall_s: float | None, error: str | 
         try:
             c = compare(output(row, args), baseline, row.precision, recipe=recipe)
             return {**res, **c["summary"], "passed": c["passed"], "failures": c["failures"],
-                    **({"recipe": c["recipe"]} if c["recipe"] else {})}
+                    **({"recipe": {**c["recipe"], "file": _rel(recipe)}} if c["recipe"] else {})}
         except BaselineError as exc:
             error = f"refused: {exc}"
     return {**res, "passed": False, "failures": [error]}

@@ -51,3 +51,23 @@ def test_bench_pipeline_rows_report_the_bubble(tiny_bf16, tmp_path):
     assert row["gpus"] == 2 and row["pp"] == 2 and row["decode_mode"] == "eager"
     assert set(row["comm_names"]) == {"pp.send", "pp.logits"}  # rank 0 (the first stage) writes the rows
     assert 0 < row["bubble_fraction"] < 1
+
+
+def test_prefill_idle_gaps_from_kernel_times():
+    """The profiled prefill's GPU idle time: the span less the union of the kernels' intervals (overlaps
+    counted once), gaps of at least 20 us listed longest first with the kernels around them; host events
+    are not kernels."""
+    from types import SimpleNamespace as NS
+
+    from torch.autograd import DeviceType
+
+    from traces.gpu_bench import _idle
+
+    def ev(a, b, name, dev=DeviceType.CUDA):
+        return NS(device_type=dev, time_range=NS(start=a, end=b), name=name)
+
+    got = _idle([ev(0, 100, "gemm"), ev(90, 120, "quant"), ev(130, 200, "norm"), ev(260, 300, "attn"),
+                 ev(5, 400, "aten::prefill", DeviceType.CPU)])
+    assert got["prefill_gpu_span_ms"] == 0.3 and got["prefill_gpu_idle_ms"] == (10 + 60) / 1e3
+    assert got["prefill_gaps"] == [{"us": 60, "after": "norm", "before": "attn"}] and got["prefill_gaps_n"] == 1
+    assert _idle([ev(0, 5, "host", DeviceType.CPU)]) == {}

@@ -60,7 +60,7 @@ if has bench; then
 fi
 if has launches; then
   for g in ${LAUNCHES//,/ }; do
-    CONFIGS=native-1gpu-fp8 bench "bench-$g" "bench-$g" SPMD_FP8_GROUPED=$g
+    CONFIGS=native-1gpu-fp8 bench "bench-$g" "bench-$g" SPMD_FP8_GROUPED="$g"
   done
 fi
 if has groupm; then

@@ -240,10 +240,11 @@ def _finish(row: dict, flops: int, fp8_bytes: int, var: str, ceil: dict) -> dict
 
 
 def sweep(ceil, gen, only: str | None = None, tokens=(4096, 16384), loops=("inline",),
-          group_ms=SWEEP_GROUP_M) -> list[dict]:
+          group_ms=SWEEP_GROUP_M, tiles=SWEEP_GROUPED, cp_async: bool = True) -> list[dict]:
     """w8a8 tiles at prefill sizes: dense o_proj and mlp.gate_up at 4096 rows, experts at `tokens` tokens
     (both launches of the grouped kernel; the TMA one per k loop in `loops`, fp8.TMA_LOOPS: the other
-    loops at the default program order only)."""
+    loops at the default program order only; `tiles` the grouped tiles, `cp_async` whether the cp.async
+    launch runs them too)."""
     from spmd.kernels import fp8
     from traces.gpu_bench import _median_ms
 
@@ -266,9 +267,9 @@ def sweep(ceil, gen, only: str | None = None, tokens=(4096, 16384), loops=("inli
             q, qs = fp8.quantize_act(torch.randn(t, k, device="cuda", generator=gen).to(torch.bfloat16))
             q, qs = fp8.gather_rows(q, qs, order // TOPK)
             gm = fp8.Mode.group_m
-            runs = [("tma", tile, g, loop) for loop in loops for tile in SWEEP_GROUPED
+            runs = [("tma", tile, g, loop) for loop in loops for tile in tiles
                     for g in (group_ms if loop == "inline" else (gm,))]
-            runs += [("tiles", tile, gm, "inline") for tile in SWEEP_GROUPED]
+            runs += [("tiles", tile, gm, "inline") for tile in tiles if cp_async]
             for launch, tile, group_m, loop in runs:
                 fp8.configure(tiles=tile, grouped=launch, group_m=group_m, tma_loop=loop)
                 case = dict(gemm=name, tokens=t, launch=launch if loop == "inline" else f"{launch}-{loop}",
@@ -336,6 +337,9 @@ def main(argv=None) -> int:
                    help="the TMA launch's k loops to sweep (spmd.kernels.fp8.TMA_LOOPS, comma-separated)")
     p.add_argument("--sweep-group-m", default=",".join(map(str, SWEEP_GROUP_M)),
                    help="the row tiles per group swept with the TMA launch's inline loop")
+    p.add_argument("--sweep-tiles", default="", help="grouped tiles to sweep, BMxBNxWARPSxSTAGES comma-separated "
+                   "(default: SWEEP_GROUPED)")
+    p.add_argument("--no-cp-async", action="store_true", help="sweep the TMA launch only")
     p.add_argument("--only", choices=("dense", "grouped"), help="one kind of GEMM (and its part of the sweep)")
     p.add_argument("--variants", default="", help="grouped variants to run (comma-separated; default all)")
     p.add_argument("--out", default=str(ROOT / "traces" / "results" / "fp8"))
@@ -359,7 +363,10 @@ def main(argv=None) -> int:
            "scaled_mm_probe": probe, "cases": cases,
            "sweep": [] if a.no_sweep else sweep(ceil, gen, a.only, [int(t) for t in a.sweep_tokens.split(",")],
                                                            a.sweep_loops.split(","),
-                                                           [int(g) for g in a.sweep_group_m.split(",")])}
+                                                           [int(g) for g in a.sweep_group_m.split(",")],
+                                                           tuple(tuple(int(v) for v in t.split("x"))
+                                                                 for t in a.sweep_tiles.split(",") if t)
+                                                           or SWEEP_GROUPED, not a.no_cp_async)}
     fp8.configure(**vars(old))
     from traces.table import write_result
     write_result(Path(a.out), f"{ceil['gpu']}-{doc['date']}", doc, markdown(doc))

@@ -114,15 +114,14 @@ class Mode:
     grouped: str = "tiles"
     # row tiles per group in the row-tile launches' program order (_tile): 1 = column tiles vary fastest
     group_m: int = 8
-    # the TMA launch's loops (_w8a8_tma_kernel): "inline" (each block's scales applied right after its
+    # the TMA launch's k loop (_w8a8_tma_kernel): "inline" (each block's scales applied right after its
     # wgmma), "defer" (one block later, overlapping the next wgmma), "ws" / "defer-ws" (the same with
-    # Triton's warp specialization); "persistent" (_w8a8_tma_persistent_kernel: a few programs per SM
-    # looping over the tiles, inline k loop), "persistent-flat" (the same with Triton's loop flattening)
+    # Triton's warp specialization)
     tma_loop: str = "inline"
 
 
 MODE = Mode()
-TMA_LOOPS = ("inline", "defer", "ws", "defer-ws", "persistent", "persistent-flat")
+TMA_LOOPS = ("inline", "defer", "ws", "defer-ws")
 
 
 def configure(**changes) -> Mode:
@@ -327,42 +326,6 @@ def _fp8_grouped_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, offs_ptr, rexp_ptr, o_ptr, 
         o_ptrs = o_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :] * stride_on
         tl.store(o_ptrs, zero, mask=(rm < z1)[:, None] & n_mask[None, :])
         m0 += z_step
-
-
-def _w8a8_tma_persistent_kernel(x_desc, xs_ptr, w_desc, s_ptr, offs_ptr, tend_ptr, o_ptr, R, N, K, E,
-                                stride_xsm, stride_xsk, stride_se, stride_sn, stride_sk, stride_om, stride_on,
-                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                K_TILES: tl.constexpr, SCALE_BLOCK: tl.constexpr, SEARCH: tl.constexpr,
-                                GROUP_M: tl.constexpr, FLATTEN: tl.constexpr):
-    """_w8a8_tma_kernel's tiles (inline k loop) by a persistent launch: a few programs per SM, each taking
-    the tiles p, p + P, p + 2P, ... of _tile's order (P programs), so that with FLATTEN (Triton's loop
-    flattening, which software-pipelines across the tile loop) a tile's first loads are issued while the
-    previous tile's products are still being stored; then each program zeros its share of the rows past
-    offs[E-1] in every column tile."""
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    nt = (N + BLOCK_N - 1) // BLOCK_N
-    total = tl.load(tend_ptr + E - 1) * nt
-    for p in tl.range(pid, total, nprog, flatten=FLATTEN):
-        e, m0, end, pid_n = _tile_fn(p, nt, tend_ptr, offs_ptr, R, E, BLOCK_M, SEARCH, GROUP_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = rn < N
-        rm = m0 + tl.arange(0, BLOCK_M)
-        m_mask = rm < end
-        xs_ptrs = xs_ptr + rm.to(tl.int64) * stride_xsm
-        wrow = e * N + pid_n * BLOCK_N
-        s_e = s_ptr + e.to(tl.int64) * stride_se
-        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
-        for kb in tl.range(0, K_TILES):
-            a = x_desc.load([m0, kb * BLOCK_K])
-            b = w_desc.load([wrow, kb * BLOCK_K])
-            acc += tl.dot(a, b.T) * _ab_scale_fn(xs_ptrs, s_e, pid_n, rn, n_mask, m_mask, kb, stride_xsk,
-                                                 stride_sn, stride_sk, BLOCK_N, SCALE_BLOCK)
-        o_ptrs = o_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :] * stride_on
-        tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
-    for c in range(0, nt):
-        rn = c * BLOCK_N + tl.arange(0, BLOCK_N)
-        _zero_tail_fn(o_ptr, offs_ptr, pid, nprog, R, E, rn, rn < N, stride_om, stride_on, BLOCK_M, BLOCK_N)
 
 
 def _tile(p, NT, tend_ptr, offs_ptr, R, E, BLOCK_M: tl.constexpr, SEARCH: tl.constexpr,
@@ -592,7 +555,7 @@ def _kernels(interpret: bool):
     _ab_scale_fn = triton.jit(_ab_scale)
     _k_step_fn, _quant_block_fn = triton.jit(_k_step), triton.jit(_quant_block)
     return (triton.jit(_fp8_linear_kernel), triton.jit(_fp8_grouped_kernel), triton.jit(_act_quant_kernel),
-            (triton.jit(_grouped_tiles_kernel), triton.jit(_w8a8_tma_kernel), triton.jit(_w8a8_tma_persistent_kernel)))
+            (triton.jit(_grouped_tiles_kernel), triton.jit(_w8a8_tma_kernel)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -908,7 +871,7 @@ def _grouped_tiles(kernels, x, x_scale, w, scale_inv, offs, out):
     (MODE.grouped "tma", where _tma_ok) or _grouped_tiles_kernel, which also runs 16-bit x (weight-only,
     e4m3 or bytes). The tile counts per expert come from offs by torch ops on the device (no host sync,
     graph-capturable); the grid is the static bound (ceil(R / BLOCK_M) + E) row tiles per column tile."""
-    tiles_kernel, tma_kernel, persistent_kernel = kernels
+    tiles_kernel, tma_kernel = kernels
     e, n, k = w.shape
     r = x.shape[0]
     a8 = x_scale is not None
@@ -929,13 +892,6 @@ def _grouped_tiles(kernels, x, x_scale, w, scale_inv, offs, out):
 
         xd = TensorDescriptor(x, [r, k], [k, 1], [bm, FP8_BLOCK])
         wd = TensorDescriptor(w.view(e * n, k), [e * n, k], [k, 1], [bn, FP8_BLOCK])
-        if MODE.tma_loop.startswith("persistent"):  # a few programs per SM (shared memory: 1 at 128-row tiles)
-            progs = min(grid[0], _sm_count(x.device) * (1 if bm >= 128 else 2))
-            persistent_kernel[(progs,)](xd, x_scale, wd, scale_inv, offs, tend, out, r, n, k, e,
-                                        x_scale.stride(0), x_scale.stride(1), scale_inv.stride(0),
-                                        scale_inv.stride(1), scale_inv.stride(2), out.stride(0), out.stride(1),
-                                        FLATTEN=MODE.tma_loop.endswith("flat"), **common)
-            return out
         tma_kernel[grid](xd, x_scale, wd, scale_inv, offs, tend, out, r, n, k, e,
                          x_scale.stride(0), x_scale.stride(1), scale_inv.stride(0), scale_inv.stride(1),
                          scale_inv.stride(2), out.stride(0), out.stride(1), DEFER=MODE.tma_loop.startswith("defer"),

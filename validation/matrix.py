@@ -353,7 +353,9 @@ def parse_args(argv=None):
                    "quantize their inputs as --fp8-prefill w8a8 does (baselines NAME-a8.jsonl; bf16 rows left out)")
     p.add_argument("--recipe-relative", action="store_true", help="FP8 rows judged against the plain baseline "
                    "by thresholds widened by the FP8-activation recipe's own distance from it (validation.compare "
-                   "--recipe; the recipe's scores: validation.baseline --score-of --act-quant, NAME.recipe-a8.jsonl)")
+                   "--recipe; the recipe's scores: validation.baseline --score-of --act-quant, NAME.recipe-a8.jsonl); for runs "
+                   "whose prefill is FP8 x FP8 (--fp8-prefill w8a8, the default on sm_89+ GPUs; on CPU the engine "
+                   "runs weight-only and the plain bounds are the right ones)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=None, help="default: 20 (all prompts) on cuda, 4 on cpu")
     p.add_argument("--reuse", action="store_true", help="keep finished runs whose scores match the baseline")

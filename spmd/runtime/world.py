@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import signal
 import socket
 import sys
 from dataclasses import dataclass
@@ -101,12 +100,7 @@ def finalize_and_exit(comm, code: int) -> None:
     """Every rank, together: leave MPI and exit with `code` at once. Finalized first, so mpi4py does not turn
     the exit into MPI_Abort; then os._exit, not the interpreter's teardown (torch's, CUDA's: up to seconds):
     under `srun --kill-on-bad-exit` the first rank to exit non-zero gets the others killed, and a rank still
-    tearing down would end with SIGTERM and the job with 143 instead of `code`. For the same reason the
-    stop signals are ignored from here on: the exit is decided, and a rank still in the barrier or in
-    MPI_Finalize when the first has left (a usage error is found before spmd.runtime.stop's handlers are
-    installed) would otherwise die of srun's SIGTERM, 143 (seen in CI: a heterogeneous job's step)."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
+    tearing down would end with SIGTERM and the job with 143 instead of `code`."""
     comm.Barrier()
     MPI.Finalize()
     sys.stdout.flush()

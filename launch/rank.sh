@@ -99,9 +99,17 @@ exec {out}> >(trap '' TERM INT HUP; exec tee -a "$log"); tee_out=$!
 exec {err}> >(trap '' TERM INT HUP; exec tee -a "$log" >&2); tee_err=$!
 "${pre[@]}" "${cmd[@]}" <&0 >&"$out" 2>&"$err" &
 child=$!
-# forward a TERM/INT/HUP of this wrapper to the program as TERM (mpirun signals the process it started;
-# under Slurm's --signal the program gets it directly too: spmd.runtime.stop takes the two as one)
-trap 'kill -TERM "$child" 2>/dev/null' TERM INT HUP
+# Under mpirun, forward a TERM/INT/HUP of this wrapper to the program as TERM (mpirun signals the process
+# it started; under Slurm's --signal the program gets it directly too: spmd.runtime.stop takes the two
+# as one). Under srun, whose signals reach every process of the task, ignore them instead: a `wait` that
+# a trapped signal interrupts returns 128 + its number, and when the program had ended meanwhile its own
+# code was lost (srun's --kill-on-bad-exit TERM reaching a rank already exiting 2: the task's code 143,
+# seen in CI) or, with bash 5.2, `wait` hung. Untrapped, `wait` returns the program's code.
+if [ -n "${OMPI_COMM_WORLD_RANK:-}" ]; then
+  trap 'kill -TERM "$child" 2>/dev/null' TERM INT HUP
+else
+  trap '' TERM INT HUP
+fi
 rc=0
 wait "$child" || rc=$?
 while kill -0 "$child" 2>/dev/null; do wait "$child" || rc=$?; done  # wait again after a trapped signal

@@ -60,3 +60,30 @@ def test_rank_sh_and_its_tees_survive_a_signal_to_the_whole_task(tmp_path):
     assert p.returncode == 75, "the rank's own exit code, not 143"
     assert out.splitlines()[-1] == "after 49", "stdout went on after the signal"
     assert (tmp_path / "logs/rank00000.log").read_text().splitlines()[-1] == "after 49"
+
+
+# A rank that ends (exit 2) at the TERM that srun's --kill-on-bad-exit sends the whole task: rank.sh's
+# `wait` was interrupted by the same signal and returned 143; if the rank was gone by the time rank.sh
+# looked again, 143 was the task's code (seen in CI: a layout refused on every rank, job 143 for 2).
+# Under srun rank.sh now ignores the signals (the rank gets them directly), so `wait` returns its code.
+ENDS_AT_TERM = """
+import os, signal, time
+signal.signal(signal.SIGTERM, lambda s, f: os._exit(2))
+print("ready", flush=True)
+time.sleep(30)
+"""
+
+
+def test_rank_sh_under_srun_keeps_the_code_of_a_rank_that_ends_at_the_signal(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_"))}
+    env["SLURM_PROCID"] = "0"  # srun's rank variable: its signals reach every process of the task
+    codes = []
+    for i in range(8):  # the race went one way or the other: a third of the runs gave 143 before
+        p = subprocess.Popen(["bash", str(ROOT / "launch/rank.sh"), sys.executable, "-c", ENDS_AT_TERM,
+                              "--trace-dir", str(tmp_path / str(i))], env=env, stdout=subprocess.PIPE, text=True,
+                             start_new_session=True)
+        assert p.stdout.readline().strip() == "ready"
+        os.killpg(p.pid, signal.SIGTERM)
+        p.communicate(timeout=30)
+        codes.append(p.returncode)
+    assert codes == [2] * 8

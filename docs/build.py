@@ -203,12 +203,12 @@ def h100_facts() -> dict[str, Fact]:
     put("serve_a8_x", _fmt(s8["continuous"]["output_tokens_per_s"] / s8["continuous-w8a16"]["output_tokens_per_s"]),
         SERVE_FP8)
     pre = _load(FP8_PREFILL)["rows"]
+    reps = [_load(f)["rows"] for f in FP8_REPEATS]  # the ratio's range over the call's repeats
     for b in (32, 128):
         a, d = _bench_row(pre, "native-1gpu-fp8", b), _bench_row(pre, "native-1gpu-fp8-dequant", b)
         put(f"fp8_prefill_b{b}_tps", _fmt(a["prefill_tok_s"], 0), FP8_PREFILL)
         put(f"dq_prefill_b{b}_tps", _fmt(d["prefill_tok_s"], 0), FP8_PREFILL)
         put(f"fp8_prefill_b{b}_tokens", str(b * a["prompt"]), FP8_PREFILL)
-        reps = [_load(f)["rows"] for f in FP8_REPEATS]  # the ratio's range over the call's repeats
         put(f"fp8_prefill_b{b}_x", _rng([_bench_row(r, "native-1gpu-fp8", b)["prefill_tok_s"] /
                                          _bench_row(r, "native-1gpu-fp8-dequant", b)["prefill_tok_s"] for r in reps]),
             FP8_PREFILL)

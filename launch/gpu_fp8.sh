@@ -8,7 +8,7 @@
 #             serving loop's largest prefill chunk); REPEATS=N: N runs of the configurations in turn
 #             (bench, bench-r2, ...: the call's spread)
 #   launches  the slice's FP8 default at BATCHES once per grouped-expert launch in LAUNCHES (SPMD_FP8_GROUPED;
-#             default tiles,experts; the default run of `bench` is tma; scaled_mm: cuBLAS per expert)
+#             default tiles,experts; the default run of `bench` is tma)
 #   groupm    the slice's FP8 default at BATCHES once per SPMD_FP8_GROUP_M in GROUP_MS (default 1,16; the
 #             default 8 is `bench`'s run)
 #   loops     the slice's FP8 default at BATCHES once per SPMD_FP8_TMA_LOOP in TMA_LOOPS (default defer; the

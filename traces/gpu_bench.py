@@ -102,7 +102,7 @@ def _one_batch(engine, batch: int, prompt: int, steps: int, vocab: int, prefills
         times.append(time.perf_counter() - t0)
         if cuda:
             gpu.append(ev[0].elapsed_time(ev[1]) / 1e3)
-    ttft = sorted(times)[len(times) // 2]
+    ttft = statistics.median(times)
     for _ in range(2):  # warm-up steps, not timed
         nxt = engine.decode(nxt).argmax(-1)
     _sync(engine.device)
@@ -112,9 +112,9 @@ def _one_batch(engine, batch: int, prompt: int, steps: int, vocab: int, prefills
     _sync(engine.device)
     decode = (time.perf_counter() - t1) / steps
     engine.release()
-    med = lambda xs: sorted(xs)[len(xs) // 2] * 1e3 if xs else None  # noqa: E731
     return {"batch": batch, "prompt": prompt, "ttft_ms": ttft * 1e3, "ttft_ms_each": [t * 1e3 for t in times],
-            "prefill_issue_ms": med(issue), "prefill_stream_ms": med(gpu),
+            "prefill_issue_ms": statistics.median(issue) * 1e3,
+            "prefill_stream_ms": statistics.median(gpu) * 1e3 if gpu else None,
             "prefill_tok_s": batch * prompt / ttft, "decode_ms_step": decode * 1e3}
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from spmd.runtime import commands
 from spmd.runtime.score import BaselineError, checkpoint_fingerprint, file_sha256, read_baseline
-from validation.compare import compare, judge
+from validation.compare import compare, judge, read_run
 from validation.jobs import Job, run_jobs
 from validation.report import write_text
 from validation.summary import matrix_markdown
@@ -179,8 +179,8 @@ def recipe_job(ckpt: Path, baseline: Path, args) -> tuple[Path, Job | None]:
     this very baseline file."""
     out = baseline.with_name(baseline.stem + ".recipe-a8.jsonl")
     try:
-        rows = [json.loads(ln) for ln in out.read_text().splitlines() if ln.strip()] if out.is_file() else []
-    except (OSError, json.JSONDecodeError):
+        rows = read_run(out) if out.is_file() else []
+    except BaselineError:
         rows = []
     sha = file_sha256(baseline)
     if rows and all(r.get("score", {}).get("baseline_sha256") == sha and r["score"].get("act_quant") for r in rows):

@@ -299,8 +299,8 @@ def test_score_of_reproduces_the_baselines_own_numbers(tiny_bf16, tiny_baseline,
 
 
 def test_score_of_with_the_fp8_activation_recipe(tiny_fp8, tmp_path):
-    """The recipe's scores of a tiny FP8 baseline: it moves the outputs (KL > 0), and judged by bounds
-    relative to itself it passes with its own numbers as the recipe part."""
+    """The recipe's scores of a tiny FP8 baseline: it moves the outputs (KL > 0, log-probs beyond fp32
+    rounding)."""
     from spmd.runtime.prompts import write_jsonl
     from validation.baseline import main, make_baseline, parser
 
@@ -311,8 +311,6 @@ def test_score_of_with_the_fp8_activation_recipe(tiny_fp8, tmp_path):
     assert main(["--checkpoint", str(tiny_fp8), "--score-of", str(base), "--out", str(out), "--act-quant"]) == 0
     own = comparison.compare(out, base, "fp8")["summary"]
     assert 0 < own["kl_mean"] and own["max_abs_dlogp"] > 1e-3
-    res = comparison.compare(out, base, "fp8", recipe=out)
-    assert res["passed"] and res["recipe"]["kl_mean"] == own["kl_mean"]
 
 
 def test_score_native_g2_fp32_agrees_with_the_baseline(tiny_bf16, tiny_baseline, tmp_path):

@@ -13,6 +13,8 @@
 #             default 8 is `bench`'s run)
 #   loops     the slice's FP8 default at BATCHES once per SPMD_FP8_TMA_LOOP in TMA_LOOPS (default defer; the
 #             default inline is `bench`'s run)
+#   fusedq    the slice's FP8 default at BATCHES with SPMD_FP8_FUSED_QUANT=0 (a separate activation
+#             quantization after the norms and silu * up; `bench`'s run has them fused)
 #   validate  the validation matrix's slice rows on this GPU (G1; VALIDATE_WEIGHTS, default bf16,fp8: both
 #             checkpoints need ~80 GB of disk, fp8 alone ~30 GB); VALIDATE_OPTS: more
 #             program options; VALIDATE_ACT_QUANT=1: against the FP8-activation baseline (validation/act_quant.py;
@@ -72,6 +74,9 @@ if has loops; then
   for l in ${TMA_LOOPS//,/ }; do
     CONFIGS=native-1gpu-fp8 bench "bench-loop-$l" "bench-loop-$l" SPMD_FP8_TMA_LOOP="$l"
   done
+fi
+if has fusedq; then
+  CONFIGS=native-1gpu-fp8 bench bench-fq0 bench-fq0 SPMD_FP8_FUSED_QUANT=0
 fi
 if has validate; then
   timeout "${VALIDATE_S:-300}" python3 -m validation.matrix --device cuda --configs slice --max-gpus 1 \

@@ -288,8 +288,12 @@ def fp8_mode(args, device: torch.device, margs) -> dict:
     tma_loop = env.read("SPMD_FP8_TMA_LOOP") or "inline"
     if tma_loop not in TMA_LOOPS:
         raise ValueError(f"SPMD_FP8_TMA_LOOP={tma_loop!r}: {', '.join(TMA_LOOPS)}")
+    fused_quant = env.read("SPMD_FP8_FUSED_QUANT") or "1"
+    if fused_quant not in ("0", "1"):
+        raise ValueError(f"SPMD_FP8_FUSED_QUANT={fused_quant!r}: 0 or 1")
     return dict(weights=weights, w8a8_rows=W8A8_ROWS if a8 else 0, w8a8_expert_rows=W8A8_EXPERT_ROWS if a8 else 0,
                 ue8m0=margs.scale_fmt == "ue8m0", grouped=grouped, group_m=int(group_m), tma_loop=tma_loop,
+                fused_quant=fused_quant == "1",
                 dense="scaled_mm" if cc is not None and cc >= (9, 0) else "triton")  # block scales: sm_90 cuBLAS
 
 

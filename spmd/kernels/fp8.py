@@ -115,13 +115,17 @@ class Mode:
     # row tiles per group in the row-tile launches' program order (_tile): 1 = column tiles vary fastest
     group_m: int = 8
     # the TMA launch's k loop (_w8a8_tma_kernel): "inline" (each block's scales applied right after its
-    # wgmma), "defer" (one block later, overlapping the next wgmma), "ws" / "defer-ws" (the same with
+    # wgmma), "defer" (one block later, overlapping the next wgmma), "pair" (two blocks per iteration, both
+    # wgmmas issued first; an odd block count runs inline), "ws" / "defer-ws" / "pair-ws" (the same with
     # Triton's warp specialization)
     tma_loop: str = "inline"
+    # the kernels before FP8 x FP8 GEMMs (spmd.kernels.fused.norm, silu_mul) hand over their output
+    # quantized (Quantized: one pass) where the model's fused ops run; False: quantize_act after them
+    fused_quant: bool = True
 
 
 MODE = Mode()
-TMA_LOOPS = ("inline", "defer", "ws", "defer-ws")
+TMA_LOOPS = ("inline", "defer", "ws", "defer-ws", "pair", "pair-ws")
 
 
 def configure(**changes) -> Mode:
@@ -392,7 +396,7 @@ def _w8a8_tma_kernel(x_desc, xs_ptr, w_desc, s_ptr, offs_ptr, tend_ptr, o_ptr, R
                      stride_xsm, stride_xsk, stride_se, stride_sn, stride_sk, stride_om, stride_on,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      K_TILES: tl.constexpr, SCALE_BLOCK: tl.constexpr, SEARCH: tl.constexpr,
-                     GROUP_M: tl.constexpr, DEFER: tl.constexpr, WS: tl.constexpr):
+                     GROUP_M: tl.constexpr, DEFER: tl.constexpr, PAIR: tl.constexpr, WS: tl.constexpr):
     """_grouped_tiles_kernel's FP8 x FP8 with the operand tiles loaded by the Hopper TMA unit (host tensor descriptors:
     x (R, K) in (BLOCK_M, 128) blocks, the experts' weights as one (E * N, K) matrix in (BLOCK_N, 128)
     blocks). A tile's rows past its expert's end (another expert's rows, or zeros past R) and columns
@@ -400,8 +404,10 @@ def _w8a8_tma_kernel(x_desc, xs_ptr, w_desc, s_ptr, offs_ptr, tend_ptr, o_ptr, R
     The k loop (MODE.tma_loop): each 128-deep block's product is scaled by its activation and weight
     scales and added to the float32 accumulator right after its wgmma (DEFER 0), or one block later,
     after the next block's wgmma is issued (DEFER 1: the promotion on CUDA cores can overlap the tensor
-    cores' next product, DeepGEMM's idea, at the cost of a second accumulator tile in registers); WS:
-    Triton's warp specialization of the loop (a producer warp loading by TMA for the math warps)."""
+    cores' next product, DeepGEMM's idea, at the cost of a second accumulator tile in registers), or two
+    blocks per iteration (PAIR, K_TILES even: both wgmmas issued before the first block's scales are
+    applied; the additions in the inline loop's order, so the same result); WS: Triton's warp
+    specialization of the loop (a producer warp loading by TMA for the math warps)."""
     p = tl.program_id(0)
     nt = (N + BLOCK_N - 1) // BLOCK_N
     ntiles = tl.load(tend_ptr + E - 1)
@@ -426,6 +432,14 @@ def _w8a8_tma_kernel(x_desc, xs_ptr, w_desc, s_ptr, offs_ptr, tend_ptr, o_ptr, R
                                   BLOCK_N, SCALE_BLOCK)
                 prev = cur
             acc += prev * sc
+        elif PAIR:
+            for kb in tl.range(0, K_TILES, 2, warp_specialize=WS):
+                p0 = tl.dot(x_desc.load([m0, kb * BLOCK_K]), w_desc.load([wrow, kb * BLOCK_K]).T)
+                p1 = tl.dot(x_desc.load([m0, (kb + 1) * BLOCK_K]), w_desc.load([wrow, (kb + 1) * BLOCK_K]).T)
+                acc += p0 * _ab_scale_fn(xs_ptrs, s_e, pid_n, rn, n_mask, m_mask, kb, stride_xsk, stride_sn,
+                                         stride_sk, BLOCK_N, SCALE_BLOCK)
+                acc += p1 * _ab_scale_fn(xs_ptrs, s_e, pid_n, rn, n_mask, m_mask, kb + 1, stride_xsk, stride_sn,
+                                         stride_sk, BLOCK_N, SCALE_BLOCK)
         else:
             for kb in tl.range(0, K_TILES, warp_specialize=WS):
                 a = x_desc.load([m0, kb * BLOCK_K])
@@ -645,36 +659,80 @@ def _cdiv128(n: int) -> int:
     return -(-n // FP8_BLOCK)
 
 
+def act_buffers(m: int, k: int, device, pad4: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs for an activation quantization of (m, k): q (m, or m rounded up to 4 rows if pad4; e4m3,
+    float32 under the interpreter: see finish_act) and s (the same rows, ceil(k/128)) float32 column-major
+    (stride (1, m rounded up to 4)), the layout torch._scaled_mm takes. Pad rows are written here (q 0,
+    s 1); the kernel writes the first m."""
+    kb, mp = _cdiv128(k), -(-m // 4) * 4
+    rows = mp if pad4 else m
+    full = torch.empty((kb, mp), dtype=torch.float32, device=device)
+    scales = full[:, :rows].T
+    q = torch.empty((rows, k), dtype=torch.float32 if interpret() else torch.float8_e4m3fn, device=device)
+    if rows > m:
+        full[:, m:] = 1.0
+        q[m:] = 0
+    return q, scales
+
+
+def finish_act(q: torch.Tensor) -> torch.Tensor:
+    """act_buffers' q after the kernel: e4m3 (under the interpreter the kernels write float32 and this
+    converts: its fp32 -> e4m3 conversion misrounds, see _act_quant_kernel)."""
+    return q.to(torch.float8_e4m3fn)
+
+
 def quantize_act(x: torch.Tensor, ue8m0: bool | None = None,
                  pad4: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) 16-bit -> (q (M, K) float8_e4m3fn, s (M, ceil(K/128)) float32), x ~= q * s per 128-column group.
 
     s = max|x| of the row's group / 448 (at least 1e-10 / 448), rounded up to a power of two if ue8m0
-    (default MODE.ue8m0); q = x / s saturated to +-448. s is column-major (stride (1, M rounded up to 4)),
-    the layout torch._scaled_mm takes; the kernels read any strides. One Triton kernel (reads x once), or
-    the same arithmetic in torch where the kernels cannot run. pad4: both padded to M rounded up to 4 rows
-    (zeros, scale 1): cuBLAS's block-scaled GEMM takes no other row count (traces/fp8_bench.py)."""
+    (default MODE.ue8m0); q = x / s saturated to +-448. s is column-major (act_buffers); the kernels read
+    any strides. One Triton kernel (reads x once), or the same arithmetic in torch where the kernels
+    cannot run. pad4: both padded to M rounded up to 4 rows (zeros, scale 1): cuBLAS's block-scaled GEMM
+    takes no other row count (traces/fp8_bench.py)."""
     ue8m0 = MODE.ue8m0 if ue8m0 is None else ue8m0
     m, k = x.shape
-    kb, mp = _cdiv128(k), -(-m // 4) * 4
-    rows = mp if pad4 else m
-    full = torch.empty((kb, mp), dtype=torch.float32, device=x.device)
-    scales = full[:, :rows].T  # every element of the first m rows written; pad rows below
-    if rows > m:
-        full[:, m:] = 1.0
     if not triton_available(x.device) or m == 0 or k == 0:
+        _, scales = act_buffers(m, k, x.device, pad4)
         q, s = _quantize_torch(x, ue8m0)
         scales[:m].copy_(s)
+        rows = scales.shape[0]
         return (torch.cat([q, q.new_zeros((rows - m, k))]) if rows > m else q), scales
-    q = torch.empty((rows, k), dtype=torch.float32 if interpret() else torch.float8_e4m3fn, device=x.device)
-    if rows > m:
-        q[m:] = 0
+    q, scales = act_buffers(m, k, x.device, pad4)
     _, _, quant, _ = _kernels(interpret())
     bm = 32
-    quant[(triton.cdiv(m, bm), kb)](x, q, scales, m, k, x.stride(0), x.stride(1), q.stride(0),
-                                    scales.stride(0), scales.stride(1), BLOCK_M=bm, BLOCK_K=FP8_BLOCK,
-                                    UE8M0=ue8m0, EXACT_DIV=not interpret(), num_warps=4)
-    return q.to(torch.float8_e4m3fn), scales
+    quant[(triton.cdiv(m, bm), _cdiv128(k))](x, q, scales, m, k, x.stride(0), x.stride(1), q.stride(0),
+                                             scales.stride(0), scales.stride(1), BLOCK_M=bm, BLOCK_K=FP8_BLOCK,
+                                             UE8M0=ue8m0, EXACT_DIV=not interpret(), num_warps=4)
+    return finish_act(q), scales
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantized:
+    """A 16-bit activation quantized once for the FP8 x FP8 GEMMs that read it (fp8_linear takes it for x):
+    quantize_act's q and s with rows padded to 4 (pad4), the activation's shape and dtype (the outputs'),
+    and the activation itself where a 16-bit consumer reads it too (the MoE router), else None. Made by
+    the fused producers (spmd.kernels.fused.norm, silu_mul) where a w8a8 GEMM follows: one pass over
+    the activation instead of a write, a read and a quantization pass."""
+    q: torch.Tensor
+    s: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    x: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    def rows(self) -> int:
+        return self.shape.numel() // self.shape[-1] if len(self.shape) else 0
+
+    def tensor(self) -> torch.Tensor:
+        """The 16-bit activation: kept, or q * s rounded to the dtype (a consumer off the w8a8 path)."""
+        if self.x is not None:
+            return self.x
+        m = self.rows()
+        return dequantize_act(self.q[:m], self.s[:m]).to(self.dtype).view(self.shape)
 
 
 def gather_rows(q: torch.Tensor, scales: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -753,19 +811,23 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor) -> tor
     if x.shape[-1] != k:
         raise ValueError(f"fp8_linear: x (..., {x.shape[-1]}) against weight {tuple(w.shape)}")
     _check_scales(w, scale_inv)
-    prec = _precision(x.dtype)
     lead = x.shape[:-1]
+    m = lead.numel()
+    pre = isinstance(x, Quantized)
+    if pre and not (triton_available(x.device) and w8a8_dense(m, x.dtype) and m and n and k):
+        x, pre = x.tensor(), False  # not an FP8 x FP8 GEMM here: the 16-bit activation
+    prec = _precision(x.dtype)
     if not triton_available(x.device):
         return torch.nn.functional.linear(x.float(), dequantize(w, scale_inv, torch.float32)).to(x.dtype)
-    x2 = x.reshape(-1, k)
-    m = x2.shape[0]
+    x2 = None if pre else x.reshape(-1, k)
     if m == 0 or n == 0 or k == 0:
         return torch.zeros((*lead, n), dtype=x.dtype, device=x.device)
     linear, _, _, _ = _kernels(interpret())
     if w8a8_dense(m, x.dtype):
         key = (-(-m // 4) * 4, n, k, x.dtype)
         cublas = MODE.dense == "scaled_mm" and x.device.type == "cuda" and key not in _SCALED_MM_REFUSED
-        xq, xs = quantize_act(x2, pad4=cublas)  # cuBLAS refuses a row count not a multiple of 4: padded
+        # cuBLAS refuses a row count not a multiple of 4: padded (a Quantized x always is)
+        xq, xs = (x.q, x.s) if pre else quantize_act(x2, pad4=cublas)
         if cublas:
             try:  # cuBLAS's block-scaled FP8 GEMM (sm_90): 1.5-2.5x the Triton kernel (traces/results/fp8/)
                 out = torch._scaled_mm(xq, w.T, scale_a=xs, scale_b=scale_inv.T, out_dtype=x.dtype)
@@ -895,6 +957,7 @@ def _grouped_tiles(kernels, x, x_scale, w, scale_inv, offs, out):
         tma_kernel[grid](xd, x_scale, wd, scale_inv, offs, tend, out, r, n, k, e,
                          x_scale.stride(0), x_scale.stride(1), scale_inv.stride(0), scale_inv.stride(1),
                          scale_inv.stride(2), out.stride(0), out.stride(1), DEFER=MODE.tma_loop.startswith("defer"),
+                         PAIR=MODE.tma_loop.startswith("pair") and _cdiv128(k) % 2 == 0,
                          WS=MODE.tma_loop.endswith("ws"), **common)
         return out
     wk, wbytes = (w, False) if a8 else _weight_operand(w)

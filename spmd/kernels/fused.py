@@ -56,17 +56,35 @@ def fused_for(mod, rows: int) -> bool:
     return mod.fused or (mod.fused_ok and rows >= FUSED_ROWS)
 
 
-def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, D, stride_x, stride_o, eps, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, o_ptr, xo_ptr, q_ptr, s_ptr, D, stride_x, stride_r, stride_o, stride_xo,
+                    stride_q, stride_sm, stride_sk, eps, BLOCK: tl.constexpr, RESIDUAL: tl.constexpr,
+                    KEEP: tl.constexpr, QUANT: tl.constexpr, UE8M0: tl.constexpr, EXACT_DIV: tl.constexpr):
+    """Program per row: x (+ r, rounded to x's dtype and written to xo: the residual stream) normalized
+    and scaled by w as RMSNorm, to o (KEEP) and/or quantized per 128 columns as
+    spmd.kernels.fp8.quantize_act does (QUANT: q e4m3, s float32; D a multiple of 128)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < D
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if RESIDUAL:  # torch's 16-bit add: in fp32, rounded once
+        x = (x.to(tl.float32) + tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+             ).to(x.dtype)
+        tl.store(xo_ptr + row * stride_xo + cols, x, mask=mask)
     xf = x.to(tl.float32)
-    ms = tl.sum(xf * xf, axis=0) / D
+    # tl.reduce with this module's combine function, not tl.sum: a triton.language @jit helper, fixed to one
+    # mode at triton's import (a process that imported triton before TRITON_INTERPRET could not interpret it)
+    ms = tl.reduce(xf * xf, 0, _add_combine) / D
     h = (xf * tl.rsqrt(ms + eps)).to(x.dtype)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    tl.store(o_ptr + row * stride_o + cols, (w.to(tl.float32) * h.to(tl.float32)).to(o_ptr.dtype.element_ty),
-             mask=mask)
+    y = (w.to(tl.float32) * h.to(tl.float32)).to(x.dtype)
+    if KEEP:
+        tl.store(o_ptr + row * stride_o + cols, y, mask=mask)
+    if QUANT:
+        q, scale = _quant_block_fn(tl.reshape(y.to(tl.float32), (BLOCK // 128, 128)), UE8M0, EXACT_DIV)
+        tl.store(q_ptr + row * stride_q + tl.reshape(cols, (BLOCK // 128, 128)), q.to(q_ptr.dtype.element_ty),
+                 mask=tl.reshape(mask, (BLOCK // 128, 128)))
+        g = tl.arange(0, BLOCK // 128)
+        tl.store(s_ptr + row * stride_sm + g * stride_sk, scale, mask=g * 128 < D)
 
 
 def _route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, stride_l, route_scale,
@@ -187,24 +205,29 @@ def _gather_sum_kernel(h_ptr, idx_ptr, o_ptr, D, stride_h, stride_o, K: tl.const
     i = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < D
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc = tl.full((BLOCK,), 0.0, dtype=tl.float32)  # not tl.zeros: a @jit helper (see _rms_norm_kernel)
     for j in tl.static_range(K):
         r = tl.load(idx_ptr + i * K + j).to(tl.int64)
         acc += tl.load(h_ptr + r * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(o_ptr + i * stride_o + cols, acc.to(o_ptr.dtype.element_ty), mask=mask)
 
 
+def _add(a, b):
+    return a + b
+
+
 _quant_block_fn = None  # spmd.kernels.fp8's, jitted for the mode in use: set by _kernels
 _bf16_fn = None  # _bf16_round, jitted: set by _kernels
+_add_combine = None  # _add, jitted: set by _kernels
 
 
 @functools.lru_cache(maxsize=None)
 def _kernels(interpret: bool):
     # interpret: the cache key (triton.jit reads TRITON_INTERPRET itself)
-    global _quant_block_fn, _bf16_fn
+    global _quant_block_fn, _bf16_fn, _add_combine
     fp8._kernels(interpret)
     _quant_block_fn = fp8._quant_block_fn
-    _bf16_fn = triton.jit(_bf16_round)
+    _bf16_fn, _add_combine = triton.jit(_bf16_round), triton.jit(_add)
     return (triton.jit(_rms_norm_kernel), triton.jit(_route_kernel), triton.jit(_rope_kernel),
             triton.jit(_mla_keys_kernel), triton.jit(_silu_mul_kernel), triton.jit(_gather_sum_kernel))
 
@@ -237,19 +260,42 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * (x * rsqrt(mean(x^2) + eps)) over the last dim, as spmd.model.transformer.RMSNorm, in one kernel.
 
     x (..., D) with unit stride in the last dim; out in x.dtype (weight must have x's dtype)."""
+    return norm(x, weight, eps)[1]
+
+
+def norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+         quant: bool = False, keep: bool = True, ue8m0: bool = False):
+    """rms_norm of x, or of x + residual (rounded to x's dtype, as torch's add), in one kernel (one read
+    of each input) -> (x + residual or None, the normalized activation (or, with quant, an
+    spmd.kernels.fp8.Quantized of it: quantize_act's q and s, rows padded to 4, holding the 16-bit
+    activation too if keep)). quant needs D a multiple of 128."""
     d = x.shape[-1]
-    if weight.shape != (d,) or weight.dtype != x.dtype:
-        raise ValueError(f"rms_norm: weight {tuple(weight.shape)} {weight.dtype} for x (..., {d}) {x.dtype}")
+    if weight.shape != (d,) or weight.dtype != x.dtype or (residual is not None and residual.shape != x.shape) \
+            or (quant and d % 128) or not (keep or quant):
+        raise ValueError(f"rms_norm: weight {tuple(weight.shape)} {weight.dtype} for x (..., {d}) {x.dtype}, "
+                         f"residual {None if residual is None else tuple(residual.shape)}, quant {quant}, keep {keep}")
     x2 = x.reshape(-1, d)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    if x2.shape[0]:
+    m = x2.shape[0]
+    r2 = x2 if residual is None else residual.reshape(-1, d).contiguous()
+    summed = None if residual is None else torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device) if keep else None
+    q, s = fp8.act_buffers(m, d, x.device, pad4=True) if quant else (x2, x2)
+    sk = (s.stride(0), s.stride(1)) if quant else (0, 0)
+    if m:
         block = triton.next_power_of_2(d)
-        _kernels(interpret())[0][(x2.shape[0],)](
-            x2, weight, out, d, x2.stride(0), out.stride(0), eps, BLOCK=block,
+        _kernels(interpret())[0][(m,)](
+            x2, r2, weight, x2 if out is None else out, x2 if summed is None else summed, q, s, d,
+            x2.stride(0), r2.stride(0), 0 if out is None else out.stride(0),
+            0 if summed is None else summed.stride(0), q.stride(0) if quant else 0, *sk, eps, BLOCK=block,
+            RESIDUAL=residual is not None, KEEP=keep, QUANT=quant, UE8M0=ue8m0, EXACT_DIV=not interpret(),
             num_warps=8 if block >= 4096 else 4)
-    return out.view(x.shape)
+    summed = None if summed is None else summed.view(x.shape)
+    y = None if out is None else out.view(x.shape)
+    if quant:
+        y = fp8.Quantized(fp8.finish_act(q), s, x.shape, x.dtype, y)
+    return summed, y
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -295,10 +341,10 @@ def mla_keys(k_nope: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
 
 
 def silu_mul(gate_up: torch.Tensor, weight: torch.Tensor | None = None, quant: bool = False,
-             ue8m0: bool = False):
+             ue8m0: bool = False, pad4: bool = False):
     """gate_up (M, 2I) = (gate | up) -> silu(gate) * up (* weight[:, None]) (M, I) in gate_up's dtype, as
     torch computes it op by op; quant: instead (q, s) of that product quantized as
-    spmd.kernels.fp8.quantize_act(product, ue8m0) does (I a multiple of 128). One kernel, one read."""
+    spmd.kernels.fp8.quantize_act(product, ue8m0, pad4) does (I a multiple of 128). One kernel, one read."""
     m, i2 = gate_up.shape
     i = i2 // 2
     if i2 % 2 or gate_up.stride(-1) != 1 or (weight is not None and weight.shape != (m,)) \
@@ -309,9 +355,7 @@ def silu_mul(gate_up: torch.Tensor, weight: torch.Tensor | None = None, quant: b
     interp = interpret()
     dummy = gate_up
     if quant:
-        q = torch.empty((m, i), dtype=torch.float32 if interp else torch.float8_e4m3fn, device=gate_up.device)
-        mp = -(-m // 4) * 4  # quantize_act's layout: column-major scales
-        s = torch.empty((i // bk, mp), dtype=torch.float32, device=gate_up.device)[:, :m].T
+        q, s = fp8.act_buffers(m, i, gate_up.device, pad4)
         o, strides = dummy, (0, q.stride(0), s.stride(0), s.stride(1))
     else:
         o = torch.empty((m, i), dtype=gate_up.dtype, device=gate_up.device)
@@ -322,7 +366,7 @@ def silu_mul(gate_up: torch.Tensor, weight: torch.Tensor | None = None, quant: b
             BLOCK_M=bm, BLOCK_K=bk, HAS_W=weight is not None, QUANT=quant, UE8M0=ue8m0, EXACT_DIV=not interp,
             num_warps=4)
     if quant:
-        return q.to(torch.float8_e4m3fn), s
+        return fp8.finish_act(q), s
     return o
 
 

@@ -9,6 +9,8 @@ them; where neither runs (e.g. fp32 on CUDA), a per-expert loop with one host sy
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,6 +42,13 @@ class MLP(nn.Module):
     def fused_fits(self) -> bool:
         return True
 
+    def quantized_input(self, rows: int, dtype: torch.dtype) -> str | None:
+        """"only" where the input feeds nothing but an FP8 x FP8 GEMM (gate and up packed, FP8, rows enough
+        for w8a8): the norm before may hand it over quantized (spmd.kernels.fp8.Quantized); else None."""
+        from spmd.kernels.fp8 import MODE, w8a8_dense
+        fp8 = self.w13 is not None and self.w13.dtype == torch.float8_e4m3fn
+        return "only" if fp8 and MODE.fused_quant and w8a8_dense(rows, dtype) else None
+
     def pack(self) -> None:
         """gate_proj and up_proj as one (2 inter/G, dim) GEMM: one read of x (one quantization of it for
         FP8 x FP8), and silu * up from its output in one kernel (spmd.kernels.fused.silu_mul)."""
@@ -55,7 +64,15 @@ class MLP(nn.Module):
                 gate_up = matmul(x, self.w13, self.s13)  # (..., 2 inter/G)
                 lead, rows = gate_up.shape[:-1], gate_up.numel() // gate_up.shape[-1]
                 if fused.fused_for(self, rows) and gate_up.dtype in (torch.bfloat16, torch.float16):
-                    h = fused.silu_mul(gate_up.view(rows, -1)).view(*lead, -1)
+                    from spmd.kernels.fp8 import MODE, Quantized, w8a8_dense
+                    wd = self.down_proj.weight
+                    if (MODE.fused_quant and wd.dtype == torch.float8_e4m3fn and w8a8_dense(rows, gate_up.dtype)
+                            and wd.shape[1] % 128 == 0):
+                        # the FP8 x FP8 down projection's input, quantized by the same kernel (one pass)
+                        q, s = fused.silu_mul(gate_up.view(rows, -1), quant=True, ue8m0=MODE.ue8m0, pad4=True)
+                        h = Quantized(q, s, torch.Size((*lead, wd.shape[1])), gate_up.dtype)
+                    else:
+                        h = fused.silu_mul(gate_up.view(rows, -1)).view(*lead, -1)
                 else:
                     gate, up = gate_up.chunk(2, dim=-1)
                     h = F.silu(gate) * up
@@ -167,17 +184,38 @@ class MoE(nn.Module):
     def fused_fits(self) -> bool:
         return True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def quantized_input(self, rows: int, dtype: torch.dtype) -> str | None:
+        """"both" where the shared expert and the routed experts both run FP8 x FP8 for `rows` tokens (the
+        group layout): the norm before may hand over its output quantized, once for both, with the 16-bit
+        norm kept for the router (spmd.kernels.fp8.Quantized); else None."""
+        if self.ep is not None or self.shared_experts.quantized_input(rows, dtype) is None or not self._a8(rows, dtype):
+            return None
+        return "both"
+
+    def _a8(self, n: int, dtype: torch.dtype) -> bool:
+        """Whether the routed experts run FP8 x FP8 for n tokens (rows per local expert expected: n * k / E)."""
+        if getattr(self, "s13", None) is None:
+            return False
+        from spmd.kernels.fp8 import w8a8_grouped
+        e_l = self.w13.shape[0]
+        return w8a8_grouped(n * self.gate.top_k * e_l // self.n_experts, e_l, dtype)
+
+    def forward(self, x) -> torch.Tensor:
+        xq = None
+        if not isinstance(x, torch.Tensor):  # a Quantized norm (quantized_input "both"): x is its 16-bit copy
+            xq, x = x, x.x
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, dim)
+        if xq is not None:
+            xq = dataclasses.replace(xq, shape=x.shape, x=x)
         with self.timers.compute("moe.gate", layer=self.layer):
             weights, ids = self.gate(x)  # (N, top_k)
         if self.ep is not None:
             return self._forward_ep(x, weights, ids).view(shape)
         with self.timers.compute("moe.experts", layer=self.layer):
-            y = self.routed(x, weights, ids)  # (N, dim), partial: this rank's experts only
+            y = self.routed(x, weights, ids, xq)  # (N, dim), partial: this rank's experts only
         with self.timers.compute("moe.shared", layer=self.layer):
-            y += self.shared_experts(x)  # partial: this rank's columns of the shared expert
+            y += self.shared_experts(x if xq is None else xq)  # partial: this rank's columns of the shared expert
         return self.tp.all_reduce("moe.combine", y, self.layer).view(shape)
 
     def _forward_ep(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -246,12 +284,13 @@ class MoE(nn.Module):
             return fp8_grouped_mm(x, w, scale, offs, row_expert)
         return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
 
-    def routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Sum over this rank's experts of weight * expert(token), for the tokens routed to each; (N, dim)."""
+    def routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, xq=None) -> torch.Tensor:
+        """Sum over this rank's experts of weight * expert(token), for the tokens routed to each; (N, dim).
+        xq: x already quantized (a spmd.kernels.fp8.Quantized), taken where the experts run FP8 x FP8."""
         grouped = getattr(self, "w13", None) is not None
-        return self._routed_grouped(x, weights, ids) if grouped else self._routed_loop(x, weights, ids)
+        return self._routed_grouped(x, weights, ids, xq) if grouped else self._routed_loop(x, weights, ids)
 
-    def _routed_grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def _routed_grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, xq=None) -> torch.Tensor:
         """Grouped GEMMs over (token, expert) slots sorted by local expert; no host sync, no Python loop."""
         n, k = ids.shape
         flat = ids.flatten()  # (N*k,)
@@ -262,12 +301,10 @@ class MoE(nn.Module):
         counts.scatter_add_(0, key, torch.ones_like(key))  # fixed size: bincount would sync to size its output
         offs = counts[:-1].cumsum(0).to(torch.int32)  # (E_l,) end row of each local expert
         s13, s2 = getattr(self, "s13", None), getattr(self, "s2", None)
-        a8 = False
-        if s13 is not None:  # prefill-sized: FP8 x FP8 (rows per local expert expected: N*k / n_experts)
-            from spmd.kernels.fp8 import w8a8_grouped
-            a8 = w8a8_grouped(n * k * self.w13.shape[0] // self.n_experts, self.w13.shape[0], x.dtype)
+        a8 = self._a8(n, x.dtype)  # prefill-sized: FP8 x FP8
         # (N*k, 2I) over the slots in expert order; rows past offs[-1] belong to no group and are not computed
-        gate_up = self._gmm(x, self.w13, s13, offs, row_expert, rows=order // k, a8=a8)  # (N*k, 2I)
+        gate_up = self._gmm(x, self.w13, s13, offs, row_expert, rows=order // k, a8=a8,
+                            xq=None if xq is None or not a8 else (xq.q, xq.s))  # (N*k, 2I)
         # the routing weight scales the I-wide intermediate in the activation dtype (linear: down(w a) =
         # w down(a)): no float32 copy of the dim-wide output (issue 26: 28 GiB at 32 x 4096 tokens)
         w = torch.where(local, weights.flatten(), 0.0)[order]  # (N*k,) float32; other ranks' slots 0

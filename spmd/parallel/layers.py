@@ -78,11 +78,12 @@ def fp8_copy(w: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 def matmul(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor | None) -> torch.Tensor:
-    """x W^T for a weight given directly (pack_weights' stacks): as `linear`."""
+    """x W^T for a weight given directly (pack_weights' stacks): as `linear`. x may be a
+    spmd.kernels.fp8.Quantized activation (fp8_linear takes it as it is; other weights its 16-bit values)."""
     if w.dtype == torch.float8_e4m3fn:
         from spmd.kernels.fp8 import fp8_linear
         return fp8_linear(x, w, scale_inv)
-    return F.linear(x, w)
+    return F.linear(x if isinstance(x, torch.Tensor) else x.tensor(), w)
 
 
 def _weight(rows: int, cols: int, dtype, device) -> nn.Parameter:

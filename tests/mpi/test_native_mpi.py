@@ -266,3 +266,46 @@ def test_fp8_w8a8_layer_error(world, monkeypatch):
     assert len(w8a8) == len(w8a16) == layers
     assert max(w8a8) < W8A8_LAYER_REL_ERR and max(w8a16) < W8A8_LAYER_REL_ERR, (w8a8, w8a16)
     assert sum(w8a8) > sum(w8a16), "w8a8 ran: quantizing the activations adds error"
+
+
+def test_fp8_quantizing_producers_equal_a_separate_quantization(world, monkeypatch):
+    """The fused ops before FP8 x FP8 GEMMs that hand over their output quantized (the residual add +
+    RMSNorm before attention and the MLPs, silu * up before the dense and shared down projections;
+    Mode.fused_quant) give the logits of the same kernels with quantize_act after them, bit for bit, and
+    they ran: per layer two quantizing norms, and one quantizing silu * up per dense or shared MLP. The
+    fused ops forced on for every step (on CUDA: use_fused, steps of FUSED_ROWS tokens). One rank."""
+    pytest.importorskip("triton")
+    if world.size > 1:
+        pytest.skip("numerics of the kernels: one rank")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from spmd.kernels import fp8, fused
+
+    ckpt = checkpoint_dir("tiny", "fp8")
+    m = ModelArgs.from_checkpoint(ckpt)
+    ids = [p[:6] for p in encode(load_tokenizer(ckpt), read_prompts(PROMPTS20), chat=True)[:2]]
+    tokens, mask = left_pad(ids, 1, "cpu")
+    eng = _engine(world, ckpt, 1, "off", "keep", "bf16", "w8a8")
+    eng.model.pack_linears()
+    for mod in eng.model.modules():  # what use_fused sets on CUDA, by hand: the interpreter runs the kernels
+        if hasattr(mod, "fused_ok"):
+            mod.fused_ok = True
+    monkeypatch.setattr(fused, "FUSED_ROWS", 1)
+    calls = {"norm": 0, "silu_mul": 0}
+    for name in calls:
+        def counted(*a, _f=getattr(fused, name), _n=name, **k):
+            calls[_n] += bool(k.get("quant")) and (_n == "norm" or k.get("pad4", False))
+            return _f(*a, **k)
+        monkeypatch.setattr(fused, name, counted)
+    old = fp8.configure()
+    logits = {}
+    try:
+        for on in (False, True):
+            fp8.configure(w8a8_rows=1, w8a8_expert_rows=1, fused_quant=on)
+            logits[on] = eng.prefill(tokens, mask)
+            if not on:
+                assert calls == {"norm": 0, "silu_mul": 0}
+    finally:
+        fp8.configure(**vars(old))
+        eng.release()
+    assert calls == {"norm": 2 * m.n_layers, "silu_mul": m.n_layers}, calls
+    assert torch.isfinite(logits[True]).all() and torch.equal(logits[True], logits[False])

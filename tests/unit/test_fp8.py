@@ -362,6 +362,28 @@ def test_quantize_act_padded_to_four_rows(m):
     assert (qp[m:].float() == 0).all() and (qsp[m:] == 1).all()
 
 
+@pytest.mark.parametrize("dense", ["triton", "scaled_mm"])
+def test_linear_takes_an_activation_quantized_before(dense):
+    """fp8_linear of a Quantized x (a fused producer's output: q and s padded to 4 rows) gives what it
+    gives for the 16-bit x it quantizes itself, with both dense GEMMs (cuBLAS where it runs); a GEMM off
+    the FP8 x FP8 path (too few rows) reads the kept 16-bit x, or q * s where none was kept."""
+    if dense == "scaled_mm" and not (CUDA and torch.cuda.get_device_capability()[0] >= 9):
+        pytest.skip("cuBLAS block-scaled FP8: sm_90")
+    k, n, m = 256, 384, 37
+    gen = torch.Generator().manual_seed(3)
+    w, s = _weight((n, k), gen)
+    x = _act((2, m, k), torch.bfloat16, gen)
+    fp8.configure(w8a8_rows=1, dense=dense)
+    q, qs = fp8.quantize_act(x.view(-1, k), pad4=True)
+    pre = fp8.Quantized(q, qs, x.shape, x.dtype)
+    out = fp8.fp8_linear(pre, w, s)
+    assert out.shape == (2, m, n) and torch.equal(out, fp8.fp8_linear(x, w, s))
+    fp8.configure(w8a8_rows=4 * m)  # weight-only here
+    assert torch.equal(fp8.fp8_linear(fp8.Quantized(q, qs, x.shape, x.dtype, x), w, s), fp8.fp8_linear(x, w, s))
+    deq = fp8.dequantize_act(q[:2 * m], qs[:2 * m]).to(x.dtype).view(x.shape)
+    assert torch.equal(fp8.fp8_linear(pre, w, s), fp8.fp8_linear(deq, w, s))
+
+
 @pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] < 9, reason="cuBLAS block-scaled FP8: sm_90")
 @pytest.mark.parametrize("m", [37, 90, 128, 16383])
 def test_linear_w8a8_cublas_any_row_count(m):

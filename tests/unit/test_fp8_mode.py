@@ -66,6 +66,13 @@ def test_grouped_launch_from_the_environment(gpu, monkeypatch):
     monkeypatch.setenv("SPMD_FP8_TMA_LOOP", "later")
     with pytest.raises(ValueError, match="SPMD_FP8_TMA_LOOP"):
         _mode()
+    monkeypatch.delenv("SPMD_FP8_TMA_LOOP")
+    assert _mode()["fused_quant"] is True
+    monkeypatch.setenv("SPMD_FP8_FUSED_QUANT", "0")
+    assert _mode()["fused_quant"] is False
+    monkeypatch.setenv("SPMD_FP8_FUSED_QUANT", "no")
+    with pytest.raises(ValueError, match="SPMD_FP8_FUSED_QUANT"):
+        _mode()
 
 
 def test_forced_choices(gpu):

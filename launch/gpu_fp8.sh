@@ -13,8 +13,8 @@
 #             default 8 is `bench`'s run)
 #   loops     the slice's FP8 default at BATCHES once per SPMD_FP8_TMA_LOOP in TMA_LOOPS (default defer; the
 #             default inline is `bench`'s run)
-#   fusedq    the slice's FP8 default at BATCHES with SPMD_FP8_FUSED_QUANT=0 (a separate activation
-#             quantization after the norms and silu * up; `bench`'s run has them fused)
+#   fusedq    the slice's FP8 default at BATCHES with SPMD_FP8_FUSED_QUANT=0 (a quantization before each
+#             FP8 x FP8 GEMM; `bench`'s run quantizes the MoE input once and silu * up in its own kernel)
 #   validate  the validation matrix's slice rows on this GPU (G1; VALIDATE_WEIGHTS, default bf16,fp8: both
 #             checkpoints need ~80 GB of disk, fp8 alone ~30 GB); VALIDATE_OPTS: more
 #             program options; VALIDATE_ACT_QUANT=1: against the FP8-activation baseline (validation/act_quant.py;

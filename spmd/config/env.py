@@ -23,12 +23,11 @@ VARIABLES = {  # name -> (default, what it sets; who parses it)
                                  "sm_90+, else tiles (spmd.engines.native, spmd.kernels.fp8)"),
     "SPMD_FP8_GROUP_M": ("8", "row tiles per group in the grouped FP8 launches' program order (1: column tiles "
                               "fastest; spmd.kernels.fp8.Mode.group_m)"),
-    "SPMD_FP8_FUSED_QUANT": ("1", "1: the kernels before FP8 x FP8 GEMMs (the residual add + RMSNorm, silu * up) "
-                                  "write their output quantized in the same pass; 0: a separate quantization "
-                                  "(spmd.kernels.fp8.Mode.fused_quant)"),
+    "SPMD_FP8_FUSED_QUANT": ("1", "1: the MoE input quantized once for the shared and routed experts, silu * up "
+                                  "quantized in its own kernel for the dense and shared down projections; 0: "
+                                  "a quantization before each FP8 x FP8 GEMM (spmd.kernels.fp8.Mode.fused_quant)"),
     "SPMD_FP8_TMA_LOOP": ("inline", "the TMA grouped launch's k loop: inline, defer (block scales applied one "
-                                    "block later), pair (two blocks per iteration), ws, defer-ws, pair-ws (warp "
-                                    "specialized; spmd.kernels.fp8.Mode.tma_loop)"),
+                                    "block later), ws, defer-ws (warp specialized; spmd.kernels.fp8.Mode.tma_loop)"),
 }
 
 

@@ -115,17 +115,17 @@ class Mode:
     # row tiles per group in the row-tile launches' program order (_tile): 1 = column tiles vary fastest
     group_m: int = 8
     # the TMA launch's k loop (_w8a8_tma_kernel): "inline" (each block's scales applied right after its
-    # wgmma), "defer" (one block later, overlapping the next wgmma), "pair" (two blocks per iteration, both
-    # wgmmas issued first; an odd block count runs inline), "ws" / "defer-ws" / "pair-ws" (the same with
+    # wgmma), "defer" (one block later, overlapping the next wgmma), "ws" / "defer-ws" (the same with
     # Triton's warp specialization)
     tma_loop: str = "inline"
-    # the kernels before FP8 x FP8 GEMMs (spmd.kernels.fused.norm, silu_mul) hand over their output
-    # quantized (Quantized: one pass) where the model's fused ops run; False: quantize_act after them
+    # activations quantized once for several FP8 x FP8 GEMMs, or by the kernel that makes them (Quantized):
+    # the MoE input for the shared and the routed experts, silu * up for the dense and shared down
+    # projections (spmd.model.moe); False: quantize_act before each GEMM
     fused_quant: bool = True
 
 
 MODE = Mode()
-TMA_LOOPS = ("inline", "defer", "ws", "defer-ws", "pair", "pair-ws")
+TMA_LOOPS = ("inline", "defer", "ws", "defer-ws")
 
 
 def configure(**changes) -> Mode:
@@ -396,7 +396,7 @@ def _w8a8_tma_kernel(x_desc, xs_ptr, w_desc, s_ptr, offs_ptr, tend_ptr, o_ptr, R
                      stride_xsm, stride_xsk, stride_se, stride_sn, stride_sk, stride_om, stride_on,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      K_TILES: tl.constexpr, SCALE_BLOCK: tl.constexpr, SEARCH: tl.constexpr,
-                     GROUP_M: tl.constexpr, DEFER: tl.constexpr, PAIR: tl.constexpr, WS: tl.constexpr):
+                     GROUP_M: tl.constexpr, DEFER: tl.constexpr, WS: tl.constexpr):
     """_grouped_tiles_kernel's FP8 x FP8 with the operand tiles loaded by the Hopper TMA unit (host tensor descriptors:
     x (R, K) in (BLOCK_M, 128) blocks, the experts' weights as one (E * N, K) matrix in (BLOCK_N, 128)
     blocks). A tile's rows past its expert's end (another expert's rows, or zeros past R) and columns
@@ -404,10 +404,8 @@ def _w8a8_tma_kernel(x_desc, xs_ptr, w_desc, s_ptr, offs_ptr, tend_ptr, o_ptr, R
     The k loop (MODE.tma_loop): each 128-deep block's product is scaled by its activation and weight
     scales and added to the float32 accumulator right after its wgmma (DEFER 0), or one block later,
     after the next block's wgmma is issued (DEFER 1: the promotion on CUDA cores can overlap the tensor
-    cores' next product, DeepGEMM's idea, at the cost of a second accumulator tile in registers), or two
-    blocks per iteration (PAIR, K_TILES even: both wgmmas issued before the first block's scales are
-    applied; the additions in the inline loop's order, so the same result); WS: Triton's warp
-    specialization of the loop (a producer warp loading by TMA for the math warps)."""
+    cores' next product, DeepGEMM's idea, at the cost of a second accumulator tile in registers); WS:
+    Triton's warp specialization of the loop (a producer warp loading by TMA for the math warps)."""
     p = tl.program_id(0)
     nt = (N + BLOCK_N - 1) // BLOCK_N
     ntiles = tl.load(tend_ptr + E - 1)
@@ -432,14 +430,6 @@ def _w8a8_tma_kernel(x_desc, xs_ptr, w_desc, s_ptr, offs_ptr, tend_ptr, o_ptr, R
                                   BLOCK_N, SCALE_BLOCK)
                 prev = cur
             acc += prev * sc
-        elif PAIR:
-            for kb in tl.range(0, K_TILES, 2, warp_specialize=WS):
-                p0 = tl.dot(x_desc.load([m0, kb * BLOCK_K]), w_desc.load([wrow, kb * BLOCK_K]).T)
-                p1 = tl.dot(x_desc.load([m0, (kb + 1) * BLOCK_K]), w_desc.load([wrow, (kb + 1) * BLOCK_K]).T)
-                acc += p0 * _ab_scale_fn(xs_ptrs, s_e, pid_n, rn, n_mask, m_mask, kb, stride_xsk, stride_sn,
-                                         stride_sk, BLOCK_N, SCALE_BLOCK)
-                acc += p1 * _ab_scale_fn(xs_ptrs, s_e, pid_n, rn, n_mask, m_mask, kb + 1, stride_xsk, stride_sn,
-                                         stride_sk, BLOCK_N, SCALE_BLOCK)
         else:
             for kb in tl.range(0, K_TILES, warp_specialize=WS):
                 a = x_desc.load([m0, kb * BLOCK_K])
@@ -711,9 +701,9 @@ def quantize_act(x: torch.Tensor, ue8m0: bool | None = None,
 class Quantized:
     """A 16-bit activation quantized once for the FP8 x FP8 GEMMs that read it (fp8_linear takes it for x):
     quantize_act's q and s with rows padded to 4 (pad4), the activation's shape and dtype (the outputs'),
-    and the activation itself where a 16-bit consumer reads it too (the MoE router), else None. Made by
-    the fused producers (spmd.kernels.fused.norm, silu_mul) where a w8a8 GEMM follows: one pass over
-    the activation instead of a write, a read and a quantization pass."""
+    and the activation itself where a 16-bit consumer reads it too (the MoE router), else None. Made
+    where several w8a8 GEMMs read one activation (the MoE input: the shared and the routed experts), and
+    by spmd.kernels.fused.silu_mul for the down projection: one quantization pass, or none of its own."""
     q: torch.Tensor
     s: torch.Tensor
     shape: torch.Size
@@ -957,7 +947,6 @@ def _grouped_tiles(kernels, x, x_scale, w, scale_inv, offs, out):
         tma_kernel[grid](xd, x_scale, wd, scale_inv, offs, tend, out, r, n, k, e,
                          x_scale.stride(0), x_scale.stride(1), scale_inv.stride(0), scale_inv.stride(1),
                          scale_inv.stride(2), out.stride(0), out.stride(1), DEFER=MODE.tma_loop.startswith("defer"),
-                         PAIR=MODE.tma_loop.startswith("pair") and _cdiv128(k) % 2 == 0,
                          WS=MODE.tma_loop.endswith("ws"), **common)
         return out
     wk, wbytes = (w, False) if a8 else _weight_operand(w)

@@ -56,12 +56,10 @@ def fused_for(mod, rows: int) -> bool:
     return mod.fused or (mod.fused_ok and rows >= FUSED_ROWS)
 
 
-def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, o_ptr, xo_ptr, q_ptr, s_ptr, D, stride_x, stride_r, stride_o, stride_xo,
-                    stride_q, stride_sm, stride_sk, eps, BLOCK: tl.constexpr, RESIDUAL: tl.constexpr,
-                    KEEP: tl.constexpr, QUANT: tl.constexpr, UE8M0: tl.constexpr, EXACT_DIV: tl.constexpr):
+def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, o_ptr, xo_ptr, D, stride_x, stride_r, stride_o, stride_xo, eps,
+                    BLOCK: tl.constexpr, RESIDUAL: tl.constexpr):
     """Program per row: x (+ r, rounded to x's dtype and written to xo: the residual stream) normalized
-    and scaled by w as RMSNorm, to o (KEEP) and/or quantized per 128 columns as
-    spmd.kernels.fp8.quantize_act does (QUANT: q e4m3, s float32; D a multiple of 128)."""
+    and scaled by w as RMSNorm, to o."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < D
@@ -76,15 +74,7 @@ def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, o_ptr, xo_ptr, q_ptr, s_ptr, D, stride
     ms = tl.reduce(xf * xf, 0, _add_combine) / D
     h = (xf * tl.rsqrt(ms + eps)).to(x.dtype)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    y = (w.to(tl.float32) * h.to(tl.float32)).to(x.dtype)
-    if KEEP:
-        tl.store(o_ptr + row * stride_o + cols, y, mask=mask)
-    if QUANT:
-        q, scale = _quant_block_fn(tl.reshape(y.to(tl.float32), (BLOCK // 128, 128)), UE8M0, EXACT_DIV)
-        tl.store(q_ptr + row * stride_q + tl.reshape(cols, (BLOCK // 128, 128)), q.to(q_ptr.dtype.element_ty),
-                 mask=tl.reshape(mask, (BLOCK // 128, 128)))
-        g = tl.arange(0, BLOCK // 128)
-        tl.store(s_ptr + row * stride_sm + g * stride_sk, scale, mask=g * 128 < D)
+    tl.store(o_ptr + row * stride_o + cols, (w.to(tl.float32) * h.to(tl.float32)).to(x.dtype), mask=mask)
 
 
 def _route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, stride_l, route_scale,
@@ -263,39 +253,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return norm(x, weight, eps)[1]
 
 
-def norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-         quant: bool = False, keep: bool = True, ue8m0: bool = False):
-    """rms_norm of x, or of x + residual (rounded to x's dtype, as torch's add), in one kernel (one read
-    of each input) -> (x + residual or None, the normalized activation (or, with quant, an
-    spmd.kernels.fp8.Quantized of it: quantize_act's q and s, rows padded to 4, holding the 16-bit
-    activation too if keep)). quant needs D a multiple of 128."""
+def norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """rms_norm of x, or of x + residual (rounded to x's dtype, as torch's add), in one kernel (one read of
+    each input) -> (x + residual or None, the normalized activation)."""
     d = x.shape[-1]
-    if weight.shape != (d,) or weight.dtype != x.dtype or (residual is not None and residual.shape != x.shape) \
-            or (quant and d % 128) or not (keep or quant):
+    if weight.shape != (d,) or weight.dtype != x.dtype or (residual is not None and residual.shape != x.shape):
         raise ValueError(f"rms_norm: weight {tuple(weight.shape)} {weight.dtype} for x (..., {d}) {x.dtype}, "
-                         f"residual {None if residual is None else tuple(residual.shape)}, quant {quant}, keep {keep}")
+                         f"residual {None if residual is None else tuple(residual.shape)}")
     x2 = x.reshape(-1, d)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    m = x2.shape[0]
     r2 = x2 if residual is None else residual.reshape(-1, d).contiguous()
     summed = None if residual is None else torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device) if keep else None
-    q, s = fp8.act_buffers(m, d, x.device, pad4=True) if quant else (x2, x2)
-    sk = (s.stride(0), s.stride(1)) if quant else (0, 0)
-    if m:
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    if x2.shape[0]:
         block = triton.next_power_of_2(d)
-        _kernels(interpret())[0][(m,)](
-            x2, r2, weight, x2 if out is None else out, x2 if summed is None else summed, q, s, d,
-            x2.stride(0), r2.stride(0), 0 if out is None else out.stride(0),
-            0 if summed is None else summed.stride(0), q.stride(0) if quant else 0, *sk, eps, BLOCK=block,
-            RESIDUAL=residual is not None, KEEP=keep, QUANT=quant, UE8M0=ue8m0, EXACT_DIV=not interpret(),
+        _kernels(interpret())[0][(x2.shape[0],)](
+            x2, r2, weight, out, x2 if summed is None else summed, d, x2.stride(0), r2.stride(0), out.stride(0),
+            0 if summed is None else summed.stride(0), eps, BLOCK=block, RESIDUAL=residual is not None,
             num_warps=8 if block >= 4096 else 4)
-    summed = None if summed is None else summed.view(x.shape)
-    y = None if out is None else out.view(x.shape)
-    if quant:
-        y = fp8.Quantized(fp8.finish_act(q), s, x.shape, x.dtype, y)
-    return summed, y
+    return (None if summed is None else summed.view(x.shape)), out.view(x.shape)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

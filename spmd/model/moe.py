@@ -9,8 +9,6 @@ them; where neither runs (e.g. fp32 on CUDA), a per-expert loop with one host sy
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,12 +40,10 @@ class MLP(nn.Module):
     def fused_fits(self) -> bool:
         return True
 
-    def quantized_input(self, rows: int, dtype: torch.dtype) -> str | None:
-        """"only" where the input feeds nothing but an FP8 x FP8 GEMM (gate and up packed, FP8, rows enough
-        for w8a8): the norm before may hand it over quantized (spmd.kernels.fp8.Quantized); else None."""
-        from spmd.kernels.fp8 import MODE, w8a8_dense
-        fp8 = self.w13 is not None and self.w13.dtype == torch.float8_e4m3fn
-        return "only" if fp8 and MODE.fused_quant and w8a8_dense(rows, dtype) else None
+    def a8_input(self, rows: int, dtype: torch.dtype) -> bool:
+        """Whether the input's GEMM (gate and up packed, FP8) runs FP8 x FP8 for `rows` tokens."""
+        from spmd.kernels.fp8 import w8a8_dense
+        return self.w13 is not None and self.w13.dtype == torch.float8_e4m3fn and w8a8_dense(rows, dtype)
 
     def pack(self) -> None:
         """gate_proj and up_proj as one (2 inter/G, dim) GEMM: one read of x (one quantization of it for
@@ -184,14 +180,6 @@ class MoE(nn.Module):
     def fused_fits(self) -> bool:
         return True
 
-    def quantized_input(self, rows: int, dtype: torch.dtype) -> str | None:
-        """"both" where the shared expert and the routed experts both run FP8 x FP8 for `rows` tokens (the
-        group layout): the norm before may hand over its output quantized, once for both, with the 16-bit
-        norm kept for the router (spmd.kernels.fp8.Quantized); else None."""
-        if self.ep is not None or self.shared_experts.quantized_input(rows, dtype) is None or not self._a8(rows, dtype):
-            return None
-        return "both"
-
     def _a8(self, n: int, dtype: torch.dtype) -> bool:
         """Whether the routed experts run FP8 x FP8 for n tokens (rows per local expert expected: n * k / E)."""
         if getattr(self, "s13", None) is None:
@@ -200,18 +188,19 @@ class MoE(nn.Module):
         e_l = self.w13.shape[0]
         return w8a8_grouped(n * self.gate.top_k * e_l // self.n_experts, e_l, dtype)
 
-    def forward(self, x) -> torch.Tensor:
-        xq = None
-        if not isinstance(x, torch.Tensor):  # a Quantized norm (quantized_input "both"): x is its 16-bit copy
-            xq, x = x, x.x
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, dim)
-        if xq is not None:
-            xq = dataclasses.replace(xq, shape=x.shape, x=x)
         with self.timers.compute("moe.gate", layer=self.layer):
             weights, ids = self.gate(x)  # (N, top_k)
         if self.ep is not None:
             return self._forward_ep(x, weights, ids).view(shape)
+        xq = None
+        from spmd.kernels.fp8 import MODE
+        if MODE.fused_quant and self.shared_experts.a8_input(x.shape[0], x.dtype) and self._a8(x.shape[0], x.dtype):
+            # the shared and the routed experts both run FP8 x FP8 on x: one quantization for both
+            from spmd.kernels.fp8 import Quantized, quantize_act
+            xq = Quantized(*quantize_act(x, pad4=True), x.shape, x.dtype, x)
         with self.timers.compute("moe.experts", layer=self.layer):
             y = self.routed(x, weights, ids, xq)  # (N, dim), partial: this rank's experts only
         with self.timers.compute("moe.shared", layer=self.layer):

@@ -19,7 +19,7 @@ from torch import nn
 
 from spmd.kernels import fused
 from spmd.config import ModelArgs
-from spmd.kernels.fp8 import MODE, triton_available, w8a8_dense
+from spmd.kernels.fp8 import triton_available, w8a8_dense
 from spmd.kernels.mla_decode import mla_decode
 from spmd.model.moe import MLP, MoE
 from spmd.parallel.comm import UNTIMED, Group
@@ -145,17 +145,12 @@ class RMSNorm(nn.Module):
         xf = x.float()
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
-    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None, quant: str | None = None):
-        """(x + residual, its norm) (x and its norm without a residual), in one kernel where the fused ops
-        run (use_fused; eager steps of FUSED_ROWS tokens or more): and there, where the next GEMMs run FP8
-        x FP8 (`quant`: "only" or "both", the consumer's quantized_input), the norm quantized in the same
-        pass (a spmd.kernels.fp8.Quantized; "both" keeps the 16-bit norm in it too)."""
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + residual, its norm): one kernel where the fused ops run (use_fused; eager steps of
+        FUSED_ROWS tokens or more), the same sum and norm as torch's add and this module's forward."""
         if fused.fused_for(self, x.shape[:-1].numel()) and x.dtype == self.weight.dtype:
-            summed, y = fused.norm(x, self.weight, self.eps, residual, quant=quant is not None,
-                                   keep=quant != "only", ue8m0=MODE.ue8m0)
-            return (x if summed is None else summed), y
-        if residual is not None:
-            x = x + residual
+            return fused.norm(x, self.weight, self.eps, residual)
+        x = x + residual
         return x, self(x)
 
 
@@ -192,12 +187,6 @@ class MLA(nn.Module):
 
     def fused_fits(self) -> bool:
         return self.rope % 2 == 0
-
-    def quantized_input(self, rows: int, dtype: torch.dtype) -> str | None:
-        """"only" where attend's input feeds nothing but an FP8 x FP8 GEMM (q_a and kv_a packed, FP8, rows
-        enough for w8a8): its norm may hand it over quantized (RMSNorm.add_norm); else None."""
-        fp8 = self.wa is not None and self.wa.dtype == torch.float8_e4m3fn
-        return "only" if fp8 and MODE.fused_quant and w8a8_dense(rows, dtype) else None
 
     def pack(self) -> None:
         """q_a_proj and kv_a_proj_with_mqa read the same x: one (q_lora_rank + rank + rope, dim) GEMM, one
@@ -304,13 +293,12 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(m.dim, m.norm_eps, dtype, device)
 
     def forward(self, x, rope, bias, cache: "Cache", start, naive: bool) -> torch.Tensor:
-        rows = x.shape[:-1].numel()
         with self.timers.compute("attn", layer=self.layer):
-            _, h = self.input_layernorm.add_norm(x, None, self.self_attn.quantized_input(rows, x.dtype))
-            a = self.self_attn.attend(h, rope, bias, cache.kv[self.layer], cache.pe[self.layer], start, naive)
+            a = self.self_attn.attend(self.input_layernorm(x), rope, bias, cache.kv[self.layer],
+                                      cache.pe[self.layer], start, naive)
         a = self.self_attn.o_proj(a)  # (B, T, dim), all-reduced
         with self.timers.compute("norm", layer=self.layer):  # the residual add and the norm: one kernel
-            x, h = self.post_attention_layernorm.add_norm(x, a, self.mlp.quantized_input(rows, x.dtype))
+            x, h = self.post_attention_layernorm.add_norm(x, a)
         return x + self.mlp(h)
 
 

@@ -6,7 +6,8 @@ At decode the step is a chain of small kernels between the weight-bound GEMMs, a
 is one program per row that reads the row once, with the same arithmetic: fp32 mean of squares,
 ``x * rsqrt(mean + eps)`` in fp32, rounded to x's dtype, then multiplied by the weight (in fp32, rounded
 once more to x's dtype, as torch's bf16 multiply does). It differs from torch only by the summation order
-of the mean (fp32).
+of the mean (fp32). ``norm`` is the same kernel with the residual add before it (the post-attention norm:
+x + attention output, rounded to x's dtype as torch's add, written out as the residual stream).
 
 ``route`` is the noaux_tc router after its matmul (``spmd.model.moe.Gate``), about 18 torch kernels: sigmoid
 scores, biased choice scores, each group's score as the sum of its two best, the best groups kept, the

@@ -41,9 +41,10 @@ FULL_CFG, SLICE_CFG = ROOT / "inputs/models/v3.1-671b.json", ROOT / "inputs/mode
 SERVE = ROOT / "traces/results/serve/NVIDIA_H100_80GB_HBM3-2026-12-06-r4.json"      # the serving loop, 400 prompts
 SERVE_FP8 = ROOT / "traces/results/serve/NVIDIA_H100_80GB_HBM3-2026-12-06-r5.json"  # w8a8 vs w8a16 prefill
 FP8_BENCH = ROOT / "traces/results/bench/fp8-modes-2026-12-06-r3/NVIDIA_H100_80GB_HBM3-2026-12-06.json"  # decode, bytes
-# prefill and its kernel profile: three repeats in one call, each the median of five prefills (same card type)
-FP8_REPEATS = [ROOT / f"traces/results/bench/fp8-repeats-2026-12-07/{r}/NVIDIA_H100_80GB_HBM3-2026-12-07.json"
-               for r in ("r1", "r2", "r3")]
+# prefill and its kernel profile: three repeats of the final code on one H100 (a in one call, b and c in the
+# next on the same machine), each the median of five prefills, each ratio within its own run
+FP8_REPEATS = [ROOT / f"traces/results/bench/fp8-fusedquant-2026-12-07/{r}/NVIDIA_H100_80GB_HBM3-2026-12-07.json"
+               for r in ("a", "b", "c")]
 FP8_PREFILL = FP8_REPEATS[0]
 VALID_A8 = ROOT / "validation/results/NVIDIA_H100_80GB_HBM3-2026-12-06.json"
 # the weight-only run scored against the baseline with FP8 activations (validation.matrix --act-quant)

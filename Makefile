@@ -12,7 +12,7 @@ NP ?= 2
 ENV := . launch/env.sh &&
 MPIRUN := $(ENV) mpirun
 
-.PHONY: install install-perf run test test-quick test-unit test-mpi test-launch checkpoints gpu-native gpu-bench gpu-serve-bench gpu-mla-bench gpu-fp8-bench gpu-comm-bench load-bench serve-bench-cpu bench baseline validate gpu-validate model plan scaling gpu-scaling paper container clean
+.PHONY: install install-perf run test test-quick test-unit test-mpi test-launch checkpoints gpu-native gpu-bench gpu-serve-bench gpu-mla-bench gpu-fp8-bench fp8-sass gpu-comm-bench load-bench serve-bench-cpu bench baseline validate gpu-validate model plan scaling gpu-scaling paper container clean
 
 install: $(STAMP)
 
@@ -110,6 +110,14 @@ gpu-mla-bench:
 # floor, with each one's error; w8a8 tile sweep (traces/results/fp8/<gpu>-<date>.{json,md}; about 3 minutes)
 gpu-fp8-bench:
 	. launch/env.sh && python3 -m traces.fp8_bench $(FP8_BENCH_OPTS)
+
+# What the grouped FP8 x FP8 kernel's k loop compiles to on sm_90 (Triton's ptxas and nvdisasm; no GPU needed):
+# its wgmmas, the waits before the promotion, CTA-wide barriers, spills (SASS and a summary in FP8_SASS_OUT)
+FP8_SASS_OUT ?= build/fp8-sass
+FP8_SASS_LOOPS ?= inline,defer
+FP8_SASS_TILES ?= 128x128x8x4
+fp8-sass:
+	. launch/env.sh && python3 -m traces.fp8_sass --loop $(FP8_SASS_LOOPS) --tile $(FP8_SASS_TILES) --out $(FP8_SASS_OUT)
 
 # The loader's read rate, cold and warm page cache, against the raw file read (one process; the proposal's I/O
 # estimate): on a GPU machine the FP8 slice to the GPU, here DEVICE=cpu with CKPT_DIR (traces/results/load/)

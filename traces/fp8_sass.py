@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -36,6 +37,8 @@ def compile_kernel(loop: str, tile: tuple[int, int, int, int], k: int):
 
     from spmd.kernels import fp8
 
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("traces.fp8_sass compiles the kernel: run it without TRITON_INTERPRET")
     if loop not in fp8.TMA_LOOPS:
         raise SystemExit(f"--loop {loop}: one of {', '.join(fp8.TMA_LOOPS)}")
     bm, bn, warps, stages = tile

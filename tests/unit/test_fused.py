@@ -160,11 +160,24 @@ for shape in ((2, 19, 256), (1, 7168), (0, 256)):
     same(y, fused.rms_norm(summed, w, 1e-6), exact=True, what="add + norm")
     plain, y0 = fused.norm(x, w, 1e-6)
     assert plain is None and torch.equal(y0, fused.rms_norm(x, w, 1e-6))
-try:
-    fused.norm(torch.zeros(2, 128, device=dev), torch.ones(128, device=dev), 1e-6, torch.zeros(3, 128, device=dev))
-    raise SystemExit("a residual of another shape was accepted")
-except ValueError:
-    pass
+for n, k, d in ((7, 8, 300), (1, 4, 1024), (0, 8, 64)):  # the experts' rows back to tokens, summed
+    h = torch.randn(n * k + 3, d, generator=g).to(torch.bfloat16).to(dev)
+    idx = torch.randperm(n * k + 3, generator=g)[:n * k].to(dev)
+    got = fused.gather_sum(h, idx, k)
+    same(got, h.index_select(0, idx).view(n, k, d).sum(1), what="gather_sum")
+for bad in (lambda: fused.silu_mul(torch.zeros(2, 3, device=dev)),
+            lambda: fused.gather_sum(torch.zeros(4, 8, device=dev), torch.zeros(5, dtype=torch.long, device=dev), 2),
+            lambda: fused.silu_mul(torch.zeros(2, 200, device=dev), quant=True),
+            lambda: fused.mla_keys(torch.zeros(1, 2, 3, 128, device=dev), torch.zeros(1, 3, 64, device=dev)),
+            lambda: fused.rope(torch.zeros(1, 2, 64, device=dev), torch.zeros(1, 2, 16, device=dev),
+                               torch.zeros(1, 2, 16, device=dev)),
+            lambda: fused.norm(torch.zeros(2, 128, device=dev), torch.ones(128, device=dev), 1e-6,
+                               torch.zeros(3, 128, device=dev))):  # a residual of another shape
+    try:
+        bad()
+        raise SystemExit("a wrong shape was accepted")
+    except ValueError:
+        pass
 print("ok")
 '''
 

@@ -49,6 +49,15 @@ SWEEP = ((64, 128, 4, 3), (64, 128, 4, 4), (128, 128, 8, 3), (128, 128, 8, 4), (
 # (128, 256) was 3x slower, register-bound: traces/results/fp8/*-r3-launches.log), and its program orders
 # (fp8.Mode.group_m: row tiles per group, 1 = column tiles fastest), swept with the TMA launch
 SWEEP_GROUPED = ((64, 128, 4, 4), (64, 128, 4, 3), (128, 128, 8, 4), (64, 256, 8, 3))
+
+
+def parse_tiles(spec: str) -> tuple[tuple[int, int, int, int], ...]:
+    """"BMxBNxWARPSxSTAGES,..." -> the tiles (none for an empty spec)."""
+    tiles = tuple(tuple(int(v) for v in t.split("x")) for t in spec.split(",") if t)
+    for t in tiles:
+        if len(t) != 4:
+            raise SystemExit(f"tile {'x'.join(map(str, t))}: BLOCK_MxBLOCK_NxWARPSxSTAGES")
+    return tiles
 SWEEP_GROUP_M = (1, 4, 8, 16)
 
 
@@ -364,9 +373,8 @@ def main(argv=None) -> int:
            "sweep": [] if a.no_sweep else sweep(ceil, gen, a.only, [int(t) for t in a.sweep_tokens.split(",")],
                                                            a.sweep_loops.split(","),
                                                            [int(g) for g in a.sweep_group_m.split(",")],
-                                                           tuple(tuple(int(v) for v in t.split("x"))
-                                                                 for t in a.sweep_tiles.split(",") if t)
-                                                           or SWEEP_GROUPED, not a.no_cp_async)}
+                                                           parse_tiles(a.sweep_tiles) or SWEEP_GROUPED,
+                                                           not a.no_cp_async)}
     fp8.configure(**vars(old))
     from traces.table import write_result
     write_result(Path(a.out), f"{ceil['gpu']}-{doc['date']}", doc, markdown(doc))

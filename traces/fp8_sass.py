@@ -21,6 +21,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,8 +93,6 @@ def main_loop(sass: str) -> list[str]:
 
 
 def summary(loop: str, tile, k: int, out: Path | None) -> dict:
-    import tempfile
-
     c = compile_kernel(loop, tile, k)
     with tempfile.TemporaryDirectory() as tmp:
         sass = disassemble(c.asm["cubin"], Path(tmp))
@@ -120,11 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="write each SASS and summary here")
     a = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    from traces.fp8_bench import parse_tiles
+
     for loop in a.loop.split(","):
-        for t in a.tile.split(","):
-            tile = tuple(int(v) for v in t.split("x"))
-            if len(tile) != 4:
-                raise SystemExit(f"--tile {t}: BLOCK_MxBLOCK_NxWARPSxSTAGES")
+        for tile in parse_tiles(a.tile):
             print(json.dumps(summary(loop, tile, a.k, a.out)))
     return 0
 

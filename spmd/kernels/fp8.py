@@ -682,13 +682,10 @@ def quantize_act(x: torch.Tensor, ue8m0: bool | None = None,
     takes no other row count (traces/fp8_bench.py)."""
     ue8m0 = MODE.ue8m0 if ue8m0 is None else ue8m0
     m, k = x.shape
-    if not triton_available(x.device) or m == 0 or k == 0:
-        _, scales = act_buffers(m, k, x.device, pad4)
-        q, s = _quantize_torch(x, ue8m0)
-        scales[:m].copy_(s)
-        rows = scales.shape[0]
-        return (torch.cat([q, q.new_zeros((rows - m, k))]) if rows > m else q), scales
     q, scales = act_buffers(m, k, x.device, pad4)
+    if not triton_available(x.device) or m == 0 or k == 0:
+        q[:m], scales[:m] = _quantize_torch(x, ue8m0)
+        return finish_act(q), scales
     _, _, quant, _ = _kernels(interpret())
     bm = 32
     quant[(triton.cdiv(m, bm), _cdiv128(k))](x, q, scales, m, k, x.stride(0), x.stride(1), q.stride(0),

@@ -195,11 +195,10 @@ class MoE(nn.Module):
             weights, ids = self.gate(x)  # (N, top_k)
         if self.ep is not None:
             return self._forward_ep(x, weights, ids).view(shape)
+        from spmd.kernels.fp8 import MODE, Quantized, quantize_act
         xq = None
-        from spmd.kernels.fp8 import MODE
         if MODE.fused_quant and self.shared_experts.a8_input(x.shape[0], x.dtype) and self._a8(x.shape[0], x.dtype):
             # the shared and the routed experts both run FP8 x FP8 on x: one quantization for both
-            from spmd.kernels.fp8 import Quantized, quantize_act
             xq = Quantized(*quantize_act(x, pad4=True), x.shape, x.dtype, x)
         with self.timers.compute("moe.experts", layer=self.layer):
             y = self.routed(x, weights, ids, xq)  # (N, dim), partial: this rank's experts only

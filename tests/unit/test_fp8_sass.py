@@ -26,7 +26,7 @@ def test_k_loop_of_the_tma_kernel(tmp_path):
     # multiply-adds: the 64 x 128 fp32 partial product over one warpgroup's 128 threads, 64 each
     assert (res["wgmma"], res["tma_load"], res["ffma"]) == (4, 2, 64 * 128 // 128), res
     assert res["spills"] == 0 and 0 < res["shared_bytes"] <= 232448
-    assert isinstance(res["all_wgmma_waited_before_promotion"], bool)
+    assert res["all_wgmma_waited_before_promotion"] is True  # the finding docs/performance.md reports
     assert (tmp_path / "inline-64x128x4x3.sass").stat().st_size > 10_000
     bad = subprocess.run([sys.executable, "-m", "traces.fp8_sass", "--loop", "fast"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)

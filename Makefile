@@ -112,12 +112,15 @@ gpu-fp8-bench:
 	. launch/env.sh && python3 -m traces.fp8_bench $(FP8_BENCH_OPTS)
 
 # What the grouped FP8 x FP8 kernel's k loop compiles to on sm_90 (Triton's ptxas and nvdisasm; no GPU needed):
-# its wgmmas, the waits before the promotion, CTA-wide barriers, spills (SASS and a summary in FP8_SASS_OUT)
+# its wgmmas, the waits before the promotion, CTA-wide barriers, spills (SASS and a summary in FP8_SASS_OUT);
+# FP8_SASS_KERNEL=ws: the warp-specialized Gluon kernel (tiles 128x128x4xSTAGES or 192x128x4xSTAGES)
 FP8_SASS_OUT ?= build/fp8-sass
+FP8_SASS_KERNEL ?= tma
 FP8_SASS_LOOPS ?= inline,defer
 FP8_SASS_TILES ?= 128x128x8x4
 fp8-sass:
-	. launch/env.sh && python3 -m traces.fp8_sass --loop $(FP8_SASS_LOOPS) --tile $(FP8_SASS_TILES) --out $(FP8_SASS_OUT)
+	. launch/env.sh && python3 -m traces.fp8_sass --kernel $(FP8_SASS_KERNEL) --loop $(FP8_SASS_LOOPS) \
+	  --tile $(FP8_SASS_TILES) --out $(FP8_SASS_OUT)
 
 # The loader's read rate, cold and warm page cache, against the raw file read (one process; the proposal's I/O
 # estimate): on a GPU machine the FP8 slice to the GPU, here DEVICE=cpu with CKPT_DIR (traces/results/load/)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 26's GPU measurements in one device call (one GPU). Stages (STAGES, comma-separated; default all but
 # validate and serve):
-#   tests     the FP8 and fused kernels' GPU tests (tests/unit/test_fp8.py, test_fp8_mode.py, test_fused.py)
+#   tests     the FP8 and fused kernels' GPU tests (tests/unit/test_fp8.py, test_fp8_mode.py, test_fused.py;
+#             TEST_OPTS: more pytest options, e.g. -k ws)
 #   fp8       the per-GEMM benchmark (traces/fp8_bench.py; FP8_BENCH_OPTS) with its tile sweep
 #   bench     the slice's prefill/decode per FP8 mode (traces/gpu_bench.py: CONFIGS, BATCHES; PROFILE_BATCHES
 #             are profiled per GPU kernel), 128-token prompts (PROMPT) up to 128 x 128 = 16,384 tokens (the
@@ -37,7 +38,7 @@ has() { [[ $stages == *",$1,"* ]]; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 if has tests; then
   timeout "${TEST_S:-150}" python3 -m pytest -q --tb=short tests/unit/test_fp8.py tests/unit/test_fp8_mode.py \
-    tests/unit/test_fused.py > "$out/tests.log" 2>&1
+    tests/unit/test_fused.py ${TEST_OPTS:-} > "$out/tests.log" 2>&1
   tail -8 "$out/tests.log"   # the whole log is kept in tests.log
 fi
 if has fp8; then

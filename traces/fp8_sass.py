@@ -1,8 +1,10 @@
 """What the grouped FP8 x FP8 kernel's k loop compiles to on sm_90, without a GPU.
 
-    python -m traces.fp8_sass [--loop inline] [--tile 128x128x8x4] [--k 7168] [--out DIR]
+    python -m traces.fp8_sass [--kernel tma|ws] [--loop inline] [--tile 128x128x8x4] [--k 7168] [--out DIR]
 
-Compiles spmd.kernels.fp8's TMA grouped kernel (``_w8a8_tma_kernel``) for sm_90 with Triton's own ptxas,
+Compiles spmd.kernels.fp8's TMA grouped kernel (``_w8a8_tma_kernel``; ``--kernel ws``: the warp-specialized
+Gluon kernel of spmd.kernels.fp8_ws, BLOCK_M 128 or 192 for two or three math warpgroups, its k loop being
+a math warpgroup's) for sm_90 with Triton's own ptxas,
 disassembles it with its nvdisasm, and reports the main k loop (the smallest loop of the SASS that holds
 a wgmma): the FP8 wgmma instructions (QGMMA) and the waits for them
 (``WARPGROUP.DEPBAR``), the CTA-wide barriers (``BAR.SYNC``), the TMA loads (``UTMALDG``), the global loads
@@ -11,7 +13,8 @@ and shared memory for the whole kernel. The question it answers: can the promoti
 product (its scales times the partial product, added on CUDA cores) overlap the tensor cores' next
 product? Only if a wgmma is still in flight while the FFMAs run (a wait for all of them,
 ``DEPBAR.LE gsb0, 0x0``, before the FFMAs says no), and only across warpgroups if no CTA-wide barrier
-puts them in lockstep. Writes DIR/<loop>-<tile>.sass and prints a summary (JSON).
+puts them in lockstep (``cta_barriers``: BAR.SYNC of the whole CTA; a warp-specialized partition's own
+barriers name their thread count). Writes DIR/<kernel>-<loop>-<tile>.sass and prints a summary (JSON).
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OPS = {"wgmma": r"\bQGMMA\.", "wgmma_wait": r"WARPGROUP\.DEPBAR", "wait_all": r"DEPBAR\.LE gsb0, 0x0",
        "bar_sync": r"\bBAR\.SYNC\b", "tma_load": r"\bUTMALDG\b", "scale_load": r"\bLDG\b", "ffma": r"\bFFMA\b",
-       "mbarrier_wait": r"SYNCS\.PHASECHK"}
+       "mbarrier_wait": r"SYNCS\.PHASECHK", "cta_barriers": r"\bBAR\.SYNC\.DEFER_BLOCKING 0x[0-9a-f]+ ;"}
 
 
 def compile_kernel(loop: str, tile: tuple[int, int, int, int], k: int):
@@ -54,6 +57,35 @@ def compile_kernel(loop: str, tile: tuple[int, int, int, int], k: int):
     names = list(sig)
     src = ASTSource(kern, sig, constexprs={(names.index(n),): v for n, v in const.items()})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+
+
+def compile_ws(loop: str, tile: tuple[int, int, int, int], k: int):
+    """spmd.kernels.fp8_ws's kernel compiled for sm_90 as fp8_ws.launch would launch it (BLOCK_M / 64 math
+    warpgroups, tile[3] slots, registers split by fp8_ws.registers)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from spmd.kernels import fp8_ws
+
+    opts = fp8_ws.options(tile, loop)
+    cfg = fp8_ws.plan(**opts)
+    maxnreg, math_regs, producer_regs = fp8_ws.registers(cfg["WGS"])
+    lay_x = gl.NVMMASharedLayout.get_default_for([64, 128], gl.float8e4nv)
+    lay_w = gl.NVMMASharedLayout.get_default_for([cfg["BLOCK_N"], 128], gl.float8e4nv)
+    sig = {"x_desc": f"tensordesc<fp8e4nv[64, 128],{lay_x!r}>", "xs_ptr": "*fp32",
+           "w_desc": f"tensordesc<fp8e4nv[{cfg['BLOCK_N']}, 128],{lay_w!r}>", "s_ptr": "*fp32", "offs_ptr": "*i32",
+           "tend_ptr": "*i32", "o_ptr": "*bf16"}
+    sig.update({name: "i32" for name in ("R", "N", "E", "stride_xsm", "stride_xsk", "stride_se", "stride_sn",
+                                         "stride_sk", "stride_om", "stride_on")})
+    const = dict(cfg, K_TILES=-(-k // 128), SEARCH=8, GROUP_M=8, MATH_REGS=math_regs, PRODUCER_REGS=producer_regs)
+    kern = fp8_ws._kernel()
+    sig.update({name: "constexpr" for name in const})
+    sig = {name: sig[name] for name in kern.arg_names}  # the kernel's parameter order
+    names = list(sig)
+    src = GluonASTSource(kern, sig, constexprs={(names.index(n),): v for n, v in const.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=fp8_ws.WARPS, maxnreg=maxnreg))
 
 
 def disassemble(cubin: bytes, work: Path) -> str:
@@ -92,20 +124,22 @@ def main_loop(sass: str) -> list[str]:
     return best
 
 
-def summary(loop: str, tile, k: int, out: Path | None) -> dict:
-    c = compile_kernel(loop, tile, k)
+def summary(loop: str, tile, k: int, out: Path | None, kernel: str = "tma") -> dict:
+    c = compile_ws(loop, tile, k) if kernel == "ws" else compile_kernel(loop, tile, k)
     with tempfile.TemporaryDirectory() as tmp:
         sass = disassemble(c.asm["cubin"], Path(tmp))
     body = main_loop(sass)
     counts = {name: sum(bool(re.search(rx, ln)) for ln in body) for name, rx in OPS.items()}
     first_ffma = next((i for i, ln in enumerate(body) if re.search(OPS["ffma"], ln)), None)
     waits_before = [i for i, ln in enumerate(body[:first_ffma]) if re.search(OPS["wait_all"], ln)]
-    res = {"loop": loop, "tile": list(tile), "k": k, "loop_instructions": len(body), **counts,
+    res = {"kernel": kernel, "loop": loop, "tile": list(tile), "k": k, "loop_instructions": len(body), **counts,
            "all_wgmma_waited_before_promotion": bool(waits_before),
-           "spills": len(re.findall(r"\b(?:STL|LDL)\b", sass)), "shared_bytes": c.metadata.shared}
+           "spills": len(re.findall(r"\b(?:STL|LDL)\b", sass)), "shared_bytes": c.metadata.shared,
+           # registers per thread the warpgroups set for themselves (setmaxnreg), warp-specialized kernels
+           "setmaxnreg": sorted({int(v, 16) for v in re.findall(r"USETMAXREG\.\S+ (?:UP0, )?(0x[0-9a-f]+)", sass)})}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        name = f"{loop}-{'x'.join(map(str, tile))}"
+        name = f"{kernel}-{loop}-{'x'.join(map(str, tile))}"
         (out / f"{name}.sass").write_text(sass)
         (out / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
     return res
@@ -113,7 +147,9 @@ def summary(loop: str, tile, k: int, out: Path | None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--loop", default="inline", help="spmd.kernels.fp8.TMA_LOOPS, comma-separated")
+    ap.add_argument("--kernel", choices=("tma", "ws"), default="tma",
+                    help="fp8's Triton TMA kernel or fp8_ws's warp-specialized Gluon kernel")
+    ap.add_argument("--loop", default="inline", help="spmd.kernels.fp8.TMA_LOOPS, comma-separated (ws: inline, defer)")
     ap.add_argument("--tile", default="128x128x8x4", help="BLOCK_M x BLOCK_N x warps x stages, comma-separated")
     ap.add_argument("--k", type=int, default=7168, help="the GEMM's K (7168: the experts' gate+up)")
     ap.add_argument("--out", type=Path, default=None, help="write each SASS and summary here")
@@ -123,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for loop in a.loop.split(","):
         for tile in parse_tiles(a.tile):
-            print(json.dumps(summary(loop, tile, a.k, a.out)))
+            print(json.dumps(summary(loop, tile, a.k, a.out, a.kernel)))
     return 0
 
 

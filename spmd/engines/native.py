@@ -276,8 +276,8 @@ def fp8_mode(args, device: torch.device, margs) -> dict:
                          f"--fp8-unpack hw/auto; here {name}, unpack {weights}")
     a8 = prefill == "w8a8" or (prefill == "auto" and cc is not None and fp8_cores and weights == "e4m3")
     grouped = env.read("SPMD_FP8_GROUPED") or "auto"
-    if grouped not in ("auto", "tma", "tiles", "experts"):
-        raise ValueError(f"SPMD_FP8_GROUPED={grouped!r}: auto, tma, tiles or experts")
+    if grouped not in ("auto", "tma", "tiles", "experts", "ws"):
+        raise ValueError(f"SPMD_FP8_GROUPED={grouped!r}: auto, tma, ws, tiles or experts")
     if grouped == "auto":  # the TMA unit: sm_90+
         grouped = "tma" if cc is not None and cc >= (9, 0) else "tiles"
     group_m = env.read("SPMD_FP8_GROUP_M") or "8"

@@ -110,7 +110,9 @@ class Mode:
     dense: str = "triton"
     tiles: tuple | None = None  # (BLOCK_M, BLOCK_N, warps, stages) for every w8a8 launch: benchmark sweeps
     # FP8 x FP8 grouped launch: a program per (column tile, expert row tile), its operands loaded by the
-    # TMA unit ("tma", sm_90+) or by cp.async ("tiles"), or a program per (column tile, expert) ("experts")
+    # TMA unit ("tma", sm_90+) or by cp.async ("tiles"), or a program per (column tile, expert) ("experts");
+    # "ws": spmd.kernels.fp8_ws, the same tiles in a warp-specialized persistent Gluon kernel (sm_90 GPUs;
+    # "tma" where it cannot run: Triton's CPU interpreter, a Triton without Gluon's Hopper API)
     grouped: str = "tiles"
     # row tiles per group in the row-tile launches' program order (_tile): 1 = column tiles vary fastest
     group_m: int = 8
@@ -126,6 +128,7 @@ class Mode:
 
 MODE = Mode()
 TMA_LOOPS = ("inline", "defer", "ws", "defer-ws")
+GROUPED_LAUNCHES = ("tma", "tiles", "experts", "ws")
 
 
 def configure(**changes) -> Mode:
@@ -133,9 +136,9 @@ def configure(**changes) -> Mode:
     old = dataclasses.replace(MODE)
     new = dataclasses.replace(MODE, **changes)
     if new.weights not in ("e4m3", "bytes") or new.dense not in ("triton", "scaled_mm") \
-            or new.grouped not in ("tma", "tiles", "experts"):
+            or new.grouped not in GROUPED_LAUNCHES:
         raise ValueError(f"fp8 mode: weights {new.weights!r} (e4m3|bytes), dense {new.dense!r} (triton|scaled_mm), "
-                         f"grouped {new.grouped!r} (tma|tiles|experts)")
+                         f"grouped {new.grouped!r} ({'|'.join(GROUPED_LAUNCHES)})")
     if min(new.w8a8_rows, new.w8a8_expert_rows) < 0:
         raise ValueError("fp8 mode: w8a8 row thresholds must be >= 0")
     if new.group_m < 1:
@@ -917,21 +920,29 @@ def _tma_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def _grouped_tiles(kernels, x, x_scale, w, scale_inv, offs, out):
     """fp8_grouped_mm with a program per (column tile, expert row tile), in _tile's order: FP8 x FP8 by _w8a8_tma_kernel
-    (MODE.grouped "tma", where _tma_ok) or _grouped_tiles_kernel, which also runs 16-bit x (weight-only,
+    (MODE.grouped "tma", where _tma_ok), by spmd.kernels.fp8_ws (MODE.grouped "ws": the same tiles, a
+    persistent CTA per SM looping over them) or _grouped_tiles_kernel, which also runs 16-bit x (weight-only,
     e4m3 or bytes). The tile counts per expert come from offs by torch ops on the device (no host sync,
     graph-capturable); the grid is the static bound (ceil(R / BLOCK_M) + E) row tiles per column tile."""
     tiles_kernel, tma_kernel = kernels
     e, n, k = w.shape
     r = x.shape[0]
     a8 = x_scale is not None
-    tma = a8 and MODE.grouped == "tma" and _tma_ok(x, w)
-    if a8:
+    ws = a8 and MODE.grouped == "ws" and _tma_ok(x, w) and x.device.type == "cuda" and _ws_available()
+    tma = a8 and MODE.grouped in ("tma", "ws") and _tma_ok(x, w)
+    if ws:
+        ws_options = fp8_ws().options(MODE.tiles, MODE.tma_loop)
+        bm = 64 * ws_options["wgs"]
+    elif a8:
         bm, bn, warps, stages = _w8a8_grouped_plan(r, e, tma)
     else:  # a 16-bit x tile is twice FP8's bytes: 3 stages of 128 x 128 (48 KB each)
         bm, bn, warps, stages = MODE.tiles or ((128, 128, 8, 3) if r >= 128 * e else (64, 128, 4, 3))
     ends = offs.clamp(max=r)
     counts = (ends - torch.nn.functional.pad(ends[:-1], (1, 0))).clamp(min=0)
     tend = torch.div(counts + (bm - 1), bm, rounding_mode="floor").cumsum(0).to(torch.int32)
+    if ws:
+        return fp8_ws().launch(x, x_scale, w, scale_inv, offs, tend, out, MODE.group_m, _sm_count(x.device),
+                               **ws_options)
     grid = (triton.cdiv(n, bn) * (triton.cdiv(r, bm) + e),)
     common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=FP8_BLOCK, K_TILES=_cdiv128(k), SCALE_BLOCK=FP8_BLOCK,
                   SEARCH=max(1, (e - 1).bit_length()), GROUP_M=MODE.group_m, num_warps=warps,
@@ -955,6 +966,17 @@ def _grouped_tiles(kernels, x, x_scale, w, scale_inv, offs, out):
         PRECISION=_precision(out.dtype), UPCAST=interpret() if a8 else _upcast(x.dtype), A_FP8=a8,
         W_BYTES=wbytes, **common)
     return out
+
+
+def fp8_ws():
+    """spmd.kernels.fp8_ws, imported on first use (Gluon, like Triton, only where it runs)."""
+    from spmd.kernels import fp8_ws as mod
+
+    return mod
+
+
+def _ws_available() -> bool:
+    return fp8_ws().available()
 
 
 def _grouped_fallback(x, w, scale_inv, offs):

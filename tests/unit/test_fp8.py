@@ -135,6 +135,11 @@ GROUPED = {  # name: (E, K, N, R, offs)
     "decode-tail-of-12": (12, 128, 96, 8, [0, 2, 2, 2, 3, 3, 3, 3, 5, 5, 5, 5]),  # 3 rows of no expert
     "many-row-tiles": (3, 192, 160, 96, [5, 75, 80]),  # 70 rows: 5 row tiles of 16 in groups of 2, 2, 1
 }
+# fp8_ws (GPU only): more 128-row x 128-column tiles (216) than an H100's SMs, so the persistent CTAs
+# loop and the slot ring wraps across tiles; experts of 0, < 64 (a warpgroup with no rows), 64..128 and
+# > 128 rows; 68 rows of no expert
+WS_OFFS = [200, 330, 330, 590, 610, 700, 1000, 1001, 1200, 1450, 1450, 1700, 1763, 2000, 2300, 2432]
+GROUPED_WS = dict(GROUPED, **{"persistent-wrap": (16, 384, 1024, 2500, WS_OFFS)})
 
 
 @pytest.mark.parametrize("case", list(GROUPED))
@@ -440,6 +445,55 @@ def test_grouped_w8a8(monkeypatch, case, grouped, tiles):
         fp8.fp8_grouped_mm(q[rows], w, s, offs_t)
 
 
+def _w8a8_case(case: str, seed: int, table: dict = GROUPED):
+    """A grouped case's FP8 weights, its tokens quantized (one row per routed slot, sorted by expert) and
+    offsets: (w, s, q, qs, offs as a list, offs on the device)."""
+    e, k, n, r, offs = table[case]
+    gen = torch.Generator().manual_seed(seed)
+    w, s = _weight((e, n, k), gen)
+    q, qs = fp8.quantize_act(_act((r, k), torch.bfloat16, gen))
+    return w, s, q, qs, offs, torch.tensor(offs, dtype=torch.int32, device=DEVICE)
+
+
+@pytest.mark.parametrize("case", ["empty-experts-and-tail", "long-tail-round-robin", "wide-tiles"])
+def test_grouped_w8a8_ws_falls_back_where_gluon_cannot_run(monkeypatch, case):
+    """MODE.grouped "ws" where the Gluon kernel cannot run (Triton's interpreter; a GPU below sm_90) takes
+    the TMA launch: the same result as "tma"."""
+    if CUDA and torch.cuda.get_device_capability()[0] >= 9:
+        pytest.skip("an sm_90 GPU runs the Gluon kernel (test_grouped_w8a8_ws)")
+    monkeypatch.setattr(fp8, "TILES8_ROWS", 0)
+    w, s, q, qs, offs, offs_t = _w8a8_case(case, 7 * len(case))
+    outs = []
+    for launch in ("tma", "ws"):
+        fp8.configure(grouped=launch)
+        outs.append(fp8.fp8_grouped_mm(q, w, s, offs_t, x_scale=qs, out_dtype=torch.bfloat16))
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] != 9, reason="the Gluon kernel: sm_90 GPUs")
+@pytest.mark.parametrize("tiles,loop", [((128, 128, 4, 4), "inline"), ((128, 128, 4, 2), "inline"),
+                                        ((128, 128, 4, 4), "defer"), ((192, 128, 4, 3), "inline")])
+@pytest.mark.parametrize("case", ["empty-experts-and-tail", "long-tail-round-robin", "wide-tiles",
+                                  "several-chunks-per-expert", "no-rows-routed", "persistent-wrap"])
+def test_grouped_w8a8_ws(monkeypatch, case, tiles, loop):
+    """spmd.kernels.fp8_ws (warp-specialized, persistent) equals the TMA launch bit for bit (the same
+    wgmma products, scaled and added in the same order), writes every element (the poisoned buffer), and
+    zeros the rows of no expert; 2 slots make the ring wrap every other k-block, defer keeps a wgmma in
+    flight, 192-row tiles run three math warpgroups."""
+    if not fp8.fp8_ws().available():
+        pytest.skip("this Triton has no Gluon Hopper API")
+    monkeypatch.setattr(fp8, "TILES8_ROWS", 0)
+    w, s, q, qs, offs, offs_t = _w8a8_case(case, 11 * len(case), GROUPED_WS)
+    fp8.configure(grouped="tma")
+    ref = fp8.fp8_grouped_mm(q, w, s, offs_t, x_scale=qs, out_dtype=torch.bfloat16)
+    fp8.configure(grouped="ws", tiles=tiles, tma_loop=loop)
+    out = fp8.fp8_grouped_mm(q, w, s, offs_t, x_scale=qs, out_dtype=torch.bfloat16)
+    _close(out, _ref_grouped(fp8.dequantize_act(q, qs), w, s, offs), torch.bfloat16)
+    assert (out[offs[-1]:] == 0).all()
+    diff = (out.float() - ref.float()).abs()
+    assert torch.equal(out, ref), f"{int((diff > 0).sum())} elements differ from the TMA launch, max {diff.max():.3g}"
+
+
 @pytest.mark.parametrize("loop", [loop for loop in fp8.TMA_LOOPS if loop != "inline"])
 @pytest.mark.parametrize("case,tiles", [("several-chunks-per-expert", (16, 32, 4, 2)),  # K = 192: 2 blocks
                                         ("many-row-tiles", (16, 128, 4, 2)),  # a scalar weight scale
@@ -449,11 +503,7 @@ def test_grouped_w8a8_tma_loops(monkeypatch, case, tiles, loop):
     """The TMA launch's other k loops (the scales applied one block later; warp specialized) give the
     inline loop's result: the same products and scales, summed in the same order."""
     monkeypatch.setattr(fp8, "TILES8_ROWS", 0)
-    e, k, n, r, offs = GROUPED[case]
-    gen = torch.Generator().manual_seed(5 * len(case))
-    w, s = _weight((e, n, k), gen)
-    q, qs = fp8.quantize_act(_act((r, k), torch.bfloat16, gen))
-    offs_t = torch.tensor(offs, dtype=torch.int32, device=DEVICE)
+    w, s, q, qs, offs, offs_t = _w8a8_case(case, 5 * len(case))
     outs = {}
     for mode in ("inline", loop):
         fp8.configure(grouped="tma", tiles=tiles, tma_loop=mode)

@@ -49,6 +49,8 @@ def test_grouped_launch_from_the_environment(gpu, monkeypatch):
     gpu("H100")
     monkeypatch.setenv("SPMD_FP8_GROUPED", "experts")
     assert _mode()["grouped"] == "experts"
+    monkeypatch.setenv("SPMD_FP8_GROUPED", "ws")  # the warp-specialized Gluon kernel (spmd.kernels.fp8_ws)
+    assert _mode()["grouped"] == "ws"
     monkeypatch.setenv("SPMD_FP8_GROUPED", "fast")
     with pytest.raises(ValueError, match="SPMD_FP8_GROUPED"):
         _mode()
@@ -102,3 +104,26 @@ def test_interpreter_defaults():
     cpu = torch.device("cpu")
     assert _mode(device=cpu)["w8a8_rows"] == 0 and _mode(device=cpu)["weights"] == "e4m3"
     assert _mode(prefill="w8a8", device=cpu)["w8a8_rows"] == native.W8A8_ROWS
+
+
+def test_warp_specialized_launch_options():
+    """fp8_ws's choices from fp8.MODE: BLOCK_M 128 / 192 (two / three math warpgroups), the slots from the
+    tiles, a deferred promotion from the k loop; other tiles refused. Its register split fills the
+    SM's 65,536 registers with no more than the launch's per-thread budget allows."""
+    from spmd.kernels import fp8, fp8_ws
+
+    assert fp8_ws.options(None, "inline") == dict(wgs=2, stages=None, defer=False, skip=0)
+    assert fp8_ws.options((192, 128, 4, 3), "defer") == dict(wgs=3, stages=3, defer=True, skip=0)
+    assert fp8_ws.plan(**fp8_ws.options(None, "inline"))["STAGES"] == 4
+    for tiles in ((64, 128, 4, 4), (128, 256, 8, 3)):
+        with pytest.raises(ValueError, match="fp8_ws"):
+            fp8_ws.options(tiles, "inline")
+    for wgs in (2, 3):
+        launch, math_regs, producer_regs = fp8_ws.registers(wgs)
+        assert launch * 128 * (wgs + 1) <= 65536 and wgs * math_regs + producer_regs <= (wgs + 1) * launch
+        assert math_regs % 8 == 0 and producer_regs >= 24
+    old = fp8.configure(grouped="ws")
+    try:
+        assert fp8.MODE.grouped == "ws"
+    finally:
+        fp8.configure(**vars(old))

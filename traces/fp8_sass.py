@@ -3,13 +3,13 @@
     python -m traces.fp8_sass [--kernel tma|ws] [--loop inline] [--tile 128x128x8x4] [--k 7168] [--out DIR]
 
 Compiles spmd.kernels.fp8's TMA grouped kernel (``_w8a8_tma_kernel``; ``--kernel ws``: the warp-specialized
-Gluon kernel of spmd.kernels.fp8_ws, BLOCK_M 128 or 192 for two or three math warpgroups, its k loop being
-a math warpgroup's) for sm_90 with Triton's own ptxas,
+Gluon kernel of spmd.kernels.fp8_ws, tiles 128x128x4xSLOTS or 128x256x4xSLOTS, its k loop being a math
+warpgroup's; --loop does not apply) for sm_90 with Triton's own ptxas,
 disassembles it with its nvdisasm, and reports the main k loop (the smallest loop of the SASS that holds
 a wgmma): the FP8 wgmma instructions (QGMMA) and the waits for them
 (``WARPGROUP.DEPBAR``), the CTA-wide barriers (``BAR.SYNC``), the TMA loads (``UTMALDG``), the global loads
 of the scales (``LDG``) and the promotion's multiply-adds (``FFMA``); register spills (``STL``/``LDL``)
-and shared memory for the whole kernel. The question it answers: can the promotion of one k-block's
+(in the loop and in the whole kernel) and shared memory. The question it answers: can the promotion of one k-block's
 product (its scales times the partial product, added on CUDA cores) overlap the tensor cores' next
 product? Only if a wgmma is still in flight while the FFMAs run (a wait for all of them,
 ``DEPBAR.LE gsb0, 0x0``, before the FFMAs says no), and only across warpgroups if no CTA-wide barrier
@@ -59,9 +59,9 @@ def compile_kernel(loop: str, tile: tuple[int, int, int, int], k: int):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
 
 
-def compile_ws(loop: str, tile: tuple[int, int, int, int], k: int):
-    """spmd.kernels.fp8_ws's kernel compiled for sm_90 as fp8_ws.launch would launch it (BLOCK_M / 64 math
-    warpgroups, tile[3] slots, registers split by fp8_ws.registers)."""
+def compile_ws(tile: tuple[int, int, int, int], k: int):
+    """spmd.kernels.fp8_ws's kernel compiled for sm_90 as fp8_ws.launch would launch it (tile: 128 x
+    BLOCK_N x warps x slots; the registers split by setmaxnreg as fp8_ws says)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
@@ -69,23 +69,21 @@ def compile_ws(loop: str, tile: tuple[int, int, int, int], k: int):
 
     from spmd.kernels import fp8_ws
 
-    opts = fp8_ws.options(tile, loop)
-    cfg = fp8_ws.plan(**opts)
-    maxnreg, math_regs, producer_regs = fp8_ws.registers(cfg["WGS"])
-    lay_x = gl.NVMMASharedLayout.get_default_for([64, 128], gl.float8e4nv)
-    lay_w = gl.NVMMASharedLayout.get_default_for([cfg["BLOCK_N"], 128], gl.float8e4nv)
-    sig = {"x_desc": f"tensordesc<fp8e4nv[64, 128],{lay_x!r}>", "xs_ptr": "*fp32",
-           "w_desc": f"tensordesc<fp8e4nv[{cfg['BLOCK_N']}, 128],{lay_w!r}>", "s_ptr": "*fp32", "offs_ptr": "*i32",
+    lay = gl.NVMMASharedLayout.get_default_for([128, 128], gl.float8e4nv)
+    sig = {"x_desc": f"tensordesc<fp8e4nv[128, 128],{lay!r}>", "xs_ptr": "*fp32",
+           "w_desc": f"tensordesc<fp8e4nv[128, 128],{lay!r}>", "s_ptr": "*fp32", "offs_ptr": "*i32",
            "tend_ptr": "*i32", "o_ptr": "*bf16"}
     sig.update({name: "i32" for name in ("R", "N", "E", "stride_xsm", "stride_xsk", "stride_se", "stride_sn",
                                          "stride_sk", "stride_om", "stride_on")})
-    const = dict(cfg, K_TILES=-(-k // 128), SEARCH=8, GROUP_M=8, MATH_REGS=math_regs, PRODUCER_REGS=producer_regs)
+    const = dict(fp8_ws.plan(**fp8_ws.options(tile)), K_TILES=-(-k // 128), SEARCH=8, GROUP_M=8,
+                 MATH_REGS=fp8_ws.MATH_REGS, PRODUCER_REGS=fp8_ws.PRODUCER_REGS)
     kern = fp8_ws._kernel()
     sig.update({name: "constexpr" for name in const})
     sig = {name: sig[name] for name in kern.arg_names}  # the kernel's parameter order
     names = list(sig)
     src = GluonASTSource(kern, sig, constexprs={(names.index(n),): v for n, v in const.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=fp8_ws.WARPS, maxnreg=maxnreg))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=fp8_ws.WARPS, maxnreg=fp8_ws.MAXNREG))
 
 
 def disassemble(cubin: bytes, work: Path) -> str:
@@ -125,7 +123,7 @@ def main_loop(sass: str) -> list[str]:
 
 
 def summary(loop: str, tile, k: int, out: Path | None, kernel: str = "tma") -> dict:
-    c = compile_ws(loop, tile, k) if kernel == "ws" else compile_kernel(loop, tile, k)
+    c = compile_ws(tile, k) if kernel == "ws" else compile_kernel(loop, tile, k)
     with tempfile.TemporaryDirectory() as tmp:
         sass = disassemble(c.asm["cubin"], Path(tmp))
     body = main_loop(sass)
@@ -134,7 +132,8 @@ def summary(loop: str, tile, k: int, out: Path | None, kernel: str = "tma") -> d
     waits_before = [i for i, ln in enumerate(body[:first_ffma]) if re.search(OPS["wait_all"], ln)]
     res = {"kernel": kernel, "loop": loop, "tile": list(tile), "k": k, "loop_instructions": len(body), **counts,
            "all_wgmma_waited_before_promotion": bool(waits_before),
-           "spills": len(re.findall(r"\b(?:STL|LDL)\b", sass)), "shared_bytes": c.metadata.shared,
+           "spills": len(re.findall(r"\b(?:STL|LDL)\b", sass)),
+           "loop_spills": sum(bool(re.search(r"\b(?:STL|LDL)\b", ln)) for ln in body), "shared_bytes": c.metadata.shared,
            # registers per thread the warpgroups set for themselves (setmaxnreg), warp-specialized kernels
            "setmaxnreg": sorted({int(v, 16) for v in re.findall(r"USETMAXREG\.\S+ (?:UP0, )?(0x[0-9a-f]+)", sass)})}
     if out is not None:
@@ -149,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kernel", choices=("tma", "ws"), default="tma",
                     help="fp8's Triton TMA kernel or fp8_ws's warp-specialized Gluon kernel")
-    ap.add_argument("--loop", default="inline", help="spmd.kernels.fp8.TMA_LOOPS, comma-separated (ws: inline, defer)")
+    ap.add_argument("--loop", default="inline", help="spmd.kernels.fp8.TMA_LOOPS, comma-separated (tma only)")
     ap.add_argument("--tile", default="128x128x8x4", help="BLOCK_M x BLOCK_N x warps x stages, comma-separated")
     ap.add_argument("--k", type=int, default=7168, help="the GEMM's K (7168: the experts' gate+up)")
     ap.add_argument("--out", type=Path, default=None, help="write each SASS and summary here")

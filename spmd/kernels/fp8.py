@@ -111,8 +111,9 @@ class Mode:
     tiles: tuple | None = None  # (BLOCK_M, BLOCK_N, warps, stages) for every w8a8 launch: benchmark sweeps
     # FP8 x FP8 grouped launch: a program per (column tile, expert row tile), its operands loaded by the
     # TMA unit ("tma", sm_90+) or by cp.async ("tiles"), or a program per (column tile, expert) ("experts");
-    # "ws": spmd.kernels.fp8_ws, the same tiles in a warp-specialized persistent Gluon kernel (sm_90 GPUs;
-    # "tma" where it cannot run: Triton's CPU interpreter, a Triton without Gluon's Hopper API)
+    # "ws": spmd.kernels.fp8_ws, the same tiles in a warp-specialized persistent Gluon kernel (sm_90 GPUs,
+    # from W8A8_WIDE_ROWS rows per expert or with MODE.tiles set; "tma" elsewhere: fewer rows, Triton's
+    # CPU interpreter, a Triton without Gluon's Hopper API)
     grouped: str = "tiles"
     # row tiles per group in the row-tile launches' program order (_tile): 1 = column tiles vary fastest
     group_m: int = 8
@@ -155,6 +156,8 @@ try:  # kernels below are plain functions until _kernels() wraps them with trito
     import triton.language as tl
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = tl = None
+
+from spmd.kernels.tile_order import tile as _tile  # noqa: E402  (the row-tile launches' program order)
 
 
 def triton_available(device: torch.device | str) -> bool:
@@ -333,33 +336,6 @@ def _fp8_grouped_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, offs_ptr, rexp_ptr, o_ptr, 
         o_ptrs = o_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :] * stride_on
         tl.store(o_ptrs, zero, mask=(rm < z1)[:, None] & n_mask[None, :])
         m0 += z_step
-
-
-def _tile(p, NT, tend_ptr, offs_ptr, R, E, BLOCK_M: tl.constexpr, SEARCH: tl.constexpr,
-          GROUP_M: tl.constexpr):
-    """Program p < tend[E-1] * NT of a row-tile launch (NT column tiles; tend: cumulative row tiles per
-    expert): (expert e, first row, end row of e, column tile). The programs of one expert are contiguous;
-    inside, groups of GROUP_M row tiles, and in a group the row tiles vary fastest: the programs running
-    together share the weight's column tiles (read from HBM once, not once per row tile) and a few row
-    tiles of activations (from L2). The expert: binary search for the first e with tend[e] > p // NT
-    (SEARCH = ceil(log2 E) steps), which is the first with tend[e] * NT > p."""
-    tq = p // NT
-    lo = tq * 0
-    hi = lo + E - 1
-    for _ in range(SEARCH):
-        mid = (lo + hi) // 2
-        right = tl.load(tend_ptr + mid) <= tq
-        lo = tl.where(right, mid + 1, lo)
-        hi = tl.where(right, hi, mid)
-    first = tl.load(tend_ptr + lo - 1, mask=lo > 0, other=0)
-    start = tl.load(offs_ptr + lo - 1, mask=lo > 0, other=0)
-    count = tl.load(tend_ptr + lo) - first
-    local = p - first * NT
-    g0 = (local // (GROUP_M * NT)) * GROUP_M
-    in_group = tl.minimum(count - g0, GROUP_M)
-    inner = local - g0 * NT
-    t = g0 + inner % in_group
-    return lo, start + t * BLOCK_M, tl.minimum(tl.load(offs_ptr + lo), R), inner // in_group
 
 
 def _zero_tail(o_ptr, offs_ptr, z, chunks, R, E, rn, n_mask, stride_om, stride_on,
@@ -928,11 +904,13 @@ def _grouped_tiles(kernels, x, x_scale, w, scale_inv, offs, out):
     e, n, k = w.shape
     r = x.shape[0]
     a8 = x_scale is not None
-    ws = a8 and MODE.grouped == "ws" and _tma_ok(x, w) and x.device.type == "cuda" and _ws_available()
+    # the Gluon kernel's 128-row tiles from W8A8_WIDE_ROWS rows per expert, the TMA launch's below
+    ws = a8 and MODE.grouped == "ws" and _tma_ok(x, w) and x.device.type == "cuda" \
+        and (r >= W8A8_WIDE_ROWS * e or MODE.tiles is not None) and _ws_available()
     tma = a8 and MODE.grouped in ("tma", "ws") and _tma_ok(x, w)
     if ws:
-        ws_options = fp8_ws().options(MODE.tiles, MODE.tma_loop)
-        bm = 64 * ws_options["wgs"]
+        ws_options = fp8_ws().options(MODE.tiles)
+        bm = fp8_ws().BLOCK_M
     elif a8:
         bm, bn, warps, stages = _w8a8_grouped_plan(r, e, tma)
     else:  # a 16-bit x tile is twice FP8's bytes: 3 stages of 128 x 128 (48 KB each)

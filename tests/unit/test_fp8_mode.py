@@ -107,21 +107,20 @@ def test_interpreter_defaults():
 
 
 def test_warp_specialized_launch_options():
-    """fp8_ws's choices from fp8.MODE: BLOCK_M 128 / 192 (two / three math warpgroups), the slots from the
-    tiles, a deferred promotion from the k loop; other tiles refused. Its register split fills the
-    SM's 65,536 registers with no more than the launch's per-thread budget allows."""
+    """fp8_ws's choices from fp8.MODE.tiles: 128 x 128 (4 slots) or 128 x 256 (3), other tiles refused.
+    Its register split fills the SM's 65,536 registers with no more than the launch's per-thread budget
+    allows."""
     from spmd.kernels import fp8, fp8_ws
 
-    assert fp8_ws.options(None, "inline") == dict(wgs=2, stages=None, defer=False, skip=0)
-    assert fp8_ws.options((192, 128, 4, 3), "defer") == dict(wgs=3, stages=3, defer=True, skip=0)
-    assert fp8_ws.plan(**fp8_ws.options(None, "inline"))["STAGES"] == 4
-    for tiles in ((64, 128, 4, 4), (128, 256, 8, 3)):
+    assert fp8_ws.plan(**fp8_ws.options(None)) == fp8_ws.plan(block_n=fp8_ws.BLOCK_N)
+    assert fp8_ws.plan(**fp8_ws.options((128, 128, 4, 4))) == dict(HALVES=1, STAGES=4, SKIP=0)
+    assert fp8_ws.plan(**fp8_ws.options((128, 256, 4, 2))) == dict(HALVES=2, STAGES=2, SKIP=0)
+    assert fp8_ws.plan(block_n=256)["STAGES"] == 3
+    for tiles in ((64, 128, 4, 4), (128, 64, 4, 4), (192, 128, 4, 3)):
         with pytest.raises(ValueError, match="fp8_ws"):
-            fp8_ws.options(tiles, "inline")
-    for wgs in (2, 3):
-        launch, math_regs, producer_regs = fp8_ws.registers(wgs)
-        assert launch * 128 * (wgs + 1) <= 65536 and wgs * math_regs + producer_regs <= (wgs + 1) * launch
-        assert math_regs % 8 == 0 and producer_regs >= 24
+            fp8_ws.options(tiles)
+    assert fp8_ws.MAXNREG * 128 * 3 <= 65536
+    assert 2 * fp8_ws.MATH_REGS + fp8_ws.PRODUCER_REGS <= 3 * fp8_ws.MAXNREG and fp8_ws.MATH_REGS % 8 == 0
     old = fp8.configure(grouped="ws")
     try:
         assert fp8.MODE.grouped == "ws"

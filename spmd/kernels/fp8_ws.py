@@ -22,6 +22,13 @@ these GEMMs at 128 x 128 (timed with one side left out, ``SKIP``: the loads alon
 whole kernel). The two halves' products are made one after the other so a warpgroup holds two
 accumulators and one product (192 registers of its 232), not two products.
 
+Measured on an H100 (docs/performance.md, "FP8 prefill"): bit-identical to the TMA launch, and slower
+(gate+up at 16,384 tokens 11.2-11.6 ms against 11.1-11.3 with 128 columns, 13.6 with 256). Nsight
+Compute shows why: the static walk (CTA i takes tiles i, i + 132, ...) drifts, the window of tiles in
+flight widens and the weights are read from HBM 2.3 times (3.1 with 256 columns) where the hardware
+scheduler of the TMA launch reads them once. Opt-in (``SPMD_FP8_GROUPED=ws``) until a dynamic tile
+counter keeps the window compact.
+
 Rows past the tile's expert (another expert's, or past R) are loaded and multiplied but never stored;
 columns past N belong to the next expert's weight rows and are not stored either (a half wholly past N
 reads a zero scale); K past the end reads zeros (TMA). Rows past offs[E-1] (no expert) are written as

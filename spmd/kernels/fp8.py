@@ -111,9 +111,9 @@ class Mode:
     tiles: tuple | None = None  # (BLOCK_M, BLOCK_N, warps, stages) for every w8a8 launch: benchmark sweeps
     # FP8 x FP8 grouped launch: a program per (column tile, expert row tile), its operands loaded by the
     # TMA unit ("tma", sm_90+) or by cp.async ("tiles"), or a program per (column tile, expert) ("experts");
-    # "ws": spmd.kernels.fp8_ws, the same tiles in a warp-specialized persistent Gluon kernel (sm_90 GPUs,
-    # from W8A8_WIDE_ROWS rows per expert or with MODE.tiles set; "tma" elsewhere: fewer rows, Triton's
-    # CPU interpreter, a Triton without Gluon's Hopper API)
+    # "ws": spmd.kernels.fp8_ws, the same tiles in a warp-specialized persistent Gluon kernel (sm_90 GPUs:
+    # Hopper's wgmma, from W8A8_WIDE_ROWS rows per expert or with MODE.tiles set; "tma" elsewhere: fewer
+    # rows, other GPUs, Triton's CPU interpreter, a Triton without Gluon's Hopper API)
     grouped: str = "tiles"
     # row tiles per group in the row-tile launches' program order (_tile): 1 = column tiles vary fastest
     group_m: int = 8
@@ -906,6 +906,7 @@ def _grouped_tiles(kernels, x, x_scale, w, scale_inv, offs, out):
     a8 = x_scale is not None
     # the Gluon kernel's 128-row tiles from W8A8_WIDE_ROWS rows per expert, the TMA launch's below
     ws = a8 and MODE.grouped == "ws" and _tma_ok(x, w) and x.device.type == "cuda" \
+        and torch.cuda.get_device_capability(x.device)[0] == 9 \
         and (r >= W8A8_WIDE_ROWS * e or MODE.tiles is not None) and _ws_available()
     tma = a8 and MODE.grouped in ("tma", "ws") and _tma_ok(x, w)
     if ws:

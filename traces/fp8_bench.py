@@ -16,6 +16,8 @@ activations, per row count:
   ones, which 16-bit x takes from TILES16_ROWS rows per expert); ``cublas-loop``: the alternative to a
   grouped kernel, one cuBLAS block-scaled GEMM per expert (torch._scaled_mm after a host read of the
   offsets; its 1 x 128 scales need each expert's rows padded to a multiple of 4, done in the gather);
+  ``w8a8-ws``, ``w8a8-ws256``: spmd.kernels.fp8_ws (warp-specialized, persistent; 128 x 128 and 128 x 256
+  tiles), with ``-loads`` / ``-math``: the same with the wgmmas or the loads left out (timing only);
 - ``scaled_mm``: the same quantization, then torch._scaled_mm with 1x128 x 128x128 block scales (dense
   only; "unsupported" where this torch build refuses the shapes or the layout).
 Experts: each token routes to 8 distinct experts drawn uniformly (rows = tokens x 8, ~tokens / 32 per expert).

@@ -113,7 +113,7 @@ gpu-fp8-bench:
 
 # What the grouped FP8 x FP8 kernel's k loop compiles to on sm_90 (Triton's ptxas and nvdisasm; no GPU needed):
 # its wgmmas, the waits before the promotion, CTA-wide barriers, spills (SASS and a summary in FP8_SASS_OUT);
-# FP8_SASS_KERNEL=ws: the warp-specialized Gluon kernel (tiles 128x128x4xSTAGES or 192x128x4xSTAGES)
+# FP8_SASS_KERNEL=ws: the warp-specialized Gluon kernel (tiles 128x128x4xSLOTS or 128x256x4xSLOTS)
 FP8_SASS_OUT ?= build/fp8-sass
 FP8_SASS_KERNEL ?= tma
 FP8_SASS_LOOPS ?= inline,defer

@@ -22,7 +22,7 @@
 #             fp32 arithmetic; on an 80 GB card over bf16-held weights: validation.baseline --lean);
 #             VALIDATE_RECIPE=1: FP8 rows against the plain baseline by recipe-relative thresholds
 #             (validation.matrix --recipe-relative)
-#   ncu       Nsight Compute counters (HBM and L2 bytes, L2 hit rate, HBM / L2 / tensor-pipe utilization)
+#   ncu       Nsight Compute counters (HBM and L2 bytes, L2 hit rate, HBM and L2 utilization)
 #             of the 4th launch of the grouped FP8 kernel (gate+up, 16,384 tokens), one run per fp8_bench
 #             variant in NCU_VARIANTS (e.g. w8a8-tma,w8a8-ws); NCU_METRICS to change them
 #   serve     the serving benchmark (traces/serve_bench.py; SERVE_BENCH_OPTS)
@@ -64,10 +64,10 @@ bench() {  # bench OUT_SUBDIR WORK_SUBDIR [env...]: gpu_bench all over CONFIGS
 if has ncu; then   # hardware counters of the grouped kernels, one fp8_bench variant per run (16,384 tokens)
   for v in ${NCU_VARIANTS//,/ }; do
     timeout "${NCU_S:-150}" ncu --clock-control none --kernel-name regex:"_w8a8_(tma|ws)_kernel" --launch-skip 3 \
-      --launch-count 1 --metrics "${NCU_METRICS:-gpu__time_duration.sum,dram__bytes_read.sum,lts__t_bytes.sum,lts__t_sector_hit_rate.pct,dram__throughput.avg.pct_of_peak_sustained_elapsed,lts__throughput.avg.pct_of_peak_sustained_elapsed,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_elapsed}" \
+      --launch-count 1 --metrics "${NCU_METRICS:-gpu__time_duration.sum,dram__bytes_read.sum,lts__t_bytes.sum,lts__t_sector_hit_rate.pct,dram__throughput.avg.pct_of_peak_sustained_elapsed,lts__throughput.avg.pct_of_peak_sustained_elapsed}" \
       python3 -m traces.fp8_bench --only grouped --tokens 16384 --no-sweep --variants "$v" --out "$out/ncu-fp8" \
       > "$out/ncu-$v.txt" 2>&1
-    grep -E "_kernel|gpu__time|dram__|lts__|sm__pipe" "$out/ncu-$v.txt" | head -12
+    grep -E "_kernel|gpu__time|dram__|lts__" "$out/ncu-$v.txt" | head -12
   done
 fi
 if has bench; then

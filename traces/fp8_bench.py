@@ -115,25 +115,16 @@ def _variants(kind: str):
          ("bytes", dict(weights="bytes", w8a8_rows=0, w8a8_expert_rows=0, grouped="tiles")),
          ("w8a8", dict(weights="e4m3", w8a8_rows=1, w8a8_expert_rows=1, dense="triton", grouped="tiles"))]
     if kind == "grouped":  # the launch before the row-tile ones (a program per expert), for comparison
+        # spmd.kernels.fp8_ws: 128 x 128 tiles (4 slots), 128 x 256 (3 slots), each also with one side left
+        # out (timing only, wrong results): the loads alone (no wgmma, no scaling), the math alone (no loads)
+        ws = [(f"w8a8-{name}{side}", dict(weights="e4m3", w8a8_rows=1, w8a8_expert_rows=1, grouped="ws", tiles=tile))
+              for name, tile in (("ws", (128, 128, 4, 4)), ("ws256", (128, 256, 4, 3)))
+              for side in ("", "-loads", "-math")]
         v += [("w8a16x", dict(weights="e4m3", w8a8_rows=0, w8a8_expert_rows=0, grouped="experts")),
               ("bytesx", dict(weights="bytes", w8a8_rows=0, w8a8_expert_rows=0, grouped="experts")),
               ("w8a8-tma", dict(weights="e4m3", w8a8_rows=1, w8a8_expert_rows=1, grouped="tma", tma_loop="inline",
                                 tiles=None)),
-              # spmd.kernels.fp8_ws: 128 x 128 tiles (4 slots), 128 x 256 (3 slots), and the 128 x 128 kernel
-              # with one side left out (timing only, wrong results): the loads alone (no wgmma, no scaling),
-              # the math alone (no loads); the same for 128 x 256
-              ("w8a8-ws", dict(weights="e4m3", w8a8_rows=1, w8a8_expert_rows=1, grouped="ws",
-                               tiles=(128, 128, 4, 4))),
-              ("w8a8-ws256", dict(weights="e4m3", w8a8_rows=1, w8a8_expert_rows=1, grouped="ws",
-                                  tiles=(128, 256, 4, 3))),
-              ("w8a8-ws-loads", dict(weights="e4m3", w8a8_rows=1, w8a8_expert_rows=1, grouped="ws",
-                                     tiles=(128, 128, 4, 4))),
-              ("w8a8-ws-math", dict(weights="e4m3", w8a8_rows=1, w8a8_expert_rows=1, grouped="ws",
-                                    tiles=(128, 128, 4, 4))),
-              ("w8a8-ws256-loads", dict(weights="e4m3", w8a8_rows=1, w8a8_expert_rows=1, grouped="ws",
-                                        tiles=(128, 256, 4, 3))),
-              ("w8a8-ws256-math", dict(weights="e4m3", w8a8_rows=1, w8a8_expert_rows=1, grouped="ws",
-                                       tiles=(128, 256, 4, 3))),
+              *ws,  # before the last, which resets the tiles for the next GEMM's variants
               ("w8a8x", dict(weights="e4m3", w8a8_rows=1, w8a8_expert_rows=1, grouped="experts", tiles=None))]
     if kind == "dense":
         v.append(("scaled_mm", dict(weights="e4m3", w8a8_rows=1, dense="scaled_mm")))
@@ -328,8 +319,9 @@ def markdown(doc: dict) -> str:
              f"Ceilings (same call): bf16 matmul {c['matmul_tflops']:.0f} TFLOP/s, FP8 matmul "
              f"{c['fp8_matmul_tflops']:.0f} TFLOP/s (torch._scaled_mm, 8192^3), copy {c['copy_gbps']:.0f} GB/s.", "",
              "ms per GEMM (x its ceiling: matmul rate for large rows, weight bytes for small); rel. error vs fp32.", ""]
-    variants = ["bf16", "w8a16", "w8a16x", "bytes", "bytesx", "w8a8", "w8a8-tma", "w8a8-ws", "w8a8-ws256", "w8a8-ws-loads",
-                "w8a8-ws-math", "w8a8-ws256-loads", "w8a8-ws256-math", "w8a8x", "cublas-loop", "scaled_mm"]
+    variants = ["bf16", "w8a16", "w8a16x", "bytes", "bytesx", "w8a8", "w8a8-tma", "w8a8-ws", "w8a8-ws256",
+                "w8a8-ws-loads", "w8a8-ws-math", "w8a8-ws256-loads", "w8a8-ws256-math", "w8a8x", "cublas-loop",
+                "scaled_mm"]
     lines += ["| GEMM | rows | " + " | ".join(variants) + " | w8a8 / bf16 speed | err w8a16 | err w8a8 |",
               "|" + "---|" * (len(variants) + 5)]
     keyed: dict = {}

@@ -31,18 +31,15 @@ ROOT = Path(__file__).resolve().parents[1]
 OPS = {"wgmma": r"\bQGMMA\.", "wgmma_wait": r"WARPGROUP\.DEPBAR", "wait_all": r"DEPBAR\.LE gsb0, 0x0",
        "bar_sync": r"\bBAR\.SYNC\b", "tma_load": r"\bUTMALDG\b", "scale_load": r"\bLDG\b", "ffma": r"\bFFMA\b",
        "mbarrier_wait": r"SYNCS\.PHASECHK", "cta_barriers": r"\bBAR\.SYNC\.DEFER_BLOCKING 0x[0-9a-f]+ ;"}
+SPILL = r"\b(?:STL|LDL)\b"  # a register spilled to local memory, or read back
 
 
 def compile_kernel(loop: str, tile: tuple[int, int, int, int], k: int):
     """The TMA kernel compiled for sm_90 (no GPU needed): Triton's compiled-kernel object."""
-    import triton
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from spmd.kernels import fp8
 
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise SystemExit("traces.fp8_sass compiles the kernel: run it without TRITON_INTERPRET")
     if loop not in fp8.TMA_LOOPS:
         raise SystemExit(f"--loop {loop}: one of {', '.join(fp8.TMA_LOOPS)}")
     bm, bn, warps, stages = tile
@@ -53,17 +50,12 @@ def compile_kernel(loop: str, tile: tuple[int, int, int, int], k: int):
                                          "stride_sk", "stride_om", "stride_on")})
     const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, K_TILES=-(-k // 128), SCALE_BLOCK=128, SEARCH=8, GROUP_M=8,
                  DEFER=loop.startswith("defer"), WS=loop.endswith("ws"))
-    sig.update({name: "constexpr" for name in const})
-    names = list(sig)
-    src = ASTSource(kern, sig, constexprs={(names.index(n),): v for n, v in const.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    return _compile(ASTSource, kern, sig, const, dict(num_warps=warps, num_stages=stages))
 
 
 def compile_ws(tile: tuple[int, int, int, int], k: int):
     """spmd.kernels.fp8_ws's kernel compiled for sm_90 as fp8_ws.launch would launch it (tile: 128 x
     BLOCK_N x warps x slots; the registers split by setmaxnreg as fp8_ws says)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -77,13 +69,21 @@ def compile_ws(tile: tuple[int, int, int, int], k: int):
                                          "stride_sk", "stride_om", "stride_on")})
     const = dict(fp8_ws.plan(**fp8_ws.options(tile)), K_TILES=-(-k // 128), SEARCH=8, GROUP_M=8,
                  MATH_REGS=fp8_ws.MATH_REGS, PRODUCER_REGS=fp8_ws.PRODUCER_REGS)
-    kern = fp8_ws._kernel()
-    sig.update({name: "constexpr" for name in const})
-    sig = {name: sig[name] for name in kern.arg_names}  # the kernel's parameter order
+    return _compile(GluonASTSource, fp8_ws._kernel(), sig, const, dict(num_warps=fp8_ws.WARPS, maxnreg=fp8_ws.MAXNREG))
+
+
+def _compile(source, kern, sig: dict, const: dict, options: dict):
+    """kern compiled for sm_90: sig the types of its runtime arguments, const its constexprs (both by
+    name, put in the kernel's parameter order), source Triton's ASTSource or Gluon's."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("traces.fp8_sass compiles the kernel: run it without TRITON_INTERPRET")
+    sig = {name: "constexpr" if name in const else sig[name] for name in kern.arg_names}
     names = list(sig)
-    src = GluonASTSource(kern, sig, constexprs={(names.index(n),): v for n, v in const.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=fp8_ws.WARPS, maxnreg=fp8_ws.MAXNREG))
+    src = source(kern, sig, constexprs={(names.index(n),): v for n, v in const.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def disassemble(cubin: bytes, work: Path) -> str:
@@ -132,8 +132,8 @@ def summary(loop: str, tile, k: int, out: Path | None, kernel: str = "tma") -> d
     waits_before = [i for i, ln in enumerate(body[:first_ffma]) if re.search(OPS["wait_all"], ln)]
     res = {"kernel": kernel, "loop": loop, "tile": list(tile), "k": k, "loop_instructions": len(body), **counts,
            "all_wgmma_waited_before_promotion": bool(waits_before),
-           "spills": len(re.findall(r"\b(?:STL|LDL)\b", sass)),
-           "loop_spills": sum(bool(re.search(r"\b(?:STL|LDL)\b", ln)) for ln in body), "shared_bytes": c.metadata.shared,
+           "spills": len(re.findall(SPILL, sass)), "loop_spills": sum(bool(re.search(SPILL, ln)) for ln in body),
+           "shared_bytes": c.metadata.shared,
            # registers per thread the warpgroups set for themselves (setmaxnreg), warp-specialized kernels
            "setmaxnreg": sorted({int(v, 16) for v in re.findall(r"USETMAXREG\.\S+ (?:UP0, )?(0x[0-9a-f]+)", sass)})}
     if out is not None:

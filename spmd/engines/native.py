@@ -275,16 +275,16 @@ def fp8_mode(args, device: torch.device, margs) -> dict:
         raise ValueError(f"--fp8-prefill w8a8: needs FP8 tensor cores (compute capability 8.9+) and "
                          f"--fp8-unpack hw/auto; here {name}, unpack {weights}")
     a8 = prefill == "w8a8" or (prefill == "auto" and cc is not None and fp8_cores and weights == "e4m3")
+    from spmd.kernels.fp8 import GROUPED_LAUNCHES, TMA_LOOPS
+
     grouped = env.read("SPMD_FP8_GROUPED") or "auto"
-    if grouped not in ("auto", "tma", "tiles", "experts", "ws"):
-        raise ValueError(f"SPMD_FP8_GROUPED={grouped!r}: auto, tma, ws, tiles or experts")
+    if grouped not in ("auto", *GROUPED_LAUNCHES):
+        raise ValueError(f"SPMD_FP8_GROUPED={grouped!r}: auto, {', '.join(GROUPED_LAUNCHES)}")
     if grouped == "auto":  # the TMA unit: sm_90+
         grouped = "tma" if cc is not None and cc >= (9, 0) else "tiles"
     group_m = env.read("SPMD_FP8_GROUP_M") or "8"
     if not group_m.isdigit() or int(group_m) < 1:
         raise ValueError(f"SPMD_FP8_GROUP_M={group_m!r}: a positive integer")
-    from spmd.kernels.fp8 import TMA_LOOPS
-
     tma_loop = env.read("SPMD_FP8_TMA_LOOP") or "inline"
     if tma_loop not in TMA_LOOPS:
         raise ValueError(f"SPMD_FP8_TMA_LOOP={tma_loop!r}: {', '.join(TMA_LOOPS)}")

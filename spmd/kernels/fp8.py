@@ -907,7 +907,7 @@ def _grouped_tiles(kernels, x, x_scale, w, scale_inv, offs, out):
     # the Gluon kernel's 128-row tiles from W8A8_WIDE_ROWS rows per expert, the TMA launch's below
     ws = a8 and MODE.grouped == "ws" and _tma_ok(x, w) and x.device.type == "cuda" \
         and torch.cuda.get_device_capability(x.device)[0] == 9 \
-        and (r >= W8A8_WIDE_ROWS * e or MODE.tiles is not None) and _ws_available()
+        and (r >= W8A8_WIDE_ROWS * e or MODE.tiles is not None) and fp8_ws().available()
     tma = a8 and MODE.grouped in ("tma", "ws") and _tma_ok(x, w)
     if ws:
         ws_options = fp8_ws().options(MODE.tiles)
@@ -952,10 +952,6 @@ def fp8_ws():
     from spmd.kernels import fp8_ws as mod
 
     return mod
-
-
-def _ws_available() -> bool:
-    return fp8_ws().available()
 
 
 def _grouped_fallback(x, w, scale_inv, offs):

@@ -9,7 +9,7 @@
 #             serving loop's largest prefill chunk); REPEATS=N: N runs of the configurations in turn
 #             (bench, bench-r2, ...: the call's spread)
 #   launches  the slice's FP8 default at BATCHES once per grouped-expert launch in LAUNCHES (SPMD_FP8_GROUPED;
-#             default tiles,experts; the default run of `bench` is tma)
+#             default tiles,experts; ws:256 is ws with SPMD_FP8_WS_COLUMNS=256; the default run of `bench` is tma)
 #   groupm    the slice's FP8 default at BATCHES once per SPMD_FP8_GROUP_M in GROUP_MS (default 1,16; the
 #             default 8 is `bench`'s run)
 #   loops     the slice's FP8 default at BATCHES once per SPMD_FP8_TMA_LOOP in TMA_LOOPS (default defer; the
@@ -75,8 +75,10 @@ if has bench; then
   for ((i = 2; i <= ${REPEATS:-1}; i++)); do bench "bench-r$i" "bench-r$i"; done
 fi
 if has launches; then
-  for g in ${LAUNCHES//,/ }; do
-    CONFIGS=native-1gpu-fp8 bench "bench-$g" "bench-$g" SPMD_FP8_GROUPED="$g"
+  for g in ${LAUNCHES//,/ }; do   # LAUNCHES entry: a launch, or ws:COLUMNS (SPMD_FP8_WS_COLUMNS)
+    cols=128
+    [[ $g == *:* ]] && cols=${g#*:}
+    CONFIGS=native-1gpu-fp8 bench "bench-${g/:/}" "bench-${g/:/}" SPMD_FP8_GROUPED="${g%%:*}" SPMD_FP8_WS_COLUMNS="$cols"
   done
 fi
 if has groupm; then

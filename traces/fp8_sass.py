@@ -64,7 +64,7 @@ def compile_ws(tile: tuple[int, int, int, int], k: int):
     lay = gl.NVMMASharedLayout.get_default_for([128, 128], gl.float8e4nv)
     sig = {"x_desc": f"tensordesc<fp8e4nv[128, 128],{lay!r}>", "xs_ptr": "*fp32",
            "w_desc": f"tensordesc<fp8e4nv[128, 128],{lay!r}>", "s_ptr": "*fp32", "offs_ptr": "*i32",
-           "tend_ptr": "*i32", "o_ptr": "*bf16"}
+           "tend_ptr": "*i32", "o_ptr": "*bf16", "sched_ptr": "*i32"}
     sig.update({name: "i32" for name in ("R", "N", "E", "stride_xsm", "stride_xsk", "stride_se", "stride_sn",
                                          "stride_sk", "stride_om", "stride_on")})
     const = dict(fp8_ws.plan(**fp8_ws.options(tile)), K_TILES=-(-k // 128), SEARCH=8, GROUP_M=8,

@@ -285,6 +285,9 @@ def fp8_mode(args, device: torch.device, margs) -> dict:
     group_m = env.read("SPMD_FP8_GROUP_M") or "8"
     if not group_m.isdigit() or int(group_m) < 1:
         raise ValueError(f"SPMD_FP8_GROUP_M={group_m!r}: a positive integer")
+    ws_columns = env.read("SPMD_FP8_WS_COLUMNS") or "128"
+    if ws_columns not in ("128", "256"):
+        raise ValueError(f"SPMD_FP8_WS_COLUMNS={ws_columns!r}: 128 or 256")
     tma_loop = env.read("SPMD_FP8_TMA_LOOP") or "inline"
     if tma_loop not in TMA_LOOPS:
         raise ValueError(f"SPMD_FP8_TMA_LOOP={tma_loop!r}: {', '.join(TMA_LOOPS)}")
@@ -293,6 +296,7 @@ def fp8_mode(args, device: torch.device, margs) -> dict:
         raise ValueError(f"SPMD_FP8_FUSED_QUANT={fused_quant!r}: 0 or 1")
     return dict(weights=weights, w8a8_rows=W8A8_ROWS if a8 else 0, w8a8_expert_rows=W8A8_EXPERT_ROWS if a8 else 0,
                 ue8m0=margs.scale_fmt == "ue8m0", grouped=grouped, group_m=int(group_m), tma_loop=tma_loop,
+                ws_columns=int(ws_columns),
                 fused_quant=fused_quant == "1",
                 dense="scaled_mm" if cc is not None and cc >= (9, 0) else "triton")  # block scales: sm_90 cuBLAS
 

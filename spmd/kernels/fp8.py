@@ -115,6 +115,8 @@ class Mode:
     # Hopper's wgmma, from W8A8_WIDE_ROWS rows per expert or with MODE.tiles set; "tma" elsewhere: fewer
     # rows, other GPUs, Triton's CPU interpreter, a Triton without Gluon's Hopper API)
     grouped: str = "tiles"
+    # the "ws" launch's tile columns: 128 or 256 (two weight-scale blocks per tile; spmd.kernels.fp8_ws)
+    ws_columns: int = 128
     # row tiles per group in the row-tile launches' program order (_tile): 1 = column tiles vary fastest
     group_m: int = 8
     # the TMA launch's k loop (_w8a8_tma_kernel): "inline" (each block's scales applied right after its
@@ -142,6 +144,8 @@ def configure(**changes) -> Mode:
                          f"grouped {new.grouped!r} ({'|'.join(GROUPED_LAUNCHES)})")
     if min(new.w8a8_rows, new.w8a8_expert_rows) < 0:
         raise ValueError("fp8 mode: w8a8 row thresholds must be >= 0")
+    if new.ws_columns not in (128, 256):
+        raise ValueError(f"fp8 mode: ws_columns {new.ws_columns!r} (128|256)")
     if new.group_m < 1:
         raise ValueError("fp8 mode: group_m must be >= 1")
     if new.tma_loop not in TMA_LOOPS:
@@ -910,7 +914,7 @@ def _grouped_tiles(kernels, x, x_scale, w, scale_inv, offs, out):
         and (r >= W8A8_WIDE_ROWS * e or MODE.tiles is not None) and fp8_ws().available()
     tma = a8 and MODE.grouped in ("tma", "ws") and _tma_ok(x, w)
     if ws:
-        ws_options = fp8_ws().options(MODE.tiles)
+        ws_options = fp8_ws().options(MODE.tiles, MODE.ws_columns)
         bm = fp8_ws().BLOCK_M
     elif a8:
         bm, bn, warps, stages = _w8a8_grouped_plan(r, e, tma)

@@ -77,11 +77,11 @@ def plan(stages: int | None = None, block_n: int = 128, skip: int = 0) -> dict:
 SKIP = 0  # plan's skip for every launch: traces.fp8_bench's leave-one-side-out timings only
 
 
-def options(tiles: tuple | None) -> dict:
+def options(tiles: tuple | None, columns: int = BLOCK_N) -> dict:
     """plan's options from fp8.MODE.tiles (BLOCK_M, BLOCK_N, warps, stages): BLOCK_M 128, BLOCK_N 128 or
-    256; None: 128 x BLOCK_N with plan's slots."""
+    256; None: 128 x ``columns`` (fp8.MODE.ws_columns) with plan's slots."""
     if tiles is None:
-        return dict(stages=None, block_n=BLOCK_N, skip=SKIP)
+        return dict(stages=None, block_n=columns, skip=SKIP)
     if tiles[0] != BLOCK_M or tiles[1] not in (128, 256):
         raise ValueError(f"fp8_ws: tiles {tiles}: BLOCK_M 128, BLOCK_N 128 or 256")
     return dict(stages=tiles[3], block_n=tiles[1], skip=SKIP)
@@ -98,29 +98,40 @@ def _kernel():
     tile_of = gluon.jit(tile)  # the Triton launches' program order (fp8._tile)
 
     @gluon.jit
-    def producer(x_desc, w_desc, a_bufs, b_bufs, ready, empty, offs_ptr, tend_ptr, xs_ptr, s_ptr, o_ptr,
+    def producer(x_desc, w_desc, a_bufs, b_bufs, ready, empty, offs_ptr, tend_ptr, xs_ptr, s_ptr, o_ptr, sched_ptr,
                  R, N, E, strides, K_TILES: gl.constexpr, STAGES: gl.constexpr, SEARCH: gl.constexpr,
                  GROUP_M: gl.constexpr, HALVES: gl.constexpr, SKIP: gl.constexpr, ROLE: gl.constexpr):
         nt = gl.cdiv(N, HALVES * 128)
         total = gl.load(tend_ptr + E - 1) * nt
         nbytes: gl.constexpr = x_desc.block_type.nbytes + HALVES * w_desc.block_type.nbytes
+        slot_tile = sched_ptr + 1 + gl.program_id(0) * STAGES  # this CTA's tile of each slot's k-block 0
         it = 0
-        if SKIP != 2:
-            for p in range(gl.program_id(0), total, gl.num_programs(0)):
-                e, m0, end, pid_n = tile_of(p, nt, tend_ptr, offs_ptr, R, E, 128, SEARCH, GROUP_M)
-                wrow = e * N + pid_n * (HALVES * 128)
-                for kb in range(K_TILES):
-                    s = it % STAGES
-                    mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+        p = gl.atomic_add(sched_ptr, 1)  # the next tile in program order, whichever CTA asks first
+        while p < total:
+            e, m0, end, pid_n = tile_of(p, nt, tend_ptr, offs_ptr, R, E, 128, SEARCH, GROUP_M)
+            wrow = e * N + pid_n * (HALVES * 128)
+            for kb in range(K_TILES):
+                s = it % STAGES
+                mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+                if kb == 0:
+                    gl.store(slot_tile + s, p)  # read by the math warpgroups once `ready` fires
+                if SKIP != 2:
                     mbarrier.expect(ready.index(s), nbytes)
                     tma.async_copy_global_to_shared(x_desc, [m0, kb * 128], ready.index(s), a_bufs.index(s))
                     for h in gl.static_range(HALVES):
                         tma.async_copy_global_to_shared(w_desc, [wrow + h * 128, kb * 128], ready.index(s),
                                                         b_bufs.index(s * HALVES + h))
-                    it += 1
+                else:
+                    mbarrier.arrive(ready.index(s), count=1)
+                it += 1
+            p = gl.atomic_add(sched_ptr, 1)
+        s = it % STAGES  # no tile left: the math warpgroups read `total` and stop
+        mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+        gl.store(slot_tile + s, total)
+        mbarrier.arrive(ready.index(s), count=1)
 
     @gluon.jit
-    def consumer(x_desc, w_desc, a_bufs, b_bufs, ready, empty, offs_ptr, tend_ptr, xs_ptr, s_ptr, o_ptr,
+    def consumer(x_desc, w_desc, a_bufs, b_bufs, ready, empty, offs_ptr, tend_ptr, xs_ptr, s_ptr, o_ptr, sched_ptr,
                  R, N, E, strides, K_TILES: gl.constexpr, STAGES: gl.constexpr, SEARCH: gl.constexpr,
                  GROUP_M: gl.constexpr, HALVES: gl.constexpr, SKIP: gl.constexpr, ROLE: gl.constexpr):
         stride_xsm, stride_xsk, stride_se, stride_sn, stride_sk, stride_om, stride_on = strides
@@ -130,8 +141,11 @@ def _kernel():
         nt = gl.cdiv(N, HALVES * 128)
         total = gl.load(tend_ptr + E - 1) * nt
         zero = gl.zeros((64, 128), gl.float32, mma)
+        slot_tile = sched_ptr + 1 + gl.program_id(0) * STAGES
         it = 0
-        for p in range(gl.program_id(0), total, gl.num_programs(0)):
+        mbarrier.wait(ready.index(0), 0)
+        p = gl.load(slot_tile, volatile=True)  # the producer's first tile (or `total`: none)
+        while p < total:
             e, m0, end, pid_n = tile_of(p, nt, tend_ptr, offs_ptr, R, E, 128, SEARCH, GROUP_M)
             r0 = m0 + ROLE * 64
             rows = r0 + gl.arange(0, 64, layout=rows_l)
@@ -146,8 +160,7 @@ def _kernel():
                 acc1 = zero
             for kb in range(K_TILES):
                 s = it % STAGES
-                if SKIP != 2:
-                    mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+                mbarrier.wait(ready.index(s), (it // STAGES) & 1)
                 if live and SKIP != 1:
                     a = a_bufs.index(s).slice(ROLE * 64, 64)
                     part = warpgroup_mma(a, b_bufs.index(s * HALVES).permute((1, 0)), zero, use_acc=False,
@@ -162,8 +175,7 @@ def _kernel():
                         sc = xsk * gl.load(ws_ptr + stride_sn + kb * stride_sk, mask=second, other=0.0)
                         part = warpgroup_mma_wait(num_outstanding=0, deps=(part, ))
                         acc1 = acc1 + part * sc[:, None]
-                if SKIP != 2:
-                    mbarrier.arrive(empty.index(s), count=1)
+                mbarrier.arrive(empty.index(s), count=1)
                 it += 1
             if live:
                 orow = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, out_l))
@@ -175,6 +187,9 @@ def _kernel():
                 if HALVES == 2:
                     gl.store(optrs + 128 * stride_on, gl.convert_layout(acc1.to(o_ptr.dtype.element_ty), out_l),
                              mask=omask & (ocol + 128 < N)[None, :])
+            s = it % STAGES  # the next tile's first k-block names it
+            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+            p = gl.load(slot_tile + s, volatile=True)
         # rows past offs[E-1] (no expert): zeros, 64 x 128 chunks dealt over (program, warpgroup)
         z0 = gl.minimum(gl.maximum(gl.load(offs_ptr + E - 1), 0), R)
         nc = gl.cdiv(N, 128)
@@ -186,7 +201,7 @@ def _kernel():
             gl.store(zptrs, zeros, mask=(zr < R)[:, None] & (zc < N)[None, :])
 
     @gluon.jit
-    def _w8a8_ws_kernel(x_desc, xs_ptr, w_desc, s_ptr, offs_ptr, tend_ptr, o_ptr, R, N, E,
+    def _w8a8_ws_kernel(x_desc, xs_ptr, w_desc, s_ptr, offs_ptr, tend_ptr, o_ptr, sched_ptr, R, N, E,
                         stride_xsm, stride_xsk, stride_se, stride_sn, stride_sk, stride_om, stride_on,
                         K_TILES: gl.constexpr, STAGES: gl.constexpr, SEARCH: gl.constexpr, GROUP_M: gl.constexpr,
                         HALVES: gl.constexpr, SKIP: gl.constexpr, MATH_REGS: gl.constexpr,
@@ -201,11 +216,11 @@ def _kernel():
         strides = (stride_xsm, stride_xsk, stride_se, stride_sn, stride_sk, stride_om, stride_on)
         gl.warp_specialize([
             (consumer, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, offs_ptr, tend_ptr, xs_ptr, s_ptr, o_ptr,
-                        R, N, E, strides, K_TILES, STAGES, SEARCH, GROUP_M, HALVES, SKIP, 0)),
+                        sched_ptr, R, N, E, strides, K_TILES, STAGES, SEARCH, GROUP_M, HALVES, SKIP, 0)),
             (consumer, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, offs_ptr, tend_ptr, xs_ptr, s_ptr, o_ptr,
-                        R, N, E, strides, K_TILES, STAGES, SEARCH, GROUP_M, HALVES, SKIP, 1)),
+                        sched_ptr, R, N, E, strides, K_TILES, STAGES, SEARCH, GROUP_M, HALVES, SKIP, 1)),
             (producer, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, offs_ptr, tend_ptr, xs_ptr, s_ptr, o_ptr,
-                        R, N, E, strides, K_TILES, STAGES, SEARCH, GROUP_M, HALVES, SKIP, 2))],
+                        sched_ptr, R, N, E, strides, K_TILES, STAGES, SEARCH, GROUP_M, HALVES, SKIP, 2))],
             [4, 1], [MATH_REGS, PRODUCER_REGS])
 
     return _w8a8_ws_kernel
@@ -230,9 +245,12 @@ def launch(x, x_scale, w, scale_inv, offs, tend, out, group_m: int, sms: int, **
     options: plan's."""
     e, n, k = w.shape
     xd, wd = descriptors(x, w)
-    _kernel()[(sms, )](xd, x_scale, wd, scale_inv, offs, tend, out, x.shape[0], n, e,
+    opts = plan(**options)
+    # the tile counter, then each CTA's tile per slot (written by its producer, read by its math warpgroups)
+    sched = torch.zeros(1 + sms * opts["STAGES"], dtype=torch.int32, device=x.device)
+    _kernel()[(sms, )](xd, x_scale, wd, scale_inv, offs, tend, out, sched, x.shape[0], n, e,
                        x_scale.stride(0), x_scale.stride(1), scale_inv.stride(0), scale_inv.stride(1),
                        scale_inv.stride(2), out.stride(0), out.stride(1), K_TILES=-(-k // FP8_BLOCK),
                        SEARCH=max(1, (e - 1).bit_length()), GROUP_M=group_m, MATH_REGS=MATH_REGS,
-                       PRODUCER_REGS=PRODUCER_REGS, num_warps=WARPS, maxnreg=MAXNREG, **plan(**options))
+                       PRODUCER_REGS=PRODUCER_REGS, num_warps=WARPS, maxnreg=MAXNREG, **opts)
     return out

@@ -62,6 +62,13 @@ def test_grouped_launch_from_the_environment(gpu, monkeypatch):
     with pytest.raises(ValueError, match="SPMD_FP8_GROUP_M"):
         _mode()
     monkeypatch.delenv("SPMD_FP8_GROUP_M")
+    assert _mode()["ws_columns"] == 128
+    monkeypatch.setenv("SPMD_FP8_WS_COLUMNS", "256")  # fp8_ws's 128 x 256 tiles
+    assert _mode()["ws_columns"] == 256
+    monkeypatch.setenv("SPMD_FP8_WS_COLUMNS", "192")
+    with pytest.raises(ValueError, match="SPMD_FP8_WS_COLUMNS"):
+        _mode()
+    monkeypatch.delenv("SPMD_FP8_WS_COLUMNS")
     assert _mode()["tma_loop"] == "inline"
     monkeypatch.setenv("SPMD_FP8_TMA_LOOP", "defer")
     assert _mode()["tma_loop"] == "defer"
@@ -116,6 +123,7 @@ def test_warp_specialized_launch_options():
     assert fp8_ws.plan(**fp8_ws.options((128, 128, 4, 4))) == dict(HALVES=1, STAGES=4, SKIP=0)
     assert fp8_ws.plan(**fp8_ws.options((128, 256, 4, 2))) == dict(HALVES=2, STAGES=2, SKIP=0)
     assert fp8_ws.plan(block_n=256)["STAGES"] == 3
+    assert fp8_ws.plan(**fp8_ws.options(None, 256)) == dict(HALVES=2, STAGES=3, SKIP=0)  # SPMD_FP8_WS_COLUMNS
     for tiles in ((64, 128, 4, 4), (128, 64, 4, 4), (192, 128, 4, 3)):
         with pytest.raises(ValueError, match="fp8_ws"):
             fp8_ws.options(tiles)

@@ -22,7 +22,7 @@ VARIABLES = {  # name -> (default, what it sets; who parses it)
     "SPMD_FP8_GROUPED": ("auto", "the FP8 x FP8 grouped-expert launch: tma (sm_90+), ws (sm_90 GPUs: warp-"
                                  "specialized persistent Gluon kernel, spmd.kernels.fp8_ws), tiles, experts; auto: "
                                  "tma on sm_90+, else tiles (spmd.engines.native, spmd.kernels.fp8)"),
-    "SPMD_FP8_WS_COLUMNS": ("128", "the ws launch's tile columns, 128 or 256 (spmd.kernels.fp8.Mode.ws_columns)"),
+    "SPMD_FP8_WS_COLUMNS": ("256", "the ws launch's tile columns, 128 or 256 (spmd.kernels.fp8.Mode.ws_columns)"),
     "SPMD_FP8_GROUP_M": ("8", "row tiles per group in the grouped FP8 launches' program order (1: column tiles "
                               "fastest; spmd.kernels.fp8.Mode.group_m)"),
     "SPMD_FP8_FUSED_QUANT": ("1", "1: the MoE input quantized once for the shared and routed experts, silu * up "

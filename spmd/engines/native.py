@@ -280,12 +280,12 @@ def fp8_mode(args, device: torch.device, margs) -> dict:
     grouped = env.read("SPMD_FP8_GROUPED") or "auto"
     if grouped not in ("auto", *GROUPED_LAUNCHES):
         raise ValueError(f"SPMD_FP8_GROUPED={grouped!r}: auto, {', '.join(GROUPED_LAUNCHES)}")
-    if grouped == "auto":  # the TMA unit: sm_90+
-        grouped = "tma" if cc is not None and cc >= (9, 0) else "tiles"
+    if grouped == "auto":  # Hopper: the warp-specialized kernel (its wgmma: sm_90); the TMA unit: sm_90+
+        grouped = "ws" if cc is not None and cc[0] == 9 else "tma" if cc is not None and cc >= (9, 0) else "tiles"
     group_m = env.read("SPMD_FP8_GROUP_M") or "8"
     if not group_m.isdigit() or int(group_m) < 1:
         raise ValueError(f"SPMD_FP8_GROUP_M={group_m!r}: a positive integer")
-    ws_columns = env.read("SPMD_FP8_WS_COLUMNS") or "128"
+    ws_columns = env.read("SPMD_FP8_WS_COLUMNS") or "256"
     if ws_columns not in ("128", "256"):
         raise ValueError(f"SPMD_FP8_WS_COLUMNS={ws_columns!r}: 128 or 256")
     tma_loop = env.read("SPMD_FP8_TMA_LOOP") or "inline"

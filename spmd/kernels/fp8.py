@@ -116,7 +116,7 @@ class Mode:
     # rows, other GPUs, Triton's CPU interpreter, a Triton without Gluon's Hopper API)
     grouped: str = "tiles"
     # the "ws" launch's tile columns: 128 or 256 (two weight-scale blocks per tile; spmd.kernels.fp8_ws)
-    ws_columns: int = 128
+    ws_columns: int = 256
     # row tiles per group in the row-tile launches' program order (_tile): 1 = column tiles vary fastest
     group_m: int = 8
     # the TMA launch's k loop (_w8a8_tma_kernel): "inline" (each block's scales applied right after its

@@ -15,19 +15,27 @@ tile), with the work of one CTA split the way DeepSeek's DeepGEMM splits it:
   ``empty`` mbarrier (count 2: both warpgroups) so the producer can refill it.
 
 Nothing else couples the warpgroups (no CTA-wide barrier: ``traces.fp8_sass --kernel ws``), so one
-promotes while the other's wgmma runs, and the grid is persistent (a CTA per SM looping over tiles), so
-the producer runs ahead across tile boundaries. With BLOCK_N 256 (two halves) a k-block's activation
-tile serves 256 columns: 48 KB of operands per 8.4 MFLOP instead of 32 KB per 4.2, which is what bounds
-these GEMMs at 128 x 128 (timed with one side left out, ``SKIP``: the loads alone take as long as the
-whole kernel). The two halves' products are made one after the other so a warpgroup holds two
-accumulators and one product (192 registers of its 232), not two products.
+promotes while the other's wgmma runs. The grid is persistent (a CTA per SM looping over tiles), so the
+producer runs ahead across tile boundaries, and the tiles are handed out by a **counter**: the producer
+takes the next tile in program order by an atomic add when it has issued the last loads of its current
+one, and writes its number beside the slot of the tile's first k-block, where the math warpgroups read it
+once that slot's ``ready`` fires (a number past the last tile: stop). So the tiles in flight stay a
+compact window of the program order, as the hardware scheduler keeps them for the non-persistent TMA
+launch, and a weight column tile is read from HBM once for a group of row tiles. A static walk (CTA i
+taking tiles i, i + 132, ...) drifted: its window widened and Nsight Compute counted the weights read
+from HBM 2.3 times (3.1 with 256 columns); the counter brings it back to once (8.5 GB at 16,384 tokens,
+as the TMA launch).
 
-Measured on an H100 (docs/performance.md, "FP8 prefill"): bit-identical to the TMA launch, and slower
-(gate+up at 16,384 tokens 11.2-11.6 ms against 11.1-11.3 with 128 columns, 13.6 with 256). Nsight
-Compute shows why: the static walk (CTA i takes tiles i, i + 132, ...) drifts, the window of tiles in
-flight widens and the weights are read from HBM 2.3 times (3.1 with 256 columns) where the hardware
-scheduler of the TMA launch reads them once. Opt-in (``SPMD_FP8_GROUPED=ws``) until a dynamic tile
-counter keeps the window compact.
+With BLOCK_N 256 (two halves, the default) a k-block's activation tile serves 256 columns: 48 KB of
+operands per 8.4 MFLOP instead of 32 KB per 4.2, which is what bounds these GEMMs at 128 x 128 (their
+L2 traffic: timed with one side left out, ``SKIP``, the loads alone take as long as the whole kernel).
+The two halves' products are made one after the other so a warpgroup holds two accumulators and one
+product (192 registers of its 232), not two products.
+
+Measured on an H100 (docs/performance.md, "FP8 prefill"): bit-identical to the TMA launch; gate+up at
+16,384 tokens 9.7 ms against its 11.0 (kernel alone 7.7 against 9.1 ms), and the slice's 16,384-token
+prefill 1.38x the dequantized model's speed against the TMA launch's 1.29x. The default on sm_90
+(``SPMD_FP8_GROUPED`` auto; ``SPMD_FP8_WS_COLUMNS`` 128 or 256).
 
 Rows past the tile's expert (another expert's, or past R) are loaded and multiplied but never stored;
 columns past N belong to the next expert's weight rows and are not stored either (a half wholly past N
@@ -45,7 +53,7 @@ from spmd.config import FP8_BLOCK
 
 WARPS = 4  # per math partition (one warpgroup of 64 rows); the producer partition is one warp
 BLOCK_M = 128  # two math warpgroups
-BLOCK_N = 128  # the default tile's columns (256: measured slower, docs/performance.md)
+BLOCK_N = 256  # the default tile's columns (fp8.MODE.ws_columns; 128: measured slower, docs/performance.md)
 # registers per thread: the kernel is launched with MAXNREG (three warpgroups of 128 threads, the
 # producer's counted as one, share the SM's 65,536), then setmaxnreg moves the producer's down to
 # PRODUCER_REGS and the math warpgroups' up to MATH_REGS (multiples of 8)

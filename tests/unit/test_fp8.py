@@ -471,17 +471,20 @@ def test_grouped_w8a8_ws_falls_back_where_gluon_cannot_run(monkeypatch, case):
 
 
 @pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] != 9, reason="the Gluon kernel: sm_90 GPUs")
-@pytest.mark.parametrize("tiles", [(128, 128, 4, 4), (128, 128, 4, 2), (128, 256, 4, 3), (128, 256, 4, 2)])
+@pytest.mark.parametrize("tiles", [None, (128, 128, 4, 4), (128, 128, 4, 2), (128, 256, 4, 3), (128, 256, 4, 2)])
 @pytest.mark.parametrize("case", ["empty-experts-and-tail", "long-tail-round-robin", "wide-tiles",
                                   "several-chunks-per-expert", "no-rows-routed", "persistent-wrap"])
 def test_grouped_w8a8_ws(monkeypatch, case, tiles):
     """spmd.kernels.fp8_ws (warp-specialized, persistent) equals the TMA launch bit for bit (the same
     wgmma products, scaled and added in the same order), writes every element (the poisoned buffer), and
     zeros the rows of no expert; 2 slots make the ring wrap every other k-block, 256-column tiles run two
-    column halves per k-block (a half past N: the cases' N of 96, 160 and 1,024)."""
+    column halves per k-block (a half past N: the cases' N of 96, 160 and 1,024). tiles None: the
+    engine's launch (MODE.ws_columns, the default 256), taken here from 1 row per expert."""
     if not fp8.fp8_ws().available():
         pytest.skip("this Triton has no Gluon Hopper API")
     monkeypatch.setattr(fp8, "TILES8_ROWS", 0)
+    if tiles is None:
+        monkeypatch.setattr(fp8, "W8A8_WIDE_ROWS", 1)
     w, s, q, qs, offs, offs_t = _w8a8_case(case, 11 * len(case), GROUPED_WS)
     fp8.configure(grouped="tma")
     ref = fp8.fp8_grouped_mm(q, w, s, offs_t, x_scale=qs, out_dtype=torch.bfloat16)

@@ -10,7 +10,7 @@ import torch
 from spmd.engines import native
 
 CUDA0 = torch.device("cuda", 0)
-GPUS = {"A100": (8, 0), "A10": (8, 6), "L40S": (8, 9), "H100": (9, 0), "V100": (7, 0)}
+GPUS = {"A100": (8, 0), "A10": (8, 6), "L40S": (8, 9), "H100": (9, 0), "B200": (10, 0), "V100": (7, 0)}
 
 
 @pytest.fixture
@@ -30,10 +30,11 @@ def _mode(unpack="auto", prefill="auto", scale_fmt="ue8m0", device=CUDA0):
 
 
 @pytest.mark.parametrize("name,weights,a8", [("A100", "bytes", False), ("A10", "bytes", False),
-                                             ("L40S", "e4m3", True), ("H100", "e4m3", True)])
+                                             ("L40S", "e4m3", True), ("H100", "e4m3", True),
+                                             ("B200", "e4m3", True)])
 def test_auto_by_capability(gpu, name, weights, a8):
-    """Ampere decodes bytes and stays weight-only; Ada/Hopper convert in hardware and run FP8 x FP8 for
-    prefill-sized GEMMs; the checkpoint's UE8M0 carries over to the activation scales."""
+    """Ampere decodes bytes and stays weight-only; Ada/Hopper/Blackwell convert in hardware and run FP8 x
+    FP8 for prefill-sized GEMMs; the checkpoint's UE8M0 carries over to the activation scales."""
     gpu(name)
     assert native.keep_fp8("auto", CUDA0, True)
     mode = _mode()
@@ -42,7 +43,8 @@ def test_auto_by_capability(gpu, name, weights, a8):
         ((native.W8A8_ROWS, native.W8A8_EXPERT_ROWS) if a8 else (0, 0))
     assert not _mode(scale_fmt=None)["ue8m0"]
     assert mode["dense"] == ("scaled_mm" if GPUS[name] >= (9, 0) else "triton")  # cuBLAS block scales: sm_90
-    assert mode["grouped"] == ("tma" if GPUS[name] >= (9, 0) else "tiles")  # the TMA unit: sm_90
+    # Hopper: the warp-specialized kernel (fp8_ws; it takes the TMA launch below 256 rows per expert)
+    assert mode["grouped"] == ("ws" if GPUS[name][0] == 9 else "tma" if GPUS[name] >= (9, 0) else "tiles")
 
 
 def test_grouped_launch_from_the_environment(gpu, monkeypatch):
@@ -62,9 +64,9 @@ def test_grouped_launch_from_the_environment(gpu, monkeypatch):
     with pytest.raises(ValueError, match="SPMD_FP8_GROUP_M"):
         _mode()
     monkeypatch.delenv("SPMD_FP8_GROUP_M")
+    assert _mode()["ws_columns"] == 256  # fp8_ws's 128 x 256 tiles
+    monkeypatch.setenv("SPMD_FP8_WS_COLUMNS", "128")
     assert _mode()["ws_columns"] == 128
-    monkeypatch.setenv("SPMD_FP8_WS_COLUMNS", "256")  # fp8_ws's 128 x 256 tiles
-    assert _mode()["ws_columns"] == 256
     monkeypatch.setenv("SPMD_FP8_WS_COLUMNS", "192")
     with pytest.raises(ValueError, match="SPMD_FP8_WS_COLUMNS"):
         _mode()
@@ -123,7 +125,8 @@ def test_warp_specialized_launch_options():
     assert fp8_ws.plan(**fp8_ws.options((128, 128, 4, 4))) == dict(HALVES=1, STAGES=4, SKIP=0)
     assert fp8_ws.plan(**fp8_ws.options((128, 256, 4, 2))) == dict(HALVES=2, STAGES=2, SKIP=0)
     assert fp8_ws.plan(block_n=256)["STAGES"] == 3
-    assert fp8_ws.plan(**fp8_ws.options(None, 256)) == dict(HALVES=2, STAGES=3, SKIP=0)  # SPMD_FP8_WS_COLUMNS
+    assert fp8_ws.plan(**fp8_ws.options(None)) == dict(HALVES=2, STAGES=3, SKIP=0)  # the default 128 x 256
+    assert fp8_ws.plan(**fp8_ws.options(None, 128)) == dict(HALVES=1, STAGES=4, SKIP=0)  # SPMD_FP8_WS_COLUMNS
     for tiles in ((64, 128, 4, 4), (128, 64, 4, 4), (192, 128, 4, 3)):
         with pytest.raises(ValueError, match="fp8_ws"):
             fp8_ws.options(tiles)
@@ -134,3 +137,6 @@ def test_warp_specialized_launch_options():
         assert fp8.MODE.grouped == "ws"
     finally:
         fp8.configure(**vars(old))
+    with pytest.raises(ValueError, match="ws_columns"):
+        fp8.configure(ws_columns=192)
+    assert fp8.MODE.ws_columns == 256

@@ -21,7 +21,8 @@ VARIABLES = {  # name -> (default, what it sets; who parses it)
                                       "(spmd.obs.graph_marks)"),
     "SPMD_FP8_GROUPED": ("auto", "the FP8 x FP8 grouped-expert launch: tma (sm_90+), ws (sm_90 GPUs: warp-"
                                  "specialized persistent Gluon kernel, spmd.kernels.fp8_ws), tiles, experts; auto: "
-                                 "tma on sm_90+, else tiles (spmd.engines.native, spmd.kernels.fp8)"),
+                                 "ws on sm_90, tma on later GPUs, else tiles (spmd.engines.native, "
+                                 "spmd.kernels.fp8)"),
     "SPMD_FP8_WS_COLUMNS": ("256", "the ws launch's tile columns, 128 or 256 (spmd.kernels.fp8.Mode.ws_columns)"),
     "SPMD_FP8_GROUP_M": ("8", "row tiles per group in the grouped FP8 launches' program order (1: column tiles "
                               "fastest; spmd.kernels.fp8.Mode.group_m)"),

@@ -85,6 +85,10 @@ TILES8_ROWS = 64
 # and 128-row tiles on two warpgroups from this many (_w8a8_grouped_plan: measured better at 512 rows per
 # expert, worse at 128; 256 is between the two, not measured)
 W8A8_WIDE_ROWS = 256
+# MODE.grouped "ws" (spmd.kernels.fp8_ws, 128-row tiles) from this many rows per expert, the TMA launch below:
+# at 4,096 tokens (128 per expert) its 128 x 256 tiles took 3.61 / 2.25 ms for gate+up / down against the
+# TMA launch's 3.79 / 2.55 with 64-row tiles (H100, 2026-12-07, docs/performance.md)
+WS_ROWS = 128
 
 
 
@@ -112,7 +116,7 @@ class Mode:
     # FP8 x FP8 grouped launch: a program per (column tile, expert row tile), its operands loaded by the
     # TMA unit ("tma", sm_90+) or by cp.async ("tiles"), or a program per (column tile, expert) ("experts");
     # "ws": spmd.kernels.fp8_ws, the same tiles in a warp-specialized persistent Gluon kernel (sm_90 GPUs:
-    # Hopper's wgmma, from W8A8_WIDE_ROWS rows per expert or with MODE.tiles set; "tma" elsewhere: fewer
+    # Hopper's wgmma, from WS_ROWS rows per expert or with MODE.tiles set; "tma" elsewhere: fewer
     # rows, other GPUs, Triton's CPU interpreter, a Triton without Gluon's Hopper API)
     grouped: str = "tiles"
     # the "ws" launch's tile columns: 128 or 256 (two weight-scale blocks per tile; spmd.kernels.fp8_ws)
@@ -908,10 +912,10 @@ def _grouped_tiles(kernels, x, x_scale, w, scale_inv, offs, out):
     e, n, k = w.shape
     r = x.shape[0]
     a8 = x_scale is not None
-    # the Gluon kernel's 128-row tiles from W8A8_WIDE_ROWS rows per expert, the TMA launch's below
+    # the Gluon kernel's 128-row tiles from WS_ROWS rows per expert, the TMA launch's below
     ws = a8 and MODE.grouped == "ws" and _tma_ok(x, w) and x.device.type == "cuda" \
         and torch.cuda.get_device_capability(x.device)[0] == 9 \
-        and (r >= W8A8_WIDE_ROWS * e or MODE.tiles is not None) and fp8_ws().available()
+        and (r >= WS_ROWS * e or MODE.tiles is not None) and fp8_ws().available()
     tma = a8 and MODE.grouped in ("tma", "ws") and _tma_ok(x, w)
     if ws:
         ws_options = fp8_ws().options(MODE.tiles, MODE.ws_columns)

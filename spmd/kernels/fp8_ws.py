@@ -35,7 +35,7 @@ product (192 registers of its 232), not two products.
 Measured on an H100 (docs/performance.md, "FP8 prefill"): bit-identical to the TMA launch; gate+up at
 16,384 tokens 9.7 ms against its 11.0 (kernel alone 7.7 against 9.1 ms), and the slice's 16,384-token
 prefill 1.38x the dequantized model's speed against the TMA launch's 1.29x. The default on sm_90
-(``SPMD_FP8_GROUPED`` auto; ``SPMD_FP8_WS_COLUMNS`` 128 or 256).
+(``SPMD_FP8_GROUPED`` auto; ``SPMD_FP8_WS_COLUMNS`` 128 or 256) from ``fp8.WS_ROWS`` rows per expert.
 
 Rows past the tile's expert (another expert's, or past R) are loaded and multiplied but never stored;
 columns past N belong to the next expert's weight rows and are not stored either (a half wholly past N

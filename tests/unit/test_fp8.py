@@ -484,7 +484,7 @@ def test_grouped_w8a8_ws(monkeypatch, case, tiles):
         pytest.skip("this Triton has no Gluon Hopper API")
     monkeypatch.setattr(fp8, "TILES8_ROWS", 0)
     if tiles is None:
-        monkeypatch.setattr(fp8, "W8A8_WIDE_ROWS", 1)
+        monkeypatch.setattr(fp8, "WS_ROWS", 1)
     w, s, q, qs, offs, offs_t = _w8a8_case(case, 11 * len(case), GROUPED_WS)
     fp8.configure(grouped="tma")
     ref = fp8.fp8_grouped_mm(q, w, s, offs_t, x_scale=qs, out_dtype=torch.bfloat16)

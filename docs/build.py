@@ -41,11 +41,15 @@ FULL_CFG, SLICE_CFG = ROOT / "inputs/models/v3.1-671b.json", ROOT / "inputs/mode
 SERVE = ROOT / "traces/results/serve/NVIDIA_H100_80GB_HBM3-2026-12-06-r4.json"      # the serving loop, 400 prompts
 SERVE_FP8 = ROOT / "traces/results/serve/NVIDIA_H100_80GB_HBM3-2026-12-06-r5.json"  # w8a8 vs w8a16 prefill
 FP8_BENCH = ROOT / "traces/results/bench/fp8-modes-2026-12-06-r3/NVIDIA_H100_80GB_HBM3-2026-12-06.json"  # decode, bytes
-# prefill and its kernel profile: three repeats of the final code on one H100 (a in one call, b and c in the
-# next on the same machine), each the median of five prefills, each ratio within its own run
+# prefill and its kernel profile (one H100, each row the median of five prefills): the TMA launch's three
+# repeats (a in one call, b and c in the next on the same machine), each ratio within its own run
 FP8_REPEATS = [ROOT / f"traces/results/bench/fp8-fusedquant-2026-12-07/{r}/NVIDIA_H100_80GB_HBM3-2026-12-07.json"
                for r in ("a", "b", "c")]
-FP8_PREFILL = FP8_REPEATS[0]
+# then the default on sm_90, the ws launch (tile counter, 128 x 256 tiles), in one call: its FP8 rows
+# (bench-ws256) against the dequantized rows of that call's bench run (bench)
+FP8_WS = ROOT / "traces/results/bench/fp8-ws-dyn-2026-12-07"
+FP8_PREFILL = FP8_WS / "bench-ws256/NVIDIA_H100_80GB_HBM3-2026-12-07.json"
+FP8_PREFILL_DQ = FP8_WS / "bench/NVIDIA_H100_80GB_HBM3-2026-12-07.json"
 VALID_A8 = ROOT / "validation/results/NVIDIA_H100_80GB_HBM3-2026-12-06.json"
 # the weight-only run scored against the baseline with FP8 activations (validation.matrix --act-quant)
 VALID_A16_VS_A8 = ROOT / "validation/results/NVIDIA_H100_80GB_HBM3-2026-12-07-w8a16-vs-a8.json"
@@ -203,16 +207,22 @@ def h100_facts() -> dict[str, Fact]:
     put("serve_a16_tps", _fmt(s8["continuous-w8a16"]["output_tokens_per_s"], 0), SERVE_FP8)
     put("serve_a8_x", _fmt(s8["continuous"]["output_tokens_per_s"] / s8["continuous-w8a16"]["output_tokens_per_s"]),
         SERVE_FP8)
-    reps = [_load(f)["rows"] for f in FP8_REPEATS]  # the ratio's range over the repeats
-    pre = reps[0]  # FP8_PREFILL's rows
+    reps = [_load(f)["rows"] for f in FP8_REPEATS]  # the TMA launch's ratio over the repeats
+    # the ws launch's FP8 rows and the dequantized rows of the same call
+    pre = [r for r in _load(FP8_PREFILL)["rows"] if r["tag"] == "native-1gpu-fp8"] + \
+        [r for r in _load(FP8_PREFILL_DQ)["rows"] if r["tag"] == "native-1gpu-fp8-dequant"]
+    tma = _load(FP8_PREFILL_DQ)["rows"]  # that call's TMA launch
     for b in (32, 128):
         a, d = _bench_row(pre, "native-1gpu-fp8", b), _bench_row(pre, "native-1gpu-fp8-dequant", b)
         put(f"fp8_prefill_b{b}_tps", _fmt(a["prefill_tok_s"], 0), FP8_PREFILL)
-        put(f"dq_prefill_b{b}_tps", _fmt(d["prefill_tok_s"], 0), FP8_PREFILL)
+        put(f"dq_prefill_b{b}_tps", _fmt(d["prefill_tok_s"], 0), FP8_PREFILL_DQ)
         put(f"fp8_prefill_b{b}_tokens", str(b * a["prompt"]), FP8_PREFILL)
-        put(f"fp8_prefill_b{b}_x", _rng([_bench_row(r, "native-1gpu-fp8", b)["prefill_tok_s"] /
-                                         _bench_row(r, "native-1gpu-fp8-dequant", b)["prefill_tok_s"] for r in reps]),
-            FP8_PREFILL)
+        put(f"fp8_prefill_b{b}_x", _fmt(a["prefill_tok_s"] / d["prefill_tok_s"]), FP8_PREFILL)
+        put(f"tma_prefill_b{b}_x", _fmt(_bench_row(tma, "native-1gpu-fp8", b)["prefill_tok_s"] / d["prefill_tok_s"]),
+            FP8_PREFILL_DQ)
+        put(f"tma_prefill_b{b}_reps_x", _rng([_bench_row(r, "native-1gpu-fp8", b)["prefill_tok_s"] /
+                                              _bench_row(r, "native-1gpu-fp8-dequant", b)["prefill_tok_s"]
+                                              for r in reps]), FP8_REPEATS[0])
     rows = _load(FP8_BENCH)["rows"]
     for b in (1, 128):
         put(f"fp8_decode_b{b}_ms", _fmt(_bench_row(rows, "native-1gpu-fp8", b)["decode_ms_step"]), FP8_BENCH)
@@ -231,13 +241,13 @@ def h100_facts() -> dict[str, Fact]:
     shared = kernels(a, lambda n: n.startswith("nvjet") and "Ablk128" not in n)  # bf16 GEMMs both runs have
     dense_bf16 = kernels(d, lambda n: n.startswith("nvjet")) - shared
     put("pf_fp8_ms", _fmt(a["prefill_kernel_ms"], 1), FP8_PREFILL)
-    put("pf_dq_ms", _fmt(d["prefill_kernel_ms"], 1), FP8_PREFILL)
+    put("pf_dq_ms", _fmt(d["prefill_kernel_ms"], 1), FP8_PREFILL_DQ)
     put("pf_fp8_grouped_ms", _fmt(grouped_fp8, 1), FP8_PREFILL)
-    put("pf_dq_grouped_ms", _fmt(grouped_bf16, 1), FP8_PREFILL)
+    put("pf_dq_grouped_ms", _fmt(grouped_bf16, 1), FP8_PREFILL_DQ)
     put("pf_grouped_x", _fmt(grouped_bf16 / grouped_fp8), FP8_PREFILL)
     put("pf_fp8_dense_ms", _fmt(dense_fp8, 1), FP8_PREFILL)
-    put("pf_dq_dense_ms", _fmt(dense_bf16, 1), FP8_PREFILL)
-    put("pf_glue_ms", _fmt(d["prefill_kernel_ms"] - grouped_bf16 - dense_bf16 - shared, 0), FP8_PREFILL)
+    put("pf_dq_dense_ms", _fmt(dense_bf16, 1), FP8_PREFILL_DQ)
+    put("pf_glue_ms", _fmt(d["prefill_kernel_ms"] - grouped_bf16 - dense_bf16 - shared, 0), FP8_PREFILL_DQ)
     v = next(r for r in _load(VALID_A8)["rows"] if r["config"] == "slice" and r["weights"] == "fp8")
     put("a8_top1", _fmt(v["top1_agreement"], 3), VALID_A8)
     put("a8_kl", _fmt(v["kl_mean"], 3), VALID_A8)

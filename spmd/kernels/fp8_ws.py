@@ -28,7 +28,7 @@ as the TMA launch).
 
 With BLOCK_N 256 (two halves, the default) a k-block's activation tile serves 256 columns: 48 KB of
 operands per 8.4 MFLOP instead of 32 KB per 4.2, which is what bounds these GEMMs at 128 x 128 (their
-L2 traffic: timed with one side left out, ``SKIP``, the loads alone take as long as the whole kernel).
+L2 traffic: timed with one side left out, ``SKIP``, the loads alone take 90 % of the whole kernel).
 The two halves' products are made one after the other so a warpgroup holds two accumulators and one
 product (192 registers of its 232), not two products.
 
@@ -72,11 +72,12 @@ def available() -> bool:
     return True
 
 
-def plan(stages: int | None = None, block_n: int = 128, skip: int = 0) -> dict:
+def plan(stages: int | None = None, block_n: int = BLOCK_N, skip: int = 0) -> dict:
     """The launch's compile-time choices: BLOCK_N 128 or 256 columns (HALVES: one or two 128-column
     weight-scale blocks; with two, each k-block's activation tile serves twice the columns, 25 % fewer
-    operand bytes per FLOP), STAGES slots of (128 + BLOCK_N) x 128 FP8 bytes (4: 128 or 192 KB). SKIP
-    (timing only, wrong results): 1 leaves out the wgmmas and the scaling, 2 the loads."""
+    operand bytes per FLOP), STAGES slots of (128 + BLOCK_N) x 128 FP8 bytes (4 x 32 KB or 3 x 48 KB). SKIP
+    (timing only, wrong results): 1 leaves out the wgmmas and the scaling, 2 the loads (the producer still
+    hands out the tiles and the slots)."""
     if block_n not in (128, 256):
         raise ValueError(f"fp8_ws: BLOCK_N {block_n}: 128 or 256")
     return dict(HALVES=block_n // 128, STAGES=stages or (4 if block_n == 128 else 3), SKIP=skip)

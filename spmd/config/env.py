@@ -39,3 +39,12 @@ def read(name: str, environ: Mapping[str, str] | None = None) -> str:
     if name not in VARIABLES:
         raise KeyError(f"{name} is not one of spmd's variables ({', '.join(VARIABLES)})")
     return (os.environ if environ is None else environ).get(name, "").strip()
+
+
+def choice(name: str, allowed, environ: Mapping[str, str] | None = None) -> str:
+    """The variable's value, or its registered default when unset, checked against `allowed` (one clear
+    ValueError naming the variable otherwise)."""
+    value = read(name, environ) or VARIABLES[name][0]
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r}: {', '.join(allowed)}")
+    return value

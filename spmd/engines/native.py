@@ -277,23 +277,15 @@ def fp8_mode(args, device: torch.device, margs) -> dict:
     a8 = prefill == "w8a8" or (prefill == "auto" and cc is not None and fp8_cores and weights == "e4m3")
     from spmd.kernels.fp8 import GROUPED_LAUNCHES, TMA_LOOPS
 
-    grouped = env.read("SPMD_FP8_GROUPED") or "auto"
-    if grouped not in ("auto", *GROUPED_LAUNCHES):
-        raise ValueError(f"SPMD_FP8_GROUPED={grouped!r}: auto, {', '.join(GROUPED_LAUNCHES)}")
+    grouped = env.choice("SPMD_FP8_GROUPED", ("auto", *GROUPED_LAUNCHES))
     if grouped == "auto":  # Hopper: the warp-specialized kernel (its wgmma: sm_90); the TMA unit: sm_90+
         grouped = "ws" if cc is not None and cc[0] == 9 else "tma" if cc is not None and cc >= (9, 0) else "tiles"
     group_m = env.read("SPMD_FP8_GROUP_M") or "8"
     if not group_m.isdigit() or int(group_m) < 1:
         raise ValueError(f"SPMD_FP8_GROUP_M={group_m!r}: a positive integer")
-    ws_columns = env.read("SPMD_FP8_WS_COLUMNS") or "256"
-    if ws_columns not in ("128", "256"):
-        raise ValueError(f"SPMD_FP8_WS_COLUMNS={ws_columns!r}: 128 or 256")
-    tma_loop = env.read("SPMD_FP8_TMA_LOOP") or "inline"
-    if tma_loop not in TMA_LOOPS:
-        raise ValueError(f"SPMD_FP8_TMA_LOOP={tma_loop!r}: {', '.join(TMA_LOOPS)}")
-    fused_quant = env.read("SPMD_FP8_FUSED_QUANT") or "1"
-    if fused_quant not in ("0", "1"):
-        raise ValueError(f"SPMD_FP8_FUSED_QUANT={fused_quant!r}: 0 or 1")
+    ws_columns = env.choice("SPMD_FP8_WS_COLUMNS", ("128", "256"))
+    tma_loop = env.choice("SPMD_FP8_TMA_LOOP", TMA_LOOPS)
+    fused_quant = env.choice("SPMD_FP8_FUSED_QUANT", ("0", "1"))
     return dict(weights=weights, w8a8_rows=W8A8_ROWS if a8 else 0, w8a8_expert_rows=W8A8_EXPERT_ROWS if a8 else 0,
                 ue8m0=margs.scale_fmt == "ue8m0", grouped=grouped, group_m=int(group_m), tma_loop=tma_loop,
                 ws_columns=int(ws_columns),

@@ -47,42 +47,23 @@ def test_auto_by_capability(gpu, name, weights, a8):
     assert mode["grouped"] == ("ws" if GPUS[name][0] == 9 else "tma" if GPUS[name] >= (9, 0) else "tiles")
 
 
-def test_grouped_launch_from_the_environment(gpu, monkeypatch):
+# (variable, mode field, default, a good value and its setting, a refused value)
+ENV_KNOBS = [("SPMD_FP8_GROUPED", "grouped", "ws", "experts", "experts", "fast"),
+             ("SPMD_FP8_GROUPED", "grouped", "ws", "ws", "ws", "fast"),  # fp8_ws's Gluon kernel
+             ("SPMD_FP8_GROUP_M", "group_m", 8, "1", 1, "0"),
+             ("SPMD_FP8_WS_COLUMNS", "ws_columns", 256, "128", 128, "192"),  # default: fp8_ws's 128 x 256 tiles
+             ("SPMD_FP8_TMA_LOOP", "tma_loop", "inline", "defer", "defer", "later"),
+             ("SPMD_FP8_FUSED_QUANT", "fused_quant", True, "0", False, "no")]
+
+
+@pytest.mark.parametrize("var,field,default,good,value,bad", ENV_KNOBS)
+def test_grouped_launch_from_the_environment(gpu, monkeypatch, var, field, default, good, value, bad):
     gpu("H100")
-    monkeypatch.setenv("SPMD_FP8_GROUPED", "experts")
-    assert _mode()["grouped"] == "experts"
-    monkeypatch.setenv("SPMD_FP8_GROUPED", "ws")  # the warp-specialized Gluon kernel (spmd.kernels.fp8_ws)
-    assert _mode()["grouped"] == "ws"
-    monkeypatch.setenv("SPMD_FP8_GROUPED", "fast")
-    with pytest.raises(ValueError, match="SPMD_FP8_GROUPED"):
-        _mode()
-    monkeypatch.delenv("SPMD_FP8_GROUPED")
-    assert _mode()["group_m"] == 8
-    monkeypatch.setenv("SPMD_FP8_GROUP_M", "1")
-    assert _mode()["group_m"] == 1
-    monkeypatch.setenv("SPMD_FP8_GROUP_M", "0")
-    with pytest.raises(ValueError, match="SPMD_FP8_GROUP_M"):
-        _mode()
-    monkeypatch.delenv("SPMD_FP8_GROUP_M")
-    assert _mode()["ws_columns"] == 256  # fp8_ws's 128 x 256 tiles
-    monkeypatch.setenv("SPMD_FP8_WS_COLUMNS", "128")
-    assert _mode()["ws_columns"] == 128
-    monkeypatch.setenv("SPMD_FP8_WS_COLUMNS", "192")
-    with pytest.raises(ValueError, match="SPMD_FP8_WS_COLUMNS"):
-        _mode()
-    monkeypatch.delenv("SPMD_FP8_WS_COLUMNS")
-    assert _mode()["tma_loop"] == "inline"
-    monkeypatch.setenv("SPMD_FP8_TMA_LOOP", "defer")
-    assert _mode()["tma_loop"] == "defer"
-    monkeypatch.setenv("SPMD_FP8_TMA_LOOP", "later")
-    with pytest.raises(ValueError, match="SPMD_FP8_TMA_LOOP"):
-        _mode()
-    monkeypatch.delenv("SPMD_FP8_TMA_LOOP")
-    assert _mode()["fused_quant"] is True
-    monkeypatch.setenv("SPMD_FP8_FUSED_QUANT", "0")
-    assert _mode()["fused_quant"] is False
-    monkeypatch.setenv("SPMD_FP8_FUSED_QUANT", "no")
-    with pytest.raises(ValueError, match="SPMD_FP8_FUSED_QUANT"):
+    assert _mode()[field] == default
+    monkeypatch.setenv(var, good)
+    assert _mode()[field] == value
+    monkeypatch.setenv(var, bad)
+    with pytest.raises(ValueError, match=var):
         _mode()
 
 
